@@ -1,0 +1,79 @@
+"""The immutable kernel record that flows through an architecture's kernel maps.
+
+A :class:`Kernel` holds the NNGP covariance and the NTK between two batches ``x1`` (n1 examples)
+and ``x2`` (n2 examples) at one point of the network, plus what the next layer needs to continue
+the recursion: the self-covariances (variances) of each batch and the per-example shape.
+
+Layouts (``S`` = spatial dims, channels are always integrated out):
+
+* fully connected: ``nngp``/``ntk`` ``(n1, n2)``, ``cov1`` ``(n1,)``, ``cov2`` ``(n2,)``;
+* spatial, diagonal (only same-pixel covariances, enough when Flatten/Dense follows):
+  ``nngp`` ``(n1, n2, *S)``, ``cov1`` ``(n1, *S)``;
+* spatial, full (pixel-pair covariances, needed under pooling):
+  ``nngp`` ``(n1, n2, *S, *S)``, ``cov1`` ``(n1, *S, *S)``.
+
+``cov2 is None`` means ``x2`` is ``x1``: the kernel is symmetric and its batch diagonal equals
+``cov1`` exactly (layers keep it so; this is how exact diagonals survive float32).
+``ntk is None`` while ``want_ntk`` is true means the NTK is identically zero (inputs).
+
+Example::
+
+    >>> k = arch.kernel(x, get=('nngp', 'ntk'))
+    >>> k.nngp.shape, k.ntk.shape
+    (torch.Size([10, 10]), torch.Size([10, 10]))
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["Kernel"]
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """Kernel state between batches ``x1`` and ``x2`` (see module docstring for layouts).
+
+    Attributes:
+      nngp: NNGP covariance ``E[f(x1) f(x2)]`` per output unit, or ``None`` if not computed.
+      ntk: neural tangent kernel, or ``None`` (zero, or not requested).
+      cov1: self-covariance of each ``x1`` example (its variance in the FC case).
+      cov2: same for ``x2``; ``None`` when ``x2`` is ``x1``.
+      shape1, shape2: per-example output shape ``(channels, *spatial)`` of the layer.
+      want_ntk: whether the NTK is being computed.
+      is_gaussian: whether the pre-activations are Gaussian (true after Dense/Conv).
+      diagonal_spatial: spatial layout, see module docstring (irrelevant for FC).
+    """
+
+    nngp: Optional[torch.Tensor]
+    ntk: Optional[torch.Tensor]
+    cov1: Optional[torch.Tensor]
+    cov2: Optional[torch.Tensor]
+    shape1: Tuple[int, ...]
+    shape2: Tuple[int, ...]
+    want_ntk: bool = True
+    is_gaussian: bool = False
+    diagonal_spatial: bool = True
+
+    def replace(self, **changes) -> "Kernel":
+        """A copy with some fields changed (the record itself is never mutated)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def symmetric(self) -> bool:
+        """True when ``x2`` is ``x1`` (the kernel is symmetric with exact batch diagonal)."""
+        return self.cov2 is None
+
+    @property
+    def n_spatial(self) -> int:
+        """Number of spatial dimensions of the per-example shape (0 for fully connected)."""
+        return len(self.shape1) - 1
+
+    def __repr__(self) -> str:
+        def s(t):
+            return None if t is None else tuple(t.shape)
+        return (f"Kernel(nngp={s(self.nngp)}, ntk={s(self.ntk)}, shape1={self.shape1}, "
+                f"shape2={self.shape2}, symmetric={self.symmetric})")

@@ -1,0 +1,27 @@
+"""Architecture specification: one definition gives the exact kernels and the finite network.
+
+Vocabulary follows neural-tangents' stax::
+
+    >>> from ntkit import layers as nl
+    >>> arch = nl.serial(nl.Dense(512, W_std=1.5, b_std=0.05), nl.Relu(),
+    ...                  nl.Dense(512, W_std=1.5, b_std=0.05), nl.Erf(),
+    ...                  nl.Dense(1, W_std=1.5))
+    >>> k = arch.kernel(x1, x2, get=('nngp', 'ntk'))   # exact infinite-width kernels
+    >>> net = arch.module(in_shape=x1.shape[1])        # the finite network they describe
+"""
+from ._base import Layer
+from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, Gelu,
+                          LeakyRelu, Monomial, Rbf, RectifiedMonomial, Relu, Sigmoid_like, Sign,
+                          Sin)
+from .combinators import FanInConcat, FanInSum, FanOut, Identity, parallel, serial
+from .dense import Dense
+from .normalization import LayerNorm
+from ._parse import parse_arch
+
+__all__ = [
+    "Layer", "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "Identity",
+    "Dense", "LayerNorm",
+    "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
+    "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Elementwise",
+    "Activation", "parse_arch",
+]

@@ -1,0 +1,259 @@
+"""Combinators: ``serial``, ``parallel``, ``FanOut``, ``FanInSum``, ``FanInConcat``, ``Identity``.
+
+Same vocabulary as neural-tangents' stax. Branches carry tuples of kernels (and of tensors in the
+finite network). A residual block::
+
+    block = serial(FanOut(2), parallel(Identity(), serial(Dense(512), Relu(), Dense(512))),
+                   FanInSum())
+
+``FanInSum`` adds the branch kernels: exact when the branches are independent given the input,
+as when at most one branch is parameter-free (residual blocks).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from .._validation import check_int
+from ..kernel import Kernel
+from ._base import BuildContext, Layer, frozen_layer
+
+__all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "Identity", "Serial",
+           "Parallel"]
+
+
+def _check_layer(layer, where: str):
+    if not isinstance(layer, Layer):
+        raise TypeError(f"{where} expects ntkit layers, got {type(layer).__name__}: {layer!r}")
+    return layer
+
+
+@frozen_layer
+class Serial(Layer):
+    """Layers applied one after another (built with :func:`serial`)."""
+    layers: Tuple[Layer, ...]
+
+    def kernel_map(self, k):
+        for layer in self.layers:
+            k = layer.kernel_map(k)
+        return k
+
+    def out_shape(self, in_shape):
+        for layer in self.layers:
+            in_shape = layer.out_shape(in_shape)
+        return in_shape
+
+    @property
+    def has_linear(self) -> bool:
+        return any(layer.has_linear for layer in self.layers)
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        for layer in reversed(self.layers):
+            above = layer.needs_full_spatial(above)
+        return above
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        mods = []
+        for i, layer in enumerate(self.layers):
+            after = followed or any(l.has_linear for l in self.layers[i + 1:])
+            mod, in_shape = layer.build(in_shape, ctx, after)
+            mods.append(mod)
+        return nn.Sequential(*mods), in_shape
+
+
+def serial(*layers: Layer) -> Serial:
+    """Compose layers in sequence: ``serial(Dense(512), Relu(), Dense(1))``."""
+    if not layers:
+        raise ValueError("serial() needs at least one layer")
+    flat = []
+    for layer in layers:
+        _check_layer(layer, "serial()")
+        flat.extend(layer.layers if isinstance(layer, Serial) else (layer,))
+    return Serial(tuple(flat))
+
+
+class _ParallelModule(nn.Module):
+    def __init__(self, mods):
+        super().__init__()
+        self.branches = nn.ModuleList(mods)
+
+    def forward(self, xs):
+        if not isinstance(xs, (tuple, list)) or len(xs) != len(self.branches):
+            raise ValueError(f"parallel expects a tuple of {len(self.branches)} inputs")
+        return tuple(m(x) for m, x in zip(self.branches, xs))
+
+
+@frozen_layer
+class Parallel(Layer):
+    """Branch ``i`` applied to input ``i`` of a tuple (built with :func:`parallel`)."""
+    layers: Tuple[Layer, ...]
+
+    def _split(self, k):
+        if not isinstance(k, tuple) or len(k) != len(self.layers):
+            raise ValueError(f"parallel with {len(self.layers)} branches needs {len(self.layers)} "
+                             f"inputs; put FanOut({len(self.layers)}) before it")
+        return k
+
+    def kernel_map(self, k):
+        return tuple(layer.kernel_map(ki) for layer, ki in zip(self.layers, self._split(k)))
+
+    def out_shape(self, in_shape):
+        return tuple(layer.out_shape(s) for layer, s in zip(self.layers, in_shape))
+
+    @property
+    def has_linear(self) -> bool:
+        return any(layer.has_linear for layer in self.layers)
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        return any(layer.needs_full_spatial(above) for layer in self.layers)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        self._split(tuple(in_shape) if isinstance(in_shape, tuple) and in_shape
+                    and isinstance(in_shape[0], tuple) else in_shape)
+        built = [layer.build(s, ctx, followed) for layer, s in zip(self.layers, in_shape)]
+        return _ParallelModule([m for m, _ in built]), tuple(s for _, s in built)
+
+
+def parallel(*layers: Layer) -> Parallel:
+    """Apply layer ``i`` to branch ``i``: ``serial(FanOut(2), parallel(A, B), FanInSum())``."""
+    if not layers:
+        raise ValueError("parallel() needs at least one layer")
+    return Parallel(tuple(_check_layer(l, "parallel()") for l in layers))
+
+
+class _FanOutModule(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return (x,) * self.n
+
+
+@frozen_layer
+class FanOut(Layer):
+    """Copy the input into ``n`` branches."""
+    n: int
+
+    def __post_init__(self):
+        check_int(self.n, "n")
+
+    def kernel_map(self, k):
+        if isinstance(k, tuple):
+            raise ValueError("FanOut received several branches already")
+        return (k,) * self.n
+
+    def out_shape(self, in_shape):
+        return (tuple(in_shape),) * self.n
+
+    def build(self, in_shape, ctx, followed):
+        return _FanOutModule(self.n), (tuple(in_shape),) * self.n
+
+
+def _need_branches(k, name):
+    if not isinstance(k, tuple):
+        raise ValueError(f"{name} needs several branches (a tuple) as input; use FanOut/parallel "
+                         f"before it")
+    return k
+
+
+def _sum_opt(ts):
+    ts = [t for t in ts if t is not None]
+    if not ts:
+        return None
+    out = ts[0].clone()
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
+class _FanInSumModule(nn.Module):
+    def forward(self, xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+@frozen_layer
+class FanInSum(Layer):
+    """Sum the branches (their kernels add; branches must have equal shapes)."""
+
+    def kernel_map(self, ks):
+        ks = _need_branches(ks, "FanInSum")
+        shapes = {k.shape1 for k in ks}
+        if len(shapes) > 1:
+            raise ValueError(f"FanInSum needs branches of equal shape, got {sorted(shapes)}")
+        layouts = {(k.diagonal_spatial, k.nngp.shape) for k in ks}
+        if len(layouts) > 1:
+            raise ValueError("FanInSum branches have different kernel layouts")
+        k0 = ks[0]
+        return k0.replace(
+            nngp=_sum_opt([k.nngp for k in ks]),
+            ntk=_sum_opt([k.ntk for k in ks]),
+            cov1=_sum_opt([k.cov1 for k in ks]),
+            cov2=None if k0.cov2 is None else _sum_opt([k.cov2 for k in ks]),
+            is_gaussian=all(k.is_gaussian for k in ks))
+
+    def out_shape(self, in_shape):
+        if len({tuple(s) for s in in_shape}) > 1:
+            raise ValueError(f"FanInSum needs branches of equal shape, got {in_shape}")
+        return tuple(in_shape[0])
+
+    def build(self, in_shape, ctx, followed):
+        return _FanInSumModule(), self.out_shape(in_shape)
+
+
+class _FanInConcatModule(nn.Module):
+    def forward(self, xs):
+        return torch.cat(xs, dim=1)
+
+
+def _wsum(ts, ws):
+    if all(t is None for t in ts):
+        return None
+    out = None
+    for t, w in zip(ts, ws):
+        if t is None:
+            continue
+        out = t * w if out is None else out.add(t, alpha=w)
+    return out
+
+
+@frozen_layer
+class FanInConcat(Layer):
+    """Concatenate the branches along the channel axis (kernels average, weighted by width)."""
+
+    def kernel_map(self, ks):
+        ks = _need_branches(ks, "FanInConcat")
+        if len({k.shape1[1:] for k in ks}) > 1:
+            raise ValueError("FanInConcat needs branches with equal spatial shapes")
+        c = [k.shape1[0] for k in ks]
+        w = [ci / sum(c) for ci in c]
+        k0 = ks[0]
+        shape1 = (sum(c),) + tuple(k0.shape1[1:])
+        shape2 = (sum(k.shape2[0] for k in ks),) + tuple(k0.shape2[1:])
+        return k0.replace(
+            nngp=_wsum([k.nngp for k in ks], w), ntk=_wsum([k.ntk for k in ks], w),
+            cov1=_wsum([k.cov1 for k in ks], w),
+            cov2=None if k0.cov2 is None else _wsum([k.cov2 for k in ks], w),
+            shape1=shape1, shape2=shape2, is_gaussian=all(k.is_gaussian for k in ks))
+
+    def out_shape(self, in_shape):
+        return (sum(s[0] for s in in_shape),) + tuple(in_shape[0][1:])
+
+    def build(self, in_shape, ctx, followed):
+        return _FanInConcatModule(), self.out_shape(in_shape)
+
+
+@frozen_layer
+class Identity(Layer):
+    """Pass the input through unchanged."""
+
+    def kernel_map(self, k):
+        return k
+
+    def build(self, in_shape, ctx, followed):
+        return nn.Identity(), in_shape

@@ -1,0 +1,130 @@
+"""Dense (fully-connected) layer: kernel map and finite module.
+
+Applied over the channel axis (axis 1, PyTorch layout), so on ``(n, C, *S)`` inputs it acts on
+every pixel. Parameterizations (``fan_in`` = input channels ``n``):
+
+* ``'ntk'`` (default): ``y = W_std / sqrt(n) * W x + b_std * b``, ``W, b ~ N(0, 1)``.
+* ``'standard'``: ``y = W x + b``, ``W ~ N(0, W_std^2 / n)``, ``b ~ N(0, b_std^2)``.
+
+Kernel map: ``nngp' = W_std^2 nngp + b_std^2``; NTK ``ntk' = nngp' + W_std^2 ntk`` ('ntk') or
+``ntk' = n * nngp + [1 if bias] + W_std^2 ntk`` ('standard', where the NTK depends on the widths).
+Cost: one fused multiply-add per kernel entry.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._validation import check_int, check_positive
+from ..kernel import Kernel
+from ._base import BuildContext, Layer, frozen_layer
+
+__all__ = ["Dense", "check_parameterization"]
+
+
+def check_parameterization(p: str) -> str:
+    if p not in ("ntk", "standard"):
+        raise ValueError(f"`parameterization` must be 'ntk' or 'standard', got {p!r}")
+    return p
+
+
+class AffineModule(nn.Module):
+    """Finite Dense layer over axis 1 with the initialization its kernel assumes."""
+
+    def __init__(self, in_dim: int, out_dim: int, W_std: float, b_std: Optional[float],
+                 parameterization: str, ctx: BuildContext):
+        super().__init__()
+        g, dt = ctx.generator, ctx.dtype
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.parameterization = parameterization
+        self.W_std, self.b_std = W_std, b_std
+        w = torch.randn(out_dim, in_dim, generator=g, dtype=dt)
+        b = None if b_std is None else torch.randn(out_dim, generator=g, dtype=dt)
+        if parameterization == "standard":
+            w = w * (W_std / math.sqrt(in_dim))
+            b = None if b is None else b * b_std
+            self.w_scale, self.b_scale = 1.0, 1.0
+        else:
+            self.w_scale, self.b_scale = W_std / math.sqrt(in_dim), (b_std or 0.0)
+        self.weight = nn.Parameter(w)
+        self.bias = None if b is None else nn.Parameter(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
+        b = None if self.bias is None else (
+            self.bias * self.b_scale if self.b_scale != 1.0 else self.bias)
+        if x.ndim == 2:
+            return nn.functional.linear(x, w, b)
+        y = nn.functional.linear(x.movedim(1, -1), w, b)
+        return y.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_dim} -> {self.out_dim}, W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r}")
+
+
+@frozen_layer
+class Dense(Layer):
+    """Fully-connected layer ``Dense(out_dim, W_std=1.0, b_std=None, parameterization='ntk')``.
+
+    ``b_std=None`` means no bias. Example::
+
+        >>> serial(Dense(512, W_std=1.4, b_std=0.1), Relu(), Dense(1)).kernel(x, get='ntk')
+    """
+    out_dim: int
+    W_std: float = 1.0
+    b_std: Optional[float] = None
+    parameterization: str = "ntk"
+
+    def __post_init__(self):
+        check_int(self.out_dim, "out_dim")
+        check_positive(self.W_std, "W_std")
+        if self.b_std is not None:
+            check_positive(self.b_std, "b_std", allow_zero=True)
+        check_parameterization(self.parameterization)
+
+    @property
+    def has_linear(self) -> bool:
+        return True
+
+    def out_shape(self, in_shape):
+        return (self.out_dim,) + tuple(in_shape[1:])
+
+    def _affine(self, t):
+        w2 = self.W_std ** 2
+        if t is None:
+            return None
+        if self.b_std is None or self.b_std == 0:
+            return t * w2
+        return (t * w2).add_(self.b_std ** 2)
+
+    def kernel_map(self, k: Kernel) -> Kernel:
+        if isinstance(k, tuple):
+            raise ValueError("Dense received several branches; merge them with FanInSum() or "
+                             "FanInConcat() first")
+        w2 = self.W_std ** 2
+        nngp = self._affine(k.nngp)
+        ntk = None
+        if k.want_ntk:
+            if self.parameterization == "ntk":
+                ntk = nngp.clone() if k.ntk is None else torch.add(nngp, k.ntk, alpha=w2)
+            else:
+                width = k.shape1[0]
+                ntk = k.nngp * float(width)
+                if k.ntk is not None:
+                    ntk.add_(k.ntk, alpha=w2)
+                if self.b_std is not None:
+                    ntk.add_(1.0)
+        shape1 = (self.out_dim,) + tuple(k.shape1[1:])
+        shape2 = (self.out_dim,) + tuple(k.shape2[1:])
+        return k.replace(nngp=nngp, ntk=ntk, cov1=self._affine(k.cov1),
+                         cov2=self._affine(k.cov2), shape1=shape1, shape2=shape2,
+                         is_gaussian=True)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        out = self.out_dim if (ctx.width is None or not followed) else ctx.width
+        mod = AffineModule(in_shape[0], out, self.W_std, self.b_std, self.parameterization, ctx)
+        return mod, (out,) + tuple(in_shape[1:])
