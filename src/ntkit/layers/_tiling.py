@@ -99,10 +99,10 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
         k = kernel_tile(arch, x1, x2, want_ntk, full)
         return _finish(k, keys, single)
 
-    out = {key: torch.empty((n1, n2) + out_tail, dtype=x1.dtype) for key in keys}
-    cov1 = torch.empty((n1,) + tuple(probe.cov1.shape[1:]), dtype=x1.dtype)
-    cov2 = None if x2 is None else torch.empty((n2,) + tuple(probe.cov1.shape[1:]),
-                                               dtype=x1.dtype)
+    like = dict(dtype=x1.dtype, device=x1.device)
+    out = {key: torch.empty((n1, n2) + out_tail, **like) for key in keys}
+    cov1 = torch.empty((n1,) + tuple(probe.cov1.shape[1:]), **like)
+    cov2 = None if x2 is None else torch.empty((n2,) + tuple(probe.cov1.shape[1:]), **like)
     rows = [slice(i, min(i + b, n1)) for i in range(0, n1, b)]
     cols = rows if x2 is None else [slice(j, min(j + b, n2)) for j in range(0, n2, b)]
     pairs = [(i, j) for i in range(len(rows)) for j in range(len(cols))

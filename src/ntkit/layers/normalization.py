@@ -1,7 +1,8 @@
 """LayerNorm over the channel axis: kernel map and finite module.
 
 Infinite width: the per-example (per-pixel) channel variance is the deterministic ``cov``, so
-``nngp' = nngp / sqrt(v1 v2)``, ``ntk' = ntk / sqrt(v1 v2)``, and variances become 1. The finite
+``nngp' = nngp / sqrt((v1 + eps)(v2 + eps))``, the same for ``ntk``, and variances become
+``v / (v + eps)`` (~1), as in neural-tangents. The finite
 module also subtracts the channel mean (as ``torch.nn.LayerNorm`` does, without affine
 parameters); the kernel assumes zero-mean inputs, which holds after a Dense/Conv layer — the
 usual place for LayerNorm. Cost: one multiply per kernel entry.
@@ -42,15 +43,16 @@ class LayerNorm(Layer):
         if isinstance(k, tuple):
             raise ValueError("LayerNorm received several branches; merge them first")
         v1, v2 = outer_vars(k)
-        scale = (v1 * v2).rsqrt()
+        eps = self.eps
+        scale = ((v1 + eps) * (v2 + eps)).rsqrt()
         nngp = k.nngp * scale
         ntk = None if k.ntk is None else k.ntk * scale
 
         def norm_self(cov):
             if k.n_spatial == 0 or k.diagonal_spatial:
-                return torch.ones_like(cov)
+                return cov / (cov + eps)
             a, b = self_outer_vars(cov, k)
-            return cov * (a * b).rsqrt()
+            return cov * ((a + eps) * (b + eps)).rsqrt()
 
         cov1 = norm_self(k.cov1)
         cov2 = None if k.cov2 is None else norm_self(k.cov2)
