@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:      # not written yet / not installed: skip quietly
-                continue
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue            # that part is not present in this installation
+
             raise
         mod.register(sub)
     return parser
