@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as e:
             if e.name and (name == e.name or name.startswith(e.name + ".")):
                 continue            # that part is not present in this installation
-
             raise
         mod.register(sub)
     return parser
