@@ -2,7 +2,7 @@
 
 NNGP: average of ``f(x1) f(x2)^T / k`` over ``n_samples`` random networks (and ``k`` output
 units). NTK: average of ``J(x1) J(x2)^T / k`` with ``J`` the Jacobian of the outputs w.r.t. all
-parameters. The error shrinks like ``1 / sqrt(width)`` (finite width) plus
+parameters (``ntkit.empirical_ntk``, structured derivatives, mean over outputs). The error shrinks like ``1 / sqrt(width)`` (finite width) plus
 ``1 / sqrt(n_samples)`` (sampling), which is what the library's tests check analytic kernels
 against.
 
@@ -17,35 +17,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 from ._validation import as_tensor, check_int, parse_get
+from .empirical import empirical_ntk
 from .kernel import Kernel
 
 __all__ = ["monte_carlo_kernel"]
-
-
-def _ntk_contribution(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
-                      chunk: int) -> torch.Tensor:
-    """``sum_k J_k(x1) J_k(x2)^T`` for one network, parameter tensor by parameter tensor."""
-    params = {n: p.detach() for n, p in net.named_parameters()}
-
-    def f(p, x):
-        return functional_call(net, p, (x[None],))[0].reshape(-1)
-
-    def jac(x):
-        outs = []
-        for lo in range(0, x.shape[0], chunk):
-            outs.append(vmap(jacrev(f), in_dims=(None, 0))(params, x[lo:lo + chunk]))
-        return {n: torch.cat([o[n] for o in outs]).flatten(2) for n in params}  # (n, k, p)
-
-    j1 = jac(x1)
-    j2 = j1 if x2 is None else jac(x2)
-    out = None
-    for n in params:
-        t = torch.einsum("ikp,jkp->ij", j1[n], j2[n])
-        out = t if out is None else out + t
-    return out
 
 
 def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,7 +50,7 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor])
 def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = None,
                        n_samples: int = 16, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
                        seed: int = 0, dtype: torch.dtype = torch.float64,
-                       chunk: int = 32):
+                       memory_budget=None):
     """Estimate ``arch``'s NNGP/NTK from ``n_samples`` finite networks of hidden width ``width``.
 
     Args:
@@ -82,7 +59,7 @@ def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = 
       width: hidden width (``None`` keeps the widths written in the architecture).
       n_samples: number of independently initialized networks (seeds ``seed + i``).
       get: like ``arch.kernel``.
-      chunk: examples per vectorized Jacobian call (memory ~ ``chunk * outputs * params``).
+      memory_budget: bytes for each network's empirical NTK (see ``ntkit.empirical_ntk``).
 
     Returns: a tensor (``get`` a string) or a :class:`~ntkit.Kernel` with ``.nngp``/``.ntk``.
     """
@@ -101,8 +78,7 @@ def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = 
             t = _nngp_estimate(net, x1, x2)
             nngp = t if nngp is None else nngp + t
         if "ntk" in keys:
-            k_out = net(x1[:1]).numel()
-            t = _ntk_contribution(net, x1, x2, chunk) / k_out
+            t = empirical_ntk(net, x1, x2, output="trace", memory_budget=memory_budget)
             ntk = t if ntk is None else ntk + t
     nngp = None if nngp is None else nngp / n_samples
     ntk = None if ntk is None else ntk / n_samples
