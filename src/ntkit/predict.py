@@ -1,0 +1,975 @@
+"""Training dynamics from the kernel: what gradient descent does to a wide network, in closed form.
+
+A network in its linear (NTK) regime, trained by gradient descent on the squared loss, follows the
+linear ODE ``df/dt = -Theta (f - y) / y_train.size`` on the training set (and the matching one on
+any test set), so its outputs at every time ``t`` are known in closed form; averaged over random
+initializations the outputs are Gaussian with a known mean and covariance (Lee et al. 2019,
+arXiv:1902.06720). This module computes those numbers.
+
+Conventions (identical to neural-tangents' ``predict`` module, so numbers compare one to one):
+
+* loss = ``1/2 * mean((f - y)^2)`` over **all** entries of ``y_train`` (``N = y_train.numel()``);
+  gradient flow ``df/dt = -Theta (f - y) / N``, each eigenmode decays as ``exp(-lambda t / N)``;
+* time ``t`` is in units of the learning rate: ``absolute_time = learning_rate * t`` (so with
+  ``learning_rate`` equal to the SGD step size, ``t`` counts training steps);
+* ``diag_reg`` is relative to the mean of the kernel diagonal (``diag_reg * trace(K) / n`` is added
+  to ``K``) unless ``diag_reg_absolute_scale=True``;
+* ``t=None`` means ``t = infinity`` (kernel regression), computed with a linear solve;
+* kernels are ``(n, n)`` matrices shared by all outputs (``Theta ⊗ I``); targets are ``(n, k)``.
+
+Numerics: every factorization is done in float64 (also for float32 kernels), Cholesky with an
+eigendecomposition fallback (pseudo-inverse) when the kernel is singular, negative eigenvalues
+within rounding are clipped, a kernel that is not PSD beyond tolerance raises ``ValueError``
+instead of returning NaN, and factorizations are cached across calls (see ``ntkit._linalg``).
+
+Example::
+
+    >>> from ntkit import layers as nl, predict
+    >>> arch = nl.serial(nl.Dense(512), nl.Relu(), nl.Dense(1))
+    >>> ntk_dd = arch.kernel(x_train, get='ntk'); ntk_td = arch.kernel(x_test, x_train, get='ntk')
+    >>> predict_fn = predict.gradient_descent_mse(ntk_dd, y_train)
+    >>> f_train_t, f_test_t = predict_fn(t=torch.tensor([1., 10., 100.]), fx_train_0=0.,
+    ...                                  fx_test_0=0., k_test_train=ntk_td)   # (3, n, k), (3, m, k)
+    >>> ens = predict.gradient_descent_mse_ensemble(arch, x_train, y_train)
+    >>> mean, cov = ens(x_test, t=100., get='ntk', compute_cov=True)        # (m, k), (m, m)
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ._linalg import as_square_matrix, factorize
+
+__all__ = [
+    "gradient_descent_mse",
+    "gradient_descent_mse_discrete",
+    "gradient_descent_mse_ensemble",
+    "gp_inference",
+    "gradient_descent",
+    "max_learning_rate",
+    "eigenmodes",
+    "Gaussian",
+    "Eigenmodes",
+]
+
+_F64 = torch.float64
+_GETS = ("nngp", "ntk")
+
+
+class Gaussian(NamedTuple):
+    """Mean ``t_shape + (m, k)`` and covariance ``t_shape + (m, m)`` (shared by the k outputs)."""
+    mean: torch.Tensor
+    covariance: torch.Tensor
+
+
+# =========================================================================================
+# input handling
+# =========================================================================================
+
+def _as_array(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, (np.ndarray, list, tuple)) or isinstance(x, (int, float, np.number)):
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"`{name}` could not be converted to a numeric array: {e}") from None
+    else:
+        raise TypeError(f"`{name}` must be a torch.Tensor, numpy array or number, got "
+                        f"{type(x).__name__}")
+    if t.is_complex():
+        raise TypeError(f"`{name}` must be real, got dtype {t.dtype}")
+    if not t.is_floating_point():
+        t = t.to(_F64)
+    if t.numel() and not torch.isfinite(t).all():
+        raise ValueError(f"`{name}` contains NaN/Inf values")
+    return t
+
+
+def _targets(y: Any, n: int) -> torch.Tensor:
+    y = _as_array(y, "y_train")
+    if y.ndim != 2:
+        raise ValueError(f"`y_train` must have shape (n_train, n_outputs), got {tuple(y.shape)}; "
+                         f"for a single output use `y_train[:, None]`")
+    if y.shape[0] != n:
+        raise ValueError(f"`y_train` has {y.shape[0]} rows but the train-train kernel is "
+                         f"{n} x {n}; they must describe the same training set")
+    if y.numel() == 0:
+        raise ValueError("`y_train` is empty")
+    return y
+
+
+def _positive(v: Any, name: str, allow_zero: bool = False) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {v!r}") from None
+    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be {'non-negative' if allow_zero else 'positive'} and "
+                         f"finite, got {v!r}")
+    return f
+
+
+def _times(t: Any, name: str = "t") -> Tuple[Optional[torch.Tensor], Tuple[int, ...]]:
+    """``(flat float64 times or None for 'infinity via solve', shape of t)``."""
+    if t is None:
+        return None, ()
+    tt = t.detach() if isinstance(t, torch.Tensor) else None
+    if tt is None:
+        try:
+            tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise TypeError(f"`{name}` must be None, a number or a 1-D array of numbers, got "
+                            f"{type(t).__name__}") from None
+    if tt.is_complex():
+        raise TypeError(f"`{name}` must be real")
+    tt = tt.to(_F64)
+    if torch.isnan(tt).any():
+        raise ValueError(f"`{name}` contains NaN")
+    if (tt < 0).any():
+        raise ValueError(f"`{name}` must be >= 0 (time since initialization), got min "
+                         f"{float(tt.min())}")
+    if tt.ndim == 0 and math.isinf(float(tt)):
+        return None, ()
+    return tt.reshape(-1).cpu(), tuple(tt.shape)
+
+
+def _result_dtype(*ts: Optional[torch.Tensor]) -> torch.dtype:
+    dt = None
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dt = t.dtype if dt is None else torch.promote_types(dt, t.dtype)
+    return dt or _F64
+
+
+def _broadcast(f: Any, shape: Tuple[int, ...], name: str, device) -> torch.Tensor:
+    f = _as_array(f, name).to(device=device, dtype=_F64)
+    try:
+        return torch.broadcast_to(f, shape)
+    except RuntimeError:
+        raise ValueError(f"`{name}` of shape {tuple(f.shape)} cannot be broadcast to the output "
+                         f"shape {shape}") from None
+
+
+def _test_kernel(k: Any, n: int, name: str = "k_test_train") -> torch.Tensor:
+    k = _as_array(k, name)
+    if k.ndim != 2 or k.shape[1] != n:
+        raise ValueError(f"`{name}` must have shape (n_test, {n}) (test rows, train columns), got "
+                         f"{tuple(k.shape)}")
+    return k
+
+
+# =========================================================================================
+# per-mode factors (NaN-free, float64)
+# =========================================================================================
+
+def _mode_factors(evals: torch.Tensor, times: torch.Tensor, size: float, cutoff: float,
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per time and eigenvalue: ``expm1(-lam t/N)``, ``expm1(-lam t/N) / lam``, ``exp(-lam t/N)``.
+
+    Shapes ``(T, n)``. The quotient uses its limit ``-t/N`` for ``lam -> 0``; at ``t = inf``
+    null-space modes (``lam <= cutoff``) do not move (pseudo-inverse), so nothing is NaN.
+    """
+    lam = evals.to(_F64)[None, :]
+    tt = times.to(device=lam.device, dtype=_F64)[:, None]
+    finite = torch.isfinite(tt)
+    live = lam > cutoff
+    tt_f = torch.where(finite, tt, torch.zeros_like(tt))
+    x = lam * tt_f / size                                        # finite t: lam t / N
+    em1_f = torch.expm1(-x)
+    # (1 - e^{-x}) / x, stable near 0
+    small = x < 1e-8
+    h = torch.where(small, 1.0 - 0.5 * x, -em1_f / torch.where(small, torch.ones_like(x), x))
+    q_f = -(tt_f / size) * h                                      # expm1(-x) / lam
+    inv_lam = torch.where(live, 1.0 / torch.where(live, lam, torch.ones_like(lam)),
+                          torch.zeros_like(lam))
+    em1 = torch.where(finite, em1_f, torch.where(live, -torch.ones_like(x), torch.zeros_like(x)))
+    quot = torch.where(finite, q_f, -inv_lam.expand_as(x))
+    return em1, quot, em1 + 1.0
+
+
+# =========================================================================================
+# 1. gradient_descent_mse
+# =========================================================================================
+
+def _return(fx_train, fx_test, want_train, want_test):
+    if want_train and want_test:
+        return fx_train, fx_test
+    return fx_test if want_test else fx_train
+
+
+def _check_call(fx_train_0, fx_test_0, k_test_train):
+    if fx_test_0 is not None and k_test_train is None:
+        raise ValueError("`fx_test_0` was given but `k_test_train` is None: pass the test-train "
+                         "kernel k(x_test, x_train) to predict test outputs")
+    if fx_train_0 is None and fx_test_0 is None:
+        raise ValueError("both `fx_train_0` and `fx_test_0` are None: nothing to predict")
+
+
+def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float = 1.0,
+                         diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False
+                         ) -> Callable:
+    """Outputs of a linearized network trained by gradient flow on MSE, at any time(s) ``t``.
+
+    Solves ``df/dt = -Theta (f - y) / N`` (``N = y_train.numel()``, loss ``1/2 mean (f-y)^2``) in
+    closed form in the eigenbasis of ``Theta = k_train_train`` (+ ridge), exactly as
+    neural-tangents' ``predict.gradient_descent_mse``.
+
+    Args:
+      k_train_train: ``(n, n)`` NTK (or NNGP, for readout-only training) on the training set.
+      y_train: ``(n, k)`` targets.
+      learning_rate: time unit: ``absolute_time = learning_rate * t``.
+      diag_reg: ridge added to the kernel, relative to its mean diagonal.
+      diag_reg_absolute_scale: if True, ``diag_reg`` is absolute.
+
+    Returns:
+      ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``:
+
+      * ``t``: scalar or array of times (``None`` or ``inf``: convergence, via a linear solve);
+      * ``fx_train_0``: ``(n, k)`` (or broadcastable) outputs at ``t = 0``; ``None``: skip train;
+      * ``fx_test_0``: ``(m, k)`` test outputs at ``t = 0`` (needs ``k_test_train`` ``(m, n)``).
+
+      It returns ``fx_train_t`` ``t.shape + (n, k)``, or ``fx_test_t`` ``t.shape + (m, k)``, or
+      both as a tuple when both ``fx_train_0`` and ``fx_test_0`` are given.
+
+    Example::
+
+        >>> predict_fn = gradient_descent_mse(ntk_dd, y_train)
+        >>> f_tr, f_te = predict_fn(torch.tensor([0., 10.]), f_train_0, f_test_0, ntk_td)
+    """
+    fac = factorize(k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train")
+    n = fac.n
+    y = _targets(y_train, n)
+    lr = _positive(learning_rate, "learning_rate")
+    size = float(y.numel())
+    out_dtype = _result_dtype(fac.matrix.new_empty(0, dtype=fac.input_dtype), y)
+    dev = fac.matrix.device
+    y64 = y.to(device=dev, dtype=_F64)
+
+    def predict_fn(t: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                   k_test_train: Any = None):
+        _check_call(fx_train_0, fx_test_0, k_test_train)
+        times, t_shape = _times(t)
+        want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+        f0 = (torch.zeros_like(y64) if fx_train_0 is None
+              else _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", dev))
+        k_td = g0 = None
+        if want_test:
+            k_td = _test_kernel(k_test_train, n).to(device=dev, dtype=_F64)
+            g0 = _broadcast(fx_test_0, (k_td.shape[0], y.shape[1]), "fx_test_0", dev)
+        fx_train = fx_test = None
+        if times is None:                      # t = infinity: kernel regression by a solve
+            if want_train:
+                fx_train = y64.clone()
+            if want_test:
+                fx_test = g0 + k_td @ fac.solve(y64 - f0)
+        else:
+            evals, evecs = fac.eigh()
+            em1, quot, _ = _mode_factors(evals, times * lr, size, fac.cutoff)
+            p = evecs.T @ (f0 - y64)                                  # (n, k) residual modes
+            if want_train:
+                d = em1[:, :, None] * p                               # (T, n, k)
+                fx_train = f0 + torch.matmul(evecs, d)
+            if want_test:
+                a = k_td @ evecs                                      # (m, n)
+                fx_test = g0 + torch.matmul(a, quot[:, :, None] * p)
+            shp = lambda z: z.reshape(t_shape + z.shape[1:])  # noqa: E731
+            fx_train = None if fx_train is None else shp(fx_train)
+            fx_test = None if fx_test is None else shp(fx_test)
+        cast = lambda z: None if z is None else z.to(out_dtype)  # noqa: E731
+        return _return(cast(fx_train), cast(fx_test), want_train, want_test)
+
+    return predict_fn
+
+
+# =========================================================================================
+# discrete steps with a finite learning rate (and heavy-ball momentum)
+# =========================================================================================
+
+def max_learning_rate(k_train_train: Any, y_train_size: Optional[int] = None,
+                      momentum: float = 0.0) -> float:
+    """Largest stable learning rate of full-batch GD (+ momentum) on ``1/2 mean (f - y)^2``.
+
+    A mode with NTK eigenvalue ``lam`` evolves as ``r <- (1 - lr lam / N) r`` (plus momentum
+    terms): stable iff ``lr < 2 (1 + momentum) N / lam_max`` (``N = y_train_size``, default
+    ``n``: one output). Computed in float64 from the (cached) eigendecomposition.
+
+    Example::
+
+        >>> lr = 0.5 * max_learning_rate(ntk_dd, y_train.numel())
+    """
+    fac = factorize(k_train_train, 0.0, False, "k_train_train")
+    mom = _positive(momentum, "momentum", allow_zero=True)
+    if mom >= 1:
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    size = fac.n if y_train_size is None else int(y_train_size)
+    if size < 1:
+        raise ValueError(f"`y_train_size` must be a positive integer, got {y_train_size!r}")
+    evals, _ = fac.eigh()
+    top = float(evals[-1]) if fac.n else 0.0
+    if top <= 0:
+        return math.inf
+    return 2.0 * (1.0 + mom) * size / top
+
+
+def _step_matrices(evals: torch.Tensor, lr: float, mom: float, size: float) -> torch.Tensor:
+    """Per mode the 3x3 one-step map of ``(r, w, g)``: residual, velocity / lam, test accumulator.
+
+    ``w' = mom w - lr/N r``; ``r' = r + lam w'``; ``g' = g + w'`` — heavy-ball momentum as in
+    ``torch.optim.SGD(momentum=mom)`` on the linearized network, written so that no division by
+    an eigenvalue is needed (null modes stay exact).
+    """
+    lam = evals.to(_F64)
+    n = lam.shape[0]
+    c = lr / size
+    M = torch.zeros(n, 3, 3, dtype=_F64, device=lam.device)
+    M[:, 0, 0] = 1.0 - c * lam
+    M[:, 0, 1] = lam * mom
+    M[:, 1, 0] = -c
+    M[:, 1, 1] = mom
+    M[:, 2, 0] = -c
+    M[:, 2, 1] = mom
+    M[:, 2, 2] = 1.0
+    return M
+
+
+def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rate: float,
+                                  momentum: float = 0.0, diag_reg: float = 0.0,
+                                  diag_reg_absolute_scale: bool = False) -> Callable:
+    """Outputs of a linearized network after a number of discrete full-batch GD steps.
+
+    Exact for ``torch.optim.SGD(lr=learning_rate, momentum=momentum)`` on the loss
+    ``1/2 mean (f - y)^2`` of a linearized network with NTK ``k_train_train``: no ``O(lr)``
+    discretization error, unlike the gradient-flow prediction. Each eigenmode is advanced by the
+    power of a 3x3 matrix (repeated squaring), so any step count costs ``O(n log steps)`` after
+    one eigendecomposition.
+
+    Args:
+      k_train_train: ``(n, n)`` kernel; y_train: ``(n, k)`` targets.
+      learning_rate: SGD step size (see :func:`max_learning_rate` for the stability limit).
+      momentum: heavy-ball momentum in ``[0, 1)`` (PyTorch's convention, no dampening).
+      diag_reg, diag_reg_absolute_scale: ridge, as in :func:`gradient_descent_mse`.
+
+    Returns:
+      ``predict_fn(steps=None, fx_train_0=0., fx_test_0=None, k_test_train=None)`` with integer
+      ``steps`` (scalar or array; ``None``/``inf``: convergence, only if the rate is stable), same
+      outputs as :func:`gradient_descent_mse`.
+
+    Example::
+
+        >>> pf = gradient_descent_mse_discrete(ntk_dd, y, learning_rate=0.5, momentum=0.9)
+        >>> f_tr, f_te = pf(torch.arange(0, 100, 10), f_tr0, f_te0, ntk_td)
+    """
+    fac = factorize(k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train")
+    n = fac.n
+    y = _targets(y_train, n)
+    lr = _positive(learning_rate, "learning_rate")
+    mom = _positive(momentum, "momentum", allow_zero=True)
+    if mom >= 1:
+        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    size = float(y.numel())
+    out_dtype = _result_dtype(fac.matrix.new_empty(0, dtype=fac.input_dtype), y)
+    dev = fac.matrix.device
+    y64 = y.to(device=dev, dtype=_F64)
+    infer = gradient_descent_mse(k_train_train, y, 1.0, diag_reg, diag_reg_absolute_scale)
+
+    def predict_fn(steps: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                   k_test_train: Any = None):
+        _check_call(fx_train_0, fx_test_0, k_test_train)
+        times, t_shape = _times(steps, "steps")
+        if times is not None and torch.isinf(times).any():
+            raise ValueError("`steps` may be None/inf (convergence) as a scalar only; query "
+                             "finite step counts and convergence in separate calls")
+        if times is None:
+            evals, _ = fac.eigh()
+            top = float(evals[-1]) if n else 0.0
+            if top > 0 and lr >= 2.0 * (1.0 + mom) * size / top:
+                raise ValueError(
+                    f"`learning_rate`={lr:g} is unstable for this kernel (max stable "
+                    f"{2.0 * (1.0 + mom) * size / top:.6g}): gradient descent diverges, there is "
+                    f"no converged prediction; lower the learning rate")
+            return infer(None, fx_train_0, fx_test_0, k_test_train)
+        if (times != torch.round(times)).any():
+            raise ValueError("`steps` must be whole numbers of gradient-descent steps")
+        want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+        f0 = (torch.zeros_like(y64) if fx_train_0 is None
+              else _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", dev))
+        evals, evecs = fac.eigh()
+        M = _step_matrices(evals, lr, mom, size)
+        uniq, inv = torch.unique(times, return_inverse=True)
+        rs, gs = [], []
+        for s in uniq.tolist():
+            P = torch.linalg.matrix_power(M, int(s))
+            rs.append(P[:, 0, 0])
+            gs.append(P[:, 2, 0])
+        r_fac = torch.stack(rs)[inv] - 1.0                      # (T, n): r_s / r_0 - 1
+        g_fac = torch.stack(gs)[inv]                            # (T, n)
+        p = evecs.T @ (f0 - y64)
+        fx_train = fx_test = None
+        if want_train:
+            fx_train = f0 + torch.matmul(evecs, r_fac[:, :, None] * p)
+            fx_train = fx_train.reshape(t_shape + fx_train.shape[1:]).to(out_dtype)
+        if want_test:
+            k_td = _test_kernel(k_test_train, n).to(device=dev, dtype=_F64)
+            g0 = _broadcast(fx_test_0, (k_td.shape[0], y.shape[1]), "fx_test_0", dev)
+            fx_test = g0 + torch.matmul(k_td @ evecs, g_fac[:, :, None] * p)
+            fx_test = fx_test.reshape(t_shape + fx_test.shape[1:]).to(out_dtype)
+        return _return(fx_train, fx_test, want_train, want_test)
+
+    return predict_fn
+
+
+# =========================================================================================
+# 2. GP inference and the infinite ensemble
+# =========================================================================================
+
+def _kernel_part(k: Any, g: str, name: str) -> Optional[torch.Tensor]:
+    """``k.nngp`` / ``k['ntk']`` / ``k`` itself (a bare matrix stands for any ``get``)."""
+    if k is None:
+        return None
+    if isinstance(k, (torch.Tensor, np.ndarray)):
+        return _as_array(k, name)
+    if isinstance(k, dict):
+        v = k.get(g)
+    else:
+        v = getattr(k, g, None)
+    if v is None:
+        raise ValueError(f"`{name}` has no {g!r} kernel; compute it with get=('nngp', 'ntk') "
+                         f"(the NTK posterior covariance needs both)")
+    return _as_array(v, f"{name}.{g}")
+
+
+def _parse_get(get: Union[str, Sequence[str], None], allowed: Tuple[str, ...]
+               ) -> Tuple[Tuple[str, ...], bool]:
+    if get is None:
+        return ("nngp", "ntk"), False
+    if isinstance(get, str):
+        keys, single = (get,), True
+    else:
+        keys, single = tuple(get), False
+    if not keys:
+        raise ValueError(f"`get` is empty; use one of {allowed} or a tuple of them")
+    for g in keys:
+        if g not in allowed:
+            raise ValueError(f"`get` has unknown key {g!r}; valid keys are {allowed}")
+    return keys, single
+
+
+def _pack(out: Dict[str, Any], keys: Tuple[str, ...], single: bool):
+    if single:
+        return out[keys[0]]
+    return collections.namedtuple("Gaussians", keys)(*[out[k] for k in keys])
+
+
+def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
+                 diag_reg_absolute_scale: bool = False) -> Callable:
+    """Exact posteriors: NNGP (Bayesian net), NTK (ensemble after infinite training), NTK-GP.
+
+    * ``'nngp'``: mean ``K_td K^-1 y``, cov ``K_tt - K_td K^-1 K_dt`` (K = NNGP);
+    * ``'ntk'``: mean ``Th_td Th^-1 y``, cov ``K_tt + Th_td Th^-1 K Th^-1 Th_dt -
+      (Th_td Th^-1 K_dt + transpose)`` (Lee et al. 2019, eq. 16 at t = inf);
+    * ``'ntkgp'``: the GP posterior with the NTK as covariance (He et al. 2020).
+
+    Args:
+      k_train_train: kernel record with ``.nngp``/``.ntk`` (or a dict, or one ``(n, n)`` matrix).
+      y_train: ``(n, k)``; diag_reg / diag_reg_absolute_scale: ridge (relative to mean diagonal).
+
+    Returns:
+      ``predict_fn(get=None, k_test_train=None, k_test_test=None)``: the mean ``(m, k)`` or, when
+      ``k_test_test`` is given, a :class:`Gaussian` ``(mean, (m, m) covariance)``; a namedtuple
+      over ``get`` for a tuple/``None`` ``get``. ``k_test_train=None`` gives training-set outputs
+      (``y_train`` with zero covariance; pass ``k_test_test=True`` to get that covariance).
+
+    Example::
+
+        >>> post = gp_inference(arch.kernel(x_tr), y_tr, diag_reg=1e-4)
+        >>> mean, cov = post('nngp', arch.kernel(x_te, x_tr), arch.kernel(x_te, get='nngp'))
+    """
+    first = None
+    for g in _GETS:
+        try:
+            first = _kernel_part(k_train_train, g, "k_train_train")
+        except ValueError:
+            continue
+        if first is not None:
+            break
+    if first is None:
+        raise ValueError("`k_train_train` holds neither an 'nngp' nor an 'ntk' kernel")
+    n = first.shape[0]
+    y = _targets(y_train, n)
+    y64 = y.to(_F64)
+    facs: Dict[str, Any] = {}
+
+    def fac(g: str):
+        if g not in facs:
+            facs[g] = factorize(_kernel_part(k_train_train, g, "k_train_train"), diag_reg,
+                                diag_reg_absolute_scale, f"k_train_train.{g}")
+        return facs[g]
+
+    def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
+                   k_test_test: Any = None):
+        keys, single = _parse_get(get, ("nngp", "ntk", "ntkgp"))
+        out = {}
+        for g in keys:
+            kk = "ntk" if g == "ntkgp" else g
+            f = fac(kk)
+            dt = _result_dtype(f.matrix.new_empty(0, dtype=f.input_dtype), y)
+            dev = f.matrix.device
+            if k_test_train is None:
+                mean = y64.to(dev).clone()
+                cov = torch.zeros(n, n, dtype=_F64, device=dev) if k_test_test is not None else None
+            else:
+                k_td = _test_kernel(_kernel_part(k_test_train, kk, "k_test_train"), n)
+                k_td = k_td.to(device=dev, dtype=_F64)
+                mean = k_td @ f.solve(y64.to(dev))
+                cov = None
+                if k_test_test is not None:
+                    g_init = "ntk" if g == "ntkgp" else "nngp"
+                    k_tt = _kernel_part(k_test_test, g_init, "k_test_test").to(dev, _F64)
+                    if k_tt.shape != (k_td.shape[0], k_td.shape[0]):
+                        raise ValueError(f"`k_test_test` must be ({k_td.shape[0]}, "
+                                         f"{k_td.shape[0]}), got {tuple(k_tt.shape)}")
+                    k_td_init = _kernel_part(k_test_train, g_init, "k_test_train").to(dev, _F64)
+                    if g in ("nngp", "ntkgp"):
+                        cov = k_tt - k_td @ f.solve(k_td.T)
+                    else:
+                        nngp_dd = _kernel_part(k_train_train, "nngp", "k_train_train")
+                        nngp_dd = nngp_dd.to(dev, _F64)
+                        term_1 = f.solve(k_td.T)                        # (n, m)
+                        cross = k_td @ f.solve(k_td_init.T)             # (m, m)
+                        cov = term_1.T @ nngp_dd @ term_1 - (cross + cross.T) + k_tt
+            mean = mean.to(dt)
+            out[g] = mean if cov is None else Gaussian(mean, cov.to(dt))
+        return _pack(out, keys, single)
+
+    return predict_fn
+
+
+def _as_kernel_fn(kernel_fn: Any, kwargs: Dict[str, Any]) -> Callable:
+    """Normalise an architecture (``.kernel``) or ``kernel_fn(x1, x2, get)`` to a dict maker."""
+    if hasattr(kernel_fn, "kernel") and callable(kernel_fn.kernel):
+        def call(x1, x2, get):
+            return kernel_fn.kernel(x1, x2, get=get, **kwargs)
+    elif callable(kernel_fn):
+        def call(x1, x2, get):
+            return kernel_fn(x1, x2, get, **kwargs)
+    else:
+        raise TypeError("`kernel_fn` must be an architecture (with a `.kernel` method) or a "
+                        "callable kernel_fn(x1, x2, get) returning .nngp/.ntk, got "
+                        f"{type(kernel_fn).__name__}")
+
+    def fn(x1, x2, keys: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+        res = call(x1, x2, keys[0] if len(keys) == 1 else keys)
+        out = {}
+        for g in keys:
+            if isinstance(res, (torch.Tensor, np.ndarray)):
+                if len(keys) != 1:
+                    raise TypeError("`kernel_fn` returned a single matrix for get="
+                                    f"{keys}; it must return an object with .nngp and .ntk")
+                out[g] = _as_array(res, f"kernel_fn(...).{g}")
+            else:
+                out[g] = _kernel_part(res, g, "kernel_fn(...)")
+        return out
+    return fn
+
+
+def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
+                                  learning_rate: float = 1.0, diag_reg: float = 0.0,
+                                  diag_reg_absolute_scale: bool = False,
+                                  **kernel_fn_kwargs) -> Callable:
+    """Mean and covariance of the infinite ensemble of infinitely wide networks trained on MSE.
+
+    Over random initializations ``f_0 ~ GP(0, K)`` (K = NNGP) and gradient flow with the NTK
+    ``Th`` (``get='ntk'``; training only the readout gives ``Th = K``: ``get='nngp'``), the
+    outputs at time ``t`` are Gaussian (Lee et al. 2019, eqs. 15-16)::
+
+        mean_t(x) = Th_x,d Th^-1 (I - e^{-Th t/N}) y
+        cov_t(x, x') = K_xx' + Q_x K Q_x'^T - (Q_x K_d,x' + transpose),  Q_x = Th_x,d Th^-1 (I - e^{-Th t/N})
+
+    with neural-tangents' conventions (``N = y_train.numel()``, ``t`` in units of
+    ``learning_rate``, ridge ``diag_reg`` relative to the mean diagonal of the train kernel).
+
+    Args:
+      kernel_fn: an architecture (``arch.kernel(x1, x2, get=...)`` is used) or a callable
+        ``kernel_fn(x1, x2, get)`` returning an object/dict with ``nngp``/``ntk``.
+      x_train: training inputs; y_train: ``(n, k)`` targets.
+      learning_rate, diag_reg, diag_reg_absolute_scale: as in :func:`gradient_descent_mse`.
+      **kernel_fn_kwargs: passed to every kernel call.
+
+    Returns:
+      ``predict_fn(x_test=None, t=None, get=None, compute_cov=False)``. ``x_test=None`` predicts on
+      the training inputs; ``t`` scalar or array (``None``: ``t = inf``); ``get`` ``'ntk'``,
+      ``'nngp'`` or a tuple (``None``: both, as a namedtuple). Returns the mean
+      ``t.shape + (m, k)`` or ``Gaussian(mean, covariance t.shape + (m, m))``. NOTE: the argument
+      order is ``(x_test, t)``; neural-tangents' is ``(t, x_test)`` — pass keywords to port code.
+      The train kernels, their factorizations, and per-test-set projections are cached.
+
+    Example::
+
+        >>> ens = gradient_descent_mse_ensemble(arch, x_train, y_train, diag_reg=1e-4)
+        >>> mean, cov = ens(x_test, t=torch.logspace(0, 3, 10), get='ntk', compute_cov=True)
+    """
+    kfn = _as_kernel_fn(kernel_fn, kernel_fn_kwargs)
+    lr = _positive(learning_rate, "learning_rate")
+    diag_reg = _positive(diag_reg, "diag_reg", allow_zero=True)
+    k_dd: Dict[str, torch.Tensor] = {}
+    state: Dict[str, Any] = {"y": None}
+
+    def train_kernels(keys: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+        missing = tuple(g for g in keys if g not in k_dd)
+        if missing:
+            k_dd.update(kfn(x_train, None, missing))
+        return {g: k_dd[g] for g in keys}
+
+    def targets(n: int) -> torch.Tensor:
+        if state["y"] is None:
+            state["y"] = _targets(y_train, n)
+        return state["y"]
+
+    def fac(g: str):
+        return factorize(train_kernels((g,))[g], diag_reg, diag_reg_absolute_scale,
+                         f"kernel_fn(x_train).{g}")
+
+    gp_cache: Dict[str, Any] = {}
+    basis_cache: Dict[str, Any] = {}
+
+    def predict_fn(x_test: Any = None, t: Any = None, get: Union[str, Sequence[str], None] = None,
+                   compute_cov: bool = False):
+        if (isinstance(x_test, (int, float)) or (isinstance(x_test, torch.Tensor)
+                                                 and x_test.ndim <= 1)) and \
+                (isinstance(t, (torch.Tensor, np.ndarray)) and np.ndim(t) >= 2):
+            raise TypeError("predict_fn takes (x_test, t, ...) in that order (neural-tangents "
+                            "uses (t, x_test)); call it with keywords: x_test=..., t=...")
+        keys, single = _parse_get(get, _GETS)
+        need = set(keys) | ({"nngp"} if compute_cov else set())
+        kdd = train_kernels(tuple(g for g in _GETS if g in need))
+        n = next(iter(kdd.values())).shape[0]
+        y = targets(n)
+        dt = _result_dtype(next(iter(kdd.values())), y)
+        times, t_shape = _times(t)
+        k_td = nngp_tt = None
+        if x_test is not None:
+            k_td = kfn(x_test, x_train, tuple(g for g in _GETS if g in need))
+            for g, v in k_td.items():
+                _test_kernel(v, n, f"kernel_fn(x_test, x_train).{g}")
+            if compute_cov:
+                nngp_tt = kfn(x_test, None, ("nngp",))["nngp"]
+
+        if times is None:                                    # t = inf: exact GP posterior
+            key = "gp"
+            if key not in gp_cache:
+                gp_cache[key] = gp_inference(k_dd, y, diag_reg, diag_reg_absolute_scale)
+            res = gp_cache[key](keys, k_td, nngp_tt if x_test is not None else
+                                (True if compute_cov else None))
+            out = {g: getattr(res, g) for g in keys}
+            return _pack(out, keys, single)
+
+        out = {}
+        dev = None
+        for g in keys:
+            f = fac(g)
+            dev = f.matrix.device
+            evals, V = f.eigh()
+            size = float(y.numel())
+            em1, quot, ex = _mode_factors(evals, times * lr, size, f.cutoff)   # (T, n)
+            p = V.T @ y.to(device=dev, dtype=_F64)                              # (n, k)
+            if k_td is None:
+                mean = torch.matmul(V, -em1[:, :, None] * p)                    # (T, n, k)
+            else:
+                A = k_td[g].to(device=dev, dtype=_F64) @ V                      # (m, n)
+                mean = torch.matmul(A, -quot[:, :, None] * p)                  # (T, m, k)
+            mean = mean.reshape(t_shape + mean.shape[1:]).to(dt)
+            if not compute_cov:
+                out[g] = mean
+                continue
+            if k_td is None:
+                if g == "nngp":
+                    w = evals[None, :] * ex * ex                                # lam e^{-2 lam t}
+                    cov = torch.matmul(V * w[:, None, :], V.T)
+                else:
+                    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)
+                    cov = torch.matmul(V, torch.matmul(ex[:, :, None] * B * ex[:, None, :], V.T))
+            else:
+                K_tt = _as_array(nngp_tt, "kernel_fn(x_test).nngp").to(device=dev, dtype=_F64)
+                if g == "nngp":
+                    _, quot2, _ = _mode_factors(evals, 2 * times * lr, size, f.cutoff)
+                    cov = K_tt - torch.matmul(A * (-quot2)[:, None, :], A.T)
+                else:
+                    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)        # V^T K V
+                    C = V.T @ k_td["nngp"].to(device=dev, dtype=_F64).T          # (n, m)
+                    P = A * (-quot)[:, None, :]                                # (T, m, n)
+                    PC = torch.matmul(P, C)                                      # (T, m, m)
+                    cov = torch.matmul(torch.matmul(P, B), P.transpose(1, 2))
+                    cov = cov - PC - PC.transpose(1, 2) + K_tt
+            cov = 0.5 * (cov + cov.transpose(-1, -2))
+            cov = cov.reshape(t_shape + cov.shape[1:]).to(dt)
+            out[g] = Gaussian(mean, cov)
+        return _pack(out, keys, single)
+
+    return predict_fn
+
+
+def _basis_nngp(cache: Dict[str, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor, dev
+                ) -> torch.Tensor:
+    """``V^T K_nngp V`` (cached per eigenbasis): the prior covariance in the NTK's eigenbasis."""
+    if cache.get(g, (None,))[0] is not V:
+        K = _as_array(nngp_dd, "nngp").to(device=dev, dtype=_F64)
+        B = V.T @ K @ V
+        cache[g] = (V, 0.5 * (B + B.T))
+    return cache[g][1]
+
+
+# =========================================================================================
+# 3. other losses: ODE integration in function space
+# =========================================================================================
+
+def _mse_loss(fx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((fx - y) ** 2).mean()
+
+
+def _cross_entropy_loss(fx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -(torch.log_softmax(fx, dim=-1) * y).mean()
+
+
+_LOSSES = {"mse": _mse_loss, "cross_entropy": _cross_entropy_loss}
+
+# Dormand-Prince 5(4) tableau
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+_DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def _odeint(fun: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
+            t_out: torch.Tensor, rtol: float, atol: float, max_steps: int) -> torch.Tensor:
+    """Adaptive Dormand-Prince 5(4) for an autonomous ODE ``y' = fun(y)``; returns ``y(t_out)``.
+
+    ``t_out`` must be sorted non-decreasing and >= 0; the integrator hits each output time
+    exactly (steps are clipped), error control is the usual mixed ``atol + rtol |y|`` RMS norm.
+    """
+    y = y0.clone()
+    t = 0.0
+    k1 = fun(y)
+    out = []
+    scale0 = atol + rtol * y.abs()
+    d0 = float(torch.sqrt(((y / scale0) ** 2).mean()))
+    d1 = float(torch.sqrt(((k1 / scale0) ** 2).mean()))
+    h = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    steps = 0
+    for t_end in t_out.tolist():
+        while t < t_end:
+            if steps >= max_steps:
+                raise RuntimeError(f"ODE integration needed more than max_steps={max_steps} steps "
+                                   f"to reach t={t_end:g}; raise `max_steps` or loosen `rtol`")
+            h = min(h, t_end - t)
+            ks = [k1]
+            for i in range(1, 7):
+                yi = y + h * sum(a * k for a, k in zip(_DP_A[i], ks) if a != 0.0)
+                ks.append(fun(yi))
+            y_new = y + h * sum(b * k for b, k in zip(_DP_B, ks) if b != 0.0)
+            err = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
+            scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+            en = float(torch.sqrt(((err / scale) ** 2).mean())) if err.numel() else 0.0
+            steps += 1
+            if en <= 1.0:
+                t = t + h if (t_end - t) > h else t_end
+                y = y_new
+                k1 = ks[6]                          # FSAL
+                fac = 5.0 if en == 0 else min(5.0, max(0.2, 0.9 * en ** -0.2))
+            else:
+                fac = max(0.2, 0.9 * en ** -0.2)
+            h = h * fac
+            if not math.isfinite(float(y.abs().max())):
+                raise FloatingPointError("ODE solution became non-finite; the dynamics diverge "
+                                         "(check the learning rate / loss)")
+        out.append(y.clone())
+    return torch.stack(out) if out else y0.new_empty((0,) + y0.shape)
+
+
+def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: Any,
+                     learning_rate: float = 1.0, momentum: Optional[float] = None,
+                     rtol: float = 1e-9, atol: float = 1e-12, max_steps: int = 200_000
+                     ) -> Callable:
+    """Function-space gradient descent on any loss, by adaptive ODE integration (Dormand-Prince).
+
+    Integrates ``df/dt = -Theta grad_f loss(f, y)`` on train (and, through ``k_test_train``, on
+    test) outputs; with ``momentum`` the continuous heavy-ball ODE of neural-tangents is used
+    (``f' = q``, ``q' = -Theta grad_f loss + (momentum - 1)/sqrt(lr) q``, time in units of
+    ``sqrt(learning_rate)``); without it ``absolute_time = learning_rate * t``.
+
+    Args:
+      loss: ``'mse'`` (``1/2 mean (f-y)^2``), ``'cross_entropy'`` (``-mean(log_softmax(f) * y)``,
+        neural-tangents' example; ``y`` one-hot) or a callable ``loss(fx, y) -> scalar`` written
+        in torch (differentiated with autograd).
+      k_train_train: ``(n, n)`` NTK; y_train: ``(n, k)``.
+      learning_rate, momentum: as above. rtol, atol, max_steps: integrator controls.
+
+    Returns:
+      ``predict_fn(t, fx_train_0=0., fx_test_0=None, k_test_train=None)`` with finite ``t``
+      (scalar or array, any order) returning outputs like :func:`gradient_descent_mse`.
+
+    Example::
+
+        >>> pf = gradient_descent('cross_entropy', ntk_dd, y_onehot)
+        >>> f_tr, f_te = pf(torch.tensor([1., 10.]), 0., 0., ntk_td)
+    """
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"`loss` must be one of {tuple(_LOSSES)} or a callable loss(fx, y), "
+                             f"got {loss!r}")
+        loss_fn = _LOSSES[loss]
+    elif callable(loss):
+        loss_fn = loss
+    else:
+        raise TypeError(f"`loss` must be a string or a callable loss(fx, y), got "
+                        f"{type(loss).__name__}")
+    K = as_square_matrix(k_train_train, "k_train_train").detach().to(_F64)
+    n = K.shape[0]
+    y = _targets(y_train, n)
+    y64 = y.to(device=K.device, dtype=_F64)
+    lr = _positive(learning_rate, "learning_rate")
+    if momentum is not None:
+        mom = _positive(momentum, "momentum", allow_zero=True)
+        if mom >= 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+        time_unit, friction = math.sqrt(lr), (mom - 1.0) / math.sqrt(lr)
+    else:
+        time_unit, friction = lr, None
+    out_dtype = _result_dtype(k_train_train if isinstance(k_train_train, torch.Tensor) else None,
+                              y)
+
+    def grad_loss(fx: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            fx = fx.detach().requires_grad_(True)
+            val = loss_fn(fx, y64)
+            if not isinstance(val, torch.Tensor) or val.numel() != 1:
+                raise TypeError("`loss(fx, y)` must return a scalar torch tensor")
+            (g,) = torch.autograd.grad(val, fx)
+        return g.detach()
+
+    def predict_fn(t: Any, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                   k_test_train: Any = None):
+        _check_call(fx_train_0, fx_test_0, k_test_train)
+        times, t_shape = _times(t)
+        if times is None or torch.isinf(times).any():
+            raise ValueError("`t` must be finite for ODE-based predictions (cross-entropy never "
+                             "converges); for MSE at t = inf use gradient_descent_mse")
+        want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+        f0 = (torch.zeros_like(y64) if fx_train_0 is None
+              else _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", K.device))
+        k = y.shape[1]
+        m = 0
+        k_td = None
+        if want_test:
+            k_td = _test_kernel(k_test_train, n).to(device=K.device, dtype=_F64)
+            m = k_td.shape[0]
+            g0 = _broadcast(fx_test_0, (m, k), "fx_test_0", K.device)
+            state0 = torch.cat([f0, g0])
+        else:
+            state0 = f0.clone()
+        Kall = torch.cat([K, k_td]) if want_test else K            # (n + m, n)
+        if friction is not None:
+            state0 = torch.cat([state0, torch.zeros_like(state0)])
+        nf = n + m
+
+        def rhs(s: torch.Tensor) -> torch.Tensor:
+            f = s[:nf]
+            df = -(Kall @ grad_loss(f[:n]))
+            if friction is None:
+                return df
+            q = s[nf:]
+            return torch.cat([q, df + friction * q])
+
+        order = torch.argsort(times)
+        sol = _odeint(rhs, state0, times[order] * time_unit, rtol, atol, max_steps)
+        res = torch.empty_like(sol)
+        res[order] = sol
+        res = res[:, :nf].reshape(t_shape + (nf, k)).to(out_dtype)
+        fx_train = res[..., :n, :] if want_train else None
+        fx_test = res[..., n:, :] if want_test else None
+        return _return(fx_train, fx_test, want_train, want_test)
+
+    return predict_fn
+
+
+# =========================================================================================
+# 4. eigenmodes
+# =========================================================================================
+
+class Eigenmodes(NamedTuple):
+    """Eigen-decomposition of the training dynamics (modes sorted by decreasing eigenvalue).
+
+    Attributes:
+      eigenvalues: ``(n,)`` eigenvalues of the (regularized) kernel, descending, >= 0.
+      eigenvectors: ``(n, n)``, column ``i`` is mode ``i``.
+      projections: ``(n, k)`` initial residual ``V^T (f_0 - y)`` per mode and output.
+      size: ``N = y_train.numel()``; learning_rate: time unit.
+
+    Mode ``i``'s residual decays as ``exp(-lambda_i * learning_rate * t / N)``: large-eigenvalue
+    modes are learned first; ``timescales`` gives each mode's e-folding time (in units of ``t``).
+    """
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    projections: torch.Tensor
+    size: int
+    learning_rate: float
+
+    @property
+    def timescales(self) -> torch.Tensor:
+        """``N / (learning_rate * lambda_i)`` (``inf`` for null modes)."""
+        lam = self.eigenvalues
+        return torch.where(lam > 0, self.size / (self.learning_rate * lam.clamp_min(1e-300)),
+                           torch.full_like(lam, math.inf))
+
+    def decay(self, t: Any) -> torch.Tensor:
+        """``exp(-lambda_i lr t / N)``, shape ``t.shape + (n,)``."""
+        times, t_shape = _times(t)
+        if times is None:
+            times, t_shape = torch.tensor([math.inf], dtype=_F64), ()
+        lam = self.eigenvalues.to(_F64)
+        tt = (times * self.learning_rate).to(lam.device)[:, None]
+        x = torch.where(lam[None] > 0, lam[None] * tt / self.size, torch.zeros_like(tt * lam[None]))
+        x = torch.nan_to_num(x, nan=0.0)
+        return torch.exp(-x).reshape(t_shape + lam.shape)
+
+    def residual(self, t: Any) -> torch.Tensor:
+        """Residual ``f_t - y`` in mode coordinates, shape ``t.shape + (n, k)``."""
+        return self.decay(t)[..., None] * self.projections.to(_F64)
+
+    def loss(self, t: Any) -> torch.Tensor:
+        """Each mode's share of the loss ``1/2 mean (f_t - y)^2``, shape ``t.shape + (n,)``."""
+        return 0.5 * (self.residual(t) ** 2).sum(-1) / self.size
+
+
+def eigenmodes(k_train_train: Any, y_train: Any, fx_train_0: Any = 0.0,
+               learning_rate: float = 1.0, diag_reg: float = 0.0,
+               diag_reg_absolute_scale: bool = False) -> Eigenmodes:
+    """Eigenvalues, residual projections and per-mode decay of gradient flow on MSE.
+
+    The data behind "large-eigenvalue modes learn first": with ``Theta = V diag(lambda) V^T`` the
+    training residual is ``f_t - y = V diag(exp(-lambda lr t / N)) V^T (f_0 - y)``.
+
+    Example::
+
+        >>> modes = eigenmodes(ntk_dd, y_train)
+        >>> modes.eigenvalues[:5], modes.loss(torch.tensor([1., 10.])).shape   # (2, n)
+    """
+    fac = factorize(k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train")
+    y = _targets(y_train, fac.n).to(device=fac.matrix.device, dtype=_F64)
+    lr = _positive(learning_rate, "learning_rate")
+    f0 = _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", fac.matrix.device)
+    evals, V = fac.eigh()
+    evals, V = evals.flip(0), V.flip(1)
+    return Eigenmodes(evals, V, V.T @ (f0 - y), int(y.numel()), lr)
