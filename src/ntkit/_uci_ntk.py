@@ -1,0 +1,132 @@
+"""Fast fully-connected ReLU NTK with the first ``fix`` layers frozen (Arora et al. 2020).
+
+"Harnessing the power of infinitely wide deep nets on small-data tasks" (arXiv:1910.01663) uses a
+bias-free FC ReLU NTK on raw (standardised) features, computed from ``S = X1 X2^T`` with no
+``1/d`` fan-in factor, and a variant in which the first ``fix`` layers are not trained, so their
+terms are dropped from the NTK sum. With ``h`` hidden ReLU layers (``h = 0`` is the linear kernel
+``X1 X2^T``) and ``0 <= fix <= h``::
+
+    H = 0
+    for l in 0 .. h:
+        if l >= fix: H += S                       # layer l+1's weights are trained
+        if l == h: return H
+        S, H = relu_nngp(S), H * relu_dot(S)      # arc-cosine recursions, 1/(2 pi) scale
+
+Equivalently: ``K[h][0] = d * NTK`` and ``K[h][h] = d * NNGP`` of
+``serial(*[Dense(w, W_std=1), Relu()] * h, Dense(1, W_std=1))`` (no biases, NTK
+parameterization) -- the ``d`` because ``ntkit``'s first Dense divides ``X X^T`` by the fan-in.
+
+The reference code recomputes the recursion once per ``fix``; :func:`iter_ntk_fix` gets every
+``(h, fix)`` pair (15 kernels for 5 depths) in ONE pass: the ``S`` recursion does not depend on
+``fix``, and each ``H_fix`` is updated with the same elementwise factor. Kernels are yielded one
+depth at a time, in the reference code's loop order (``h`` ascending, then ``fix`` ascending), so
+memory stays at ``(max_depth + 3)`` matrices of size ``n1 x n2`` whatever the number of kernels.
+
+Internal module (used by :mod:`ntkit.estimators` and ``bench/bench_uci.py``); float64 torch.
+
+Example::
+
+    >>> for h, fix, K in iter_ntk_fix(X, max_depth=5):   # K: (n, n) float64 tensor
+    ...     ...
+    >>> K = ntk_fix(X, depth=3, fix=1)                     # one kernel
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["iter_ntk_fix", "ntk_fix", "all_ntk_fix"]
+
+_F64 = torch.float64
+
+
+def _as_matrix(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a numpy array or torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D (n_samples, n_features), got shape "
+                         f"{tuple(x.shape)}")
+    x = x.detach().to(_F64)
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"`{name}` contains NaN/Inf values; impute or drop them first")
+    return x
+
+
+def _check_depth(max_depth) -> int:
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) \
+            or max_depth < 0:
+        raise ValueError(f"`max_depth` (number of hidden ReLU layers) must be an integer >= 0, "
+                         f"got {max_depth!r}")
+    return int(max_depth)
+
+
+def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
+                 ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Yield ``(h, fix, K)`` for every ``h in 0..max_depth`` and ``fix in 0..h``, in that order.
+
+    ``h`` = number of hidden ReLU layers (the paper's "depth" is ``h + 1`` weight layers), ``K``
+    the ``(n1, n2)`` float64 kernel. With ``copy=True`` the yielded tensors are fresh copies (safe
+    to keep); ``copy=False`` saves one ``n1 x n2`` copy per kernel but a yielded tensor is only
+    valid until the next one is requested (it is updated in place).
+    ``max_depth=4`` gives the paper's 15 kernels (depths 1..5).
+    """
+    max_depth = _check_depth(max_depth)
+    a = _as_matrix(x1, "x1")
+    b = a if x2 is None else _as_matrix(x2, "x2")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"`x1` and `x2` must have the same number of features, got "
+                         f"{a.shape[1]} and {b.shape[1]}")
+    S = a @ b.T
+    d1 = (a * a).sum(1)
+    d2 = d1 if x2 is None else (b * b).sum(1)
+    H = []                                    # H[f] for f = 0..h
+    inv2pi = 1.0 / (2.0 * math.pi)
+    for h in range(max_depth + 1):
+        for f in range(h):
+            H[f] += S
+        H.append(S)                           # fix = h: only this layer's term (S is not
+        for f in range(h + 1):                # modified in place below, only replaced)
+            yield h, f, (H[f].clone() if copy else H[f])
+        if h == max_depth:
+            return
+        # in-place arithmetic: 4 temporaries of size n1 x n2 per layer (memory-bound code)
+        P = torch.outer(d1, d2).sqrt_().clamp_min_(1e-9)
+        Sn = torch.div(S, P).clamp_(-1.0, 1.0)
+        if x2 is None:                        # x with itself: exactly 1 (not 1 - ulp, whose
+            Sn.diagonal().fill_(1.0)          # arccos would be ~1e-8 instead of 0)
+        pm = torch.arccos(Sn).neg_().add_(math.pi)           # pi - theta
+        S = torch.mul(Sn, Sn).neg_().add_(1.0).clamp_min_(0.0).sqrt_()   # sin(theta)
+        S.addcmul_(Sn, pm).mul_(P).mul_(inv2pi)              # E[relu(u) relu(v)]
+        dot = pm.mul_(inv2pi)                                # E[relu'(u) relu'(v)]
+        for f in range(h + 1):
+            H[f].mul_(dot)
+        del Sn, pm, P, dot
+        if x2 is None:                        # as the reference: diag of the matrix itself
+            d1 = d2 = torch.diagonal(S).clone()
+        else:                                 # x with itself has Sn = 1: variance halves
+            d1, d2 = d1 * 0.5, d2 * 0.5
+
+
+def all_ntk_fix(x1, x2=None, max_depth: int = 4) -> dict:
+    """``{(h, fix): K}`` for all pairs (holds ``(max_depth+1)(max_depth+2)/2`` matrices)."""
+    return {(h, f): K for h, f, K in iter_ntk_fix(x1, x2, max_depth)}
+
+
+def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0) -> torch.Tensor:
+    """The single kernel with ``depth`` hidden ReLU layers, first ``fix`` layers frozen.
+
+    ``0 <= fix <= depth``; shapes ``(n1, d)``, ``(n2, d)`` -> ``(n1, n2)`` float64.
+    """
+    depth = _check_depth(depth)
+    if isinstance(fix, bool) or not isinstance(fix, (int, np.integer)) or not 0 <= fix <= depth:
+        raise ValueError(f"`fix` (number of frozen first layers) must be an integer in "
+                         f"[0, depth={depth}], got {fix!r}")
+    for h, f, K in iter_ntk_fix(x1, x2, depth):
+        if h == depth and f == fix:
+            return K
+    raise AssertionError("unreachable")

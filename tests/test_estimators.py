@@ -1,0 +1,353 @@
+"""Tests for ntkit.estimators and the fix-layer FC ReLU NTK (ntkit._uci_ntk).
+
+Oracles: the core engine's kernels (independent recursion) for fix = 0 / fix = depth, a literal
+port of the reference per-fix recursion (Arora et al. 2020 code) for the one-pass trick, Monte
+Carlo empirical NTKs of finite networks with frozen first layers (error shrinking with width),
+closed forms via scipy's matrix exponential / numpy solves for the predictions, brute-force
+leave-one-out refits for the temperature's LOO outputs, and scikit-learn's own models.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from ntkit import layers as nl  # noqa: E402
+from ntkit._uci_ntk import iter_ntk_fix, ntk_fix  # noqa: E402
+from ntkit.estimators import (NTKClassifier, NTKGPKernel, NTKRegressor, ReluNTKFix,  # noqa: E402
+                              kernel_callable)
+
+SMALL = nl.serial(nl.Dense(64, W_std=1.3, b_std=0.2), nl.Relu(), nl.Dense(1, W_std=1.3, b_std=0.2))
+
+
+# ---------------------------------------------------------------------------------------
+# scikit-learn's estimator checks
+# ---------------------------------------------------------------------------------------
+
+@parametrize_with_checks([NTKRegressor(), NTKRegressor(kernel="nngp", t=50.0, normalize_y=True),
+                          NTKClassifier(), NTKClassifier(arch=ReluNTKFix(2, 1), t=20.0)])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# ---------------------------------------------------------------------------------------
+# the fix-layer NTK
+# ---------------------------------------------------------------------------------------
+
+def _reference_per_fix(X, d_max):
+    """Literal port of the paper's NTK.kernel_value_batch: one recursion per fix level."""
+    n = X.shape[0]
+    K = np.zeros((d_max, d_max, n, n))
+    for fix in range(d_max):
+        S = X @ X.T
+        H = np.zeros_like(S)
+        for dep in range(d_max):
+            if fix <= dep:
+                H += S
+            K[dep][fix] = H
+            L = np.diag(S)
+            P = np.clip(np.sqrt(np.outer(L, L)), 1e-9, None)
+            Sn = np.clip(S / P, -1, 1)
+            S = (Sn * (math.pi - np.arccos(Sn)) + np.sqrt(1.0 - Sn * Sn)) * P / 2.0 / math.pi
+            H = H * (math.pi - np.arccos(Sn)) / 2.0 / math.pi
+    return K
+
+
+def test_one_pass_matches_reference_per_fix_recursion():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 6))
+    ref = _reference_per_fix(X, 5)
+    seen = []
+    for h, f, K in iter_ntk_fix(X, max_depth=4):
+        seen.append((h, f))
+        np.testing.assert_allclose(K.numpy(), ref[h][f], rtol=1e-7, atol=1e-9 * np.abs(ref).max())
+    # the reference code's loop order: depth, then fix ascending; 15 kernels
+    assert seen == [(h, f) for h in range(5) for f in range(h + 1)]
+
+
+def _arora_arch(h, width=512):
+    layers = []
+    for _ in range(h):
+        layers += [nl.Dense(width, W_std=1.0), nl.Relu()]
+    return nl.serial(*layers, nl.Dense(1, W_std=1.0))
+
+
+@pytest.mark.parametrize("h", [0, 1, 3])
+def test_fix0_is_full_ntk_and_fix_depth_is_nngp(h):
+    """K[h][0] = d * NTK and K[h][h] = d * NNGP of the bias-free W_std=1 ReLU net (engine)."""
+    rng = np.random.default_rng(1)
+    X = torch.tensor(rng.standard_normal((12, 5)))
+    k = _arora_arch(h).kernel(X, get=("nngp", "ntk"))
+    d = X.shape[1]
+    np.testing.assert_allclose(ntk_fix(X, depth=h, fix=0).numpy(), d * k.ntk.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(ntk_fix(X, depth=h, fix=h).numpy(), d * k.nngp.numpy(),
+                               rtol=1e-10)
+    # cross kernel = block of the joint kernel
+    X2 = torch.tensor(rng.standard_normal((7, 5)))
+    joint = ntk_fix(torch.cat([X, X2]), depth=h, fix=min(1, h))
+    np.testing.assert_allclose(ntk_fix(X, X2, depth=h, fix=min(1, h)).numpy(),
+                               joint[:12, 12:].numpy(), rtol=1e-9, atol=1e-12)
+
+
+def _empirical_fix_ntk(X, h, fix, width, seed):
+    """Empirical NTK of a finite net (NTK parameterization) whose first `fix` layers are frozen."""
+    net = _arora_arch(h).module(in_shape=X.shape[1], width=width, seed=seed)
+    params = [p for _, p in net.named_parameters()]
+    train = params[fix:]
+    grads = []
+    for i in range(X.shape[0]):
+        out = net(X[i:i + 1]).sum()
+        g = torch.autograd.grad(out, train)
+        grads.append(torch.cat([t.reshape(-1) for t in g]))
+    G = torch.stack(grads)
+    return G @ G.T
+
+
+def test_fix_matches_monte_carlo_network_with_frozen_layers():
+    """Frozen first layer of a 2-hidden-layer net: MC error shrinks ~1/sqrt(width) to the kernel."""
+    torch.manual_seed(0)
+    X = torch.randn(4, 3, dtype=torch.float64)
+    h, fix = 2, 1
+    exact = ntk_fix(X, depth=h, fix=fix) / X.shape[1]        # engine scale (1/d input)
+    wrong = ntk_fix(X, depth=h, fix=0) / X.shape[1]
+    errs = []
+    for w in (64, 1024):
+        est = sum(_empirical_fix_ntk(X, h, fix, w, s) for s in range(12)) / 12
+        errs.append(float(torch.linalg.norm(est - exact) / torch.linalg.norm(exact)))
+    assert errs[1] < 0.5 * errs[0], errs                     # ~1/4 expected
+    assert errs[1] < 0.05, errs
+    # and it is not the full NTK (the frozen layer's term is visible)
+    assert float(torch.linalg.norm(wrong - exact) / torch.linalg.norm(exact)) > 5 * errs[1]
+
+
+def test_relu_ntk_fix_errors():
+    X = np.ones((3, 2))
+    with pytest.raises(ValueError, match="fix"):
+        ReluNTKFix(depth=2, fix=3).kernel(X)
+    with pytest.raises(ValueError, match="depth"):
+        ReluNTKFix(depth=-1, fix=0).kernel(X)
+    with pytest.raises(ValueError, match="NaN"):
+        ntk_fix(np.array([[np.nan, 1.0]]), depth=1)
+    with pytest.raises(ValueError, match="same number of features"):
+        ntk_fix(np.ones((2, 3)), np.ones((2, 4)), depth=1)
+
+
+# ---------------------------------------------------------------------------------------
+# regressor: closed forms
+# ---------------------------------------------------------------------------------------
+
+def _data(n=30, m=9, d=4, k=2, seed=0):
+    rng = np.random.default_rng(seed)
+    X, Xt = rng.standard_normal((n, d)), rng.standard_normal((m, d))
+    Y = np.stack([np.sin(X @ rng.standard_normal(d)) for _ in range(k)], 1)
+    return X, Y, Xt
+
+
+def _np_kernels(arch, X, Xt):
+    kdd = arch.kernel(torch.tensor(X), get=("nngp", "ntk"))
+    ktd = arch.kernel(torch.tensor(Xt), torch.tensor(X), get=("nngp", "ntk"))
+    ktt = arch.kernel(torch.tensor(Xt), get="nngp")
+    return ({g: getattr(kdd, g).numpy() for g in ("nngp", "ntk")},
+            {g: getattr(ktd, g).numpy() for g in ("nngp", "ntk")}, ktt.numpy())
+
+
+def test_regressor_converged_is_kernel_regression_with_ntk_posterior_cov():
+    X, Y, Xt = _data()
+    reg = 1e-3
+    kdd, ktd, ktt = _np_kernels(SMALL, X, Xt)
+    Th = kdd["ntk"] + reg * np.mean(np.diag(kdd["ntk"])) * np.eye(len(X))
+    mean_ref = ktd["ntk"] @ np.linalg.solve(Th, Y)
+    # Lee et al. 2019 eq. 16 at t = inf
+    A = ktd["ntk"] @ np.linalg.inv(Th)
+    cov_ref = ktt + A @ kdd["nngp"] @ A.T - (A @ ktd["nngp"].T + ktd["nngp"] @ A.T)
+    est = NTKRegressor(arch=SMALL, diag_reg=reg).fit(X, Y)
+    mean, cov = est.predict(Xt, return_cov=True)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cov[:, :, 0], cov_ref, rtol=1e-7, atol=1e-9)
+    _, std = est.predict(Xt, return_std=True)
+    np.testing.assert_allclose(std[:, 1], np.sqrt(np.clip(np.diag(cov_ref), 0, None)),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_regressor_finite_time_matches_matrix_exponential():
+    from scipy.linalg import expm
+    X, Y, Xt = _data(k=1)
+    y = Y[:, 0]
+    kdd, ktd, _ = _np_kernels(SMALL, X, Xt)
+    t = 37.0
+    for kind in ("ntk", "nngp"):
+        K = kdd[kind]
+        # df/dt = -K (f - y) / N with f_0 = 0 in mean; test: K_td K^-1 (I - e^{-K t / N}) y
+        mean_ref = ktd[kind] @ np.linalg.solve(K, (np.eye(len(X)) - expm(-K * t / y.size)) @ y)
+        est = NTKRegressor(arch=SMALL, kernel=kind, t=t, diag_reg=0.0).fit(X, y)
+        np.testing.assert_allclose(est.predict(Xt), mean_ref, rtol=1e-6, atol=1e-8)
+    # long training converges to kernel regression
+    far = NTKRegressor(arch=SMALL, t=1e9, diag_reg=1e-3).fit(X, y).predict(Xt)
+    conv = NTKRegressor(arch=SMALL, diag_reg=1e-3).fit(X, y).predict(Xt)
+    np.testing.assert_allclose(far, conv, rtol=1e-6, atol=1e-8)
+
+
+def test_nngp_regressor_equals_sklearn_gpr_with_ntkgp_kernel():
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    X, Y, Xt = _data(k=1)
+    y = Y[:, 0]
+    kern = NTKGPKernel(arch=SMALL, get="nngp")
+    K = kern(X)
+    np.testing.assert_allclose(kern.diag(Xt), np.diag(kern(Xt)), rtol=1e-12)
+    rel = 1e-2
+    gpr = GaussianProcessRegressor(kernel=kern, alpha=rel * np.mean(np.diag(K)),
+                                   optimizer=None).fit(X, y)
+    mean_g, std_g = gpr.predict(Xt, return_std=True)
+    mean, std = NTKRegressor(arch=SMALL, kernel="nngp", diag_reg=rel).fit(X, y).predict(
+        Xt, return_std=True)
+    np.testing.assert_allclose(mean, mean_g, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(std, std_g, rtol=1e-6, atol=1e-8)
+
+
+def test_gp_kernel_composes_and_recovers_prior_scale_and_noise():
+    """Sample y from the GP prior 2 * K_nngp + 0.05 I; marginal likelihood recovers both."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, WhiteKernel
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((200, 3))
+    K = NTKGPKernel(SMALL)(X)
+    K = K / np.mean(np.diag(K))
+    scale, noise = 2.0, 0.05
+    L = np.linalg.cholesky(scale * K + noise * np.eye(200))
+    ests = []
+    for s in range(3):
+        y = L @ rng.standard_normal(200)
+        gpr = GaussianProcessRegressor(ConstantKernel() * NTKGPKernel(SMALL) + WhiteKernel(),
+                                       random_state=0).fit(X, y)
+        c = gpr.kernel_.k1.k1.constant_value * np.mean(np.diag(NTKGPKernel(SMALL)(X)))
+        ests.append((c, gpr.kernel_.k2.noise_level))
+    c_hat, n_hat = np.mean(ests, 0)
+    assert 1.0 < c_hat < 4.0, ests          # true 2
+    assert 0.025 < n_hat < 0.1, ests        # true 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# classifier
+# ---------------------------------------------------------------------------------------
+
+def test_classifier_loo_outputs_match_brute_force_refits():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((15, 3))
+    y = (X[:, 0] + 0.3 * rng.standard_normal(15) > 0).astype(int) + (X[:, 1] > 1)
+    clf = NTKClassifier(arch=SMALL, diag_reg=1e-2).fit(X, y)
+    c = len(clf.classes_)
+    Y = np.eye(c)[np.searchsorted(clf.classes_, y)] - 1.0 / c
+    loo = clf._heldout_outputs(Y)
+    for i in range(len(X)):
+        keep = np.arange(len(X)) != i
+        # refit with the SAME absolute ridge as the full fit (relative to the full mean diag)
+        K = SMALL.kernel(torch.tensor(X), get="ntk").numpy()
+        ridge = 1e-2 * np.mean(np.diag(K))
+        Kk = K[np.ix_(keep, keep)] + ridge * np.eye(keep.sum())
+        ref = K[i, keep] @ np.linalg.solve(Kk, Y[keep])
+        np.testing.assert_allclose(loo[i], ref, rtol=1e-7, atol=1e-9)
+    assert clf.temperature_ > 0
+
+
+def test_classifier_proba_and_decision_consistency():
+    from sklearn.datasets import load_breast_cancer, load_iris
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+    for loader in (load_iris, load_breast_cancer):
+        X, y = loader(return_X_y=True)
+        X = StandardScaler().fit_transform(X)
+        Xa, ya, Xb, yb = X[::2], y[::2], X[1::2], y[1::2]
+        clf = NTKClassifier(arch=ReluNTKFix(2, 0), diag_reg=1e-2).fit(Xa, ya)
+        P = clf.predict_proba(Xb)
+        np.testing.assert_allclose(P.sum(1), 1.0, rtol=1e-12)
+        np.testing.assert_array_equal(clf.classes_[P.argmax(1)], clf.predict(Xb))
+        np.testing.assert_allclose(np.exp(clf.predict_log_proba(Xb)), P, rtol=1e-10)
+        # the LOO-fitted temperature beats a fixed T = 1 and an over-confident T = 0.01 on
+        # held-out log-loss
+        ll = log_loss(yb, P, labels=clf.classes_)
+        for T in (1.0, 0.01):
+            other = NTKClassifier(arch=ReluNTKFix(2, 0), diag_reg=1e-2, temperature=T)
+            assert ll < log_loss(yb, other.fit(Xa, ya).predict_proba(Xb), labels=clf.classes_)
+
+
+def test_pipeline_gridsearch_and_accuracy_vs_svc():
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import GridSearchCV, train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+    X, y = load_breast_cancer(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, random_state=0, stratify=y)
+    pipe = make_pipeline(StandardScaler(), NTKClassifier())
+    grid = GridSearchCV(pipe, {"ntkclassifier__arch": [ReluNTKFix(1, 0), ReluNTKFix(3, 1)],
+                               "ntkclassifier__diag_reg": [1e-3, 1e-1]}, cv=3).fit(Xtr, ytr)
+    acc = grid.score(Xte, yte)
+    svc = make_pipeline(StandardScaler(), SVC()).fit(Xtr, ytr).score(Xte, yte)
+    assert acc >= svc - 0.03, (acc, svc)
+    assert acc > max(np.mean(yte), 1 - np.mean(yte)) + 0.2       # far above majority class
+    # regressor in a pipeline, arch given as text
+    reg = make_pipeline(StandardScaler(), NTKRegressor(arch="Dense(64, W_std=1.4, b_std=0.1), "
+                                                           "Relu(), Dense(1, W_std=1.4)"))
+    assert reg.fit(Xtr, ytr.astype(float)).score(Xte, yte.astype(float)) > 0.5
+
+
+def test_svc_callable_kernel_matches_precomputed_and_pickles():
+    from sklearn.svm import SVC
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5))
+    y = (np.sin(X[:, 0] * 2) + X[:, 1] > 0).astype(int)
+    Xt = rng.standard_normal((25, 5))
+    kc = kernel_callable(ReluNTKFix(depth=3, fix=1))
+    a = SVC(kernel=kc, C=10.0).fit(X, y)
+    K = ntk_fix(X, depth=3, fix=1).numpy()
+    Kt = ntk_fix(Xt, X, depth=3, fix=1).numpy()
+    b = SVC(kernel="precomputed", C=10.0).fit(K, y)
+    np.testing.assert_allclose(a.decision_function(Xt), b.decision_function(Kt), rtol=1e-6,
+                               atol=1e-8)
+    a2 = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(a2.predict(Xt), a.predict(Xt))
+
+
+# ---------------------------------------------------------------------------------------
+# clear errors
+# ---------------------------------------------------------------------------------------
+
+def test_clear_errors():
+    X = np.random.default_rng(0).standard_normal((10, 3))
+    y = np.arange(10) % 2
+    Xn = X.copy()
+    Xn[2, 1] = np.nan
+    for est in (NTKRegressor(arch=SMALL), NTKClassifier(arch=SMALL)):
+        with pytest.raises(ValueError, match="NaN"):
+            est.fit(Xn, y)
+        with pytest.raises(ValueError, match="2D array"):
+            est.fit(X[:, 0], y)
+        with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+            est.fit(X, y[:5])
+        est.fit(X, y)
+        with pytest.raises(ValueError, match="3 features"):
+            est.predict(X[:, :2])
+        with pytest.raises(ValueError, match="NaN"):
+            est.predict(Xn)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        NTKClassifier(arch=SMALL).fit(X, np.zeros(10))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        NTKClassifier(arch=SMALL).fit(X, np.linspace(0, 1, 10))
+    with pytest.raises(ValueError, match="`kernel`"):
+        NTKRegressor(kernel="rbf").fit(X, y)
+    with pytest.raises(TypeError, match="`arch`"):
+        NTKRegressor(arch=42).fit(X, y)
+    with pytest.raises(ValueError, match="`t`"):
+        NTKRegressor(arch=SMALL, t=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="`diag_reg`"):
+        NTKRegressor(arch=SMALL, diag_reg=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="temperature"):
+        NTKClassifier(arch=SMALL, temperature=0.0).fit(X, y)
+    with pytest.raises(ValueError, match="at most one"):
+        NTKRegressor(arch=SMALL).fit(X, y).predict(X, return_std=True, return_cov=True)
