@@ -6,7 +6,7 @@ from ntkit.cli import main
 
 
 def test_demo_small(capsys):
-    assert main(["demo", "--n-train", "300", "--depth", "1", "--no-progress"]) == 0
+    assert main(["demo", "--n-train", "300", "--depth", "1", "--no-progress", "--no-report", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "NTK" in out and "NNGP" in out
     acc = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("NTK", "NNGP"))]

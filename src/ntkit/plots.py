@@ -1,0 +1,712 @@
+"""The figures that explain the NTK picture, drawn from real computations (matplotlib, optional).
+
+Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (so it works
+headless and leaks no global state) and saves it when ``path`` is given; the format follows the
+extension (``.png``, ``.svg``, ``.pdf``). Functions whose point is motion also write a GIF with
+``gif_path=`` (matplotlib's ``PillowWriter``; pillow ships with matplotlib).
+
+================================  =============================================================
+:func:`init_functions`            1-D networks at initialization vs the NNGP (a GP draw)
+:func:`trained_functions`         many networks trained on a few 1-D points vs the NTK-GP
+:func:`weight_matrices`           a hidden weight matrix during training at widths 10/100/1000
+:func:`training_curves`           loss and relative weight change by width (from a sweep)
+:func:`plot_scaling`              gradient norm ~ sqrt(m), Hessian norm ~ 1, kappa ~ 1/m, fits
+:func:`tangent_model`             a one-parameter model, its tangent and normalized loss vs alpha
+:func:`ntk_ellipse`               the 2-point NTK as an ellipse during training, several alpha
+:func:`eigenmode_decay`           per-mode residual decay: theory curves, network dots
+:func:`dynamics_comparison`       distance network vs kernel prediction by width (log-log)
+:func:`trajectories`              network outputs vs their kernel prediction during training
+================================  =============================================================
+
+Example::
+
+    >>> from ntkit import plots, diagnostics as dg
+    >>> sw = dg.width_sweep(arch, x, y, widths=(64, 256, 1024))
+    >>> plots.plot_scaling(sw, path='scaling.png'); plots.training_curves(sw, path='curves.svg')
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["init_functions", "trained_functions", "weight_matrices", "training_curves",
+           "plot_scaling", "tangent_model", "ntk_ellipse", "eigenmode_decay",
+           "dynamics_comparison", "trajectories", "has_gif_support", "save"]
+
+_F64 = torch.float64
+
+
+def _mpl():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("ntkit.plots needs matplotlib: pip install 'ntkit[all]' or "
+                          "pip install matplotlib") from e
+    return matplotlib, Figure
+
+
+def _figure(ncols: int = 1, nrows: int = 1, size=(4.2, 3.4), **kw):
+    _, Figure = _mpl()
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def save(fig, path: Optional[str], dpi: int = 110):
+    """Save ``fig`` to ``path`` (format from the extension: png, svg, pdf); returns ``fig``."""
+    if path is not None:
+        ext = str(path).rsplit(".", 1)[-1].lower()
+        if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
+            raise ValueError(f"`path` must end in .png, .svg, .pdf or .jpg, got {path!r}")
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def has_gif_support() -> bool:
+    """Whether GIFs can be written (pillow installed, matplotlib's PillowWriter available)."""
+    try:
+        import PIL  # noqa: F401
+        from matplotlib.animation import PillowWriter  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _gif(fig, update: Callable[[int], Any], frames: int, path: str, fps: int = 8) -> str:
+    if not has_gif_support():
+        raise ImportError("writing GIFs needs pillow (pip install pillow)")
+    if not str(path).lower().endswith(".gif"):
+        raise ValueError(f"`gif_path` must end in .gif, got {path!r}")
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    if fig.canvas is None or type(fig.canvas).__name__ == "FigureCanvasBase":
+        FigureCanvasAgg(fig)
+    anim = FuncAnimation(fig, update, frames=frames, blit=False)
+    anim.save(path, writer=PillowWriter(fps=fps), dpi=80)
+    return path
+
+
+def _default_1d_arch():
+    from . import layers as nl
+    return nl.serial(nl.Dense(512, W_std=1.5, b_std=0.5), nl.Erf(),
+                     nl.Dense(1, W_std=1.5, b_std=0.1))
+
+
+def _grid(x_range, n=200):
+    lo, hi = float(x_range[0]), float(x_range[1])
+    if not hi > lo:
+        raise ValueError(f"`x_range` must be (low, high) with low < high, got {x_range!r}")
+    return torch.linspace(lo, hi, n, dtype=_F64)[:, None]
+
+
+def _check_count(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+# =========================================================================================
+# 1-D function pictures
+# =========================================================================================
+
+def init_functions(arch: Any = None, *, width: int = 512, n_nets: int = 12,
+                   x_range=(-3.0, 3.0), seed: int = 0, path: Optional[str] = None):
+    """Networks of a 1-D input at random initialization against their NNGP: the outputs of an
+    infinitely wide network at init are a Gaussian process with covariance ``arch.kernel``.
+
+    Draws ``n_nets`` networks ``arch.module(1, width=width, seed=...)`` over ``x_range`` and the
+    NNGP band ``0 +- 2 sqrt(K(x, x))``. Example: ``init_functions(arch, path='init.png')``.
+    """
+    arch = _default_1d_arch() if arch is None else arch
+    _check_count(n_nets, "n_nets")
+    xs = _grid(x_range)
+    fig, ax = _figure(size=(5.5, 3.8))
+    ax = ax[0, 0]
+    sd = arch.kernel(xs, get="nngp").diagonal().clamp_min(0).sqrt()
+    xp = xs[:, 0].numpy()
+    ax.fill_between(xp, (-2 * sd).numpy(), (2 * sd).numpy(), color="0.85",
+                    label="NNGP: mean 0, ±2 sd")
+    for i in range(n_nets):
+        net = arch.module(in_shape=1, width=width, seed=seed + i)
+        with torch.no_grad():
+            ax.plot(xp, net(xs)[:, 0].numpy(), lw=1.1, alpha=0.85)
+    ax.set_xlabel("input x")
+    ax.set_ylabel("network output f(x)")
+    ax.set_title(f"{n_nets} random networks of width {width} at initialization")
+    ax.legend(loc="upper left", fontsize=8)
+    return save(fig, path)
+
+
+def trained_functions(arch: Any = None, x_train: Any = None, y_train: Any = None, *,
+                      width: int = 512, n_nets: int = 10, steps: int = 1000,
+                      lr_fraction: float = 0.5, x_range=(-3.0, 3.0), seed: int = 0,
+                      path: Optional[str] = None):
+    """Many networks trained by full-batch GD on a few 1-D points, against the NTK-GP: the
+    infinite ensemble of infinitely wide networks trained for the same time has the mean and
+    covariance of :func:`ntkit.predict.gradient_descent_mse_ensemble`.
+
+    Args:
+      arch: 1-D-input architecture (default: a one-hidden-layer erf network).
+      x_train, y_train: ``(n, 1)`` points (default: 5 points of ``sin``).
+      width, n_nets, steps: networks to train; learning rate ``lr_fraction`` times the stable
+        limit of the infinite-width NTK.
+
+    Example: ``trained_functions(arch, x, y, steps=500, path='trained.png')``.
+    """
+    from . import predict
+    arch = _default_1d_arch() if arch is None else arch
+    _check_count(n_nets, "n_nets")
+    _check_count(steps, "steps")
+    if x_train is None:
+        x_train = torch.tensor([[-2.0], [-1.0], [0.0], [1.2], [2.2]], dtype=_F64)
+        y_train = torch.sin(1.5 * x_train)
+    x_train = torch.as_tensor(x_train, dtype=_F64)
+    y_train = torch.as_tensor(y_train, dtype=_F64)
+    if x_train.ndim != 2 or x_train.shape[1] != 1 or y_train.shape != (x_train.shape[0], 1):
+        raise ValueError(f"`x_train` and `y_train` must be (n, 1) each, got "
+                         f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
+    xs = _grid(x_range)
+    ntk = arch.kernel(x_train, get="ntk")
+    lr = lr_fraction * predict.max_learning_rate(ntk, y_train.numel())
+    ens = predict.gradient_descent_mse_ensemble(arch, x_train, y_train, learning_rate=lr)
+    mean, cov = ens(x_test=xs, t=float(steps), get="ntk", compute_cov=True)
+    sd = cov.diagonal().clamp_min(0).sqrt()
+    fig, ax = _figure(size=(5.5, 3.8))
+    ax = ax[0, 0]
+    xp = xs[:, 0].numpy()
+    m = mean[:, 0]
+    ax.fill_between(xp, (m - 2 * sd).numpy(), (m + 2 * sd).numpy(), color="0.85",
+                    label=f"NTK-GP at t={steps}: mean ±2 sd")
+    ax.plot(xp, m.numpy(), color="k", lw=1.5, ls="--", label="NTK-GP mean")
+    for i in range(n_nets):
+        net = arch.module(in_shape=1, width=width, seed=seed + i)
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            (0.5 * ((net(x_train) - y_train) ** 2).mean()).backward()
+            opt.step()
+        with torch.no_grad():
+            ax.plot(xp, net(xs)[:, 0].numpy(), lw=1.0, alpha=0.8)
+    ax.plot(x_train[:, 0].numpy(), y_train[:, 0].numpy(), "o", color="crimson", ms=6,
+            label="training points", zorder=5)
+    ax.set_xlabel("input x")
+    ax.set_ylabel("f(x)")
+    ax.set_title(f"{n_nets} networks (width {width}) after {steps} GD steps")
+    ax.legend(loc="upper left", fontsize=8)
+    return save(fig, path)
+
+
+# =========================================================================================
+# weights during training
+# =========================================================================================
+
+def _square_param(net, width):
+    for name, p in net.named_parameters():
+        if p.ndim == 2 and p.shape[0] == width and p.shape[1] == width:
+            return name
+    for name, p in net.named_parameters():
+        if p.ndim == 2:
+            return name
+    raise ValueError("the network has no 2-D weight matrix to draw")
+
+
+def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
+                    widths: Sequence[int] = (10, 100, 1000), steps: int = 300,
+                    n_frames: int = 4, learning_rate: Any = "auto", seed: int = 0,
+                    path: Optional[str] = None, gif_path: Optional[str] = None):
+    """A hidden-to-hidden weight matrix during training, at several widths: the change
+    ``W_t - W_0`` in units of the initial entries' standard deviation, one shared colour scale.
+    Narrow networks visibly rewire; at width 1000 the matrix barely moves (lazy training).
+
+    Args:
+      arch: architecture with at least two hidden layers (default: 2 hidden erf layers) on
+        ``x`` (default: 8 1-D points of ``sin``).
+      widths: networks to train (full-batch GD, :func:`ntkit.diagnostics.train`).
+      n_frames: columns (times) in the figure; gif_path: also write a GIF over all records.
+
+    Example: ``weight_matrices(widths=(10, 100, 1000), path='weights.png')``.
+    """
+    from . import layers as nl
+    from .diagnostics import train
+    if arch is None:
+        arch = nl.serial(nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(),
+                         nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(), nl.Dense(1, W_std=1.5))
+    if x is None:
+        x = torch.linspace(-2, 2, 8, dtype=_F64)[:, None]
+        y = torch.sin(2 * x)
+    _check_count(n_frames, "n_frames", 2)
+    _check_count(steps, "steps")
+    every = max(1, steps // 24)
+    runs = []
+    for w in widths:
+        net = arch.module(in_shape=tuple(torch.as_tensor(x).shape[1:]), width=int(w), seed=seed)
+        name = _square_param(net, int(w))
+        rec = train(net, x, y, steps=steps, learning_rate=learning_rate, record_every=every,
+                    linearization=False, measure_kernel_drift=False, snapshot=name)
+        w0 = rec.snapshots[0]
+        sd0 = float(w0.std()) or 1.0
+        runs.append((int(w), rec, {s: (v - w0) / sd0 for s, v in rec.snapshots.items()}))
+    rec_steps = list(runs[0][2])
+    cols = [rec_steps[round(i * (len(rec_steps) - 1) / (n_frames - 1))] for i in range(n_frames)]
+    vmax = max(float(d[rec_steps[-1]].abs().max()) for _, _, d in runs) or 1.0
+    fig, axes = _figure(n_frames, len(runs), size=(2.2, 2.2))
+    ims = []
+    for r, (w, rec, d) in enumerate(runs):
+        row = []
+        for c, s in enumerate(cols):
+            ax = axes[r, c]
+            im = ax.imshow(d[s].numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                           interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"step {s}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"width {w}\n|Δθ|/|θ0|={float(rec.rel_weight_change[-1]):.2g}",
+                              fontsize=8)
+            row.append(im)
+        ims.append(row)
+    fig.colorbar(ims[0][0], ax=axes, shrink=0.8, label="(W_t - W_0) / sd(W_0)")
+    fig.suptitle("hidden weight matrix change during training", fontsize=10)
+    save(fig, path)
+    if gif_path is not None:
+        gfig, gax = _figure(len(runs), 1, size=(2.6, 2.8))
+        gims = []
+        for c, (w, _, d) in enumerate(runs):
+            gims.append(gax[0, c].imshow(d[rec_steps[0]].numpy(), cmap="RdBu_r", vmin=-vmax,
+                                         vmax=vmax, interpolation="nearest"))
+            gax[0, c].set_title(f"width {w}", fontsize=9)
+            gax[0, c].set_xticks([])
+            gax[0, c].set_yticks([])
+        title = gfig.suptitle("")
+
+        def upd(i):
+            s = rec_steps[i]
+            for im, (_, _, d) in zip(gims, runs):
+                im.set_data(d[s].numpy())
+            title.set_text(f"W_t - W_0, step {s}")
+            return gims
+
+        _gif(gfig, upd, len(rec_steps), gif_path)
+    return fig
+
+
+# =========================================================================================
+# sweep figures
+# =========================================================================================
+
+_LABELS = {"jacobian_norm": "gradient norm ||Dh||", "hessian_norm": "Hessian norm ||D²h||",
+           "kappa": "kappa", "residual": "residual ||h - y||",
+           "rel_weight_change": "relative weight change", "kernel_drift": "kernel drift",
+           "lin_gap": "max gap to linearization", "final_loss": "final loss"}
+
+
+def _cmap(n):
+    import matplotlib
+    cm = matplotlib.colormaps["viridis"]
+    return [cm(0.1 + 0.8 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _log_ticks(ax, xvalues):
+    """Major x ticks at the swept values, plain labels; no minor tick labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    ax.xaxis.set_major_locator(FixedLocator(xvalues))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def training_curves(sweep, *, path: Optional[str] = None):
+    """Loss and relative weight change during training, one curve per swept value (geometric
+    mean over seeds). ``sweep``: a :class:`~ntkit.diagnostics.LazySweep` run with ``steps > 0``.
+    Example: ``training_curves(width_sweep(arch, x, y, (64, 256)), path='curves.png')``."""
+    if not sweep.curves:
+        raise ValueError("the sweep has no training curves: run it with steps > 0")
+    vals = sorted({c["value"] for c in sweep.curves})
+    fig, axes = _figure(3 if any(c["lin_gap"] for c in sweep.curves) else 2, size=(4.0, 3.3))
+    keys = [("loss", "training loss"), ("rel_weight_change", "|θ_t - θ_0| / |θ_0|"),
+            ("lin_gap", "RMS |f_net - f_lin|")][:axes.shape[1]]
+    for color, v in zip(_cmap(len(vals)), vals):
+        cs = [c for c in sweep.curves if c["value"] == v]
+        steps = cs[0]["steps"]
+        for ax, (k, lab) in zip(axes[0], keys):
+            data = torch.tensor([c[k] for c in cs], dtype=_F64)
+            gm = data.clamp_min(1e-300).log().mean(0).exp()
+            mask = gm > 1e-299
+            xs = [s for s, ok in zip(steps, mask.tolist()) if ok]
+            ax.plot(xs, gm[mask].numpy(), color=color, lw=1.6, label=f"{sweep.kind} {v:g}")
+            ax.set_ylabel(lab)
+    for ax in axes[0]:
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"training by {sweep.kind} ({sweep.parameterization} parameterization, "
+                 f"{sweep.settings.get('optimizer', 'GD')})", fontsize=10)
+    return save(fig, path)
+
+
+def plot_scaling(sweep, metrics: Optional[Sequence[str]] = None, *, path: Optional[str] = None):
+    """Log-log scaling of the lazy-training quantities against width (or alpha): every seed as a
+    dot, the fitted line with its slope and 95% CI in the legend, the theoretical slope dashed.
+    Default metrics: gradient norm, Hessian norm, kappa (+ relative weight change if trained).
+    Example: ``plot_scaling(sweep, path='scaling.png')``."""
+    if metrics is None:
+        metrics = ["jacobian_norm", "hessian_norm", "kappa"]
+        if any(r.get("rel_weight_change") for r in sweep.rows):
+            metrics.append("rel_weight_change")
+    metrics = list(metrics)
+    for m in metrics:
+        if m not in _LABELS:
+            raise ValueError(f"unknown metric {m!r}; choose from {list(_LABELS)}")
+    fig, axes = _figure(len(metrics), size=(3.4, 3.2))
+    theory = sweep.theory
+    for ax, m in zip(axes[0], metrics):
+        pts = [(r[sweep.kind], r[m]) for r in sweep.rows if r.get(m) and r[m] > 0]
+        if not pts:
+            ax.set_title(f"{_LABELS[m]}: not measured", fontsize=9)
+            continue
+        xs = torch.tensor([p[0] for p in pts], dtype=_F64)
+        ys = torch.tensor([p[1] for p in pts], dtype=_F64)
+        ax.loglog(xs.numpy(), ys.numpy(), "o", color="tab:blue", alpha=0.6, ms=4,
+                  label="each seed")
+        grid = torch.logspace(math.log10(float(xs.min())), math.log10(float(xs.max())), 50,
+                              dtype=_F64)
+        try:
+            s = sweep.slope(m)
+            ax.loglog(grid.numpy(), (math.exp(s.intercept) * grid ** s.slope).numpy(),
+                      color="tab:red", lw=1.8, label=f"fit: slope {s}")
+            if m in theory:
+                anchor = math.exp(s.intercept) * float(grid[0]) ** s.slope
+                ax.loglog(grid.numpy(), (anchor * (grid / grid[0]) ** theory[m]).numpy(),
+                          color="k", ls="--", lw=1.0, label=f"theory {theory[m]:+.2g}")
+        except ValueError:
+            pass
+        _log_ticks(ax, sorted({float(v) for v in xs.tolist()}))
+        lo, hi = float(ys.min()), float(ys.max())
+        if hi / lo < 10:                       # show at least one decade: flat looks flat
+            mid = math.sqrt(lo * hi)
+            ax.set_ylim(mid / math.sqrt(10) * 0.8, mid * math.sqrt(10) * 1.25)
+        ax.set_xlabel(sweep.kind)
+        ax.set_title(_LABELS[m], fontsize=10)
+        ax.legend(fontsize=7)
+    desc = (f"{sweep.parameterization} parameterization" if sweep.kind == "width"
+            else ("centered, " if sweep.centered else "not centered, ") + "output scale alpha")
+    fig.suptitle(f"lazy-training scales vs {sweep.kind} ({desc})", fontsize=10)
+    return save(fig, path)
+
+
+# =========================================================================================
+# output scale alpha: one-parameter model, 2-point NTK ellipse
+# =========================================================================================
+
+def tangent_model(alphas: Sequence[float] = (1.0, 2.0, 4.0, 16.0), *,
+                  h: Callable[[torch.Tensor], torch.Tensor] = torch.sin, w0: float = 0.3,
+                  target: float = 1.5, path: Optional[str] = None):
+    """A one-parameter model ``alpha (h(w) - h(w0))`` and its tangent at ``w0`` as ``alpha``
+    grows (Chizat & Bach). In the normalized coordinate ``s = alpha (w - w0)`` the model is
+    ``alpha (h(w0 + s / alpha) - h(w0)) -> h'(w0) s`` (its tangent), and the normalized loss
+    ``alpha^2 F_alpha = 1/2 (alpha (h - h(w0)) - y*)^2`` tends to the tangent model's parabola:
+    for large ``alpha`` the minimizer is reached by moving ``w`` only ``O(1/alpha)``.
+
+    Example: ``tangent_model((1, 4, 16), path='tangent.png')``.
+    """
+    al = [float(a) for a in alphas]
+    if not al or min(al) <= 0:
+        raise ValueError(f"`alphas` must be positive numbers, got {list(alphas)}")
+    w0t = torch.tensor(w0, dtype=_F64, requires_grad=True)
+    h0 = h(w0t)
+    (slope,) = torch.autograd.grad(h0, w0t)
+    slope, h0 = float(slope), float(h0.detach())
+    if slope == 0:
+        raise ValueError("h'(w0) = 0: the tangent model is constant; pick another w0")
+    s_star = target / slope
+    s = torch.linspace(-0.6 * abs(s_star), 1.8 * abs(s_star), 400, dtype=_F64) * math.copysign(
+        1, s_star)
+    fig, axes = _figure(2, size=(4.4, 3.5))
+    colors = _cmap(len(al))
+    for c, a in zip(colors, al):
+        with torch.no_grad():
+            out = a * (h(w0 + s / a) - h0)
+        axes[0, 0].plot(s.numpy(), out.numpy(), color=c, lw=1.6, label=f"alpha = {a:g}")
+        axes[0, 1].plot(s.numpy(), (0.5 * (out - target) ** 2).numpy(), color=c, lw=1.6,
+                        label=f"alpha = {a:g}")
+    axes[0, 0].plot(s.numpy(), (slope * s).numpy(), "k--", lw=1.2, label="tangent h'(w0) s")
+    axes[0, 0].axhline(target, color="crimson", lw=0.8, ls=":", label="target y*")
+    axes[0, 1].plot(s.numpy(), (0.5 * (slope * s - target) ** 2).numpy(), "k--", lw=1.2,
+                    label="tangent model")
+    axes[0, 0].set_xlabel("s = alpha (w - w0)")
+    axes[0, 0].set_ylabel("alpha (h(w) - h(w0))")
+    axes[0, 0].set_title("model and its tangent", fontsize=10)
+    axes[0, 1].set_xlabel("s = alpha (w - w0)")
+    axes[0, 1].set_ylabel("alpha² F_alpha(w)")
+    axes[0, 1].set_title("normalized loss surface", fontsize=10)
+    axes[0, 1].set_ylim(-0.02 * target ** 2, 0.75 * target ** 2)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def _ellipse_xy(center, K, scale, n=100):
+    ev, V = torch.linalg.eigh(K)
+    root = V @ torch.diag(ev.clamp_min(0).sqrt()) @ V.T
+    t = torch.linspace(0, 2 * math.pi, n, dtype=_F64)
+    circle = torch.stack([t.cos(), t.sin()])
+    pts = center[:, None] + scale * (root @ circle)
+    return pts[0].numpy(), pts[1].numpy()
+
+
+def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
+                alphas: Sequence[float] = (0.25, 1.0, 8.0), width: int = 16, steps: int = 400,
+                n_ellipses: int = 6, lr_fraction: float = 0.3, seed: int = 0,
+                path: Optional[str] = None, gif_path: Optional[str] = None):
+    """The empirical NTK on two training points, a 2x2 matrix drawn as an ellipse, evolving while
+    ``alpha (f - f_0)`` is trained on them by GD (loss divided by ``alpha^2``), one panel per
+    ``alpha``. The ellipse ``{y + c Theta_t^(1/2) u : |u| = 1}`` is centered on the target, scaled
+    so the initial output lies on the first one; the output trajectory runs inside it. Lazy
+    (large alpha): every ellipse coincides and the path is the kernel flow's; small alpha: the
+    kernel rotates and stretches.
+
+    Example: ``ntk_ellipse(alphas=(0.25, 1, 8), path='ellipse.png', gif_path='ellipse.gif')``.
+    """
+    from . import layers as nl
+    from .empirical import centered, empirical_ntk, scaled
+    if arch is None:
+        arch = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
+    if x2 is None:
+        x2 = torch.tensor([[1.0, 0.2], [0.7, 0.7]], dtype=_F64)     # correlated inputs: an
+        y2 = torch.tensor([[1.0], [-0.3]], dtype=_F64)              # elongated NTK ellipse
+    x2 = torch.as_tensor(x2, dtype=_F64)
+    y2 = torch.as_tensor(y2, dtype=_F64)
+    if x2.shape[0] != 2 or y2.shape != (2, 1):
+        raise ValueError(f"`x2` must hold 2 points and `y2` be (2, 1), got {tuple(x2.shape)}, "
+                         f"{tuple(y2.shape)}")
+    _check_count(steps, "steps")
+    _check_count(n_ellipses, "n_ellipses", 2)
+    runs = []
+    for a in alphas:
+        a = float(a)
+        if not a > 0:
+            raise ValueError(f"`alphas` must be positive, got {a}")
+        base = arch.module(in_shape=tuple(x2.shape[1:]), width=width, seed=seed)
+        net = scaled(centered(base), a)
+        k0 = empirical_ntk(net, x2, dtype=_F64)
+        lr = lr_fraction * 2 * 2 / (float(torch.linalg.eigvalsh(k0)[-1]) / a ** 2)
+        opt = torch.optim.SGD(base.parameters(), lr=lr)
+        traj, kernels = [], []
+        rec_every = max(1, steps // 30)
+        for s in range(steps + 1):
+            with torch.no_grad():
+                traj.append(net(x2)[:, 0].clone())
+            if s % rec_every == 0 or s == steps:
+                kernels.append((s, empirical_ntk(net, x2, dtype=_F64) / a ** 2))
+            if s == steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            (0.5 * ((net(x2) - y2) ** 2).mean() / a ** 2).backward()
+            opt.step()
+        runs.append((a, torch.stack(traj), kernels))
+    fig, axes = _figure(len(runs), size=(3.6, 3.6))
+    target = y2[:, 0]
+    for ax, (a, traj, kernels) in zip(axes[0], runs):
+        K0 = kernels[0][1]
+        r0 = traj[0] - target
+        scale = float(torch.sqrt(r0 @ torch.linalg.solve(K0, r0)))
+        idx = sorted({round((len(kernels) - 1) ** (i / (n_ellipses - 1))) if i else 0
+                      for i in range(n_ellipses)})          # log-spaced: early changes show
+        colors = _cmap(len(idx))
+        for c, i in zip(colors, idx):
+            ex, ey = _ellipse_xy(target, kernels[i][1], scale)
+            ax.plot(ex, ey, color=c, lw=1.3, label=f"Θ at step {kernels[i][0]}")
+        ax.plot(traj[:, 0].numpy(), traj[:, 1].numpy(), "-", color="crimson", lw=1.8,
+                label="outputs (f(x1), f(x2))")
+        ax.plot([float(target[0])], [float(target[1])], "k*", ms=10, label="target")
+        ax.plot([float(traj[0, 0])], [float(traj[0, 1])], "ko", ms=4)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel("f(x1)")
+        ax.set_ylabel("f(x2)")
+        ax.set_title(f"alpha = {a:g}", fontsize=10)
+    for ax in axes[0]:
+        ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle("2-point NTK ellipse during training (centered, scaled model)", fontsize=10)
+    save(fig, path)
+    if gif_path is not None:
+        gfig, gax = _figure(len(runs), size=(3.2, 3.2))
+        artists = []
+        for ax, (a, traj, kernels) in zip(gax[0], runs):
+            K0 = kernels[0][1]
+            r0 = traj[0] - target
+            scale = float(torch.sqrt(r0 @ torch.linalg.solve(K0, r0)))
+            ex, ey = _ellipse_xy(target, K0, scale)
+            ax.plot(ex, ey, color="0.7", lw=1.0)
+            (ell,) = ax.plot(ex, ey, color="tab:blue", lw=1.6)
+            (path_line,) = ax.plot([], [], color="crimson", lw=1.6)
+            (dot,) = ax.plot([], [], "o", color="crimson", ms=5)
+            ax.plot([float(target[0])], [float(target[1])], "k*", ms=9)
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.set_title(f"alpha = {a:g}", fontsize=9)
+            artists.append((ell, path_line, dot, traj, kernels, scale))
+        n_frames = min(len(r[2]) for r in runs)
+
+        def upd(i):
+            out = []
+            for ell, pl, dot, traj, kernels, scale in artists:
+                ex, ey = _ellipse_xy(target, kernels[i][1], scale)
+                ell.set_data(ex, ey)
+                j = kernels[i][0]                   # step of this frame
+                pl.set_data(traj[:j + 1, 0].numpy(), traj[:j + 1, 1].numpy())
+                dot.set_data([float(traj[j, 0])], [float(traj[j, 1])])
+                out += [ell, pl, dot]
+            return out
+
+        _gif(gfig, upd, n_frames, gif_path)
+    return fig
+
+
+# =========================================================================================
+# eigenmodes, kernel vs network
+# =========================================================================================
+
+def eigenmode_decay(k_train_train: Any, y_train: Any, *, fx_train_0: Any = 0.0,
+                    learning_rate: float = 1.0, t: Any = None, n_modes: int = 5,
+                    network_steps: Any = None, network_outputs: Any = None,
+                    discrete: bool = False, path: Optional[str] = None):
+    """Per-mode residual decay under gradient flow: mode ``i`` of ``Theta`` shrinks as
+    ``exp(-lambda_i lr t / N)`` (:func:`ntkit.predict.eigenmodes`), so top modes are learned
+    first. Optional dots: a trained network's residual ``f_t - y`` projected on the same modes
+    (``network_outputs`` ``(R, n, k)`` at ``network_steps`` ``(R,)``), normalized by its value at
+    step 0. ``discrete=True``: theory for gradient-descent steps of size ``learning_rate``,
+    ``|1 - lr lambda_i / N|^t`` at integer ``t`` (exact for GD on the linear model).
+
+    Example: ``eigenmode_decay(ntk_dd, y, learning_rate=lr, t=torch.logspace(0, 4, 60))``.
+    """
+    from .predict import eigenmodes
+    _check_count(n_modes, "n_modes")
+    modes = eigenmodes(k_train_train, y_train, fx_train_0=fx_train_0,
+                       learning_rate=learning_rate)
+    lam = modes.eigenvalues
+    if t is None:
+        ts = modes.timescales[:n_modes]
+        hi = float(ts[torch.isfinite(ts)].max()) if torch.isfinite(ts).any() else 1e3
+        t = torch.logspace(math.log10(max(hi, 1.0)) - 3, math.log10(max(hi, 1.0)) + 1, 80,
+                           dtype=_F64)
+    t = torch.as_tensor(t, dtype=_F64)
+    k = min(n_modes, lam.numel())
+    fig, axes = _figure(2, size=(4.4, 3.4))
+    ax = axes[0, 0]
+    colors = _cmap(k)
+    if discrete:
+        t = torch.unique(torch.clamp(torch.round(t), min=1.0))
+        factor = (1.0 - learning_rate * lam / modes.size).abs()
+        decay = factor[None, :] ** t[:, None]                 # (T, n)
+    else:
+        decay = modes.decay(t)                                 # (T, n)
+    for i in range(k):
+        ax.plot(t.numpy(), decay[:, i].numpy(), color=colors[i], lw=1.6,
+                label=f"mode {i + 1}: λ={float(lam[i]):.3g}")
+    if network_outputs is not None:
+        outs = torch.as_tensor(network_outputs, dtype=_F64)
+        st = torch.as_tensor(network_steps, dtype=_F64)
+        y = torch.as_tensor(y_train, dtype=_F64).reshape(outs.shape[1:])
+        proj = torch.einsum("ni,rnk->rik", modes.eigenvectors, outs - y)   # (R, n, k)
+        mag = proj.norm(dim=-1)
+        rel = mag / mag[0].clamp_min(1e-300)
+        for i in range(k):
+            ax.plot(st.numpy(), rel[:, i].numpy(), "o", color=colors[i], ms=3.5,
+                    alpha=0.8)
+        ax.plot([], [], "ko", ms=3.5, label="trained network")
+    ax.set_xscale("log")
+    ax.set_xlabel("GD steps" if discrete else "time t (learning-rate units)")
+    ax.set_ylabel("mode residual / initial")
+    ax.set_title("eigenmode decay", fontsize=10)
+    ax.legend(fontsize=7)
+    ax2 = axes[0, 1]
+    ax2.semilogy(range(1, lam.numel() + 1), lam.clamp_min(1e-300).numpy(), ".-", ms=3)
+    ax2.set_xlabel("mode index")
+    ax2.set_ylabel("NTK eigenvalue")
+    ax2.set_title("spectrum", fontsize=10)
+    return save(fig, path)
+
+
+def dynamics_comparison(result, *, path: Optional[str] = None):
+    """Distance between trained networks and the kernel prediction vs width (log-log), one line
+    per step count, from :func:`ntkit._dynamics_demo.train_and_compare`, with the theory slope
+    ``-1/2``. Example: ``dynamics_comparison(train_and_compare(arch, ...), path='dist.png')``."""
+    from .diagnostics import fit_slope
+    w = result.widths.numpy()
+    fig, axes = _figure(2, size=(4.2, 3.4))
+    colors = _cmap(len(result.steps))
+    for ax, data, name in ((axes[0, 0], result.train_rms, "train"),
+                           (axes[0, 1], result.test_rms, "test")):
+        for j, s in enumerate(result.steps.tolist()):
+            col = data[:, j]
+            fit = fit_slope(w.tolist(), col.tolist())
+            ax.loglog(w, col.numpy(), "o-", color=colors[j], lw=1.4,
+                      label=f"step {int(s)}: slope {fit.slope:+.2f}")
+        ref = data[0, -1] * (result.widths / result.widths[0]) ** -0.5
+        ax.loglog(w, ref.numpy(), "k--", lw=1.0, label="width^-1/2")
+        _log_ticks(ax, w.tolist())
+        ax.set_xlabel("width")
+        ax.set_ylabel(f"RMS |f_net - f_NTK| ({name})")
+        ax.set_title(f"{name} outputs", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"real networks vs NTK prediction (GD, lr={result.learning_rate:.3g})",
+                 fontsize=10)
+    return save(fig, path)
+
+
+def trajectories(arch: Any, x_train: Any, y_train: Any, x_test: Any, *,
+                 widths: Sequence[int] = (64, 512, 4096), steps: int = 200,
+                 lr_fraction: float = 0.5, example: int = 0, output: int = 0,
+                 seed: int = 0, path: Optional[str] = None):
+    """Output of one test example during full-batch GD for networks of several widths (solid)
+    next to the NTK prediction for that very network (same initial outputs, same steps: dashed,
+    :func:`ntkit.predict.gradient_descent_mse_discrete`). The curves merge as width grows.
+
+    Example: ``trajectories(arch, x_tr, y_tr, x_te, widths=(64, 1024), path='traj.png')``.
+    """
+    from . import predict
+    x_tr = torch.as_tensor(x_train, dtype=_F64)
+    x_te = torch.as_tensor(x_test, dtype=_F64)
+    y = torch.as_tensor(y_train, dtype=_F64)
+    if y.ndim != 2 or y.shape[0] != x_tr.shape[0]:
+        raise ValueError(f"`y_train` must be (n_train, k), got {tuple(y.shape)}")
+    if not 0 <= example < x_te.shape[0] or not 0 <= output < y.shape[1]:
+        raise ValueError(f"`example` must be < {x_te.shape[0]} and `output` < {y.shape[1]}")
+    _check_count(steps, "steps")
+    k_dd = arch.kernel(x_tr, get="ntk")
+    k_td = arch.kernel(x_te, x_tr, get="ntk")
+    lr = lr_fraction * predict.max_learning_rate(k_dd, y.numel())
+    pf = predict.gradient_descent_mse_discrete(k_dd, y, learning_rate=lr)
+    every = max(1, steps // 40)
+    rec = list(range(0, steps + 1, every))
+    if rec[-1] != steps:
+        rec.append(steps)
+    fig, axes = _figure(len(widths), size=(3.3, 3.1), sharey=True)
+    for ax, w in zip(axes[0], widths):
+        net = arch.module(in_shape=tuple(x_tr.shape[1:]), width=int(w), seed=seed)
+        with torch.no_grad():
+            f0, g0 = net(x_tr), net(x_te)
+        _, pred = pf(torch.tensor(rec, dtype=_F64), f0, g0, k_td)
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        actual = []
+        for s in range(steps + 1):
+            if s in rec:
+                with torch.no_grad():
+                    actual.append(float(net(x_te[example:example + 1])[0, output]))
+            if s == steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            (0.5 * ((net(x_tr) - y) ** 2).mean()).backward()
+            opt.step()
+        ax.plot(rec, actual, color="tab:blue", lw=2, label="network")
+        ax.plot(rec, pred[:, example, output].numpy(), color="k", ls="--", lw=1.3,
+                label="NTK prediction")
+        gap = max(abs(a - float(p)) for a, p in zip(actual, pred[:, example, output]))
+        ax.set_title(f"width {w}: max gap {gap:.2g}", fontsize=9)
+        ax.set_xlabel("GD step")
+    axes[0, 0].set_ylabel(f"f(x_test[{example}])[{output}]")
+    axes[0, 0].legend(fontsize=7)
+    return save(fig, path)

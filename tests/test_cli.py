@@ -1,0 +1,194 @@
+"""`ntkit lazy`, `ntkit predict` and `ntkit demo` end to end on tiny inputs; bad arguments give
+a one-line error and exit code 2."""
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ntkit.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def one_error_line(capsys, command):
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"ntkit {command}: error:"), err
+    return err[0]
+
+
+# ---------------------------------------------------------------------------------- lazy
+def test_lazy_end_to_end(tmp_path, capsys):
+    out = tmp_path / "lazy"
+    rc = main(["lazy", "--widths", "8,32", "--seeds", "0", "--steps", "5", "--n", "6",
+               "--dim", "2", "--alphas", "1,8", "--hessian-steps", "8", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("width_sweep.csv", "width_scaling.png", "width_training.png",
+                 "alpha_sweep.csv", "alpha_scaling.png", "summary.txt"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0
+        assert str(out / name) in text                     # paths printed at the end
+    rows = list(csv.DictReader(open(out / "width_sweep.csv")))
+    assert [int(r["width"]) for r in rows] == [8, 32]
+    assert all(float(r["kappa"]) > 0 and float(r["rel_weight_change"]) > 0 for r in rows)
+    assert "parameterization: ntk" in text
+    # centered alpha sweep: kappa exactly ~ 1/alpha (same network)
+    a = list(csv.DictReader(open(out / "alpha_sweep.csv")))
+    assert float(a[0]["kappa"]) / float(a[1]["kappa"]) == pytest.approx(8.0, rel=1e-3)
+
+
+def test_lazy_with_data_files(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", g.normal(size=(6, 3)))
+    np.save(tmp_path / "y.npy", g.normal(size=6))
+    rc = main(["lazy", "--arch", "Dense(16, W_std=1.5), Relu(), Dense(1)", "--widths", "8,16",
+               "--seeds", "0", "--steps", "0", "--data", str(tmp_path / "x.npy"),
+               "--targets", str(tmp_path / "y.npy"), "--out", str(tmp_path / "o"),
+               "--hessian-steps", "8", "--no-progress", "--format", "svg"])
+    assert rc == 0
+    assert (tmp_path / "o" / "width_scaling.svg").exists()
+    assert not (tmp_path / "o" / "width_training.svg").exists()      # no training: no curves
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--widths", "8"], "--widths"),
+    (["--widths", "8,x"], "--widths"),
+    (["--lr", "-1"], "--lr"),
+    (["--alphas", "1"], "--alphas"),
+    (["--arch", "Dense(8), Bogus(), Dense(1)"], "Bogus"),
+    (["--data", "missing.npy", "--targets", "y.npy"], "missing.npy"),
+])
+def test_lazy_bad_arguments(args, needle, capsys, tmp_path):
+    assert main(["lazy", "--out", str(tmp_path / "o"), "--no-progress"] + args) == 2
+    assert needle in one_error_line(capsys, "lazy")
+
+
+# ---------------------------------------------------------------------------------- predict
+@pytest.fixture()
+def kernel_files(tmp_path):
+    g = np.random.default_rng(1)
+    a = g.normal(size=(7, 4))
+    b = g.normal(size=(3, 4))
+    k = a @ a.T + 0.5 * np.eye(7)
+    np.save(tmp_path / "k.npy", k)
+    np.save(tmp_path / "kt.npy", b @ a.T)
+    np.save(tmp_path / "y.npy", g.normal(size=(7, 2)))
+    return tmp_path, k, b @ a.T, np.load(tmp_path / "y.npy")
+
+
+def test_predict_flow_matches_eigen_solution(kernel_files, capsys):
+    d, k, kt, y = kernel_files
+    rc = main(["predict", "--k-train-train", str(d / "k.npy"), "--y-train", str(d / "y.npy"),
+               "--k-test-train", str(d / "kt.npy"), "--t", "0,3,inf", "--learning-rate", "2",
+               "--out", str(d / "p.npz"), "--no-progress"])
+    assert rc == 0 and str(d / "p.npz") in capsys.readouterr().out
+    p = np.load(d / "p.npz")
+    assert p["fx_train"].shape == (3, 7, 2) and p["fx_test"].shape == (3, 3, 2)
+    # independent oracle: f_t = y + V exp(-lam lr t / N) V^T (f_0 - y), f_0 = 0, N = y.size
+    lam, V = np.linalg.eigh(k)
+    N = y.size
+    for i, t in enumerate([0.0, 3.0]):
+        ft = y - V @ (np.exp(-lam * 2 * t / N)[:, None] * (V.T @ y))
+        np.testing.assert_allclose(p["fx_train"][i], ft, rtol=1e-9, atol=1e-12)
+        # test outputs: kt K^-1 (I - exp(-K lr t / N)) y
+        gt = kt @ (V @ (((1 - np.exp(-lam * 2 * t / N)) / lam)[:, None] * (V.T @ y)))
+        np.testing.assert_allclose(p["fx_test"][i], gt, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(p["fx_test"][2], kt @ np.linalg.solve(k, y), rtol=1e-8)
+    np.testing.assert_allclose(p["fx_train"][2], y, rtol=1e-8)
+
+
+def test_predict_discrete_matches_gd_recursion(kernel_files):
+    d, k, kt, y = kernel_files
+    lr = 0.5
+    assert main(["predict", "--k-train-train", str(d / "k.npy"), "--y-train", str(d / "y.npy"),
+                 "--k-test-train", str(d / "kt.npy"), "--t", "0,1,5", "--discrete",
+                 "--learning-rate", str(lr), "--out", str(d / "q.npz"), "--no-progress"]) == 0
+    p = np.load(d / "q.npz")
+    f, g = np.zeros_like(y), np.zeros((3, 2))
+    N = y.size
+    for step in range(6):          # GD on the linear model: f <- f - lr/N K (f - y)
+        if step in (0, 1, 5):
+            i = (0, 1, 5).index(step)
+            np.testing.assert_allclose(p["fx_train"][i], f, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(p["fx_test"][i], g, rtol=1e-9, atol=1e-12)
+        r = f - y
+        f = f - lr / N * k @ r
+        g = g - lr / N * kt @ r
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--t", "1,x"], "--t"),
+    (["--t", "-1"], "--t"),
+    (["--k-test-train", "bad.npy"], "--k-test-train"),      # (3, 5) does not match n = 7
+])
+def test_predict_bad_arguments(kernel_files, extra, needle, capsys, monkeypatch):
+    d, *_ = kernel_files
+    monkeypatch.chdir(d)
+    np.save(d / "bad.npy", np.zeros((3, 5)))
+    rc = main(["predict", "--k-train-train", "k.npy", "--y-train", "y.npy", "--no-progress"]
+              + extra)
+    assert rc == 2 and needle in one_error_line(capsys, "predict")
+
+
+def test_predict_missing_file_and_shape(kernel_files, capsys):
+    d, *_ = kernel_files
+    assert main(["predict", "--k-train-train", str(d / "nope.npy"), "--y-train",
+                 str(d / "y.npy")]) == 2
+    assert "not found" in one_error_line(capsys, "predict")
+    np.save(d / "y5.npy", np.zeros(5))
+    assert main(["predict", "--k-train-train", str(d / "k.npy"), "--y-train",
+                 str(d / "y5.npy")]) == 2
+    assert "--y-train" in one_error_line(capsys, "predict")
+
+
+def test_argparse_errors_exit_2():
+    for args in (["lazy", "--steps", "abc"], ["predict"], ["lazy", "--format", "bmp"],
+                 ["demo", "--bogus"]):
+        r = subprocess.run([sys.executable, "-m", "ntkit.cli"] + args, capture_output=True,
+                           text=True)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "error:" in r.stderr.splitlines()[-1]
+
+
+def test_help_lists_subcommands():
+    r = subprocess.run([sys.executable, "-m", "ntkit.cli", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0
+    for name in ("demo", "predict", "lazy"):
+        assert name in r.stdout
+
+
+# ---------------------------------------------------------------------------------- demo
+def test_demo_quick_writes_report(tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    acc = [float(ln.split()[1]) for ln in text.splitlines() if ln.startswith(("NTK", "NNGP"))]
+    assert len(acc) == 2 and min(acc) > 0.9
+    assert text.strip().splitlines()[-1] == f"report: {out}"
+    html = out.read_text(encoding="utf-8")
+    from tests.test_report import assert_self_contained, open_in_browser
+    srcs = assert_self_contained(html)
+    assert len(srcs) >= 12
+    for needle in ("Real networks vs the NTK prediction", "Accuracy", "Lazy training, measured",
+                   "jacobian_norm", "kappa", "Pictures of the theory"):
+        assert needle in html
+    try:
+        n, ok, err = open_in_browser(str(out), tmp_path)
+    except pytest.skip.Exception:
+        return
+    assert n == ok == len(srcs) and err is None
+
+
+def test_demo_bad_out_folder(capsys):
+    assert main(["demo", "--quick", "--out", "/nonexistent/dir/r.html"]) == 2
+    assert "folder does not exist" in one_error_line(capsys, "demo")
