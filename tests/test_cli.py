@@ -192,3 +192,83 @@ def test_demo_quick_writes_report(tmp_path, capsys):
 def test_demo_bad_out_folder(capsys):
     assert main(["demo", "--quick", "--out", "/nonexistent/dir/r.html"]) == 2
     assert "folder does not exist" in one_error_line(capsys, "demo")
+
+
+# ---------------------------------------------------------------------------------- kernel, solve
+ARCH_TEXT = "Dense(64, W_std=1.4, b_std=0.1), Relu(), Dense(1)"
+
+
+def test_kernel_in_memory_and_store_agree(tmp_path, capsys):
+    from ntkit.layers import parse_arch
+    x = np.random.default_rng(3).normal(size=(23, 4))
+    np.save(tmp_path / "x.npy", x)
+    assert main(["kernel", ARCH_TEXT, str(tmp_path / "x.npy"), "--out", str(tmp_path / "k.npz"),
+                 "--no-progress"]) == 0
+    k = np.load(tmp_path / "k.npz")
+    ref = parse_arch(ARCH_TEXT).kernel(torch.from_numpy(x))
+    np.testing.assert_allclose(k["ntk"], ref.ntk.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(k["nngp"], ref.nngp.numpy(), rtol=1e-13)
+    store = str(tmp_path / "k.zarr")
+    assert main(["kernel", ARCH_TEXT, str(tmp_path / "x.npy"), "--store", store, "--tile", "8",
+                 "--get", "ntk", "--no-progress"]) == 0
+    assert "6/6 tiles done" in capsys.readouterr().out
+    assert main(["kernel", "status", store]) == 0
+    out = capsys.readouterr().out
+    assert "6/6 tiles done (100.0%)" in out and "function: architecture" in out
+    from ntkit.scale import open_store
+    np.testing.assert_allclose(open_store(store).load("ntk").numpy(), k["ntk"], rtol=1e-13)
+    # solve from the store, with predictions from a test-train store
+    y = np.random.default_rng(4).normal(size=(23, 2))
+    np.save(tmp_path / "y.npy", y)
+    xt = np.random.default_rng(5).normal(size=(5, 4))
+    np.save(tmp_path / "xt.npy", xt)
+    kt_store = str(tmp_path / "kt.zarr")
+    assert main(["kernel", ARCH_TEXT, str(tmp_path / "xt.npy"), "--x2", str(tmp_path / "x.npy"),
+                 "--store", kt_store, "--get", "ntk", "--no-progress"]) == 0
+    for method in ("cholesky", "cg"):
+        assert main(["solve", "--store", store, "--y", str(tmp_path / "y.npy"), "--method",
+                     method, "--diag-reg", "1e-3", "--tol", "1e-10", "--out",
+                     str(tmp_path / "a.npy"), "--predict-store", kt_store, "--predict-out",
+                     str(tmp_path / "p.npy"), "--no-progress"]) == 0
+        assert f"ntkit solve: {method}" in capsys.readouterr().out
+        kr = k["ntk"] + 1e-3 * np.mean(np.diag(k["ntk"])) * np.eye(23)
+        alpha = np.linalg.solve(kr, y)
+        np.testing.assert_allclose(np.load(tmp_path / "a.npy"), alpha, rtol=1e-6, atol=1e-8)
+        kt = parse_arch(ARCH_TEXT).kernel(torch.from_numpy(xt), torch.from_numpy(x), get="ntk")
+        np.testing.assert_allclose(np.load(tmp_path / "p.npy"), kt.numpy() @ alpha, rtol=1e-6,
+                                   atol=1e-8)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["kernel", "Bogus(1)", "X"], "Bogus"),
+    (["kernel", ARCH_TEXT, "missing.npy"], "missing.npy"),
+    (["kernel", ARCH_TEXT, "X", "--get", "foo"], "--get"),
+    (["kernel", ARCH_TEXT, "X", "--scheduler", "local"], "--store"),
+    (["kernel", ARCH_TEXT, "X", "--store", "s.zarr", "--scheduler", "http://x"], "--scheduler"),
+    (["kernel", ARCH_TEXT, "X", "--get", "nngp,ntk", "--out", "k.npy"], ".npz"),
+    (["kernel", "status", "nope.zarr"], "nope.zarr"),
+    (["solve", "--store", "nope.zarr", "--y", "y.npy"], "nope.zarr"),
+])
+def test_kernel_solve_bad_arguments(args, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((4, 3)))
+    args = [str(tmp_path / "x.npy") if a == "X" else a for a in args]
+    assert main(args + ["--no-progress"] if args[1] != "status" else args) == 2
+    assert needle in one_error_line(capsys, args[0])
+
+
+def test_kernel_mismatched_store_and_incomplete_solve(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(9, 3)))
+    np.save(tmp_path / "y.npy", np.ones(9))
+    store = str(tmp_path / "k.zarr")
+    base = ["kernel", ARCH_TEXT, str(tmp_path / "x.npy"), "--store", store, "--get", "ntk",
+            "--tile", "4", "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base[:-3] + ["--tile", "3", "--no-progress"]) == 2
+    err = one_error_line(capsys, "kernel")
+    assert "tile: stored '4', now '3'" in err and "--overwrite" in err
+    from ntkit.scale import KernelStore
+    KernelStore(store, mode="r+")._done_arr[1, 2] = 0
+    assert main(["solve", "--store", store, "--y", str(tmp_path / "y.npy"), "--no-progress"]) == 2
+    assert "incomplete" in one_error_line(capsys, "solve")

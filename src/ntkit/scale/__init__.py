@@ -1,0 +1,28 @@
+"""Kernels beyond one machine's patience: tiled, resumable, distributed kernel matrices on disk,
+and solvers for kernel systems that do not fit in memory.
+
+* :func:`compute_kernel` splits a kernel matrix into tiles (upper triangle only for ``x2=None``),
+  runs them on any ``concurrent.futures``-style executor or a ``dask.distributed.Client``, writes
+  each finished tile to a Zarr store and resumes after a crash, bitwise identically.
+* :class:`KernelStore` (the handle it returns; also :func:`open_store`) reads tiles lazily
+  (``h['ntk'][i0:i1, j0:j1]``), loads the matrix (``h.load('ntk')``), reports ``h.status()``
+  and streams ``h['ntk'].matmul(v)`` in one pass over the tiles.
+* :func:`solve` solves ``(K + ridge I) alpha = y``: dense float64 Cholesky (eigh fallback) when
+  ``K`` fits in memory, else preconditioned conjugate gradients streaming tiles from the store.
+
+Example::
+
+    >>> import ntkit
+    >>> from ntkit import layers as nl
+    >>> arch = nl.serial(nl.Dense(512), nl.Relu(), nl.Dense(1))
+    >>> h = ntkit.compute_kernel(arch, x_train, get='ntk', store='k.zarr')
+    >>> alpha = ntkit.scale.solve(h, y_train, diag_reg=1e-4)           # (n, k)
+    >>> kt = ntkit.compute_kernel(arch, x_test, x_train, get='ntk', store='kt.zarr')
+    >>> pred = kt['ntk'].matmul(alpha)                                  # (m, k)
+"""
+from ._compute import compute_kernel
+from ._store import KernelStore, StoreStatus, TiledMatrix, open_store
+from ._solve import solve, SolveInfo
+
+__all__ = ["compute_kernel", "KernelStore", "TiledMatrix", "StoreStatus", "open_store", "solve",
+           "SolveInfo"]

@@ -1,0 +1,419 @@
+"""``compute_kernel``: tiled, resumable, executor-agnostic kernel computation into a Zarr store.
+
+Design:
+
+* The ``(n1, n2)`` matrix is cut into ``tile x tile`` blocks (upper triangle only when ``x2`` is
+  ``None``). A tile is a pure function of its two input blocks, computed on one thread
+  (``torch.set_num_threads(1)`` while it runs) from freshly copied contiguous inputs, so the same
+  tile gives the same bits in-process, in a thread pool, or on any Dask worker.
+* Tiles are submitted to an executor with a bounded number in flight; results come back to the
+  calling process, which writes each tile's data and then its ``done`` flag (see ``_store``).
+  Workers need no access to the store (a ``tcp://`` cluster without a shared filesystem works).
+* The store's fingerprint (function, inputs, dtype, tiling, get, ntkit version) must match to
+  resume; only tiles without a ``done`` flag are computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ._store import KernelStore, create_store, n_tiles, tile_pairs
+
+__all__ = ["compute_kernel"]
+
+MAX_AUTO_TILE = 2048
+MIN_AUTO_TILE = 256
+
+
+# ---- one tile ---------------------------------------------------------------------------
+_THREAD_LOCK = threading.Lock()
+_THREAD_USERS = [0, 1]          # [active tiles in this process, saved torch thread count]
+
+
+class _one_thread:
+    """Run torch on one intra-op thread while a tile runs.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP setting (per thread) and MKL's
+    (global), so every tile thread sets it itself; the saved count is restored when the last
+    concurrent tile in this process ends (reference-counted, so tiles in a thread pool do not
+    restore it under each other's feet). Without this, a pool thread's GEMM may run on several
+    threads and round differently."""
+
+    def __enter__(self):
+        with _THREAD_LOCK:
+            if _THREAD_USERS[0] == 0:
+                _THREAD_USERS[1] = torch.get_num_threads()
+            _THREAD_USERS[0] += 1
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        with _THREAD_LOCK:
+            _THREAD_USERS[0] -= 1
+            if _THREAD_USERS[0] == 0:
+                torch.set_num_threads(_THREAD_USERS[1])
+
+
+def _is_layer(obj) -> bool:
+    from ..layers import Layer
+    return isinstance(obj, Layer)
+
+
+def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
+                 single_fn_output: bool) -> Dict[str, np.ndarray]:
+    """One tile ``K(xa, xb)`` (``diag``: the symmetric tile ``K(xa, xa)``) as numpy arrays.
+
+    Runs on the worker; deterministic: fresh contiguous inputs, one torch thread."""
+    dtype = getattr(torch, dtype_name)
+    xa = torch.as_tensor(xa).to(dtype).contiguous().clone()
+    xb = xa if diag else torch.as_tensor(xb).to(dtype).contiguous().clone()
+    with _one_thread(), torch.no_grad():
+        if _is_layer(fn):
+            k = fn.kernel(xa, None if diag else xb, get=keys, dtype=dtype,
+                          tile=max(xa.shape[0], xb.shape[0]))
+            out = {key: getattr(k, key) for key in keys}
+        else:
+            r = fn(xa, xb)
+            if isinstance(r, dict):
+                miss = [key for key in keys if key not in r]
+                if miss:
+                    raise KeyError(f"the kernel function returned keys {sorted(r)}, missing "
+                                   f"{miss} requested by `get`")
+                out = {key: r[key] for key in keys}
+            elif single_fn_output:
+                out = {keys[0]: r}
+            else:
+                raise TypeError(f"the kernel function returned a {type(r).__name__}; with "
+                                f"get={keys} it must return a dict with those keys")
+    res = {}
+    for key, v in out.items():
+        v = torch.as_tensor(v)
+        if tuple(v.shape[:2]) != (xa.shape[0], xb.shape[0]):
+            raise ValueError(f"the kernel function returned {key!r} of shape {tuple(v.shape)} "
+                             f"for blocks of {xa.shape[0]} and {xb.shape[0]} examples; expected "
+                             f"({xa.shape[0]}, {xb.shape[0]}, ...)")
+        res[key] = v.detach().to(dtype).cpu().numpy()
+    return res
+
+
+def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, single):
+    """Worker entry point when inputs were scattered as lists of blocks (Dask)."""
+    return compute_tile(fn, keys, blocks_a, None if diag else blocks_b, diag, dtype_name, single)
+
+
+# ---- fingerprint -------------------------------------------------------------------------
+def _describe_fn(fn) -> str:
+    if _is_layer(fn):
+        return "architecture " + repr(fn)
+    import functools
+    if isinstance(fn, functools.partial):
+        return (f"partial({_describe_fn(fn.func)}, args={fn.args!r}, "
+                f"keywords={sorted(fn.keywords.items())!r})")
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        src = repr((code.co_code, code.co_consts)) if code is not None else ""
+    return f"function {name} source sha256 {hashlib.sha256(src.encode()).hexdigest()[:16]}"
+
+
+def _describe_x(x: Optional[torch.Tensor]) -> str:
+    if x is None:
+        return "None (x2 = x1, symmetric)"
+    h = hashlib.sha256(np.ascontiguousarray(x.numpy()).view(np.uint8).reshape(-1)).hexdigest()
+    return f"shape {tuple(x.shape)} sha256 {h[:32]}"
+
+
+def _fingerprint(fn, x1, x2, dtype, tile, keys) -> Dict[str, str]:
+    from .. import __version__
+    return {"function": _describe_fn(fn), "x1": _describe_x(x1), "x2": _describe_x(x2),
+            "dtype": str(dtype).replace("torch.", ""), "tile": str(tile),
+            "get": ",".join(keys), "ntkit_version": __version__}
+
+
+def _mismatch_message(path, stored: Dict[str, str], now: Dict[str, str]) -> str:
+    diffs = [f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in now
+             if stored.get(k) != now.get(k)]
+    return (f"kernel store {path!r} was written by a different computation, so it cannot be "
+            f"resumed; differing: " + "; ".join(diffs) + ". Use a new `store` path, or pass "
+            f"overwrite=True (CLI: --overwrite) to discard the stored tiles.")
+
+
+# ---- executors -------------------------------------------------------------------------
+def _is_dask_client(ex) -> bool:
+    return type(ex).__module__.split(".")[0] == "distributed" and hasattr(ex, "scatter")
+
+
+def _workers(ex) -> int:
+    if _is_dask_client(ex):
+        return max(1, sum(ex.nthreads().values()))
+    return int(getattr(ex, "_max_workers", 0) or os.cpu_count() or 1)
+
+
+def _default_workers() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+# ---- tiling ---------------------------------------------------------------------------
+def _auto_tile(fn, x1, n1, n2, n_keys, budget, in_flight) -> int:
+    from ..layers import _tiling
+    LIVE_ARRAYS = getattr(_tiling, "LIVE_ARRAYS", 12)     # live tile-sized arrays per entry
+    itemsize = x1.element_size()
+    ns = x1.ndim - 2
+    pix = math.prod(x1.shape[2:]) if ns else 1
+    full = bool(ns and _is_layer(fn) and fn.needs_full_spatial(False))
+    per_entry = LIVE_ARRAYS * itemsize * (pix * pix if full else pix) + n_keys * itemsize * pix
+    # working sets of the tiles in flight plus their results waiting to be written
+    b = int(math.sqrt(max(budget, 1) / (2 * in_flight * per_entry)))
+    if b < 1:
+        raise MemoryError(f"memory_budget={budget} bytes cannot hold even a 1 x 1 tile of this "
+                          f"kernel ({per_entry} bytes per entry x {2 * in_flight}); raise it")
+    b = min(b, MAX_AUTO_TILE)
+    # equal tiles, and at least ~2 per worker when that keeps tiles >= MIN_AUTO_TILE
+    n = max(n1, n2)
+    k = -(-n // b)
+    while k < 8 and (k + 1) * MIN_AUTO_TILE <= n and _count(k, n1, n2) < in_flight:
+        k += 1
+    return max(1, -(-n // k))
+
+
+def _count(k: int, n1: int, n2: int) -> int:
+    return k * (k + 1) // 2 if n1 == n2 else k * k
+
+
+# ---- main entry --------------------------------------------------------------------------
+def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
+                   get: Union[str, Sequence[str], None] = None, store: Any = "k.zarr",
+                   tile: Optional[int] = None, executor: Any = None,
+                   memory_budget: Optional[int] = None, progress: bool = True,
+                   dtype: torch.dtype = torch.float64, overwrite: bool = False) -> KernelStore:
+    """Compute a kernel matrix tile by tile into a Zarr store; resumable, executor-agnostic.
+
+    Args:
+      arch_or_fn: an ``ntkit.layers`` architecture (its exact NNGP/NTK are computed), or a
+        function ``fn(x1_block, x2_block) -> tensor (b1, b2, ...)`` or ``dict`` of them (must be
+        picklable, e.g. module-level, for process/Dask executors).
+      x1: ``(n1, *feature_shape)`` inputs; x2: ``(n2, *feature_shape)`` or ``None`` for ``x2 =
+        x1`` (then only tiles ``i <= j`` are computed and reads mirror them).
+      get: kernels to store: ``'ntk'``, ``'nngp'``, a tuple; default ``('nngp', 'ntk')`` for an
+        architecture, ``'kernel'`` (the function's tensor output) for a function.
+      store: Zarr path (a directory ``*.zarr``), or ``None`` for an in-memory store.
+      tile: tile edge in examples; default: a resumed store's tile, else chosen from
+        ``memory_budget`` (at most 2048).
+      executor: where tiles run. ``None``: a thread pool in this process (one thread per core,
+        each tile single-threaded). Any ``concurrent.futures.Executor``; a
+        ``dask.distributed.Client`` (``Client()`` local cluster, ``Client('tcp://host:8786')``);
+        a scheduler address ``'tcp://...'``, or ``'local'`` (a local cluster of one
+        single-threaded process per core); clients/clusters made here are closed at the end.
+        Tip: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes
+        tiles ~2x slower; ``ntkit.scale._cli.local_cluster`` starts a cluster without it.
+      memory_budget: bytes for the tiles in flight (default: half the available RAM).
+      progress: tqdm progress bar over tiles.
+      dtype: ``torch.float64`` (default) or ``torch.float32``.
+      overwrite: discard an existing store at ``store`` instead of resuming it.
+
+    Returns:
+      a :class:`KernelStore`: ``h['ntk'][i0:i1, j0:j1]`` reads lazily, ``h.load('ntk')`` is the
+      full tensor, ``h.status()`` the progress.
+
+    Rerunning the same call after a crash or Ctrl-C computes only the missing tiles, and the
+    result is bitwise identical to an uninterrupted run. A store written by a different
+    computation (architecture, inputs, dtype, tiling, get or ntkit version) is refused with a
+    message naming what differs.
+
+    Example::
+
+        >>> arch = nl.serial(nl.Dense(512), nl.Relu(), nl.Dense(1))
+        >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr', tile=1024)
+        >>> K = h.load('ntk')                          # (n, n) float64 tensor
+        >>> from dask.distributed import Client
+        >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr', executor=Client())
+    """
+    from .._validation import as_tensor, GET_KEYS
+    from ..layers._base import available_memory
+    is_arch = _is_layer(arch_or_fn)
+    if not is_arch and not callable(arch_or_fn):
+        raise TypeError(f"`arch_or_fn` must be an ntkit.layers architecture or a function "
+                        f"fn(x1_block, x2_block) -> tensor, got {type(arch_or_fn).__name__}")
+    if get is None:
+        get = ("nngp", "ntk") if is_arch else "kernel"
+    single = isinstance(get, str)
+    keys = (get,) if single else tuple(get)
+    if not keys or len(set(keys)) != len(keys) or not all(isinstance(k, str) and k
+                                                          for k in keys):
+        raise ValueError(f"`get` must be a kernel name or a tuple of distinct names, got {get!r}")
+    if is_arch and any(k not in GET_KEYS for k in keys):
+        raise ValueError(f"`get` for an architecture must be among {GET_KEYS}, got {get!r}")
+    if any(k == "done" for k in keys):
+        raise ValueError("`get` may not use the reserved name 'done'")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    x1 = as_tensor(x1, "x1", dtype).detach().cpu().contiguous()
+    x2 = None if x2 is None else as_tensor(x2, "x2", dtype).detach().cpu().contiguous()
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
+                         f"{tuple(x1.shape[1:])}")
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    if n1 == 0 or n2 == 0:
+        raise ValueError(f"`x1`/`x2` must hold at least one example, got {n1} and {n2}")
+    budget = available_memory() // 2 if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
+                         f"{memory_budget!r}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
+                             or tile < 1):
+        raise ValueError(f"`tile` must be a positive integer, got {tile!r}")
+
+    own_client = own_cluster = None
+    if isinstance(executor, str):
+        from distributed import Client
+        if executor == "local":
+            from ._cli import local_cluster
+            own_cluster = local_cluster(_default_workers())
+            own_client = executor = Client(own_cluster)
+        else:
+            own_client = executor = Client(executor)
+    elif executor is not None and not hasattr(executor, "submit"):
+        raise TypeError(f"`executor` must be None, a concurrent.futures-style executor (with "
+                        f".submit), a dask.distributed.Client or a 'tcp://...' address, got "
+                        f"{type(executor).__name__}")
+    try:
+        workers = _default_workers() if executor is None else _workers(executor)
+        in_flight = 2 * workers
+        handle = _open_or_create(arch_or_fn, x1, x2, keys, single, dtype, tile, store,
+                                 overwrite, budget, in_flight, is_arch)
+        _run(handle, arch_or_fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
+             progress)
+    finally:
+        if own_client is not None:
+            own_client.close()
+        if own_cluster is not None:
+            own_cluster.close()
+    return handle
+
+
+def _open_or_create(fn, x1, x2, keys, single, dtype, tile, store, overwrite, budget, in_flight,
+                    is_arch) -> KernelStore:
+    import zarr
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    if store is None:
+        store = zarr.storage.MemoryStore()
+        overwrite = True
+    elif isinstance(store, os.PathLike):
+        store = os.fspath(store)
+    exists = isinstance(store, str) and os.path.exists(store)
+    if exists and not overwrite:
+        h = KernelStore(store, mode="r+")
+        t = h.tile if tile is None else int(tile)
+        now = _fingerprint(fn, x1, x2, dtype, t, keys)
+        if h.fingerprint != now:
+            raise ValueError(_mismatch_message(store, h.fingerprint, now))
+        return h
+    if exists and overwrite and os.path.isdir(store):
+        _check_removable(store)
+    t = int(tile) if tile is not None else _auto_tile(fn, x1, n1, n2, len(keys), budget,
+                                                      in_flight)
+    # probe a 1 x 1 tile for the per-entry shape (spatial axes of conv kernels)
+    probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single)
+    tail = tuple(probe[keys[0]].shape[2:])
+    mirror = tuple(range(len(tail)))
+    if is_arch and tail:
+        kk = fn.kernel(x1[:1], get=keys, dtype=dtype)
+        ns = len(kk.shape1) - 1
+        if ns and not kk.diagonal_spatial and len(tail) == 2 * ns:
+            mirror = tuple(list(range(ns, 2 * ns)) + list(range(ns)))
+    return create_store(store, n1=n1, n2=n2, tile=t, keys=keys, symmetric=x2 is None, tail=tail,
+                        mirror=mirror, dtype=probe[keys[0]].dtype,
+                        fingerprint=_fingerprint(fn, x1, x2, dtype, t, keys), overwrite=True)
+
+
+def _check_removable(path: str) -> None:
+    """Refuse to delete a directory that is not a Zarr store (overwrite=True safety)."""
+    if not (os.path.exists(os.path.join(path, "zarr.json"))
+            or os.path.exists(os.path.join(path, ".zgroup"))):
+        raise ValueError(f"`store` {path!r} exists and is not a Zarr store; overwrite=True only "
+                         f"replaces Zarr stores -- choose another path")
+
+
+def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
+         progress) -> None:
+    todo = h.missing()
+    if not todo:
+        return
+    dname = str(dtype).replace("torch.", "")
+    xa_all = x1.numpy()
+    xb_all = xa_all if x2 is None else x2.numpy()
+    t = h.tile
+    nb1, nb2 = n_tiles(h.n1, t), n_tiles(h.n2, t)
+    total = len(h.pairs())
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=total - len(todo), desc="kernel tiles", unit="tile",
+               disable=not progress)
+    own_pool = None
+    if executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+        own_pool = executor = ThreadPoolExecutor(workers, thread_name_prefix="ntkit-tile")
+    dask = _is_dask_client(executor)
+    try:
+        if dask:
+            from distributed import as_completed as dask_completed
+            rows_f = executor.scatter([xa_all[h.rows(i)] for i in range(nb1)])
+            cols_f = rows_f if x2 is None else executor.scatter(
+                [xb_all[h.cols(j)] for j in range(nb2)])
+
+            def submit(i, j):
+                return executor.submit(_tile_from_blocks, fn, keys, rows_f[i], cols_f[j], i, j,
+                                       x2 is None and i == j, dname, single, pure=False)
+            ac = dask_completed()
+        else:
+            import concurrent.futures as cf
+
+            def submit(i, j):
+                diag = x2 is None and i == j
+                return executor.submit(compute_tile, fn, keys, xa_all[h.rows(i)],
+                                       None if diag else xb_all[h.cols(j)], diag, dname, single)
+        pending = list(reversed(todo))
+        live: Dict[Any, Tuple[int, int]] = {}
+        if dask:
+            while pending and len(live) < in_flight:
+                ij = pending.pop()
+                f = submit(*ij)
+                live[f] = ij
+                ac.add(f)
+            for f in ac:
+                ij = live.pop(f)
+                h._write_tile(*ij, f.result())
+                bar.update(1)
+                if pending:
+                    nij = pending.pop()
+                    nf = submit(*nij)
+                    live[nf] = nij
+                    ac.add(nf)
+        else:
+            while pending or live:
+                while pending and len(live) < in_flight:
+                    ij = pending.pop()
+                    live[submit(*ij)] = ij
+                done, _ = cf.wait(list(live), return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    ij = live.pop(f)
+                    h._write_tile(*ij, f.result())
+                    bar.update(1)
+    except BaseException:
+        for f in list(locals().get("live", {})):
+            f.cancel()
+        raise
+    finally:
+        bar.close()
+        if own_pool is not None:
+            own_pool.shutdown(wait=True, cancel_futures=True)
