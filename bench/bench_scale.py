@@ -171,7 +171,7 @@ def main():
             a = ntkit.compute_kernel(arch, xs, get="ntk", store=None, tile=tile, progress=False)
             inproc_s = time.perf_counter() - t
             from distributed import Client
-            from ntkit.scale._cli import local_cluster
+            from ntkit.scale import local_cluster
             with local_cluster(args.workers) as cl, Client(cl) as client:
                 client.run(compute_tile, arch, ("ntk",), xs[:2], None, True, "float64",
                            True)                                  # every worker warm (imports)

@@ -23,6 +23,7 @@ Example::
 from ._compute import compute_kernel
 from ._store import KernelStore, StoreStatus, TiledMatrix, open_store
 from ._solve import solve, SolveInfo
+from ._cluster import local_cluster
 
 __all__ = ["compute_kernel", "KernelStore", "TiledMatrix", "StoreStatus", "open_store", "solve",
-           "SolveInfo"]
+           "SolveInfo", "local_cluster"]

@@ -49,6 +49,7 @@ def _executor(args):
     if args.scheduler == "local":
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        from ._cluster import local_cluster
         cluster = local_cluster(args.workers)
         return Client(cluster), cluster
     if not args.scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
@@ -58,20 +59,6 @@ def _executor(args):
         return Client(args.scheduler, timeout="20s"), None
     except (OSError, TimeoutError) as e:
         raise ValueError(f"cannot reach the Dask scheduler at {args.scheduler}: {e}") from None
-
-
-def local_cluster(n_workers: int):
-    """A Dask ``LocalCluster`` of ``n_workers`` single-threaded worker processes, started without
-    the ``MALLOC_TRIM_THRESHOLD_=65536`` Dask's nanny sets by default: that setting turns off
-    glibc's adaptive mmap threshold, so every multi-MB temporary of a kernel tile becomes a fresh
-    ``mmap`` (page faults), measured ~1.7-3x slower elementwise arc-cosine recursions."""
-    import dask
-    from distributed import LocalCluster
-    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    env.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                            dashboard_address=None)
 
 
 def run_status(path: str) -> int:

@@ -214,7 +214,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         a scheduler address ``'tcp://...'``, or ``'local'`` (a local cluster of one
         single-threaded process per core); clients/clusters made here are closed at the end.
         Tip: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes
-        tiles ~2x slower; ``ntkit.scale._cli.local_cluster`` starts a cluster without it.
+        tiles ~2x slower; ``ntkit.scale.local_cluster(n)`` starts a cluster without it.
       memory_budget: bytes for the tiles in flight (default: half the available RAM).
       progress: tqdm progress bar over tiles.
       dtype: ``torch.float64`` (default) or ``torch.float32``.
@@ -277,7 +277,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     if isinstance(executor, str):
         from distributed import Client
         if executor == "local":
-            from ._cli import local_cluster
+            from ._cluster import local_cluster
             own_cluster = local_cluster(_default_workers())
             own_client = executor = Client(own_cluster)
         else:
