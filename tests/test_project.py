@@ -27,3 +27,22 @@ def test_public_names_resolve():
     for name in ["Kernel", "monte_carlo_kernel", "layers", "__version__"]:
         assert getattr(ntkit, name) is not None
     assert set(ntkit.layers.__all__) <= set(dir(ntkit.layers))
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs, in order, in one namespace."""
+    monkeypatch.chdir(tmp_path)   # the examples write stores to the working directory
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    ns = {}
+    for code in blocks:
+        code = code.replace("width=4096", "width=256")     # keep the test fast
+        if "y_train" in code and "y_train" not in ns:
+            import torch
+            ns["y_train"] = torch.randn(len(ns["x_train"]), 1, dtype=torch.float64)
+        exec(compile(code, "README.md", "exec"), ns)
+
+
+def test_every_public_name_resolves():
+    for name in ntkit.__all__:
+        assert getattr(ntkit, name) is not None, name

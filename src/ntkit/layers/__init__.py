@@ -14,14 +14,18 @@ from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, G
                           LeakyRelu, Monomial, Rbf, RectifiedMonomial, Relu, Sigmoid_like, Sign,
                           Sin)
 from .combinators import FanInConcat, FanInSum, FanOut, Identity, parallel, serial
+from .conv import Conv
 from .dense import Dense
 from .normalization import LayerNorm
+from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 from ._parse import parse_arch
+from ._from_torch import from_torch
 
 __all__ = [
     "Layer", "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "Identity",
-    "Dense", "LayerNorm",
+    "Dense", "LayerNorm", "Conv", "AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool",
+    "Flatten",
     "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
     "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Elementwise",
-    "Activation", "parse_arch",
+    "Activation", "parse_arch", "from_torch",
 ]

@@ -6,20 +6,52 @@ computed and mirrored, and diagonal tiles keep an exact diagonal.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from typing import Optional, Tuple
 
 import torch
 
 from ..kernel import Kernel
 from ._base import available_memory
-from ._ops import input_kernel
+from ._ops import input_kernel, self_memo
 
-# Live n1 x n2 (x spatial) arrays during a layer's kernel map, a conservative count used to size
-# tiles: nngp, ntk, the new nngp/ntk, and ~6 temporaries of an activation's dual map.
+# Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
+# temporaries of a stencil pass or of an activation's dual map (product, sqrt, angle, dot):
+# measured peak ~8 arrays of one tile (tests/layers/test_conv_memory.py); 12 leaves headroom
+# for combinators (FanOut branches) and the result copy.
 LIVE_ARRAYS = 12
 # Tile edge cap for fully-connected kernels: ~0.5-2 MB temporaries stay cache-friendly.
 FC_TILE_CAP = 768
+# Cache-aware caps for spatial kernels: bytes of ONE array of a tile (entries x pixels
+# (diagonal) or pixel pairs (full) x itemsize). Measured with `bench/bench_conv_kernel.py
+# --sweep --threads 1` (2-core Xeon, 2 MiB L2 per core, 105 MiB L3, machine under load),
+# 4 x [Conv 3x3 SAME + ReLU] on 16x16 images, ms per entry:
+#   full (GAP, n=40; one entry = 512 KiB f64 / 256 KiB f32), tile 1/2/3/4/6/8:
+#     f64 4.2/5.2/4.7/6.7/6.0/8.9, f32 3.6/2.07/2.06/2.6/3.2/3.4 -> ~1 MiB per array
+#     (f64: 1x1 tiles, f32: 2x2); bigger tiles fall out of L2, 1x1 f32 tiles pay op overhead;
+#   diag (Flatten, n=200; one entry = 2 KiB f64 / 1 KiB f32), tile 4/8/16/24/32/48/64:
+#     f64 .056/.024/.028/.022/.021/.028/.032, f32 .051/.029/.021/.016/.015/.014/.019
+#     -> ~2 MiB per array (f64: 32x32, f32: 45x45).
+SPATIAL_TILE_BYTES = {"full": 1 << 20, "diag": 2 << 20}
+# Share of the budget left after the output that the self-covariance memo may use (the rest
+# is the tile's working set).
+MEMO_SHARE = 0.25
+
+
+# Benchmark hook (private): stop after this many tiles and raise TileLimitReached, so a huge
+# kernel's total time can be extrapolated from its first tiles under the real plan.
+_TILE_LIMIT: Optional[int] = None
+
+
+class TileLimitReached(Exception):
+    """Raised by :func:`evaluate` when ``_TILE_LIMIT`` tiles are done (benchmarks only)."""
+
+    def __init__(self, done: int, total: int, seconds: float, tile: int, times=(), pairs=()):
+        super().__init__(f"stopped after {done} of {total} tiles ({seconds:.1f} s)")
+        self.done, self.total, self.seconds, self.tile = done, total, seconds, tile
+        self.times, self.pairs = list(times), list(pairs)  # per-tile seconds, all (i, j) tiles
 
 
 def _gb(b: float) -> str:
@@ -27,9 +59,13 @@ def _gb(b: float) -> str:
 
 
 def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bool,
-                full_spatial: bool) -> Kernel:
-    """Kernel of one tile; ``xb=None`` means the symmetric tile ``(xa, xa)``."""
-    k = input_kernel(xa, xb, want_ntk, full_spatial)
+                full_spatial: bool, cov_a: Optional[torch.Tensor] = None,
+                cov_b: Optional[torch.Tensor] = None) -> Kernel:
+    """Kernel of one tile; ``xb=None`` means the symmetric tile ``(xa, xa)``.
+
+    ``cov_a`` / ``cov_b``: precomputed input self-covariances of the blocks (see
+    :func:`ntkit.layers._ops.input_kernel`)."""
+    k = input_kernel(xa, xb, want_ntk, full_spatial, cov_a, cov_b)
     k = arch.kernel_map(k)
     if isinstance(k, tuple):
         raise ValueError("the architecture ends in several branches; merge them with FanInSum() or "
@@ -39,29 +75,93 @@ def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bo
     return k
 
 
+def per_entry_bytes(pix: int, full: bool, itemsize: int) -> int:
+    """Working-set bytes per kernel entry of a tile: ``LIVE_ARRAYS`` arrays of ``pix`` (diagonal
+    layout) or ``pix^2`` (full pixel-pair layout) numbers."""
+    return LIVE_ARRAYS * itemsize * (pix * pix if full else pix)
+
+
+def cache_cap(pix: int, full: bool, itemsize: int) -> Optional[int]:
+    """Tile edge whose single arrays stay near the measured cache sweet spot, or ``None`` (no
+    cap) when one entry alone is already larger than that: then the ops stream from memory
+    whatever the tile, and bigger tiles amortize the blocks' self-covariances better."""
+    one = itemsize * (pix * pix if full else pix)
+    target = SPATIAL_TILE_BYTES["full" if full else "diag"]
+    if one > target:
+        return None
+    return max(1, int(math.sqrt(target / one)))
+
+
 def plan_tile(n1: int, n2: int, per_entry_bytes: float, out_entry_bytes: float, budget: int,
-              fc: bool, tile: Optional[int]) -> int:
-    """Examples per tile edge so that the output plus one tile's working set fit ``budget``."""
+              fc: bool, tile: Optional[int], cap: Optional[int] = None,
+              self_bytes: float = 0.0) -> int:
+    """Examples per tile edge so that the output plus one tile's working set fit ``budget``.
+
+    ``self_bytes``: working set of the per-example self-covariances one tile edge carries
+    (``b`` of them for each of the two blocks). Raises ``MemoryError`` naming a budget that
+    would fit when not even a 1 x 1 tile does.
+    """
     out_bytes = n1 * n2 * out_entry_bytes
     if out_bytes > budget:
         raise MemoryError(
             f"the requested kernel alone needs {_gb(out_bytes)} ({n1} x {n2} entries x "
             f"{out_entry_bytes:.0f} B) but memory_budget is {_gb(budget)}; compute it in pieces "
             f"with ntkit.compute_kernel(..., store='k.zarr') or raise memory_budget")
+    room = budget - out_bytes
+
+    def need(b):
+        return b * b * per_entry_bytes + 2 * b * self_bytes
+
+    if need(1) > room:
+        raise MemoryError(
+            f"one kernel entry needs {_gb(need(1))} of working memory ({per_entry_bytes:.0f} B "
+            f"per entry + {2 * self_bytes:.0f} B of self-covariances) but only {_gb(room)} of "
+            f"memory_budget={_gb(budget)} is left after the {_gb(out_bytes)} output; a budget of "
+            f"at least {_gb(out_bytes + need(1))} would fit (or ask for fewer examples at once)")
     if tile is not None:
         if tile < 1:
             raise ValueError(f"`tile` must be a positive integer, got {tile}")
+        if need(min(tile, max(n1, n2))) > room:
+            fit = int(math.sqrt(room / (per_entry_bytes + 2 * self_bytes)))
+            raise MemoryError(
+                f"tile={tile} needs {_gb(need(tile))} of working memory but memory_budget="
+                f"{_gb(budget)} leaves {_gb(room)} after the output; tile <= {max(fit, 1)} fits")
         return int(tile)
-    room = budget - out_bytes
-    b = int(math.floor(math.sqrt(max(room, 0) / per_entry_bytes)))
-    if b < 1:
-        raise MemoryError(
-            f"one kernel entry needs {_gb(per_entry_bytes)} of working memory but only "
-            f"{_gb(room)} of memory_budget={_gb(budget)} is left after the output; a budget of at "
-            f"least {_gb(out_bytes + per_entry_bytes)} would fit")
+    # largest b with b^2 per_entry + 2 b self_bytes <= room
+    b = int((-self_bytes + math.sqrt(self_bytes ** 2 + per_entry_bytes * room)) / per_entry_bytes)
+    while b > 1 and need(b) > room:
+        b -= 1
     if fc:
         b = min(b, FC_TILE_CAP)
+    if cap is not None:
+        b = min(b, cap)
     return max(1, min(b, max(n1, n2)))
+
+
+@contextlib.contextmanager
+def _direct_mmap(active: bool):
+    """While active (spatial kernels whose single arrays are >= 1 MiB): glibc serves blocks of
+    1 MiB and more by ``mmap`` and unmaps them on free. Its default threshold adapts upwards
+    (to 32 MiB) after the first large free, after which freed pixel-pair arrays stay resident
+    and fragment: measured RSS up to 2.2x the live working set (test_conv_memory.py). The
+    threshold is put back to glibc's adaptive ceiling (32 MiB) afterwards. No-op elsewhere."""
+    fn = None
+    if active:
+        try:
+            import ctypes
+            fn = ctypes.CDLL("libc.so.6").mallopt
+            fn.argtypes = [ctypes.c_int, ctypes.c_int]
+            fn(_M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):
+            fn = None
+    try:
+        yield
+    finally:
+        if fn is not None:
+            fn(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 def _mirror(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
@@ -73,10 +173,24 @@ def _mirror(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
     return t
 
 
+def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
+    """A symmetric tile made exactly symmetric: pooling sums the (p, q) and (q, p) halves of
+    the pixel-pair covariance in different orders, so ``K(x, x')`` and ``K(x', x)`` can differ
+    in the last bit."""
+    return 0.5 * (t + _mirror(t, ns, diagonal_spatial))
+
+
 def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str, ...],
              single: bool, memory_budget: Optional[int] = None, progress: bool = False,
              tile: Optional[int] = None):
-    """Evaluate ``arch``'s kernel between ``x1`` and ``x2`` (see ``Layer.kernel``)."""
+    """Evaluate ``arch``'s kernel between ``x1`` and ``x2`` (see ``Layer.kernel``).
+
+    Plan: the output (``n1 n2`` entries x output tail x keys) plus one tile's working set
+    (:func:`per_entry_bytes` per entry, plus the blocks' self-covariances) must fit the
+    budget; spatial tiles are further capped by :func:`cache_cap`. A quarter of what is left
+    after the output and the tile may hold a memo of the blocks' per-layer self-covariances
+    (:class:`ntkit.layers._ops.SelfMemo`), so each is computed once instead of once per tile.
+    """
     want_ntk = "ntk" in keys
     full = bool(x1.ndim > 2 and arch.needs_full_spatial(False))
     n1 = x1.shape[0]
@@ -86,19 +200,41 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     if budget <= 0:
         raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget}")
 
-    # Probe the output layout with a 1 x 1 tile (cheap), then size the tiles.
+    ns = x1.ndim - 2
+    pix = math.prod(x1.shape[2:]) if ns else 1
+    # A budget that cannot hold even a 1 x 1 tile fails here, before any work; then a 1 x 1
+    # probe gives the output layout and the tiles are sized.
+    per_entry = per_entry_bytes(pix, full, itemsize)
+    self_bytes = per_entry / 2 if ns else 0.0  # a block's self-covariance chain, per example
+    plan_tile(1, 1, per_entry, 0, budget, fc=(ns == 0), tile=None, self_bytes=self_bytes)
+    big_arrays = bool(ns) and itemsize * (pix * pix if full else pix) >= 1 << 20
+    with _direct_mmap(big_arrays):
+        return _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full,
+                         per_entry, self_bytes)
+
+
+def _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full, per_entry,
+              self_bytes):
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    itemsize = x1.element_size()
+    ns = x1.ndim - 2
+    pix = math.prod(x1.shape[2:]) if ns else 1
     probe = kernel_tile(arch, x1[:1], None, want_ntk, full)
     out_tail = tuple(probe.nngp.shape[2:])
     out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
-    ns = x1.ndim - 2
-    pix = math.prod(x1.shape[2:]) if ns else 1
-    per_entry = LIVE_ARRAYS * itemsize * (pix * pix if full else pix)
-    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=(ns == 0), tile=tile)
+    cap = cache_cap(pix, full, itemsize) if ns else None
+    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=(ns == 0), tile=tile, cap=cap,
+                  self_bytes=self_bytes)
 
     if b >= n1 and b >= n2:
         k = kernel_tile(arch, x1, x2, want_ntk, full)
+        if x2 is None and ns:
+            k = k.replace(**{key: _symmetric(getattr(k, key), len(k.shape1) - 1,
+                                             k.diagonal_spatial) for key in keys})
         return _finish(k, keys, single)
 
+    room = budget - n1 * n2 * out_entry - b * b * per_entry - 2 * b * self_bytes
     like = dict(dtype=x1.dtype, device=x1.device)
     out = {key: torch.empty((n1, n2) + out_tail, **like) for key in keys}
     cov1 = torch.empty((n1,) + tuple(probe.cov1.shape[1:]), **like)
@@ -110,23 +246,46 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     from tqdm.auto import tqdm
     diag_sp = probe.diagonal_spatial
     out_ns = len(probe.shape1) - 1
-    for i, j in tqdm(pairs, desc="kernel tiles", disable=not progress, leave=False):
-        I, J = rows[i], cols[j]
-        if x2 is None and i == j:
-            kt = kernel_tile(arch, x1[I], None, want_ntk, full)
-            cov1[I] = kt.cov1
-        else:
-            kt = kernel_tile(arch, x1[I], (x1 if x2 is None else x2)[J], want_ntk, full)
-            if x2 is not None:
-                if j == 0:
-                    cov1[I] = kt.cov1
-                if i == 0:
-                    cov2[J] = kt.cov2
-        for key in keys:
-            t = getattr(kt, key)
-            out[key][I, J] = t
-            if x2 is None and i != j:
-                out[key][J, I] = _mirror(t, out_ns, diag_sp)
+    xb_all = x1 if x2 is None else x2
+    limit = _TILE_LIMIT
+    t0 = time.perf_counter()
+    stamps = []
+    with self_memo(max(0, int(room * MEMO_SHARE)) if ns else 0) as memo:
+
+        def in_cov(side, idx, x):  # the same input self-covariance object for a block's tiles
+            return memo.lookup(("input", side, idx), x, lambda x_: input_kernel(
+                x_, None, False, full).cov1, keep_input=False)
+
+        bar = tqdm(pairs, desc=f"kernel tiles ({b}x{b})", disable=not progress, leave=False,
+                   unit="tile")
+        for done, (i, j) in enumerate(bar):
+            if limit is not None and done >= limit:
+                bar.close()
+                stamps.append(time.perf_counter())
+                raise TileLimitReached(done, len(pairs), time.perf_counter() - t0, b,
+                                       [t - s for s, t in zip(stamps, stamps[1:])], pairs)
+            stamps.append(time.perf_counter())
+            I, J = rows[i], cols[j]
+            ca = in_cov(0, i, x1[I]) if ns else None
+            if x2 is None and i == j:
+                kt = kernel_tile(arch, x1[I], None, want_ntk, full, ca)
+                cov1[I] = kt.cov1
+            else:
+                cb = in_cov(0 if x2 is None else 1, j, xb_all[J]) if ns else None
+                kt = kernel_tile(arch, x1[I], xb_all[J], want_ntk, full, ca, cb)
+                if x2 is not None:
+                    if j == 0:
+                        cov1[I] = kt.cov1
+                    if i == 0:
+                        cov2[J] = kt.cov2
+            for key in keys:
+                t = getattr(kt, key)
+                if x2 is None and i == j and ns:
+                    t = _symmetric(t, out_ns, diag_sp)
+                out[key][I, J] = t
+                if x2 is None and i != j:
+                    out[key][J, I] = _mirror(t, out_ns, diag_sp)
+            del kt
     k = probe.replace(nngp=out.get("nngp"), ntk=out.get("ntk"), cov1=cov1, cov2=cov2,
                       shape2=probe.shape1 if x2 is None else probe.shape2)
     return _finish(k, keys, single, already=True)

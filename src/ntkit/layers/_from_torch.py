@@ -1,0 +1,389 @@
+"""``from_torch``: the infinite-width architecture of a PyTorch ``nn.Sequential``.
+
+Every hidden width (``out_features`` / ``out_channels`` of all but the last linear map) goes to
+infinity; the input and the readout width are kept. The result is an ordinary ntkit
+architecture: ``arch.kernel(x)`` gives the exact NNGP/NTK, ``arch.module(in_shape, width=...)``
+builds the finite network with the same layer structure.
+
+Initialization (what the kernel assumes about the weights). The NNGP depends only on the weight
+and bias *variances*, so the defaults reproduce PyTorch's default initialization
+(``kaiming_uniform_(a=sqrt(5))``, i.e. ``W ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, variance
+``1 / (3 fan_in)``; bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, variance ``1 / (3 fan_in)``):
+
+* ``W_std = 1/sqrt(3)`` for every Linear/Conv (weight variance ``W_std^2 / fan_in``);
+* bias: ``b_std = 1/sqrt(3 fan_in)`` for the *first* linear map, whose ``fan_in`` (input
+  features, or ``in_channels * kernel area``) is fixed; ``b_std = 0`` for the later ones, whose
+  ``fan_in`` grows with the hidden width, so PyTorch's bias variance ``1/(3 fan_in)`` vanishes in
+  the limit. No single ``b_std`` reproduces PyTorch's bias at every finite width; pass ``b_std``
+  to choose one for all layers with a bias (layers without a bias keep none).
+
+The kernels are those of *Gaussian* weights with these variances. Hidden layers of a
+uniformly initialized network converge to the same limit (their pre-activations are sums over a
+growing width), but the first layer sums over the fixed input dimension, so with PyTorch's
+uniform draw its pre-activations are not exactly Gaussian: the kernels of such networks differ
+from these by O(excess kurtosis / fan_in) (about 1.2 / fan_in relative; ~4% for a 3x3 conv on 3
+channels). Re-draw weights as ``normal_(0, std)`` with the same ``std`` to match exactly.
+
+Parameterization (what the NTK assumes about training):
+
+* ``'ntk'`` (default): ``W = W_std / sqrt(fan_in) * w``, ``w ~ N(0, 1)``; the NTK has a finite
+  limit. Its value is that of the PyTorch network trained with per-layer learning rates
+  ``lr / fan_in`` on the weights (and ``lr * b_std^2`` on biases).
+* ``'standard'``: PyTorch's own parameterization; the NTK grows with the widths and ntkit
+  evaluates it at the module's actual widths (``n * E[...]`` terms, see ``Dense``), while the
+  NNGP is the infinite-width one.
+
+LayerNorm affine parameters (``elementwise_affine=True``, initialized to ``gamma=1, beta=0``)
+leave the NNGP unchanged and add ``nngp + 1`` (``gamma`` and ``beta`` gradients, per unit) to the
+NTK, in either parameterization. This is exact only when a ``Linear`` follows the LayerNorm
+(before a nonlinearity ``phi`` the ``gamma`` term would be ``E[u v phi'(u) phi'(v)]``, not
+``nngp * E[phi' phi']``), so other placements of an affine LayerNorm raise an error.
+
+Conversion table: ``Linear`` -> ``Dense``; ``Conv1d/2d/3d`` (stride, int/tuple/'same'/'valid'
+padding, ``padding_mode`` 'zeros'/'circular', ``groups=1``, ``dilation=1``) -> ``Conv``;
+``ReLU``/``LeakyReLU``/``GELU`` -> closed forms; ``Tanh``, ``Sigmoid``, ``SiLU``, ``ELU``,
+``CELU``, ``SELU``, ``Softplus``, ``Mish``, ``Softsign``, ``Hardtanh``, ``ReLU6``, tanh-``GELU``
+-> ``Elementwise`` (Gauss-Hermite quadrature, ~1e-10 for smooth functions, only algebraic
+accuracy at kinks: ``Hardtanh``/``ReLU6``/``ELU(alpha != 1)``); ``AvgPool1d/2d/3d``
+(``ceil_mode=False``, padding counted) -> ``AvgPool``; ``AdaptiveAvgPool*d(1)`` ->
+``GlobalAvgPool`` (must be followed by ``Flatten``); ``Flatten()`` -> ``Flatten``;
+``LayerNorm(d)`` on features ``(N, d)`` -> ``LayerNorm`` (over channels); ``Identity`` and
+``Dropout`` in eval mode are dropped. Anything else raises ``ValueError`` naming the module class
+and its position (e.g. ``'features.3'``).
+
+Example::
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    >>> arch = ntkit.from_torch(net)
+    >>> k = arch.kernel(torch.randn(8, 3, 16, 16), get='ntk')      # (8, 8)
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..kernel import Kernel
+from ._base import BuildContext, Layer, frozen_layer
+from .activations import Elementwise, Gelu, LeakyRelu, Relu
+from .combinators import serial
+from .conv import Conv
+from .dense import Dense, check_parameterization
+from .normalization import LayerNorm
+from .pooling import AvgPool, Flatten, GlobalAvgPool
+
+__all__ = ["from_torch"]
+
+_DEFAULT_W_STD = 1.0 / math.sqrt(3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-unit affine map (LayerNorm's gamma, beta): y = gamma * x + beta, gamma = 1, beta = 0 at init
+
+class PerUnitAffineModule(nn.Module):
+    """``y = gamma * x + beta`` over the channel axis 1 (``gamma = 1``, ``beta = 0`` at init)."""
+
+    def __init__(self, chan: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(chan, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(chan, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = x * self.weight.reshape(shape)
+        return y if self.bias is None else y + self.bias.reshape(shape)
+
+
+@frozen_layer
+class PerUnitAffine(Layer):
+    """Trainable per-channel scale (and shift), initialized to the identity.
+
+    Kernel map: ``nngp`` unchanged; ``ntk' = ntk + nngp + [1 if bias]`` (the gradient of unit
+    ``i`` w.r.t. its own ``gamma_i`` is ``x_i``, w.r.t. ``beta_i`` it is 1). The ``gamma`` term is
+    unit-specific, so this is exact only when a Dense follows (from_torch enforces it). Cost: one
+    add per entry.
+    """
+    bias: bool = True
+
+    def kernel_map(self, k: Kernel) -> Kernel:
+        if isinstance(k, tuple):
+            raise ValueError("PerUnitAffine received several branches; merge them first")
+        if not k.want_ntk:
+            return k
+        ntk = k.nngp.clone() if k.ntk is None else k.ntk + k.nngp
+        if self.bias:
+            ntk.add_(1.0)
+        return k.replace(ntk=ntk)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        return PerUnitAffineModule(in_shape[0], self.bias, ctx.dtype), tuple(in_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+def _named(fn, name: str):
+    fn.__name__ = name
+    fn.__qualname__ = name
+    return fn
+
+
+def _activation(m: nn.Module) -> Optional[Layer]:
+    F = nn.functional
+    if type(m) is nn.ReLU:
+        return Relu()
+    if type(m) is nn.LeakyReLU:
+        return LeakyRelu(float(m.negative_slope))
+    if type(m) is nn.GELU:
+        if m.approximate == "none":
+            return Gelu()
+        return Elementwise(_named(lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"))
+    if type(m) is nn.Tanh:
+        return Elementwise(torch.tanh)
+    if type(m) is nn.Sigmoid:
+        return Elementwise(torch.sigmoid)
+    if type(m) is nn.SiLU:
+        return Elementwise(F.silu)
+    if type(m) is nn.Mish:
+        return Elementwise(F.mish)
+    if type(m) is nn.Softsign:
+        return Elementwise(F.softsign)
+    if type(m) is nn.SELU:
+        return Elementwise(F.selu)
+    if type(m) is nn.ELU:
+        a = float(m.alpha)
+        return Elementwise(_named(lambda x: F.elu(x, a), f"elu_{a:g}"))
+    if type(m) is nn.CELU:
+        a = float(m.alpha)
+        return Elementwise(_named(lambda x: F.celu(x, a), f"celu_{a:g}"))
+    if type(m) is nn.Softplus:
+        b, t = float(m.beta), float(m.threshold)
+        return Elementwise(_named(lambda x: F.softplus(x, b, t), f"softplus_{b:g}"))
+    if type(m) in (nn.Hardtanh, nn.ReLU6):
+        lo, hi = float(m.min_val), float(m.max_val)
+        return Elementwise(_named(lambda x: F.hardtanh(x, lo, hi), f"hardtanh_{lo:g}_{hi:g}"))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the Sequential
+
+_HINTS = {
+    "BatchNorm": "batch statistics couple the examples of a batch, so the network has no "
+                 "per-example kernel; use LayerNorm, or remove it",
+    "MaxPool": "max pooling has no closed-form kernel; use AvgPool2d",
+    "MultiheadAttention": "attention layers are not supported",
+    "Dropout": "dropout is random in train mode; call module.eval() first",
+    "PReLU": "its slope is a trainable parameter; use LeakyReLU",
+    "Adaptive": "only output_size=1 (global average pooling) is supported",
+}
+
+
+def _error(m: nn.Module, path: str, why: str = "") -> ValueError:
+    name = type(m).__name__
+    if not why:
+        why = next((h for key, h in _HINTS.items() if key in name),
+                   "it has no infinite-width kernel in ntkit")
+    return ValueError(f"from_torch: cannot convert {name} at position '{path}': {why}")
+
+
+def _leaves(module: nn.Module, path: str) -> Iterator[Tuple[str, nn.Module]]:
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{path}.{name}" if path else name)
+    else:
+        yield (path or "<root>"), module
+
+
+def _sizes(v, n: int) -> Tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _conv(m, path, state, W_std, b_std, param) -> Conv:
+    nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+    if m.groups != 1:
+        raise _error(m, path, f"groups={m.groups} (grouped/depthwise convolutions) is not "
+                              f"supported; use groups=1")
+    if any(d != 1 for d in _sizes(m.dilation, nd)):
+        raise _error(m, path, f"dilation={m.dilation} is not supported; use dilation=1")
+    if m.padding_mode not in ("zeros", "circular"):
+        raise _error(m, path, f"padding_mode={m.padding_mode!r} is not supported; use 'zeros' or "
+                              f"'circular'")
+    if state["flat"]:
+        raise _error(m, path, "a convolution after Flatten/global pooling needs (N, C, *spatial) "
+                              "inputs")
+    if state["nd"] not in (None, nd):
+        raise _error(m, path, f"{nd}-D convolution after {state['nd']}-D layers")
+    state["nd"] = nd
+    if isinstance(m.padding, str):
+        padding = m.padding.upper()
+    else:
+        pads = _sizes(m.padding, nd)
+        padding = "VALID" if not any(pads) else pads
+    mode = m.padding_mode
+    if padding == "VALID":
+        mode = "zeros"
+    ks = _sizes(m.kernel_size, nd)
+    fan_in = m.in_channels * math.prod(ks)
+    return Conv(int(m.out_channels), ks, strides=_sizes(m.stride, nd), padding=padding,
+                W_std=W_std, b_std=_bias_std(m, state, fan_in, b_std),
+                parameterization=param, padding_mode=mode)
+
+
+def _bias_std(m, state, fan_in: int, b_std: Optional[float]) -> Optional[float]:
+    first = not state["seen_linear"]
+    state["seen_linear"] = True
+    if m.bias is None:
+        return None
+    if b_std is not None:
+        return float(b_std)
+    return 1.0 / math.sqrt(3.0 * fan_in) if first else 0.0
+
+
+def _avgpool(m, path, state) -> AvgPool:
+    nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
+    if m.ceil_mode:
+        raise _error(m, path, "ceil_mode=True is not supported; use ceil_mode=False")
+    if getattr(m, "divisor_override", None) is not None:
+        raise _error(m, path, "divisor_override is not supported")
+    if state["flat"]:
+        raise _error(m, path, "pooling after Flatten/global pooling needs spatial inputs")
+    win = _sizes(m.kernel_size, nd)
+    stride = _sizes(m.stride if m.stride is not None else m.kernel_size, nd)
+    pads = _sizes(m.padding, nd)
+    if any(pads) and not m.count_include_pad:
+        raise _error(m, path, "count_include_pad=False with padding is not supported (the "
+                              "kernel averages zero padding like count_include_pad=True)")
+    return AvgPool(win, stride, "VALID" if not any(pads) else pads)
+
+
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d,
+              nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+              nn.Flatten, nn.LayerNorm, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
+              nn.SiLU, nn.Mish, nn.Softsign, nn.SELU, nn.ELU, nn.CELU, nn.Softplus, nn.Hardtanh)
+
+
+def from_torch(module: nn.Module, *, parameterization: str = "ntk",
+               W_std: Optional[float] = None, b_std: Optional[float] = None) -> Layer:
+    """The infinite-width architecture of ``module`` (an ``nn.Sequential``, possibly nested).
+
+    Args:
+      module: ``nn.Sequential`` of supported layers (see the module docstring), or one such
+        layer. Its parameter *values* are ignored: the kernel is that of the random
+        initialization (``W_std``, ``b_std``), i.e. of the architecture.
+      parameterization: ``'ntk'`` (finite NTK limit, default) or ``'standard'`` (PyTorch's;
+        NTK evaluated at the module's own widths).
+      W_std: weight standard deviation (``Var(W) = W_std^2 / fan_in``) of every Linear/Conv;
+        default ``1/sqrt(3)``, PyTorch's default initialization.
+      b_std: bias standard deviation of every Linear/Conv that has a bias; default PyTorch's
+        ``1/sqrt(3 fan_in)`` for the first linear map and 0 (its infinite-width limit) after.
+
+    Returns:
+      An ntkit :class:`~ntkit.layers.Layer` (a ``serial``).
+
+    Raises:
+      ValueError: a module that cannot be converted, naming its class and position, e.g.
+        ``"cannot convert BatchNorm2d at position 'features.1': ..."``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(10, 256), nn.ReLU(), nn.Linear(256, 1))
+        >>> from_torch(net).kernel(torch.randn(5, 10), get='ntk').shape
+        torch.Size([5, 5])
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module (an nn.Sequential), got "
+                        f"{type(module).__name__}")
+    check_parameterization(parameterization)
+    if W_std is None:
+        W_std = _DEFAULT_W_STD
+    if not (isinstance(W_std, (int, float)) and W_std > 0):
+        raise ValueError(f"`W_std` must be a positive number or None, got {W_std!r}")
+    if b_std is not None and not (isinstance(b_std, (int, float)) and b_std >= 0):
+        raise ValueError(f"`b_std` must be a non-negative number or None, got {b_std!r}")
+    W_std = float(W_std)
+
+    state = {"seen_linear": False, "flat": False, "nd": None, "gap": None, "ln": None}
+    layers: List[Layer] = []
+    for path, m in _leaves(module, ""):
+        t = type(m)
+        if state["gap"] is not None and t not in (nn.Flatten, nn.Identity) \
+                and not isinstance(m, nn.modules.dropout._DropoutNd) \
+                and _activation(m) is None:
+            gp = state["gap"]
+            raise _error(m, path, f"the global pooling at '{gp}' leaves (N, C, 1, ...) maps; "
+                                  f"put nn.Flatten() right after it")
+        if state["ln"] is not None and t is not nn.Linear and t is not nn.Identity \
+                and not isinstance(m, nn.modules.dropout._DropoutNd):
+            raise _error(m, path, f"the LayerNorm at '{state['ln']}' has trainable "
+                                  f"elementwise_affine parameters, whose NTK is exact only when "
+                                  f"a Linear follows it; use elementwise_affine=False or put the "
+                                  f"Linear right after it")
+        if t is nn.Linear:
+            state["ln"] = None
+            if state["nd"] is not None and not state["flat"]:
+                raise _error(m, path, "Linear on a conv feature map acts on its last axis; add "
+                                      "nn.Flatten() (or global pooling) before it")
+            state["flat"] = True
+            layers.append(Dense(int(m.out_features), W_std,
+                                _bias_std(m, state, int(m.in_features), b_std),
+                                parameterization))
+        elif t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            layers.append(_conv(m, path, state, W_std, b_std, parameterization))
+        elif t in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
+            layers.append(_avgpool(m, path, state))
+        elif t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
+            out = m.output_size
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(o != 1 for o in outs):
+                raise _error(m, path, f"output_size={out!r}: only 1 (global average pooling) "
+                                      f"is supported")
+            if state["flat"]:
+                raise _error(m, path, "global pooling needs spatial inputs (N, C, *spatial)")
+            layers.append(GlobalAvgPool())
+            state["gap"] = path
+        elif t is nn.Flatten:
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise _error(m, path, f"only Flatten(start_dim=1, end_dim=-1) is supported, got "
+                                      f"start_dim={m.start_dim}, end_dim={m.end_dim}")
+            layers.append(Flatten())
+            state["flat"], state["gap"] = True, None
+        elif t is nn.LayerNorm:
+            if len(m.normalized_shape) != 1 or (state["nd"] is not None and not state["flat"]):
+                raise _error(m, path, "only LayerNorm(d) over the features of (N, d) inputs is "
+                                      "supported (on conv feature maps torch normalizes the last "
+                                      "axes, not the channels)")
+            layers.append(LayerNorm(eps=float(m.eps)))
+            if m.elementwise_affine:
+                layers.append(PerUnitAffine(bias=m.bias is not None))
+                state["ln"] = path
+        elif t is nn.Identity:
+            continue
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.training and m.p > 0:
+                raise _error(m, path, "Dropout in train mode is random; call module.eval() "
+                                      "(then dropout is the identity)")
+            continue
+        else:
+            act = _activation(m)
+            if act is None:
+                base = next((c for c in _SUPPORTED if isinstance(m, c)), None)
+                if base is not None:
+                    raise _error(m, path, f"it subclasses (or parametrizes) {base.__name__}, "
+                                          f"whose forward may differ; use {base.__name__} itself")
+                if list(m.children()) and not isinstance(m, nn.Sequential):
+                    raise _error(m, path, "only nn.Sequential containers can be converted (the "
+                                          "order in a custom forward() is unknown); rewrite it as "
+                                          "an nn.Sequential")
+                raise _error(m, path)
+            layers.append(act)
+    if not layers:
+        raise ValueError("from_torch: the module has no layers to convert (only Identity/"
+                         "Dropout)")
+    if not state["seen_linear"]:
+        raise ValueError("from_torch: the module has no Linear/Conv layer, so its NTK is zero; "
+                         "convert a network with at least one")
+    return serial(*layers)

@@ -1,0 +1,247 @@
+"""Pooling and flattening: ``AvgPool``, ``SumPool``, ``GlobalAvgPool``, ``GlobalSumPool``,
+``Flatten``, for ``(N, C, *spatial)`` inputs (neural-tangents conventions).
+
+Kernel maps (``K`` a pixel-pair covariance, ``w`` the window, ``P`` the number of pixels):
+
+* ``AvgPool``: ``K'(P, Q) = 1/|w|^2 sum_{s, t in w} K(P + s, Q + t)`` (zero padding counts in
+  the average, like ``torch.nn.AvgPool2d(count_include_pad=True)``); ``SumPool`` without the
+  ``1/|w|^2``. The two pixels move independently, so pooling needs the full pixel-pair layout
+  (``n1 n2 P^2`` entries); cost ``2 sum_d (w_d - 1)`` adds per entry.
+* ``GlobalAvgPool``: ``K' = mean_{p, q} K(p, q)``; ``GlobalSumPool``: the sum. Needs the full
+  layout below it; cost one add per entry.
+* ``Flatten``: ``(N, C, *S) -> (N, C * P)``; ``K' = mean_p K(p, p)``, so a ``Dense`` readout with
+  ``fan_in = C * P`` sees the mean over pixels. Only the per-pixel diagonal is needed below it
+  (``n1 n2 P`` entries: Flatten + Dense CNNs are cheap).
+
+The full layout is chosen automatically: a network whose top needs no pixel pairs (Flatten)
+keeps only the diagonal all the way down.
+
+Example::
+
+    >>> arch = nl.serial(nl.Conv(64, 3, padding='SAME'), nl.Relu(), nl.AvgPool(2, 2),
+    ...                  nl.Conv(64, 3, padding='SAME'), nl.Relu(), nl.GlobalAvgPool(),
+    ...                  nl.Dense(10))
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..kernel import Kernel
+from ._base import BuildContext, Layer, frozen_layer
+from ._ops import memo_self, set_batch_diag
+from . import _stencil as st
+from .conv import Sizes, _spatial_kernel
+
+__all__ = ["AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten"]
+
+
+def _need_full(k: Kernel, who: str) -> None:
+    if k.diagonal_spatial:
+        raise ValueError(f"{who} needs pixel-pair covariances but received the per-pixel "
+                         f"(diagonal) layout; evaluate the architecture with arch.kernel(), "
+                         f"which chooses the layout from the layers")
+
+
+def _fix_diag(k: Kernel, nngp: torch.Tensor, cov1: torch.Tensor) -> None:
+    if k.cov2 is None:
+        set_batch_diag(nngp, cov1)
+
+
+class PoolModule(nn.Module):
+    """Finite average / sum pooling with explicit (possibly asymmetric or circular) padding."""
+
+    def __init__(self, window, strides, pads, circular: bool, sum_: bool):
+        super().__init__()
+        if len(window) > 3:
+            raise ValueError(f"finite pooling supports 1-3 spatial dimensions, got {len(window)}")
+        self.window, self.strides, self.pads, self.circular = window, strides, pads, circular
+        self.sum_ = sum_
+        self._pool = (nn.functional.avg_pool1d, nn.functional.avg_pool2d,
+                      nn.functional.avg_pool3d)[len(window) - 1]
+
+    def forward(self, x):
+        x = st.pad_input(x, self.pads, self.circular)
+        y = self._pool(x, self.window, self.strides)
+        return y * st.prod(self.window) if self.sum_ else y
+
+    def extra_repr(self):
+        return (f"{'sum' if self.sum_ else 'avg'}, window={self.window}, strides={self.strides}, "
+                f"pads={self.pads}{', circular' if self.circular else ''}")
+
+
+@frozen_layer
+class _Pool(Layer):
+    window_shape: Sizes
+    strides: Optional[Sizes] = None
+    padding: Union[str, int, tuple] = "VALID"
+
+    _sum = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "window_shape", st.check_sizes(self.window_shape,
+                                                                "window_shape"))
+        if self.strides is not None:
+            object.__setattr__(self, "strides", st.check_sizes(self.strides, "strides"))
+        object.__setattr__(self, "padding", st.check_padding(self.padding))
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        return True
+
+    def geometry(self, spatial):
+        ns = len(spatial)
+        win = st.as_tuple(self.window_shape, ns, "window_shape")
+        strides = st.as_tuple(1 if self.strides is None else self.strides, ns, "strides")
+        pads, circ = st.resolve(self.padding, "zeros", spatial, win, strides)
+        return win, strides, pads, circ, st.out_spatial(spatial, win, strides, pads, "window")
+
+    def out_shape(self, in_shape):
+        return (in_shape[0],) + self.geometry(tuple(in_shape[1:]))[4]
+
+    def kernel_map(self, k: Kernel) -> Kernel:
+        name = type(self).__name__
+        k = _spatial_kernel(k, name)
+        _need_full(k, name)
+        win, strides, pads, circ, out_sp = self.geometry(tuple(k.shape1[1:]))
+        scale = 1.0 if self._sum else 1.0 / st.prod(win) ** 2
+
+        def pool(t, batch_ndim):
+            if t is None:
+                return None
+            t = st.pool_full(t, batch_ndim, win, strides, pads, circ)
+            return t.mul_(scale) if scale != 1.0 else t
+
+        key = ("pool", self, tuple(k.shape1))
+        nngp = pool(k.nngp, 2)
+        cov1 = memo_self(key, k.cov1, lambda c: pool(c, 1))
+        cov2 = memo_self(key, k.cov2, lambda c: pool(c, 1))
+        _fix_diag(k, nngp, cov1)
+        return k.replace(nngp=nngp, ntk=pool(k.ntk, 2), cov1=cov1, cov2=cov2,
+                         shape1=(k.shape1[0],) + out_sp, shape2=(k.shape2[0],) + out_sp)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        win, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))
+        return PoolModule(win, strides, pads, circ, self._sum), (in_shape[0],) + out_sp
+
+
+@frozen_layer
+class AvgPool(_Pool):
+    """``AvgPool(window_shape, strides=None, padding='VALID')``: average pooling.
+
+    ``strides=None`` means stride 1 (neural-tangents' convention; ``torch.nn.AvgPool2d``
+    defaults to ``stride = kernel_size``, so write ``AvgPool(2, 2)`` for that). Zero padding
+    counts in the average. ``padding``: 'VALID', 'SAME', 'CIRCULAR' or explicit pixel counts.
+    """
+
+
+
+@frozen_layer
+class SumPool(_Pool):
+    """``SumPool(window_shape, strides=None, padding='VALID')``: sum pooling (``|w|`` times
+    ``AvgPool``)."""
+    _sum = True
+
+
+
+class GlobalPoolModule(nn.Module):
+    def __init__(self, sum_: bool):
+        super().__init__()
+        self.sum_ = sum_
+
+    def forward(self, x):
+        dims = tuple(range(2, x.ndim))
+        return x.sum(dims) if self.sum_ else x.mean(dims)
+
+
+@frozen_layer
+class _GlobalPool(Layer):
+    _sum = False
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        return True
+
+    def out_shape(self, in_shape):
+        return (in_shape[0],)
+
+    def kernel_map(self, k: Kernel) -> Kernel:
+        name = type(self).__name__
+        k = _spatial_kernel(k, name)
+        _need_full(k, name)
+
+        def red(t, batch_ndim):
+            if t is None:
+                return None
+            dims = tuple(range(batch_ndim, t.ndim))
+            return t.sum(dims) if self._sum else t.mean(dims)
+
+        key = ("gpool", self, tuple(k.shape1))
+        nngp = red(k.nngp, 2)
+        cov1 = memo_self(key, k.cov1, lambda c: red(c, 1))
+        cov2 = memo_self(key, k.cov2, lambda c: red(c, 1))
+        _fix_diag(k, nngp, cov1)
+        return k.replace(nngp=nngp, ntk=red(k.ntk, 2), cov1=cov1, cov2=cov2,
+                         shape1=(k.shape1[0],), shape2=(k.shape2[0],), diagonal_spatial=True)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        if len(in_shape) < 2:
+            raise ValueError(f"{type(self).__name__} needs inputs (C, *spatial), got {in_shape}")
+        return GlobalPoolModule(self._sum), (in_shape[0],)
+
+
+@frozen_layer
+class GlobalAvgPool(_GlobalPool):
+    """``GlobalAvgPool()``: mean over all spatial dimensions, ``(N, C, *S) -> (N, C)``."""
+
+
+
+@frozen_layer
+class GlobalSumPool(_GlobalPool):
+    """``GlobalSumPool()``: sum over all spatial dimensions, ``(N, C, *S) -> (N, C)``."""
+    _sum = True
+
+
+
+class FlattenModule(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+@frozen_layer
+class Flatten(Layer):
+    """``Flatten()``: ``(N, C, *S) -> (N, C * prod(S))`` (channel-major, like
+    ``torch.flatten(x, 1)``). Kernel: mean over pixels of the per-pixel covariance."""
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        return False
+
+    def out_shape(self, in_shape):
+        return (st.prod(in_shape),)
+
+    def kernel_map(self, k: Kernel) -> Kernel:
+        if isinstance(k, tuple):
+            raise ValueError("Flatten received several branches; merge them first")
+        if k.n_spatial == 0:
+            return k
+        ns = k.n_spatial
+
+        def tr(t, batch_ndim):
+            if t is None:
+                return None
+            if not k.diagonal_spatial:
+                pix = st.prod(t.shape[batch_ndim:batch_ndim + ns])
+                t = t.reshape(t.shape[:batch_ndim] + (pix, pix)).diagonal(dim1=-2, dim2=-1)
+            return t.mean(tuple(range(batch_ndim, t.ndim)))
+
+        key = ("flatten", self, tuple(k.shape1), k.diagonal_spatial)
+        nngp = tr(k.nngp, 2)
+        cov1 = memo_self(key, k.cov1, lambda c: tr(c, 1))
+        cov2 = memo_self(key, k.cov2, lambda c: tr(c, 1))
+        _fix_diag(k, nngp, cov1)
+        return k.replace(nngp=nngp, ntk=tr(k.ntk, 2), cov1=cov1, cov2=cov2,
+                         shape1=(st.prod(k.shape1),), shape2=(st.prod(k.shape2),),
+                         is_gaussian=False, diagonal_spatial=True)
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        return FlattenModule(), (st.prod(in_shape),)
