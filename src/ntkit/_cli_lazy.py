@@ -119,9 +119,8 @@ def _run(args, arch, widths, seeds, lr, alphas, x, y) -> int:
     written.append(os.path.join(args.out, "summary.txt"))
     with open(written[-1], "w") as f:
         f.write(text + "\n")
-    print("wrote:")
-    for p in written:
-        print(f"  {os.path.abspath(p)}")
+    from .cli import print_written
+    print_written(written)
     return 0
 
 

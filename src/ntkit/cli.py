@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "print_written"]
 
 # modules contributing subcommands, in help order
 COMMAND_MODULES = (
@@ -20,6 +20,14 @@ COMMAND_MODULES = (
     "ntkit._cli_predict",   # predict
     "ntkit._cli_lazy",      # lazy
 )
+
+
+def print_written(paths) -> None:
+    """End of a subcommand: the absolute paths of the files it wrote, one per line."""
+    import os
+    print("wrote:")
+    for p in paths:
+        print(f"  {os.path.abspath(p)}")
 
 
 class CLIError(Exception):

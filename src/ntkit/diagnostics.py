@@ -797,6 +797,30 @@ def _common_checks(x, y, seeds, steps):
     return x, seeds
 
 
+def _sweep_runs(kind: str, runs, x, y, *, progress, steps, learning_rate, lr_fraction,
+                batch_size, linearization, hessian_outer, hessian_steps, record_every, x_eval):
+    """Train and measure each ``(value, seed, make_net, loss_scale)`` run of a sweep."""
+    rows, curves = [], []
+    bar = _progress(len(runs), progress, f"{kind} sweep")
+    hess = dict(outer_iters=hessian_outer, lanczos_steps=hessian_steps)
+    for value, seed, make, loss_scale in runs:
+        row, curve = _measure(make(), x, y, kind_value=value, seed=seed, steps=steps,
+                              learning_rate=learning_rate, lr_fraction=lr_fraction,
+                              batch_size=batch_size, loss_scale=loss_scale,
+                              linearization=linearization, hessian=hess,
+                              record_every=record_every, x_eval=x_eval)
+        rows.append({kind: value, **row})
+        if curve is not None:
+            curves.append(curve)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    settings = dict(n=int(x.shape[0]), steps=steps, learning_rate=learning_rate,
+                    batch_size=batch_size, optimizer="GD" if batch_size is None else "SGD")
+    return rows, curves, settings
+
+
 def width_sweep(model: Any, x: Any, y: Any, widths: Sequence[int], *,
                 seeds: Sequence[int] = (0, 1, 2), steps: int = 100,
                 learning_rate: Union[float, str] = "auto", lr_fraction: float = 0.5,
@@ -859,26 +883,13 @@ def width_sweep(model: Any, x: Any, y: Any, widths: Sequence[int], *,
         raise TypeError("`model` must be an ntkit architecture (ntkit.layers) or a factory "
                         "`width -> nn.Module`; for a single module use alpha_sweep or "
                         "lazy_scales")
-    rows, curves = [], []
-    bar = _progress(len(ws) * len(seeds), progress, "width sweep")
-    hess = dict(outer_iters=hessian_outer, lanczos_steps=hessian_steps)
-    for w in ws:
-        for s in seeds:
-            net = build(w, s)
-            row, curve = _measure(net, x, y, kind_value=w, seed=s, steps=steps,
-                                  learning_rate=learning_rate, lr_fraction=lr_fraction,
-                                  batch_size=batch_size, loss_scale=1.0,
-                                  linearization=linearization, hessian=hess,
-                                  record_every=record_every, x_eval=x_eval)
-            rows.append(dict(width=w, **row))
-            if curve is not None:
-                curves.append(curve)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    settings = dict(n=int(x.shape[0]), steps=steps, learning_rate=learning_rate,
-                    batch_size=batch_size, optimizer="GD" if batch_size is None else "SGD")
+    runs = [(w, s, (lambda w=w, s=s: build(w, s)), 1.0) for w in ws for s in seeds]
+    rows, curves, settings = _sweep_runs("width", runs, x, y, progress=progress, steps=steps,
+                                         learning_rate=learning_rate, lr_fraction=lr_fraction,
+                                         batch_size=batch_size, linearization=linearization,
+                                         hessian_outer=hessian_outer,
+                                         hessian_steps=hessian_steps,
+                                         record_every=record_every, x_eval=x_eval)
     return LazySweep("width", label, rows, curves, settings)
 
 
@@ -941,26 +952,16 @@ def alpha_sweep(model: Any, x: Any, y: Any, alphas: Sequence[float], *,
     else:
         raise TypeError("`model` must be an nn.Module, an ntkit architecture or a factory "
                         "`() -> nn.Module`")
-    rows, curves = [], []
-    bar = _progress(len(al) * len(seeds), progress, "alpha sweep")
-    hess = dict(outer_iters=hessian_outer, lanczos_steps=hessian_steps)
-    for a in al:
-        for s in seeds:
-            base = build(s)
-            net = scaled(centered(base) if center else base, a)
-            row, curve = _measure(net, x, y, kind_value=a, seed=s, steps=steps,
-                                  learning_rate=learning_rate, lr_fraction=lr_fraction,
-                                  batch_size=batch_size, loss_scale=1.0 / a ** 2,
-                                  linearization=linearization, hessian=hess,
-                                  record_every=record_every, x_eval=x_eval)
-            rows.append(dict(alpha=a, **row))
-            if curve is not None:
-                curves.append(curve)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    settings = dict(n=int(x.shape[0]), steps=steps, learning_rate=learning_rate,
-                    batch_size=batch_size, optimizer="GD" if batch_size is None else "SGD")
+    def make(a, s):
+        base = build(s)
+        return scaled(centered(base) if center else base, a)
+
+    runs = [(a, s, (lambda a=a, s=s: make(a, s)), 1.0 / a ** 2) for a in al for s in seeds]
+    rows, curves, settings = _sweep_runs("alpha", runs, x, y, progress=progress, steps=steps,
+                                         learning_rate=learning_rate, lr_fraction=lr_fraction,
+                                         batch_size=batch_size, linearization=linearization,
+                                         hessian_outer=hessian_outer,
+                                         hessian_steps=hessian_steps,
+                                         record_every=record_every, x_eval=x_eval)
     return LazySweep("alpha", parameterization or label, rows, curves, settings,
                      centered=bool(center))

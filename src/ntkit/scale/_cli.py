@@ -162,9 +162,8 @@ def run_solve(args: argparse.Namespace) -> int:
         out = args.predict_out or "predictions.npy"
         np.save(out, pred.numpy())
         written.append(out)
-    print("wrote:")
-    for p in written:
-        print(f"  {os.path.abspath(p)}")
+    from ..cli import print_written
+    print_written(written)
     return 0
 
 
