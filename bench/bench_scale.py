@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--diag-reg", type=float, default=1e-4)
     ap.add_argument("--method", default="auto", choices=("auto", "cholesky", "cg"))
     ap.add_argument("--tol", type=float, default=1e-6)
-    ap.add_argument("--cg-maxiter", type=int, default=60,
+    ap.add_argument("--cg-maxiter", type=int, default=150,
                     help="also solve by CG streaming the store, at most this many passes (0: no)")
     ap.add_argument("--ratio-n", type=int, default=3000,
                     help="examples of the in-process vs 2-worker cluster comparison (0: skip)")
