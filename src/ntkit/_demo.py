@@ -232,6 +232,7 @@ def build_report(path: str, *, quick: bool = False, kernel_rows: Optional[List[D
     arch = _dyn_arch()
     res = train_and_compare(arch, x_tr, Y, x_te, widths=S["dyn_widths"], steps=S["dyn_steps"],
                             seeds=S["dyn_seeds"], y_test=Y_te, progress=False)
+    log(res.to_text())
     rep.heading("2. Real networks vs the NTK prediction")
     rep.text(f"One-hidden-layer ReLU networks (NTK parameterization, 10 outputs) trained by "
              f"full-batch gradient descent on {S['n_dyn']} digits (loss 1/2 mean (f - y)^2, "
