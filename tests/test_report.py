@@ -13,12 +13,20 @@ from ntkit.report import Report
 matplotlib = pytest.importorskip("matplotlib")
 
 
+def _works(path):
+    """A browser binary that actually runs (Ubuntu's snap stubs for chromium do not)."""
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
+    names = [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")]
+    for path in [p for p in names if p] + ["/usr/bin/chromium"]:
+        if os.path.exists(path) and _works(path):
             return path
-    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+    return None
 
 
 _CHECK = """<script>
