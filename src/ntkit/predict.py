@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ._linalg import as_square_matrix, factorize
+from ._validation import check_positive as _positive
 
 __all__ = [
     "gradient_descent_mse",
@@ -101,17 +102,6 @@ def _targets(y: Any, n: int) -> torch.Tensor:
     if y.numel() == 0:
         raise ValueError("`y_train` is empty")
     return y
-
-
-def _positive(v: Any, name: str, allow_zero: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a number, got {v!r}") from None
-    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be {'non-negative' if allow_zero else 'positive'} and "
-                         f"finite, got {v!r}")
-    return f
 
 
 def _times(t: Any, name: str = "t") -> Tuple[Optional[torch.Tensor], Tuple[int, ...]]:

@@ -317,3 +317,18 @@ def test_get_nngp_only_and_ntk_only_match_both(name):
         torch.testing.assert_close(nngp, both.nngp, rtol=0, atol=0)
         torch.testing.assert_close(only.nngp, both.nngp, rtol=0, atol=0)
         torch.testing.assert_close(ntk, both.ntk, rtol=0, atol=0)
+
+
+def test_tiled_symmetric_kernel_is_exactly_symmetric():
+    """With x2=None and several tiles, every diagonal tile of a pooled kernel is made exactly
+    symmetric (pooling sums the (p, q) and (q, p) halves in different orders), and the tiled
+    result matches the one-tile result."""
+    arch = nl.serial(nl.Conv(4, (3, 3), padding="SAME"), nl.Relu(), nl.AvgPool((2, 2)),
+                     nl.Conv(4, (2, 2)), nl.Erf(), nl.GlobalAvgPool(), nl.Dense(1))
+    x = torch.randn(7, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    whole = arch.kernel(x)
+    for tile in (3, 4):
+        k = arch.kernel(x, tile=tile)
+        for a, b in ((k.nngp, whole.nngp), (k.ntk, whole.ntk)):
+            assert torch.equal(a, a.T)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
