@@ -22,7 +22,10 @@ Every line compares, in the same run:
   (``fraction_of_lower_bound``; streaming from L3/DRAM, so an in-cache implementation can beat
   it: fractions > 1) and on 32K-element L2-resident arrays
   (``fraction_of_lower_bound_in_cache``, the stricter bound);
-* ``nt_recorded``: neural-tangents' own ms/entry on our 2-core CPU (shared/reference).
+* ``nt_recorded``: neural-tangents' own ms/entry on our 2-core CPU (shared/reference);
+* ``torch_path``: ntkit's own eager-torch implementation (``NTKIT_FUSED=0``: separable
+  shifted-slice stencils and ~10-pass dual maps in cache-sized chunks), which the fused numba
+  kernels replace when numba is installed (``fused`` says which one the main timing used).
 
 Usage::
 
@@ -144,6 +147,16 @@ def run_case(top, n, hw, dtype, repeats, base_n, ops, tile=None, ops_l2=None):
     net.kernel(x[:3], dtype=dtype)  # warm-up
     t, k = best_of(lambda: net.kernel(x, dtype=dtype, tile=tile), repeats)
     ms = t / (n * n) * 1e3
+    from ntkit.layers import _fused
+    fused = _fused.enabled()
+    ms_torch = None
+    if fused:
+        os.environ["NTKIT_FUSED"] = "0"
+        try:
+            ms_torch = best_of(lambda: net.kernel(x, dtype=dtype, tile=tile),
+                               max(1, repeats - 1))[0] / (n * n) * 1e3
+        finally:
+            os.environ["NTKIT_FUSED"] = "1"
     xb = x[:base_n]
     tb, (bn, bk) = best_of(lambda: baseline(xb, top), max(1, repeats - 1))
     ms_base = tb / (base_n * base_n) * 1e3
@@ -155,7 +168,10 @@ def run_case(top, n, hw, dtype, repeats, base_n, ops, tile=None, ops_l2=None):
     nt = NT_MS_PER_ENTRY[(top, dtype)]
     return dict(
         bench=f"cntk_{top}", n=n, image=[3, hw, hw], dtype=str(dtype).split(".")[-1],
-        tile=tile, seconds=round(t, 4), ms_per_entry=float(f"{ms:.4g}"),
+        tile=tile, fused=fused, seconds=round(t, 4), ms_per_entry=float(f"{ms:.4g}"),
+        **({} if ms_torch is None else dict(
+            torch_path_ms_per_entry=float(f"{ms_torch:.4g}"),
+            speedup_vs_torch_path=round(ms_torch / ms, 2))),
         baseline_n=base_n, baseline_ms_per_entry=float(f"{ms_base:.4g}"),
         speedup_vs_baseline=round(ms_base / ms, 2),
         nt_recorded_ms_per_entry=nt, speedup_vs_nt_recorded=round(nt / ms, 2),

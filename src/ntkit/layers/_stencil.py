@@ -23,6 +23,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from . import _fused
+
 Tensor = torch.Tensor
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
@@ -249,7 +251,11 @@ def conv_full(t: Tensor, batch_ndim: int, filt: Sequence[int], strides: Sequence
 
     Separable: one joint-shift window sum per spatial dimension ``d`` over the axis pair
     ``(p_d, q_d)``, so a 3x3 filter costs 2 + 2 passes instead of 9 shifted adds. Large
-    arrays go entry chunk by entry chunk (``STENCIL_CHUNK_BYTES``)."""
+    arrays go entry chunk by entry chunk (``STENCIL_CHUNK_BYTES``). 1-D/2-D on CPU: one fused
+    pass instead (:mod:`ntkit.layers._fused`) when numba is installed."""
+    fused = _fused_conv(t, batch_ndim, filt, strides, pads, circular, alpha, base, True)
+    if fused is not None:
+        return fused
     nb = prod(t.shape[:batch_ndim])
     per = t.numel() // max(nb, 1) * t.element_size()
     if batch_ndim and nb > 1 and t.numel() * t.element_size() > STENCIL_CHUNK_BYTES:
@@ -283,12 +289,23 @@ def _conv_full(t: Tensor, batch_ndim: int, filt: Sequence[int], strides: Sequenc
 def conv_diag(t: Tensor, batch_ndim: int, filt: Sequence[int], strides: Sequence[int],
               pads: Pads, circular: bool, alpha: float = 1.0, base=None) -> Tensor:
     """``base + alpha * (conv stencil sum)`` on the diagonal layout ``(*batch, *S)``."""
+    fused = _fused_conv(t, batch_ndim, filt, strides, pads, circular, alpha, base, False)
+    if fused is not None:
+        return fused
     ns = len(filt)
     for d in range(ns):
         last = d == ns - 1
         t = window_sum(t, (batch_ndim + d,), filt[d], strides[d], *pads[d], circular,
                        alpha if last else 1.0, base if last else None)
     return t
+
+
+def _fused_conv(t, batch_ndim, filt, strides, pads, circular, alpha, base, full):
+    """The fused single-pass stencil, or ``None`` where it does not apply."""
+    if not _fused.conv_ok(filt, strides, pads, circular) or \
+            not _fused.usable(t, base if torch.is_tensor(base) else None):
+        return None
+    return _fused.conv(t, batch_ndim, filt, pads, alpha, base, full)
 
 
 def pool_full(t: Tensor, batch_ndim: int, window: Sequence[int], strides: Sequence[int],

@@ -8,6 +8,9 @@ symmetric kernel the exact one-point maps are used (no cancellation in float32).
 
 Cost per kernel entry: about ten elementwise passes (one ``atan2`` for the arc-cosine family,
 one ``exp``/``sqrt`` for the others); ``Elementwise`` costs ``2 deg^2`` evaluations of ``fn``.
+With numba installed, the arc-cosine family (``Relu``, ``LeakyRelu``, ``Abs``, ``ABRelu``) on
+image layouts is one fused pass (one division, one square root, a polynomial ``atan``;
+:mod:`ntkit.layers._fused`).
 """
 from __future__ import annotations
 
@@ -58,10 +61,15 @@ class Activation(Layer):
         """``(E[phi(u)^2], E[phi'(u)^2])`` for ``u ~ N(0, v)``; default: ``cross(v, v, v)``."""
         return self.cross(v, v, v, True)
 
+    def fused_params(self):
+        """``(f, h)`` when the dual map is ``nngp' = f s + (h - f theta) c`` (arc-cosine family,
+        one fused pass available), else ``None``."""
+        return None
+
     def kernel_map(self, k: Kernel) -> Kernel:
         if isinstance(k, tuple):
             raise ValueError(f"{type(self).__name__} received several branches; merge them first")
-        return apply_elementwise(k, self.cross, self.self_map)
+        return apply_elementwise(k, self.cross, self.self_map, self.fused_params())
 
     def build(self, in_shape, ctx: BuildContext, followed: bool):
         return ActivationModule(self.fn, repr(self)), in_shape
@@ -96,6 +104,9 @@ class ABRelu(Activation):
     def self_map(self, v):
         h = (self.a ** 2 + self.b ** 2) / 2
         return v * h, torch.full_like(v, h)
+
+    def fused_params(self):
+        return (self.a - self.b) ** 2 / (2 * _PI), (self.a ** 2 + self.b ** 2) / 2
 
 
 def Relu() -> ABRelu:

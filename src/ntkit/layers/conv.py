@@ -14,7 +14,9 @@ additions (:mod:`ntkit.layers._stencil`), separable over spatial dimensions.
 Cost per layer: ``sum_d (f_d - 1)`` adds per output entry for the NNGP and again for the NTK
 (a 3x3 filter: 2 + 2 passes per array; the ``W_std^2 / |F|`` scale, the bias and the NTK's
 ``+ nngp'`` ride on the last pass); entries are ``n1 n2 P`` (diagonal layout, ``P`` pixels) or
-``n1 n2 P^2`` (full layout, needed under pooling / GlobalAvgPool). The self-covariances of the
+``n1 n2 P^2`` (full layout, needed under pooling / GlobalAvgPool). With numba installed, 1-D/2-D
+stride-1 size-preserving zero-padded convs (e.g. 'SAME') run as one fused pass per array
+instead (all taps of a 3x3 filter in one vectorized loop: :mod:`ntkit.layers._fused`). The self-covariances of the
 examples go through :func:`ntkit.layers._ops.memo_self`, so a tiled evaluation maps each block's
 once, not once per tile.
 

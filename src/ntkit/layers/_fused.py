@@ -1,0 +1,224 @@
+"""Single-pass fused CPU kernels for the hot loops of convolutional kernels (optional numba).
+
+Why: in eager torch a Conv stencil costs ``2 sum_d (f_d - 1)`` passes and an arc-cosine dual
+map ~10 passes (product, sqrt, atan2, scale, ...), each over the whole pixel-pair array; fused,
+each map is one pass that reads its inputs once, with float64 arithmetic in registers for
+float32 storage. Used automatically for CPU float32/float64 tensors when numba is installed
+(``pip install ntkit[fast]``) and ``NTKIT_FUSED`` is not ``0``: 1-D and 2-D convolutions with zero
+padding (circular ones are wrapped first) on both spatial layouts, and the ``ABRelu`` family
+(ReLU, leaky ReLU, Abs) on the spatial layouts. Everything else keeps the torch path, which is
+also the reference the fused kernels are tested against.
+
+Threads: ``torch.get_num_threads()`` (one thread calls the serial kernels, so tiles computed
+single-threaded in the scale executors never touch numba's thread pool). Each output row is
+computed by one thread with the same code, so results do not depend on the thread count.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+_K = None          # the kernels module, or False when numba is missing / disabled
+_LOCK = threading.Lock()  # numba's workqueue layer must not be entered by two threads at once
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        try:
+            from . import _fused_kernels as k
+            _K = k
+        except Exception:  # numba missing or broken: the torch path serves
+            _K = False
+    return _K
+
+
+def enabled() -> bool:
+    """Whether the fused kernels are in use (numba importable and ``NTKIT_FUSED != '0'``)."""
+    return os.environ.get("NTKIT_FUSED", "1") != "0" and bool(_kernels())
+
+
+def usable(*ts: Optional[Tensor]) -> bool:
+    """All given tensors on CPU, float32/float64 and one dtype, and the kernels enabled."""
+    ts = [t for t in ts if t is not None]
+    if not ts or not enabled():
+        return False
+    dt = ts[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dt and not t.requires_grad for t in ts) \
+        and dt in (torch.float32, torch.float64)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """Flat numpy view (a copy only when ``t`` is not contiguous)."""
+    return t.detach().contiguous().numpy().reshape(-1)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _call(serial, parallel, *args, acc_len: int = 0, acc_dtype=None, rows: int = 1):
+    nt = min(_threads(), max(1, rows))
+    if nt > 1:
+        import numba
+        nt = min(nt, numba.config.NUMBA_NUM_THREADS)
+    if acc_len:
+        args = args + (np.zeros((nt, acc_len), dtype=acc_dtype),)
+    if nt == 1:
+        return serial(*args)
+    import numba
+    with _LOCK:
+        prev = numba.get_num_threads()
+        if prev != nt:
+            numba.set_num_threads(nt)
+        try:
+            return parallel(*args)
+        finally:
+            if prev != nt:
+                numba.set_num_threads(prev)
+
+
+# Outputs of the fused activation are allocated inside a zero-margined buffer laid out as the
+# 3x3 stencil wants its input (``margin(W)`` zeros, the data, ``margin(W)`` zeros, a zero
+# plane, ``margin(W)`` zeros), so the next Conv reads them in place instead of copying. The tensor carries
+# the buffer and its geometry as attributes (only tensors made here have them).
+_PAD_ATTR = "_ntkit_padded"
+
+
+def margin(w: int) -> int:
+    """Zeros around a padded source: the largest 3x3 tap shift, ``2 W + 2`` (padding 0 or 2)."""
+    return 2 * w + 2
+
+
+def _padded_empty(shape, dtype: torch.dtype, h: int, w: int) -> Tensor:
+    n = int(np.prod(shape))
+    mg, npix = margin(w), h * w
+    ty = np.float32 if dtype == torch.float32 else np.float64
+    buf = np.empty(mg + n + mg + npix + mg, dtype=ty)
+    buf[:mg] = 0
+    buf[mg + n:] = 0
+    out = torch.from_numpy(buf[mg:mg + n]).view(shape)
+    setattr(out, _PAD_ATTR, (buf, h, w))
+    return out
+
+
+def _padded_source(t: Tensor, h: int, w: int, src: np.ndarray):
+    """``(buffer, zero-block offset)`` for the 3x3 kernel: ``t``'s own buffer when it was made
+    by :func:`_padded_empty` with this geometry and is untouched in layout, else a copy."""
+    mg, npix, n = margin(w), h * w, src.shape[0]
+    info = getattr(t, _PAD_ATTR, None)
+    if info is not None and info[1] == h and info[2] == w and t.is_contiguous():
+        buf = info[0]
+        if buf.shape[0] == mg + n + mg + npix + mg and \
+                t.data_ptr() == buf.ctypes.data + mg * buf.itemsize:
+            return buf, mg + n + mg
+    tp = np.empty(mg + n + mg + npix + mg, dtype=src.dtype)
+    tp[:mg] = 0
+    tp[mg:mg + n] = src
+    tp[mg + n:] = 0
+    return tp, mg + n + mg
+
+
+_MASKS = {}
+
+
+def _col_masks(npix: int, w: int, lo2: int, f2: int, dtype) -> np.ndarray:
+    """0/1 validity of each tap column ``k2`` at every output pixel, flat ``(f2 * npix,)``."""
+    key = (npix, w, lo2, f2, np.dtype(dtype).str)
+    mk = _MASKS.get(key)
+    if mk is None:
+        q2 = np.arange(npix) % w
+        mk = np.stack([(q2 + k2 - lo2 >= 0) & (q2 + k2 - lo2 < w) for k2 in range(f2)])
+        mk = _MASKS.setdefault(key, mk.astype(dtype).reshape(-1))
+    return mk
+
+
+def _consts(dtype, *vals):
+    """A tuple of numpy scalars of ``dtype`` (numba types it as that dtype)."""
+    ty = np.float32 if dtype == torch.float32 else np.float64
+    return tuple(ty(v) for v in vals)
+
+
+def conv_ok(filt: Sequence[int], strides: Sequence[int], pads, circular: bool) -> bool:
+    """Whether the fused stencil covers this conv: 1-D/2-D, stride 1, zero padding that keeps
+    the size (``lo + hi = f - 1``, e.g. 'SAME' with any filter)."""
+    return (len(filt) in (1, 2) and not circular and all(s == 1 for s in strides)
+            and all(lo + hi == f - 1 for f, (lo, hi) in zip(filt, pads)))
+
+
+def conv(t: Tensor, batch_ndim: int, filt: Sequence[int], pads, alpha: float, base,
+         full: bool) -> Tensor:
+    """``base + alpha * stencil(t)`` (see :func:`conv_ok` for the cases covered), ``t`` of
+    layout ``(*batch, *S, *S)`` (``full``) or ``(*batch, *S)``; same shape out."""
+    k = _kernels()
+    ns = len(filt)
+    sp = tuple(t.shape[batch_ndim:batch_ndim + ns])
+    if ns == 1:  # as 2-D with a singleton first axis
+        filt, pads, sp = (1,) + tuple(filt), ((0, 0),) + tuple(pads), (1,) + sp
+    (f1, f2), ((lo1, _), (lo2, _)) = filt, pads
+    h, w = sp
+    npix = h * w
+    m = t.numel() // (npix * npix if full else npix)
+    planes = m * npix if full else m
+    out = torch.empty(t.shape, dtype=t.dtype)
+    has_base = torch.is_tensor(base) and base.ndim > 0
+    if has_base:
+        b = _np(torch.broadcast_to(base.to(t.dtype), t.shape))
+        beta = 0.0
+    else:
+        b = np.zeros(1, dtype=out.numpy().dtype)
+        beta = 0.0 if base is None else float(base)
+    al, be = _consts(t.dtype, alpha, beta)
+    src = _np(t)
+    o = out.numpy().reshape(-1)
+    mk = _col_masks(npix, w, lo2, f2, b.dtype)
+    if f1 == 3 and f2 == 3 and h >= 2:
+        tp, zoff = _padded_source(t, h, w, src)
+        _call(k.conv3x3_serial, k.conv3x3_parallel, tp, o, b, has_base, mk, h, w, lo1, lo2,
+              al, be, bool(full), zoff, planes, rows=planes)
+        return out
+    _call(k.conv_serial, k.conv_parallel, src, o, b, has_base, mk,
+          h, w, f1, f2, lo1, lo2, al, be, bool(full), planes, acc_len=npix, acc_dtype=b.dtype,
+          rows=planes)
+    return out
+
+
+def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Tensor],
+         need_dot: bool, full: bool, self_pairs: bool = False):
+    """The ``ABRelu`` dual map in one pass.
+
+    ``c``: ``(n1, n2, *S, *S)`` (``full``) or ``(n1, n2, *S)``, or with ``self_pairs`` the
+    self-covariances ``(n, *S, *S)`` (``v1 = v2``). ``v1``, ``v2``: per-example pixel variances
+    ``(n1, *S)``, ``(n2, *S)``. Returns ``(nngp', ntk * dot)`` when ``ntk`` is given, else
+    ``(nngp', dot or None)``.
+    """
+    k = _kernels()
+    n1, n2 = v1.shape[0], v2.shape[0]
+    p = v1[0].numel()
+    if self_pairs:
+        ia = ib = np.arange(n1, dtype=np.int64)
+    else:
+        ia = np.repeat(np.arange(n1, dtype=np.int64), n2)
+        ib = np.tile(np.arange(n2, dtype=np.int64), n1)
+    rows = p if full else 1
+    sp = tuple(v1.shape[1:])
+    ph, pw = (sp if len(sp) == 2 else (1, sp[0])) if len(sp) in (1, 2) else (1, p)
+    out = _padded_empty(c.shape, c.dtype, ph, pw)
+    mode = 0 if ntk is not None else (1 if need_dot else 2)
+    d = _padded_empty(c.shape, c.dtype, ph, pw) if mode != 2 else out
+    nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
+    consts = _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h)
+    coef = _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64))
+    _call(k.relu_serial, k.relu_parallel, _np(c), _np(v1), _np(v2), ia, ib, nt,
+          out.numpy().reshape(-1), d.numpy().reshape(-1), rows, p, mode, bool(full), consts,
+          coef, rows=ia.shape[0] * rows)
+    if mode == 2:
+        return out, None
+    return out, d

@@ -1,0 +1,306 @@
+"""Numba kernels behind :mod:`ntkit.layers._fused` (imported only when numba is installed).
+
+Every kernel walks whole pixel planes (``P`` contiguous numbers) in its innermost loop, so LLVM
+vectorizes it, and computes in the storage dtype (float32 stays float32, as in the torch path).
+Constants come in as tuples of that dtype (``K = (0, 1, pi, pi/2, f, h)``; ``A``: polynomial
+coefficients), so nothing is promoted to float64 by accident.
+
+The arc-cosine angle ``theta = atan2(s, c)`` (``s >= 0``) is reduced to ``atan(t)``,
+``t = min(|c|, s) / max(|c|, s)`` in ``[0, 1]``, then ``theta = pi/2 - atan(t)`` if ``s > |c|``
+and ``pi - theta`` if ``c < 0``; ``atan(t) = t + t^3 g(t^2)`` with ``g`` a polynomial fitted to
+Chebyshev nodes on ``[0, 1]`` (degree 8 for float32: 1.0e-7 relative, under one ulp; degree 20
+for float64: 2.2e-16), so there is one division and no library call: the loop vectorizes.
+Coefficients: :data:`ATAN_F32`, :data:`ATAN_F64` (highest degree first; derived in
+``tests/layers/test_fused.py``, which checks them against ``numpy.arctan``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, uint64
+from numba.extending import overload
+
+ATAN_F32 = (-0.0024470311881932658, 0.013750284156159608, -0.03627017419515582,
+            0.0628436091068393, -0.08673170869031231, 0.11037994282193359, -0.14279110915778248,
+            0.1999976599856871, -0.3333333195079797)
+ATAN_F64 = (-6.341547937287325e-06, 8.085744031772107e-05, -0.0004871669016594701,
+            0.0018543026037415602, -0.00504044746322675, 0.010520519863906211,
+            -0.017783082611514938, 0.02549181132808594, -0.0323834020133781,
+            0.03802224039926275, -0.042797293109198234, 0.04743174021497816,
+            -0.05259108805649772, 0.058816788983540105, -0.0666658251899143, 0.07692300090031509,
+            -0.0909090861799711, 0.11111111092285501, -0.14285714285287895, 0.19999999999995574,
+            -0.33333333333333315)
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+# helpers are inlined at numba-IR level so that LLVM sees (and vectorizes) one flat loop
+_INLINE = dict(_JIT, inline="always")
+
+
+def horner(A, x):  # pragma: no cover - replaced by the overload in compiled code
+    """``A[0] x^(n-1) + ... + A[n-1]``."""
+    u = 0.0
+    for a in A:
+        u = u * x + a
+    return u
+
+
+@overload(horner, inline="always")
+def _horner_impl(A, x):
+    # written out for the tuple's length: a loop over a tuple compiles to a jump table, which
+    # blocks vectorization
+    n = A.count
+    expr = "A[0]"
+    for i in range(1, n):
+        expr = f"({expr}) * x + A[{i}]"
+    scope = {}
+    exec(f"def impl(A, x):\n    return {expr}\n", scope)
+    return scope["impl"]
+
+
+@njit(**_INLINE)
+def theta(ts, tc, K, A):
+    """``atan2(ts, tc)`` for ``ts >= 0`` (in ``[0, pi]``); ``pi / 2`` when both are zero."""
+    # (local names are unique: numba inlines this into callers at IR level)
+    th_zero = K[0]
+    th_ax = abs(tc)
+    th_mx = max(th_ax, ts)
+    th_mn = min(th_ax, ts)
+    th_t = th_mn / th_mx if th_mx > th_zero else th_zero
+    th_x2 = th_t * th_t
+    th_r = th_t + th_t * th_x2 * horner(A, th_x2)
+    th_r = K[3] - th_r if ts > th_ax else th_r
+    th_r = K[2] - th_r if tc < th_zero else th_r
+    return th_r if th_mx > th_zero else K[3]
+
+
+# ---- arc-cosine (ABRelu family) dual map ------------------------------------------------------
+# nngp' = f s + dot c, dot = h - f theta, s = sqrt(max(v1 v2 - c^2, 0)), theta = atan2(s, c).
+# C, OUT, D, NTK: flat (M * R * Q); row (m, r) covers Q numbers. Variances: V1[ia[m] * R + r]
+# times V2[ib[m] * Q + q] (full: pixel pairs), or V1[ia[m] * Q + q] V2[ib[m] * Q + q] (diag).
+# mode 0: D = NTK * dot; 1: D = dot; 2: no D.
+
+@njit(**_INLINE)
+def _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row):
+    # Flat unsigned indices: numba wraps negative signed indices around, a select per access
+    # that blocks vectorization; with uint64 there is no such check.
+    m = row // R
+    r = row - m * R
+    base = uint64(row * Q)
+    zero, f, h = K[0], K[4], K[5]
+    b2 = uint64(ib[m] * Q)
+    b1 = uint64(ia[m] * Q)
+    n = uint64(Q)
+    if full:
+        a = V1[ia[m] * R + r]
+        if mode == 0:
+            for q in range(n):
+                c = C[base + q]
+                s = math.sqrt(max(a * V2[b2 + q] - c * c, zero))
+                dot = h - f * theta(s, c, K, A)
+                OUT[base + q] = f * s + dot * c
+                D[base + q] = NTK[base + q] * dot
+        else:
+            for q in range(n):
+                c = C[base + q]
+                s = math.sqrt(max(a * V2[b2 + q] - c * c, zero))
+                dot = h - f * theta(s, c, K, A)
+                OUT[base + q] = f * s + dot * c
+                if mode == 1:
+                    D[base + q] = dot
+    else:
+        if mode == 0:
+            for q in range(n):
+                c = C[base + q]
+                s = math.sqrt(max(V1[b1 + q] * V2[b2 + q] - c * c, zero))
+                dot = h - f * theta(s, c, K, A)
+                OUT[base + q] = f * s + dot * c
+                D[base + q] = NTK[base + q] * dot
+        else:
+            for q in range(n):
+                c = C[base + q]
+                s = math.sqrt(max(V1[b1 + q] * V2[b2 + q] - c * c, zero))
+                dot = h - f * theta(s, c, K, A)
+                OUT[base + q] = f * s + dot * c
+                if mode == 1:
+                    D[base + q] = dot
+
+
+@njit(**_JIT)
+def relu_serial(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
+    for row in range(ia.shape[0] * R):
+        _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
+
+
+@njit(parallel=True, **_JIT)
+def relu_parallel(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
+    for row in prange(ia.shape[0] * R):
+        _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
+
+
+# ---- conv stencil, stride 1, output size = input size ----------------------------------------
+# A plane is one (H, W) image of P = H W numbers. Full layout T (M, H, W, H, W): plane (m, p)
+# holds the covariances of pixel p of x1 with every pixel of x2; diag layout T (M, H, W): one
+# plane per m. For each output plane and tap d = (k1 - lo1, k2 - lo2):
+#   out[q] += T[src plane][q + d1 W + d2]   over q with q1 + d1 in [0, H), q2 + d2 in [0, W)
+# (src plane = (m, p + d), skipped outside the image, for full; m itself for diag). The q2
+# condition is a 0/1 column mask MK[k2, q] (exact: finite values times 1 or 0), so each tap is
+# one long contiguous loop. out = beta + alpha * sum (or BASE[...] + alpha * sum).
+
+@njit(**_INLINE)
+def _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl, acc):
+    P = H * W
+    zero = beta - beta
+    for q in range(P):
+        acc[q] = zero
+    if full:
+        m = pl // P
+        p = pl - m * P
+        p1 = p // W
+        p2 = p - p1 * W
+    else:
+        m = pl
+        p1 = 0
+        p2 = 0
+    for k1 in range(f1):
+        d1 = k1 - lo1
+        if full and (p1 + d1 < 0 or p1 + d1 >= H):
+            continue
+        qa = max(0, -d1) * W
+        qb = min(H, H - d1) * W
+        for k2 in range(f2):
+            d2 = k2 - lo2
+            if full and (p2 + d2 < 0 or p2 + d2 >= W):
+                continue
+            sh = d1 * W + d2
+            lo = max(qa, -sh)
+            hi = min(qb, P - sh)
+            src = (m * P + (p1 + d1) * W + (p2 + d2)) * P + sh if full else m * P + sh
+            a_ = acc[lo:hi]  # views: loops from 0 vectorize (see _relu_row)
+            t_ = T[src + lo:src + hi]
+            if d2 == 0:
+                for q in range(hi - lo):
+                    a_[q] += t_[q]
+            else:
+                mk = MK[k2 * P + lo:k2 * P + hi]
+                for q in range(hi - lo):
+                    a_[q] += t_[q] * mk[q]
+    o_ = O[pl * P:pl * P + P]
+    if has_base:
+        b_ = BASE[pl * P:pl * P + P]
+        for q in range(P):
+            o_[q] = b_[q] + alpha * acc[q]
+    else:
+        for q in range(P):
+            o_[q] = beta + alpha * acc[q]
+
+
+@njit(**_INLINE)
+def _tap_start(full, m, p1, p2, e1, e2, H, W, r0, r1, q0, mg, zoff):
+    """Index in the padded source of tap ``(e1, e2)`` at the first output of rows
+    ``[r0, r1)`` of plane ``(m, p1, p2)``; the zero block when the tap leaves the image."""
+    P = H * W
+    ok = r0 + e1 >= 0 and r1 - 1 + e1 < H
+    if full:
+        ok = ok and 0 <= p1 + e1 < H and 0 <= p2 + e2 < W
+        sp = m * P + (p1 + e1) * W + (p2 + e2)
+    else:
+        sp = m
+    sh = e1 * W + e2 + q0
+    return uint64(mg + sp * P + sh) if ok else uint64(zoff + sh)
+
+
+@njit(**_INLINE)
+def _conv3x3_plane(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full, zoff, pl):
+    """One output plane of a 3x3 stencil: the nine taps in one vectorized loop.
+
+    ``Tp``: the source with ``2 W + 2`` zeros (the largest tap shift) before and after, then a
+    zero block (at ``zoff``, ``P`` zeros with such margins). Rows are cut into segments (each top/bottom edge
+    row, and the band where every row tap is inside the image); a tap whose source pixel or
+    row is outside the image reads the zero block, so it adds exact zeros. Shifted reads of the
+    left/right tap columns reach into the neighbouring row (finite values): the column masks
+    ``MK`` (0/1) zero them. Flat uint64 indices (see ``_relu_row``).
+    """
+    P = H * W
+    mg = 2 * W + 2
+    if full:
+        m = pl // P
+        p = pl - m * P
+        p1 = p // W
+        p2 = p - p1 * W
+    else:
+        m = pl
+        p1 = 0
+        p2 = 0
+    d1 = -lo1
+    d2 = -lo2
+    top = min(H, max(0, -d1))
+    bot = max(top, min(H, H - d1 - 2))
+    for seg in range(top + 1 + H - bot):
+        if seg < top:
+            r0, r1 = seg, seg + 1
+        elif seg == top:
+            r0, r1 = top, bot
+        else:
+            r0 = bot + seg - top - 1
+            r1 = r0 + 1
+        if r1 <= r0:
+            continue
+        q0 = r0 * W
+        # start index of each tap for this segment (source plane valid and row tap inside)
+        s00 = _tap_start(full, m, p1, p2, d1, d2, H, W, r0, r1, q0, mg, zoff)
+        s01 = _tap_start(full, m, p1, p2, d1, d2 + 1, H, W, r0, r1, q0, mg, zoff)
+        s02 = _tap_start(full, m, p1, p2, d1, d2 + 2, H, W, r0, r1, q0, mg, zoff)
+        s10 = _tap_start(full, m, p1, p2, d1 + 1, d2, H, W, r0, r1, q0, mg, zoff)
+        s11 = _tap_start(full, m, p1, p2, d1 + 1, d2 + 1, H, W, r0, r1, q0, mg, zoff)
+        s12 = _tap_start(full, m, p1, p2, d1 + 1, d2 + 2, H, W, r0, r1, q0, mg, zoff)
+        s20 = _tap_start(full, m, p1, p2, d1 + 2, d2, H, W, r0, r1, q0, mg, zoff)
+        s21 = _tap_start(full, m, p1, p2, d1 + 2, d2 + 1, H, W, r0, r1, q0, mg, zoff)
+        s22 = _tap_start(full, m, p1, p2, d1 + 2, d2 + 2, H, W, r0, r1, q0, mg, zoff)
+        k0, k1_, k2_ = uint64(q0), uint64(P + q0), uint64(2 * P + q0)
+        ob = uint64(pl * P + q0)
+        n = uint64((r1 - r0) * W)
+        if has_base:
+            for q in range(n):
+                sl = (Tp[s00 + q] + Tp[s10 + q] + Tp[s20 + q]) * MK[k0 + q]
+                sm = (Tp[s01 + q] + Tp[s11 + q] + Tp[s21 + q]) * MK[k1_ + q]
+                sr = (Tp[s02 + q] + Tp[s12 + q] + Tp[s22 + q]) * MK[k2_ + q]
+                O[ob + q] = BASE[ob + q] + alpha * ((sl + sm) + sr)
+        else:
+            for q in range(n):
+                sl = (Tp[s00 + q] + Tp[s10 + q] + Tp[s20 + q]) * MK[k0 + q]
+                sm = (Tp[s01 + q] + Tp[s11 + q] + Tp[s21 + q]) * MK[k1_ + q]
+                sr = (Tp[s02 + q] + Tp[s12 + q] + Tp[s22 + q]) * MK[k2_ + q]
+                O[ob + q] = beta + alpha * ((sl + sm) + sr)
+
+
+@njit(**_JIT)
+def conv3x3_serial(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full, zoff, planes):
+    for pl in range(planes):
+        _conv3x3_plane(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full, zoff, pl)
+
+
+@njit(parallel=True, **_JIT)
+def conv3x3_parallel(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full, zoff,
+                     planes):
+    for pl in prange(planes):
+        _conv3x3_plane(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full, zoff, pl)
+
+
+@njit(**_JIT)
+def conv_serial(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, planes,
+                acc):
+    for pl in range(planes):
+        _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl,
+                    acc[0])
+
+
+@njit(parallel=True, **_JIT)
+def conv_parallel(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, planes,
+                  acc):
+    nt = acc.shape[0]
+    per = (planes + nt - 1) // nt
+    for t in prange(nt):
+        for pl in range(t * per, min(planes, (t + 1) * per)):
+            _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl,
+                        acc[t])
