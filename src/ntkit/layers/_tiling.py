@@ -34,6 +34,9 @@ FC_TILE_CAP = 768
 #   diag (Flatten, n=200; one entry = 2 KiB f64 / 1 KiB f32), tile 4/8/16/24/32/48/64:
 #     f64 .056/.024/.028/.022/.021/.028/.032, f32 .051/.029/.021/.016/.015/.014/.019
 #     -> ~2 MiB per array (f64: 32x32, f32: 45x45).
+# With the fused numba kernels (one pass per map) the same caps were re-checked for GAP float32:
+# tiles 2/4/8 gave 0.68-0.81 / 0.76-0.79 / 0.66-0.72 ms per entry (within run-to-run noise),
+# tile 1 1.9 and tile 20 2.6 (per-call overhead / out of cache), so the caps stay.
 SPATIAL_TILE_BYTES = {"full": 1 << 20, "diag": 2 << 20}
 # Share of the budget left after the output that the self-covariance memo may use (the rest
 # is the tile's working set).
