@@ -12,6 +12,10 @@ also the reference the fused kernels are tested against.
 Threads: ``torch.get_num_threads()`` (one thread calls the serial kernels, so tiles computed
 single-threaded in the scale executors never touch numba's thread pool). Each output row is
 computed by one thread with the same code, so results do not depend on the thread count.
+Fork: numba's default (GNU OpenMP) layer aborts a forked child that runs a parallel kernel after
+the parent did; torch's own OpenMP pool already hangs such a child (also with
+``NTKIT_FUSED=0``), so start worker processes with 'spawn'/'forkserver' (Dask does). The
+fork-safe 'workqueue' layer was measured 1.7x slower end to end (many short parallel calls).
 """
 from __future__ import annotations
 
