@@ -5,7 +5,9 @@ Prints JSON lines. In the same run it measures
 * ``baseline``: neural-tangents' algorithm written in plain torch (whole-matrix elementwise maps,
   no symmetry, no tiling) — the same arithmetic NT runs, on this machine, now;
 * ``lower_bound``: the unavoidable work measured on this machine: the GEMM of the upper
-  triangle (half of ``x @ x.T``) plus one ``atan2`` per upper-triangle entry per layer.
+  triangle (half of ``x @ x.T``) plus one ``atan2`` per upper-triangle entry per layer;
+* ``torch_path``: ntkit with ``NTKIT_FUSED=0`` (the ReLU dual map as chunked torch passes
+  instead of the fused numba pass; ``fused`` says which one ``seconds`` used).
 Ratios (``speedup_vs_baseline``, ``fraction_of_lower_bound``) are what to compare across
 machines; neural-tangents' own time on our 2-core CPU (1.33 s f32 / 2.15 s f64, from
 shared/reference) is printed as ``speedup_vs_nt_recorded`` for context.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -78,6 +81,17 @@ def main():
         x = x64.to(dt)
         net.kernel(x[:64], dtype=dt)  # warm-up
         t_ours, k = best_of(lambda: net.kernel(x, dtype=dt), a.repeats)
+        from ntkit.layers import _fused
+        fused = _fused.enabled()
+        extra = {}
+        if fused:
+            os.environ["NTKIT_FUSED"] = "0"
+            try:
+                t_torch, _ = best_of(lambda: net.kernel(x, dtype=dt), a.repeats)
+            finally:
+                os.environ["NTKIT_FUSED"] = "1"
+            extra = dict(torch_path_seconds=round(t_torch, 4),
+                         speedup_vs_torch_path=round(t_torch / t_ours, 2))
         t_base, (bn, bk) = best_of(lambda: baseline(x), a.repeats)
         half = x[: a.n // 2]
         t_gemm, _ = best_of(lambda: x @ x.T, a.repeats)
@@ -91,7 +105,7 @@ def main():
         d64 = torch.diagonal(ref_n)
         print(json.dumps(dict(
             bench="fc_relu_3layer_nngp_ntk", n=a.n, d=a.d, dtype=str(dt).split(".")[-1],
-            seconds=round(t_ours, 4), baseline_seconds=round(t_base, 4),
+            fused=fused, seconds=round(t_ours, 4), **extra, baseline_seconds=round(t_base, 4),
             speedup_vs_baseline=round(t_base / t_ours, 2),
             speedup_vs_nt_recorded=round(NT_RECORDED[dt] / t_ours, 2),
             lower_bound_seconds=round(lower, 4),

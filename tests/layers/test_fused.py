@@ -180,3 +180,15 @@ def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("NTKIT_FUSED", "1")
     assert _fused.usable(torch.zeros(2, dtype=torch.float64))
     assert not _fused.usable(torch.zeros(2, dtype=torch.float16))
+
+
+def test_fused_fully_connected(monkeypatch):
+    """The FC layout (n1, n2) runs the same fused dual map, row by row."""
+    x1, x2 = _x(9, 5), _x(7, 5, seed=1)
+    arch = nl.serial(nl.Dense(64, 1.4, 0.1), nl.Relu(), nl.Dense(64, 1.3, 0.2),
+                     nl.LeakyRelu(0.2), nl.Dense(64), nl.Abs(), nl.Dense(2))
+    for args in ((x1, None), (x1, x2)):
+        ref, got = _both(monkeypatch, arch, *args)
+        assert _rel(got.nngp, ref.nngp) < 1e-14 and _rel(got.ntk, ref.ntk) < 1e-14
+    k = arch.kernel(x1, tile=4)
+    assert torch.equal(k.ntk, k.ntk.T)

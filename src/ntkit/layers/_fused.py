@@ -1,13 +1,14 @@
-"""Single-pass fused CPU kernels for the hot loops of convolutional kernels (optional numba).
+"""Single-pass fused CPU kernels for the hot loops of kernel maps (optional numba).
 
 Why: in eager torch a Conv stencil costs ``2 sum_d (f_d - 1)`` passes and an arc-cosine dual
-map ~10 passes (product, sqrt, atan2, scale, ...), each over the whole pixel-pair array; fused,
-each map is one pass that reads its inputs once, with float64 arithmetic in registers for
-float32 storage. Used automatically for CPU float32/float64 tensors when numba is installed
-(``pip install ntkit[fast]``) and ``NTKIT_FUSED`` is not ``0``: 1-D and 2-D convolutions with zero
-padding (circular ones are wrapped first) on both spatial layouts, and the ``ABRelu`` family
-(ReLU, leaky ReLU, Abs) on the spatial layouts. Everything else keeps the torch path, which is
-also the reference the fused kernels are tested against.
+map ~10 passes (product, sqrt, atan2, scale, ...), each over the whole array; fused, each map is
+one vectorized pass that reads its inputs once, computing in the storage dtype as the torch path
+does. Used automatically for CPU float32/float64 tensors when numba is installed
+(``pip install ntkit[fast]``) and ``NTKIT_FUSED`` is not ``0``: 1-D and 2-D stride-1 convs
+with zero padding that keeps the size, on both spatial layouts (3x3: one loop for all nine
+taps), and the ``ABRelu`` family (ReLU, leaky ReLU, Abs) on every layout, FC included.
+Everything else keeps the torch path, which is also the reference the fused kernels are tested
+against (``tests/layers/test_fused.py``).
 
 Threads: ``torch.get_num_threads()`` (one thread calls the serial kernels, so tiles computed
 single-threaded in the scale executors never touch numba's thread pool). Each output row is
@@ -205,6 +206,18 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     """
     k = _kernels()
     n1, n2 = v1.shape[0], v2.shape[0]
+    if v1.ndim == 1:  # fully connected (n1, n2): one block of n1 rows of n2
+        out = torch.empty(c.shape, dtype=c.dtype)
+        mode = 0 if ntk is not None else (1 if need_dot else 2)
+        d = torch.empty_like(out) if mode != 2 else out
+        nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
+        zero = np.zeros(1, dtype=np.int64)
+        _call(k.relu_serial, k.relu_parallel, _np(c), _np(v1), _np(v2), zero, zero, nt,
+              out.numpy().reshape(-1), d.numpy().reshape(-1), n1, n2, mode, True,
+              _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h),
+              _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64)),
+              rows=n1)
+        return (out, None) if mode == 2 else (out, d)
     p = v1[0].numel()
     if self_pairs:
         ia = ib = np.arange(n1, dtype=np.int64)

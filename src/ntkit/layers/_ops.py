@@ -127,7 +127,7 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
         raise ValueError("an activation needs Gaussian pre-activations: put a Dense/Conv layer "
                          "(or LayerNorm after one) before it")
     need_dot = k.ntk is not None
-    if fused is not None and k.n_spatial > 0 and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2):
+    if fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2):
         return _apply_fused(k, fused, cross, self_fn)
     v1, v2 = outer_vars(k)
     # FC tiles are already cache-sized by FC_TILE_CAP (chunking them measured 1.3x slower in
@@ -171,7 +171,7 @@ def _apply_fused(k: Kernel, fused: Tuple[float, float], cross, self_fn) -> Kerne
     nngp, ntk = _fused.relu(k.nngp, v1, v2, f, h, k.ntk, False, full)
 
     def self_map(cov):
-        if not full:
+        if not full or k.n_spatial == 0:
             return self_fn(cov)
         var = variances(cov, k)
         out, d = _fused.relu(cov, var, var, f, h, None, True, True, self_pairs=True)

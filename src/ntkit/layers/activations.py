@@ -9,7 +9,7 @@ symmetric kernel the exact one-point maps are used (no cancellation in float32).
 Cost per kernel entry: about ten elementwise passes (one ``atan2`` for the arc-cosine family,
 one ``exp``/``sqrt`` for the others); ``Elementwise`` costs ``2 deg^2`` evaluations of ``fn``.
 With numba installed, the arc-cosine family (``Relu``, ``LeakyRelu``, ``Abs``, ``ABRelu``) on
-image layouts is one fused pass (one division, one square root, a polynomial ``atan``;
+every layout (FC and images) is one fused pass (one division, one square root, a polynomial ``atan``;
 :mod:`ntkit.layers._fused`).
 """
 from __future__ import annotations
