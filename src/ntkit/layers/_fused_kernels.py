@@ -149,9 +149,11 @@ def relu_parallel(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
 
 @njit(**_INLINE)
 def _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl, acc):
+    """Any filter: one accumulation loop per tap over its valid range (flat uint64 indices,
+    see ``_relu_row``); ``MK[k2]`` masks the column wrap of shifted taps."""
     P = H * W
     zero = beta - beta
-    for q in range(P):
+    for q in range(uint64(P)):
         acc[q] = zero
     if full:
         m = pl // P
@@ -175,24 +177,26 @@ def _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, f
             sh = d1 * W + d2
             lo = max(qa, -sh)
             hi = min(qb, P - sh)
-            src = (m * P + (p1 + d1) * W + (p2 + d2)) * P + sh if full else m * P + sh
-            a_ = acc[lo:hi]  # views: loops from 0 vectorize (see _relu_row)
-            t_ = T[src + lo:src + hi]
+            if hi <= lo:
+                continue
+            sp = (m * P + (p1 + d1) * W + (p2 + d2)) * P if full else m * P
+            src = uint64(sp + sh + lo)
+            a0 = uint64(lo)
+            cnt = uint64(hi - lo)
             if d2 == 0:
-                for q in range(hi - lo):
-                    a_[q] += t_[q]
+                for q in range(cnt):
+                    acc[a0 + q] += T[src + q]
             else:
-                mk = MK[k2 * P + lo:k2 * P + hi]
-                for q in range(hi - lo):
-                    a_[q] += t_[q] * mk[q]
-    o_ = O[pl * P:pl * P + P]
+                mb = uint64(k2 * P + lo)
+                for q in range(cnt):
+                    acc[a0 + q] += T[src + q] * MK[mb + q]
+    ob = uint64(pl * P)
     if has_base:
-        b_ = BASE[pl * P:pl * P + P]
-        for q in range(P):
-            o_[q] = b_[q] + alpha * acc[q]
+        for q in range(uint64(P)):
+            O[ob + q] = BASE[ob + q] + alpha * acc[q]
     else:
-        for q in range(P):
-            o_[q] = beta + alpha * acc[q]
+        for q in range(uint64(P)):
+            O[ob + q] = beta + alpha * acc[q]
 
 
 @njit(**_INLINE)
@@ -290,9 +294,9 @@ def conv3x3_parallel(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, ful
 @njit(**_JIT)
 def conv_serial(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, planes,
                 acc):
+    a = acc[0]
     for pl in range(planes):
-        _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl,
-                    acc[0])
+        _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl, a)
 
 
 @njit(parallel=True, **_JIT)
@@ -301,6 +305,7 @@ def conv_parallel(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta,
     nt = acc.shape[0]
     per = (planes + nt - 1) // nt
     for t in prange(nt):
+        a = acc[t]
         for pl in range(t * per, min(planes, (t + 1) * per)):
             _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl,
-                        acc[t])
+                        a)
