@@ -148,6 +148,18 @@ def relu_parallel(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
 # one long contiguous loop. out = beta + alpha * sum (or BASE[...] + alpha * sum).
 
 @njit(**_INLINE)
+def _plane_index(pl, P, W, full):
+    """Output plane ``pl`` as ``(m, p1, p2)``: full layout ``pl = m P + p1 W + p2``; diagonal
+    layout ``pl = m`` (one plane per entry)."""
+    if full:
+        m = pl // P
+        p = pl - m * P
+        p1 = p // W
+        return m, p1, p - p1 * W
+    return pl, 0, 0
+
+
+@njit(**_INLINE)
 def _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl, acc):
     """Any filter: one accumulation loop per tap over its valid range (flat uint64 indices,
     see ``_relu_row``); ``MK[k2]`` masks the column wrap of shifted taps."""
@@ -155,15 +167,7 @@ def _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, f
     zero = beta - beta
     for q in range(uint64(P)):
         acc[q] = zero
-    if full:
-        m = pl // P
-        p = pl - m * P
-        p1 = p // W
-        p2 = p - p1 * W
-    else:
-        m = pl
-        p1 = 0
-        p2 = 0
+    m, p1, p2 = _plane_index(pl, P, W, full)
     for k1 in range(f1):
         d1 = k1 - lo1
         if full and (p1 + d1 < 0 or p1 + d1 >= H):
@@ -227,15 +231,7 @@ def _conv3x3_plane(Tp, O, BASE, has_base, MK, H, W, lo1, lo2, alpha, beta, full,
     """
     P = H * W
     mg = 2 * W + 2
-    if full:
-        m = pl // P
-        p = pl - m * P
-        p1 = p // W
-        p2 = p - p1 * W
-    else:
-        m = pl
-        p1 = 0
-        p2 = 0
+    m, p1, p2 = _plane_index(pl, P, W, full)
     d1 = -lo1
     d2 = -lo2
     top = min(H, max(0, -d1))

@@ -120,28 +120,39 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
     diagonal of every self-covariance (correlation exactly 1, where the two-point map would lose
     half the digits to ``sqrt(v1 v2 - c^2)``). Self-covariance maps go through
     :func:`memo_self`, so tiles sharing a block of examples compute them once.
-    ``fused = (f, h)``: the map is the arc-cosine one ``nngp' = f s + (h - f theta) c`` and may
-    run as one fused pass on spatial layouts (:mod:`ntkit.layers._fused`).
+    ``fused = (f, h)``: the map is the arc-cosine one ``nngp' = f s + (h - f theta) c`` and runs
+    as one fused pass when numba is available (:mod:`ntkit.layers._fused`).
     """
     if not k.is_gaussian:
         raise ValueError("an activation needs Gaussian pre-activations: put a Dense/Conv layer "
                          "(or LayerNorm after one) before it")
     need_dot = k.ntk is not None
+    full = k.n_spatial > 0 and not k.diagonal_spatial
     if fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2):
-        return _apply_fused(k, fused, cross, self_fn)
-    v1, v2 = outer_vars(k)
-    # FC tiles are already cache-sized by FC_TILE_CAP (chunking them measured 1.3x slower in
-    # bench_fc_kernel.py); spatial tiles are chunked.
-    nngp, dot, ntk = chunked_cross(cross, k.nngp, v1, v2, need_dot, k.ntk,
-                                   chunk=k.n_spatial > 0)
+        f, h = fused  # one fused pass (numba) for the arc-cosine family, any layout
+        v1 = variances(k.cov1, k)
+        v2 = v1 if k.cov2 is None else variances(k.cov2, k)
+        nngp, ntk = _fused.relu(k.nngp, v1, v2, f, h, k.ntk, False, full)
+
+        def pair_map(cov):  # full-layout self-covariance (n, *S, *S) -> (map, dot)
+            var = variances(cov, k)
+            return _fused.relu(cov, var, var, f, h, None, True, True, self_pairs=True)
+    else:
+        v1, v2 = outer_vars(k)
+        # FC tiles are already cache-sized by FC_TILE_CAP (chunking them measured 1.3x slower
+        # in bench_fc_kernel.py); spatial tiles are chunked.
+        nngp, dot, ntk = chunked_cross(cross, k.nngp, v1, v2, need_dot, k.ntk,
+                                       chunk=k.n_spatial > 0)
+
+        def pair_map(cov):
+            a, b = self_outer_vars(cov, k)
+            out, d, _ = chunked_cross(cross, cov, a, b, True)
+            return out.contiguous(), None if d is None else d.contiguous()
 
     def self_map(cov):
-        if k.n_spatial == 0 or k.diagonal_spatial:
+        if not full:
             return self_fn(cov)
-        a, b = self_outer_vars(cov, k)
-        out, d, _ = chunked_cross(cross, cov, a, b, True)
-        out = out.contiguous()
-        d = None if d is None else d.contiguous()
+        out, d = pair_map(cov)
         e, ed = self_fn(variances(cov, k))
         _set_pixel_diag(out, e, k.n_spatial)
         if d is not None:
@@ -149,38 +160,10 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
         return out, d
 
     try:
-        key = ("act", cross, self_fn, k.n_spatial, k.diagonal_spatial)
+        key = ("act", cross, self_fn, k.n_spatial, k.diagonal_spatial, fused is not None)
         hash(key)
     except TypeError:
         key = None
-    cov1, dot1 = memo_self(key, k.cov1, self_map)
-    cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map)[0]
-    if k.cov2 is None:  # exact batch diagonal
-        set_batch_diag(nngp, cov1)
-        if ntk is not None and dot1 is not None and dot1.shape == batch_diag(ntk).shape:
-            set_batch_diag(ntk, batch_diag(k.ntk) * dot1)
-    return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
-
-
-def _apply_fused(k: Kernel, fused: Tuple[float, float], cross, self_fn) -> Kernel:
-    """:func:`apply_elementwise` for the arc-cosine family with the fused one-pass kernel."""
-    f, h = fused
-    full = not k.diagonal_spatial
-    v1 = variances(k.cov1, k)
-    v2 = v1 if k.cov2 is None else variances(k.cov2, k)
-    nngp, ntk = _fused.relu(k.nngp, v1, v2, f, h, k.ntk, False, full)
-
-    def self_map(cov):
-        if not full or k.n_spatial == 0:
-            return self_fn(cov)
-        var = variances(cov, k)
-        out, d = _fused.relu(cov, var, var, f, h, None, True, True, self_pairs=True)
-        e, ed = self_fn(var)
-        _set_pixel_diag(out, e, k.n_spatial)
-        _set_pixel_diag(d, ed, k.n_spatial)
-        return out, d
-
-    key = ("act", cross, self_fn, k.n_spatial, k.diagonal_spatial, "fused")
     cov1, dot1 = memo_self(key, k.cov1, self_map)
     cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map)[0]
     if k.cov2 is None:  # exact batch diagonal
