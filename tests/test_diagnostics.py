@@ -260,3 +260,28 @@ def test_float32_multi_output_model_is_measured_in_float64():
     assert s.n_outputs == 15 and s.jacobian_norm == pytest.approx(
         float(torch.linalg.svdvals(J)[0]) / math.sqrt(15), rel=1e-5)
     assert next(net.parameters()).dtype == torch.float32            # the model is untouched
+
+
+def test_diverged_runs_raise_instead_of_fitting_slopes():
+    """``ntkit lazy --lr 1e6``: losses of 1e231 used to be fitted and printed next to theory."""
+    x, y = data(12, 4)
+    arch = nl.serial(nl.Dense(64), nl.Erf(), nl.Dense(1))
+    hess = dict(hessian_steps=2, hessian_outer=1)
+    with pytest.raises(ValueError, match=r"width=8, seed=0.*diverged.*learning_rate.*stable "
+                                         r"limit.*no slopes"):
+        dg.width_sweep(arch, x, y, widths=(8, 16), seeds=(0,), steps=5, learning_rate=1e6,
+                       **hess)
+    net = arch.module(in_shape=4, width=16, seed=0)
+    with pytest.raises(ValueError, match="alpha=1.*diverged"):
+        dg.alpha_sweep(net, x, y, alphas=(1, 4), steps=5, learning_rate=1e6, **hess)
+    # moderately above the stable limit: the linearized network provably diverges (its top mode
+    # grows by |1 - 3| = 2 per step), so no lin_gap is measured against a blown-up model
+    limit = 2 * x.shape[0] / float(torch.linalg.eigvalsh(dg._full_ntk(net, x))[-1])
+    with pytest.raises(ValueError, match=r"diverged.*learning_rate") as e:
+        dg.train(arch.module(in_shape=4, width=16, seed=0), x, y, steps=40,
+                 learning_rate=1.5 * limit, measure_kernel_drift=False)
+    assert f"{limit:.4g}" in str(e.value)
+    # just below the limit nothing is flagged
+    rec = dg.train(arch.module(in_shape=4, width=16, seed=0), x, y, steps=40,
+                   learning_rate=0.9 * limit, measure_kernel_drift=False)
+    assert rec.loss[-1] < rec.loss[0]

@@ -6,9 +6,13 @@ float32 Cholesky fails and predictions become NaN). Here every kernel matrix is
 * converted to float64 (whatever the input dtype) and symmetrized;
 * regularized with a ridge relative to its mean diagonal (``diag_reg * trace(K) / n``), or an
   absolute one on request — neural-tangents' ``diag_reg`` convention;
-* factorized lazily: Cholesky for linear solves, with a fallback to the eigendecomposition
-  (pseudo-inverse, eigenvalues below ``n * eps * lambda_max`` treated as zero) when Cholesky
-  fails; ``eigh`` for functions of the matrix (``exp(-K t)`` ...);
+* factorized lazily: ``eigh`` for functions of the matrix (``exp(-K t)``, the pseudo-inverse:
+  everything in :mod:`ntkit.predict`), Cholesky for plain linear solves
+  (:meth:`Factorization.solve`, with a pseudo-inverse fallback when the matrix is singular);
+* one numerical-null threshold: eigenvalues at or below ``cutoff = n * eps(dtype) * lambda_max``
+  (``dtype`` the kernel's own floating type, float32 -> 1.2e-7, float64 -> 2.2e-16) are
+  indistinguishable from rounding noise in the kernel and are treated as exactly zero
+  (:meth:`Factorization.spectrum`), the default tolerance of ``numpy.linalg.matrix_rank``;
 * checked: a matrix whose most negative eigenvalue is below ``-psd_tol * lambda_max`` raises a
   ``ValueError`` that names the argument and the fix (smaller negative eigenvalues are rounding
   noise and are clipped to zero);
@@ -35,6 +39,15 @@ import torch
 __all__ = ["Factorization", "factorize", "clear_cache", "as_square_matrix"]
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def null_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the kernel's own dtype (float64 for non-float types), used by the
+    numerical-null threshold ``n * eps * lambda_max``."""
+    try:
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point else _EPS64
+    except TypeError:  # pragma: no cover
+        return _EPS64
 
 
 def default_psd_tol(dtype: torch.dtype) -> float:
@@ -105,6 +118,9 @@ class Factorization:
         m = 0.5 * (m + m.T)
         mean_diag = float(torch.diagonal(m).mean()) if n else 0.0
         self.ridge = diag_reg if diag_reg_absolute_scale else diag_reg * mean_diag
+        if not math.isfinite(self.ridge):
+            raise ValueError(f"`diag_reg`={diag_reg!r} gives a non-finite ridge ({self.ridge!r}) "
+                             f"for `{name}`; use a smaller `diag_reg`")
         if self.ridge:
             m = m.clone()
             m.diagonal().add_(self.ridge)
@@ -113,6 +129,7 @@ class Factorization:
         self._chol: Optional[torch.Tensor] = None
         self._chol_failed = False
         self._eigh: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._spectrum: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._lock = threading.RLock()
 
     # ---- eigendecomposition -----------------------------------------------------------
@@ -124,6 +141,11 @@ class Factorization:
         with self._lock:
             if self._eigh is None:
                 evals, evecs = torch.linalg.eigh(self.matrix)
+                if self.n and not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+                    raise ValueError(
+                        f"`{self.name}`: the eigendecomposition overflowed (entries up to "
+                        f"{float(self.matrix.abs().max()):.3g}); rescale the kernel (predictions "
+                        f"are invariant to scaling K and t inversely)")
                 top = float(evals.abs().max()) if self.n else 0.0
                 low = float(evals.min()) if self.n else 0.0
                 if low < -self.psd_tol * top:
@@ -137,10 +159,36 @@ class Factorization:
 
     @property
     def cutoff(self) -> float:
-        """Eigenvalues at or below this are treated as exactly zero (null space)."""
+        """The numerical-null threshold ``n * eps(dtype) * lambda_max``: eigenvalues at or below
+        it are treated as exactly zero (null space). ``dtype`` is the kernel's input dtype: a
+        float32 kernel carries rounding noise of relative size ~eps32, so smaller eigenvalues
+        are not determined by the data."""
         evals, _ = self.eigh()
         top = float(evals[-1]) if self.n else 0.0
-        return max(self.n, 1) * _EPS64 * top
+        return max(self.n, 1) * null_eps(self.input_dtype) * top
+
+    def spectrum(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(evals, evecs, live)``: eigenvalues ascending with the numerical null space
+        (``evals <= cutoff``) set to exactly 0, eigenvectors, and the boolean mask of the modes
+        above the cutoff. Every prediction (finite ``t`` and ``t = inf``) uses this, so
+        numerically-null modes are treated identically at all times: they do not move."""
+        with self._lock:
+            if self._spectrum is None:
+                evals, evecs = self.eigh()
+                live = evals > self.cutoff
+                self._spectrum = (torch.where(live, evals, torch.zeros_like(evals)), evecs, live)
+            return self._spectrum
+
+    def pinv_solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``K^+ b`` with the pseudo-inverse of :meth:`spectrum` (null space dropped), for ``b``
+        of shape ``(n, ...)``, float64. Unlike :meth:`solve` (Cholesky when it succeeds), this is
+        exactly the ``t -> inf`` limit of the eigen-based gradient-flow predictions."""
+        evals, evecs, live = self.spectrum()
+        b = b.to(torch.float64)
+        shape = b.shape
+        inv = _safe_reciprocal(evals, 0.0)
+        x = evecs @ (inv[:, None] * (evecs.T @ b.reshape(self.n, -1)))
+        return x.reshape(shape)
 
     # ---- Cholesky and solves ----------------------------------------------------------
     def cholesky(self) -> Optional[torch.Tensor]:

@@ -408,6 +408,35 @@ class TrainingRecord:
     snapshots: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+# a run is reported as diverged when its loss exceeds this many times the larger of the
+# initial loss and the targets' own loss scale (1/2 mean y^2) at any step, or _FINAL times it at
+# the end: gradient descent below the stable rate does not increase the loss (and the
+# transient spike of a "catapult" stays orders of magnitude below _EXPLODE)
+_EXPLODE = 1e4
+_FINAL = 10.0
+
+
+class _Diverged(ValueError):
+    """Training diverged (a ``ValueError``; the message names the learning rate and limit)."""
+
+
+def _stable_limit_text(model: nn.Module, theta0: Dict[str, torch.Tensor], x: torch.Tensor,
+                       loss_scale: float, lr: float) -> str:
+    """``' (stable limit ... at initialization)'`` or ``''`` if it cannot be computed."""
+    try:
+        m0 = _f64_copy(model)
+        with torch.no_grad():
+            for name, p in _trainable(m0):
+                p.copy_(theta0[name])
+        limit = _auto_lr(m0, x, loss_scale, 1.0)
+    except Exception:  # the message must not hide the divergence itself
+        return ""
+    if not math.isfinite(limit):
+        return ""
+    return (f" (the full-batch stable limit at initialization is 2 N / (loss_scale * "
+            f"lambda_max(NTK)) = {limit:.4g}, so learning_rate is {lr / limit:.3g} times it)")
+
+
 def _auto_lr(model: nn.Module, x: torch.Tensor, loss_scale: float, fraction: float) -> float:
     theta = _full_ntk(_f64_copy(model), x)
     lam = float(torch.linalg.eigvalsh(theta)[-1])
@@ -506,6 +535,19 @@ def train(model: nn.Module, x: Any, y: Any, *, steps: int = 100,
             snaps[s] = model.get_parameter(snapshot).detach().to(_F64).clone()
 
     record(0)
+    # divergence guard: a loss that is not finite, or grows far beyond both the initial loss
+    # and the scale of the targets, is a diverged run (never returned as a measurement)
+    ref = max(losses[0], float(loss_scale * 0.5 * (y.to(_F64) ** 2).mean()), 1e-300)
+    burst = _EXPLODE * (1.0 if batch_size is None else n / batch_size)
+
+    def diverged(s: int, value: float, what: str) -> ValueError:
+        return _Diverged(
+            f"training diverged at step {s}: the {what} loss is {value:.4g} (initial "
+            f"{losses[0]:.4g}); `learning_rate`={lr:.4g} is too large"
+            f"{_stable_limit_text(model, theta0, x, float(loss_scale), lr)}. Lower "
+            f"`learning_rate` (or use learning_rate='auto', a fraction `lr_fraction` of the "
+            f"stable limit)")
+
     for s in range(1, steps + 1):
         if batch_size is None:
             xb, yb = xm, y
@@ -514,17 +556,25 @@ def train(model: nn.Module, x: Any, y: Any, *, steps: int = 100,
             xb, yb = xm[idx], y[idx]
         opt.zero_grad(set_to_none=True)
         loss = loss_scale * 0.5 * ((model(xb) - yb) ** 2).mean()
-        if not torch.isfinite(loss):
-            raise ValueError(f"training diverged at step {s} (loss {float(loss.detach())}); lower "
-                             f"`learning_rate` (used {lr:.4g})")
+        lv = float(loss.detach())
+        if not (math.isfinite(lv) and lv <= burst * ref):
+            raise diverged(s, lv, "network's")
         loss.backward()
         opt.step()
         if lin is not None:
             opt_lin.zero_grad(set_to_none=True)
-            (loss_scale * 0.5 * ((lin(xb) - yb) ** 2).mean()).backward()
+            loss_lin = loss_scale * 0.5 * ((lin(xb) - yb) ** 2).mean()
+            lv = float(loss_lin.detach())
+            if not (math.isfinite(lv) and lv <= burst * ref):
+                raise diverged(s, lv, "linearized network's")
+            loss_lin.backward()
             opt_lin.step()
         if s % every == 0 or s == steps:
             record(s)
+            if not (math.isfinite(losses[-1]) and losses[-1] <= _EXPLODE * ref):
+                raise diverged(s, losses[-1], "network's")
+    if steps and losses[-1] > _FINAL * ref:
+        raise diverged(steps, losses[-1], "final")
     drift = kernel_drift(model, model0, xe) if measure_kernel_drift else None
     return TrainingRecord(
         steps=torch.tensor(rec_steps), loss=torch.tensor(losses, dtype=_F64),
@@ -804,11 +854,18 @@ def _sweep_runs(kind: str, runs, x, y, *, progress, steps, learning_rate, lr_fra
     bar = _progress(len(runs), progress, f"{kind} sweep")
     hess = dict(outer_iters=hessian_outer, lanczos_steps=hessian_steps)
     for value, seed, make, loss_scale in runs:
-        row, curve = _measure(make(), x, y, kind_value=value, seed=seed, steps=steps,
-                              learning_rate=learning_rate, lr_fraction=lr_fraction,
-                              batch_size=batch_size, loss_scale=loss_scale,
-                              linearization=linearization, hessian=hess,
-                              record_every=record_every, x_eval=x_eval)
+        try:
+            row, curve = _measure(make(), x, y, kind_value=value, seed=seed, steps=steps,
+                                  learning_rate=learning_rate, lr_fraction=lr_fraction,
+                                  batch_size=batch_size, loss_scale=loss_scale,
+                                  linearization=linearization, hessian=hess,
+                                  record_every=record_every, x_eval=x_eval)
+        except _Diverged as e:
+            if bar is not None:
+                bar.close()
+            # no slopes are fitted on a diverged run: the whole sweep fails, naming the run
+            raise _Diverged(f"{kind} sweep, run {kind}={value:g}, seed={seed}: {e}; no slopes "
+                            f"were fitted") from None
         rows.append({kind: value, **row})
         if curve is not None:
             curves.append(curve)

@@ -14,13 +14,22 @@ Conventions (identical to neural-tangents' ``predict`` module, so numbers compar
   ``learning_rate`` equal to the SGD step size, ``t`` counts training steps);
 * ``diag_reg`` is relative to the mean of the kernel diagonal (``diag_reg * trace(K) / n`` is added
   to ``K``) unless ``diag_reg_absolute_scale=True``;
-* ``t=None`` means ``t = infinity`` (kernel regression), computed with a linear solve;
+* ``t=None`` means ``t = infinity``; every spelling of infinity (``None``, ``math.inf``, a 0-d
+  or 1-d ``inf`` tensor, ``steps=None``, ``gp_inference`` / the ensemble without test inputs)
+  goes through the same eigendecomposition as finite ``t`` and gives the same numbers;
 * kernels are ``(n, n)`` matrices shared by all outputs (``Theta ⊗ I``); targets are ``(n, k)``.
 
-Numerics: every factorization is done in float64 (also for float32 kernels), Cholesky with an
-eigendecomposition fallback (pseudo-inverse) when the kernel is singular, negative eigenvalues
-within rounding are clipped, a kernel that is not PSD beyond tolerance raises ``ValueError``
-instead of returning NaN, and factorizations are cached across calls (see ``ntkit._linalg``).
+Numerics and guarantees: every factorization is done in float64 (also for float32 kernels) by
+one cached eigendecomposition (``ntkit._linalg``). Eigenvalues at or below the numerical-null
+threshold ``n * eps(kernel dtype) * lambda_max`` are treated as exactly zero **at every t**:
+those modes do not move, so at ``t = inf`` the training outputs are
+``f_0 + P_range(K) (y - f_0)`` (the projection onto the range of the kernel; with duplicated
+inputs and conflicting labels, the mean of the labels) and test outputs
+``g_0 + k_td K^+ (y - f_0)``, and ``f(t)`` tends to them continuously as ``t`` grows. A kernel
+that is not symmetric PSD beyond rounding, NaN/Inf inputs, mismatched shapes, a learning rate
+at or above the stable limit of discrete gradient descent (:func:`max_learning_rate`), and an
+ODE that cannot be integrated within ``max_steps`` raise ``ValueError`` naming the argument;
+outputs are checked to be finite (never NaN returned silently).
 
 Example::
 
@@ -42,7 +51,8 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
-from ._linalg import as_square_matrix, factorize
+from ._linalg import factorize
+from ._validation import check_int as _check_int
 from ._validation import check_positive as _positive
 
 __all__ = [
@@ -104,10 +114,10 @@ def _targets(y: Any, n: int) -> torch.Tensor:
     return y
 
 
-def _times(t: Any, name: str = "t") -> Tuple[Optional[torch.Tensor], Tuple[int, ...]]:
-    """``(flat float64 times or None for 'infinity via solve', shape of t)``."""
+def _times(t: Any, name: str = "t") -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """``(flat float64 times, shape of t)``; ``None`` is ``t = inf`` (scalar)."""
     if t is None:
-        return None, ()
+        return torch.tensor([math.inf], dtype=_F64), ()
     tt = t.detach() if isinstance(t, torch.Tensor) else None
     if tt is None:
         try:
@@ -123,8 +133,6 @@ def _times(t: Any, name: str = "t") -> Tuple[Optional[torch.Tensor], Tuple[int, 
     if (tt < 0).any():
         raise ValueError(f"`{name}` must be >= 0 (time since initialization), got min "
                          f"{float(tt.min())}")
-    if tt.ndim == 0 and math.isinf(float(tt)):
-        return None, ()
     return tt.reshape(-1).cpu(), tuple(tt.shape)
 
 
@@ -157,29 +165,56 @@ def _test_kernel(k: Any, n: int, name: str = "k_test_train") -> torch.Tensor:
 # per-mode factors (NaN-free, float64)
 # =========================================================================================
 
-def _mode_factors(evals: torch.Tensor, times: torch.Tensor, size: float, cutoff: float,
+def _mode_factors(evals: torch.Tensor, live: torch.Tensor, times: torch.Tensor, size: float,
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per time and eigenvalue: ``expm1(-lam t/N)``, ``expm1(-lam t/N) / lam``, ``exp(-lam t/N)``.
 
-    Shapes ``(T, n)``. The quotient uses its limit ``-t/N`` for ``lam -> 0``; at ``t = inf``
-    null-space modes (``lam <= cutoff``) do not move (pseudo-inverse), so nothing is NaN.
+    Shapes ``(T, n)``; ``t = inf`` allowed. Numerically-null modes (``live`` False, eigenvalues
+    at or below the cutoff of :meth:`ntkit._linalg.Factorization.spectrum`) do not move at any
+    ``t``: factors ``0``, ``0``, ``1``. For the quotient this is the pseudo-inverse convention:
+    for an exact null vector ``v`` of a PSD kernel, ``k_td v = 0``, so the ``-t/N`` limit would
+    only multiply rounding noise by ``t``. Live modes use the stable ``(1 - e^{-x}) / x``.
     """
     lam = evals.to(_F64)[None, :]
+    lv = live[None, :]
     tt = times.to(device=lam.device, dtype=_F64)[:, None]
     finite = torch.isfinite(tt)
-    live = lam > cutoff
+    lam1 = torch.where(lv, lam, torch.ones_like(lam))
     tt_f = torch.where(finite, tt, torch.zeros_like(tt))
-    x = lam * tt_f / size                                        # finite t: lam t / N
+    x = lam1 * tt_f / size                                       # finite t: lam t / N
     em1_f = torch.expm1(-x)
-    # (1 - e^{-x}) / x, stable near 0
     small = x < 1e-8
     h = torch.where(small, 1.0 - 0.5 * x, -em1_f / torch.where(small, torch.ones_like(x), x))
     q_f = -(tt_f / size) * h                                      # expm1(-x) / lam
-    inv_lam = torch.where(live, 1.0 / torch.where(live, lam, torch.ones_like(lam)),
-                          torch.zeros_like(lam))
-    em1 = torch.where(finite, em1_f, torch.where(live, -torch.ones_like(x), torch.zeros_like(x)))
-    quot = torch.where(finite, q_f, -inv_lam.expand_as(x))
+    em1 = torch.where(finite, em1_f, -torch.ones_like(x))
+    quot = torch.where(finite, q_f, (-1.0 / lam1).expand_as(x))
+    zero = torch.zeros_like(x)
+    em1 = torch.where(lv, em1, zero)
+    quot = torch.where(lv, quot, zero)
     return em1, quot, em1 + 1.0
+
+
+def _train_outputs(V: torch.Tensor, em1: torch.Tensor, ex: torch.Tensor, p: torch.Tensor,
+                   f0: torch.Tensor, y: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """``f_t = f_0 + V diag(expm1) p`` (``p = V^T (f_0 - y)``), written at ``t = inf`` as
+    ``y + V diag(e^{-lam t}) p`` (only null modes survive): exactly ``y`` for a nonsingular
+    kernel, ``f_0 + P_range (y - f_0)`` otherwise. Shape ``(T, n, k)``."""
+    fin = f0 + torch.matmul(V, em1[:, :, None] * p)
+    inf_rows = torch.isinf(times).to(fin.device)
+    if bool(inf_rows.any()):
+        lim = y + torch.matmul(V, ex[:, :, None] * p)
+        fin = torch.where(inf_rows[:, None, None], lim, fin)
+    return fin
+
+
+def _finite(z: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
+    """Raise instead of returning NaN/Inf (overflow in a product of huge kernels/targets)."""
+    if z is not None and z.numel() and not bool(torch.isfinite(z).all()):
+        raise ValueError(f"the predicted {what} are not finite (overflow): the kernel, targets "
+                         f"or initial outputs are too large to represent the result in the "
+                         f"output dtype; rescale them (e.g. divide the kernel by its mean "
+                         f"diagonal and multiply `t` or `learning_rate` accordingly)")
+    return z
 
 
 # =========================================================================================
@@ -219,7 +254,8 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
     Returns:
       ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``:
 
-      * ``t``: scalar or array of times (``None`` or ``inf``: convergence, via a linear solve);
+      * ``t``: scalar or array of times (``None`` or ``inf``: convergence; null modes of the
+        kernel do not move, so the train limit is ``f_0 + P_range(K) (y - f_0)``);
       * ``fx_train_0``: ``(n, k)`` (or broadcastable) outputs at ``t = 0``; ``None``: skip train;
       * ``fx_test_0``: ``(m, k)`` test outputs at ``t = 0`` (needs ``k_test_train`` ``(m, n)``).
 
@@ -251,27 +287,20 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
         if want_test:
             k_td = _test_kernel(k_test_train, n).to(device=dev, dtype=_F64)
             g0 = _broadcast(fx_test_0, (k_td.shape[0], y.shape[1]), "fx_test_0", dev)
+        evals, evecs, live = fac.spectrum()
+        em1, quot, ex = _mode_factors(evals, live, times * lr, size)  # t = inf included
+        p = evecs.T @ (f0 - y64)                                      # (n, k) residual modes
         fx_train = fx_test = None
-        if times is None:                      # t = infinity: kernel regression by a solve
-            if want_train:
-                fx_train = y64.clone()
-            if want_test:
-                fx_test = g0 + k_td @ fac.solve(y64 - f0)
-        else:
-            evals, evecs = fac.eigh()
-            em1, quot, _ = _mode_factors(evals, times * lr, size, fac.cutoff)
-            p = evecs.T @ (f0 - y64)                                  # (n, k) residual modes
-            if want_train:
-                d = em1[:, :, None] * p                               # (T, n, k)
-                fx_train = f0 + torch.matmul(evecs, d)
-            if want_test:
-                a = k_td @ evecs                                      # (m, n)
-                fx_test = g0 + torch.matmul(a, quot[:, :, None] * p)
-            shp = lambda z: z.reshape(t_shape + z.shape[1:])  # noqa: E731
-            fx_train = None if fx_train is None else shp(fx_train)
-            fx_test = None if fx_test is None else shp(fx_test)
+        if want_train:
+            fx_train = _train_outputs(evecs, em1, ex, p, f0, y64, times)   # (T, n, k)
+        if want_test:
+            a = k_td @ evecs                                          # (m, n)
+            fx_test = g0 + torch.matmul(a, quot[:, :, None] * p)
+        shp = lambda z: None if z is None else z.reshape(t_shape + z.shape[1:])  # noqa: E731
         cast = lambda z: None if z is None else z.to(out_dtype)  # noqa: E731
-        return _return(cast(fx_train), cast(fx_test), want_train, want_test)
+        fx_train = _finite(cast(shp(fx_train)), "training outputs")
+        fx_test = _finite(cast(shp(fx_test)), "test outputs")
+        return _return(fx_train, fx_test, want_train, want_test)
 
     return predict_fn
 
@@ -299,11 +328,13 @@ def max_learning_rate(k_train_train: Any, y_train_size: Optional[int] = None,
     size = fac.n if y_train_size is None else int(y_train_size)
     if size < 1:
         raise ValueError(f"`y_train_size` must be a positive integer, got {y_train_size!r}")
-    evals, _ = fac.eigh()
-    top = float(evals[-1]) if fac.n else 0.0
-    if top <= 0:
-        return math.inf
-    return 2.0 * (1.0 + mom) * size / top
+    evals, _, _ = fac.spectrum()
+    return _stable_limit(float(evals[-1]) if fac.n else 0.0, mom, size)
+
+
+def _stable_limit(top: float, mom: float, size: float) -> float:
+    """``2 (1 + momentum) N / lambda_max`` (``inf`` for a zero kernel)."""
+    return math.inf if top <= 0 else 2.0 * (1.0 + mom) * size / top
 
 
 def _step_matrices(evals: torch.Tensor, lr: float, mom: float, size: float) -> torch.Tensor:
@@ -325,6 +356,27 @@ def _step_matrices(evals: torch.Tensor, lr: float, mom: float, size: float) -> t
     M[:, 2, 1] = mom
     M[:, 2, 2] = 1.0
     return M
+
+
+def _plain_gd_factors(evals: torch.Tensor, live: torch.Tensor, times: torch.Tensor, c: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Without momentum, per step count ``s`` and mode: ``(1 - c lam)^s - 1`` and the test
+    accumulator ``-c sum_{j<s} (1 - c lam)^j = ((1 - c lam)^s - 1) / lam``, in closed form with
+    ``log1p``/``expm1`` so that small ``c lam`` keeps full relative precision (``1 - c lam`` itself
+    would round away the digits that decide the ``t -> inf`` limit). Shapes ``(T, n)``."""
+    lam = torch.where(live, evals.to(_F64), torch.zeros_like(evals, dtype=_F64))[None, :]
+    s = times.to(device=lam.device, dtype=_F64)[:, None]
+    x = c * lam                                                   # in [0, 2) (stable rate)
+    mono = x <= 1.0
+    L = s * torch.log1p(-torch.where(mono, x, torch.zeros_like(x)))
+    r_mono = torch.expm1(L)
+    base = (x - 1.0).clamp_min(0.0)                               # |1 - x| for 1 < x < 2
+    sign = torch.where(torch.remainder(s, 2) == 0, 1.0, -1.0)
+    r_osc = sign * torch.pow(base, s) - 1.0
+    r_fac = torch.where(mono, r_mono, r_osc)
+    lam1 = torch.where(live[None, :], lam, torch.ones_like(lam))
+    g_fac = torch.where(live[None, :], r_fac / lam1, torch.zeros_like(r_fac))
+    return r_fac, g_fac
 
 
 def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rate: float,
@@ -367,37 +419,54 @@ def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rat
     y64 = y.to(device=dev, dtype=_F64)
     infer = gradient_descent_mse(k_train_train, y, 1.0, diag_reg, diag_reg_absolute_scale)
 
+    def check_stable() -> None:
+        evals, _, _ = fac.spectrum()
+        top = float(evals[-1]) if n else 0.0
+        limit = _stable_limit(top, mom, size)
+        if lr >= limit:
+            raise ValueError(
+                f"`learning_rate`={lr:g} is unstable: at or above the stable limit {limit:.6g} "
+                f"of gradient descent on this kernel (2 (1 + momentum) N / lambda_max with "
+                f"momentum={mom:g}, "
+                f"N={int(size)}, lambda_max={top:.6g}; see max_learning_rate): the predicted "
+                f"outputs would grow without bound. Use learning_rate < {limit:.6g}, e.g. "
+                f"{0.5 * limit:.4g}")
+
     def predict_fn(steps: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
                    k_test_train: Any = None):
         _check_call(fx_train_0, fx_test_0, k_test_train)
         times, t_shape = _times(steps, "steps")
-        if times is not None and torch.isinf(times).any():
+        inf = torch.isinf(times)
+        if bool(inf.any()) and times.numel() > 1:
             raise ValueError("`steps` may be None/inf (convergence) as a scalar only; query "
                              "finite step counts and convergence in separate calls")
-        if times is None:
-            evals, _ = fac.eigh()
-            top = float(evals[-1]) if n else 0.0
-            if top > 0 and lr >= 2.0 * (1.0 + mom) * size / top:
-                raise ValueError(
-                    f"`learning_rate`={lr:g} is unstable for this kernel (max stable "
-                    f"{2.0 * (1.0 + mom) * size / top:.6g}): gradient descent diverges, there is "
-                    f"no converged prediction; lower the learning rate")
-            return infer(None, fx_train_0, fx_test_0, k_test_train)
-        if (times != torch.round(times)).any():
+        if bool((times != torch.round(times)).any()):
             raise ValueError("`steps` must be whole numbers of gradient-descent steps")
+        if not bool(inf.any()) and times.numel() and float(times.max()) > 2.0 ** 62:
+            raise ValueError(f"`steps` must be below 2**62, got {float(times.max()):g}; use "
+                             f"steps=None for convergence")
+        check_stable()
+        if bool(inf.any()):
+            return infer(steps, fx_train_0, fx_test_0, k_test_train)
         want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
         f0 = (torch.zeros_like(y64) if fx_train_0 is None
               else _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", dev))
-        evals, evecs = fac.eigh()
-        M = _step_matrices(evals, lr, mom, size)
-        uniq, inv = torch.unique(times, return_inverse=True)
-        rs, gs = [], []
-        for s in uniq.tolist():
-            P = torch.linalg.matrix_power(M, int(s))
-            rs.append(P[:, 0, 0])
-            gs.append(P[:, 2, 0])
-        r_fac = torch.stack(rs)[inv] - 1.0                      # (T, n): r_s / r_0 - 1
-        g_fac = torch.stack(gs)[inv]                            # (T, n)
+        evals, evecs, live = fac.spectrum()
+        if mom == 0:
+            r_fac, g_fac = _plain_gd_factors(evals, live, times, lr / size)
+        else:
+            M = _step_matrices(evals, lr, mom, size)
+            uniq, inv = torch.unique(times, return_inverse=True)
+            rs, gs = [], []
+            for s in uniq.tolist():
+                P = torch.linalg.matrix_power(M, int(s))
+                rs.append(P[:, 0, 0])
+                gs.append(P[:, 2, 0])
+            r_fac = torch.stack(rs)[inv] - 1.0                  # (T, n): r_s / r_0 - 1
+            g_fac = torch.stack(gs)[inv]
+        # null modes do not move (r_fac = 0 exactly as lam = 0); their test-output accumulator
+        # multiplies k_td v = 0 (rounding noise) by the step count: dropped, as in the flow
+        g_fac = torch.where(live[None, :], g_fac, torch.zeros_like(r_fac))
         p = evecs.T @ (f0 - y64)
         fx_train = fx_test = None
         if want_train:
@@ -408,7 +477,8 @@ def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rat
             g0 = _broadcast(fx_test_0, (k_td.shape[0], y.shape[1]), "fx_test_0", dev)
             fx_test = g0 + torch.matmul(k_td @ evecs, g_fac[:, :, None] * p)
             fx_test = fx_test.reshape(t_shape + fx_test.shape[1:]).to(out_dtype)
-        return _return(fx_train, fx_test, want_train, want_test)
+        return _return(_finite(fx_train, "training outputs"), _finite(fx_test, "test outputs"),
+                       want_train, want_test)
 
     return predict_fn
 
@@ -431,6 +501,11 @@ def _kernel_part(k: Any, g: str, name: str) -> Optional[torch.Tensor]:
         raise ValueError(f"`{name}` has no {g!r} kernel; compute it with get=('nngp', 'ntk') "
                          f"(the NTK posterior covariance needs both)")
     return _as_array(v, f"{name}.{g}")
+
+
+def _is_bare(k: Any) -> bool:
+    """A single matrix (not a record/dict holding 'nngp' and 'ntk' separately)."""
+    return isinstance(k, (torch.Tensor, np.ndarray))
 
 
 def _parse_get(get: Union[str, Sequence[str], None], allowed: Tuple[str, ...]
@@ -465,14 +540,21 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
     * ``'ntkgp'``: the GP posterior with the NTK as covariance (He et al. 2020).
 
     Args:
-      k_train_train: kernel record with ``.nngp``/``.ntk`` (or a dict, or one ``(n, n)`` matrix).
+      k_train_train: kernel record with ``.nngp``/``.ntk`` (or a dict, or one ``(n, n)`` matrix,
+        used as the kernel of whatever ``get`` asks for; the ``'ntk'`` posterior *covariance*
+        needs both kernels and refuses a single matrix rather than guess the NNGP).
       y_train: ``(n, k)``; diag_reg / diag_reg_absolute_scale: ridge (relative to mean diagonal).
+
+    Singular kernels use the pseudo-inverse with the numerical-null threshold of
+    :mod:`ntkit._linalg` (the ``t = inf`` limit of :func:`gradient_descent_mse`).
 
     Returns:
       ``predict_fn(get=None, k_test_train=None, k_test_test=None)``: the mean ``(m, k)`` or, when
       ``k_test_test`` is given, a :class:`Gaussian` ``(mean, (m, m) covariance)``; a namedtuple
       over ``get`` for a tuple/``None`` ``get``. ``k_test_train=None`` gives training-set outputs
-      (``y_train`` with zero covariance; pass ``k_test_test=True`` to get that covariance).
+      (``y_train`` projected on the range of the kernel, i.e. ``y_train`` itself for a
+      nonsingular kernel, the same numbers as passing the training inputs as test inputs; pass
+      ``k_test_test=True`` for the covariance, zero except for 'ntk' with a singular NTK).
 
     Example::
 
@@ -489,6 +571,9 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
             break
     if first is None:
         raise ValueError("`k_train_train` holds neither an 'nngp' nor an 'ntk' kernel")
+    if first.ndim != 2 or first.shape[0] != first.shape[1]:
+        raise ValueError(f"`k_train_train` must hold square (n, n) kernels, got shape "
+                         f"{tuple(first.shape)}")
     n = first.shape[0]
     y = _targets(y_train, n)
     y64 = y.to(_F64)
@@ -498,7 +583,19 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
         if g not in facs:
             facs[g] = factorize(_kernel_part(k_train_train, g, "k_train_train"), diag_reg,
                                 diag_reg_absolute_scale, f"k_train_train.{g}")
+            if facs[g].n != n:
+                raise ValueError(f"`k_train_train.{g}` is {facs[g].n} x {facs[g].n} but the other "
+                                 f"kernel is {n} x {n}; both must be on the same training set")
         return facs[g]
+
+    def need_both(name: str, k: Any) -> None:
+        if _is_bare(k):
+            raise ValueError(
+                f"`{name}` is a single matrix, but the 'ntk' posterior covariance needs both "
+                f"the NNGP (the covariance of the initial outputs) and the NTK (the training "
+                f"dynamics), which differ; pass a kernel record or dict with both, e.g. "
+                f"arch.kernel(x, get=('nngp', 'ntk')), or ask for get='nngp' / 'ntkgp' / the "
+                f"mean only")
 
     def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
                    k_test_test: Any = None):
@@ -506,34 +603,64 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
         out = {}
         for g in keys:
             kk = "ntk" if g == "ntkgp" else g
+            want_cov = k_test_test is not None
+            if g == "ntk" and want_cov:
+                need_both("k_train_train", k_train_train)
+                if k_test_train is not None:
+                    need_both("k_test_train", k_test_train)
             f = fac(kk)
             dt = _result_dtype(f.matrix.new_empty(0, dtype=f.input_dtype), y)
             dev = f.matrix.device
+            yd = y64.to(dev)
+            cov = None
             if k_test_train is None:
-                mean = y64.to(dev).clone()
-                cov = torch.zeros(n, n, dtype=_F64, device=dev) if k_test_test is not None else None
+                # training inputs: the t = inf limit of the flow from f_0 = 0, y projected on
+                # the kernel's range (exactly y for a nonsingular kernel)
+                _, V, live = f.spectrum()
+                Vn = V[:, ~live]
+                mean = yd - Vn @ (Vn.T @ yd)
+                if want_cov:
+                    if g == "ntk":
+                        K = _kernel_part(k_train_train, "nngp", "k_train_train").to(dev, _F64)
+                        Pn = Vn @ Vn.T                                   # null-space projector
+                        cov = Pn @ K @ Pn
+                        cov = 0.5 * (cov + cov.T)
+                    else:                                   # K - K K^+ K = 0 (null modes = 0)
+                        cov = torch.zeros(n, n, dtype=_F64, device=dev)
             else:
                 k_td = _test_kernel(_kernel_part(k_test_train, kk, "k_test_train"), n)
                 k_td = k_td.to(device=dev, dtype=_F64)
-                mean = k_td @ f.solve(y64.to(dev))
-                cov = None
-                if k_test_test is not None:
+                mean = k_td @ f.pinv_solve(yd)
+                if want_cov:
+                    m = k_td.shape[0]
                     g_init = "ntk" if g == "ntkgp" else "nngp"
-                    k_tt = _kernel_part(k_test_test, g_init, "k_test_test").to(dev, _F64)
-                    if k_tt.shape != (k_td.shape[0], k_td.shape[0]):
-                        raise ValueError(f"`k_test_test` must be ({k_td.shape[0]}, "
-                                         f"{k_td.shape[0]}), got {tuple(k_tt.shape)}")
-                    k_td_init = _kernel_part(k_test_train, g_init, "k_test_train").to(dev, _F64)
+                    k_tt = _kernel_part(k_test_test, g_init, "k_test_test")
+                    if k_tt.shape != (m, m):
+                        raise ValueError(f"`k_test_test` must be ({m}, {m}), got "
+                                         f"{tuple(k_tt.shape)}")
+                    k_tt = k_tt.to(dev, _F64)
                     if g in ("nngp", "ntkgp"):
-                        cov = k_tt - k_td @ f.solve(k_td.T)
+                        cov = k_tt - k_td @ f.pinv_solve(k_td.T)
                     else:
+                        k_td_init = _test_kernel(_kernel_part(k_test_train, g_init,
+                                                              "k_test_train"), n,
+                                                 f"k_test_train.{g_init}")
+                        if k_td_init.shape[0] != m:
+                            raise ValueError(f"`k_test_train.nngp` has {k_td_init.shape[0]} "
+                                             f"rows but `k_test_train.ntk` has {m}")
+                        k_td_init = k_td_init.to(dev, _F64)
                         nngp_dd = _kernel_part(k_train_train, "nngp", "k_train_train")
                         nngp_dd = nngp_dd.to(dev, _F64)
-                        term_1 = f.solve(k_td.T)                        # (n, m)
-                        cross = k_td @ f.solve(k_td_init.T)             # (m, m)
+                        if nngp_dd.shape != (n, n):
+                            raise ValueError(f"`k_train_train.nngp` must be ({n}, {n}), got "
+                                             f"{tuple(nngp_dd.shape)}")
+                        term_1 = f.pinv_solve(k_td.T)                   # (n, m)
+                        cross = k_td @ f.pinv_solve(k_td_init.T)        # (m, m)
                         cov = term_1.T @ nngp_dd @ term_1 - (cross + cross.T) + k_tt
-            mean = mean.to(dt)
-            out[g] = mean if cov is None else Gaussian(mean, cov.to(dt))
+                    cov = 0.5 * (cov + cov.T)
+            mean = _finite(mean.to(dt), f"{g} posterior means")
+            out[g] = mean if cov is None else Gaussian(mean, _finite(cov.to(dt),
+                                                                     f"{g} covariances"))
         return _pack(out, keys, single)
 
     return predict_fn
@@ -624,7 +751,6 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
         return factorize(train_kernels((g,))[g], diag_reg, diag_reg_absolute_scale,
                          f"kernel_fn(x_train).{g}")
 
-    gp_cache: Dict[str, Any] = {}
     basis_cache: Dict[str, Any] = {}
 
     def predict_fn(x_test: Any = None, t: Any = None, get: Union[str, Sequence[str], None] = None,
@@ -638,41 +764,45 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
         need = set(keys) | ({"nngp"} if compute_cov else set())
         kdd = train_kernels(tuple(g for g in _GETS if g in need))
         n = next(iter(kdd.values())).shape[0]
+        for g, v in kdd.items():
+            if v.ndim != 2 or tuple(v.shape) != (n, n):
+                raise ValueError(f"`kernel_fn(x_train).{g}` must be ({n}, {n}) (one train-train "
+                                 f"kernel per get), got {tuple(v.shape)}")
         y = targets(n)
         dt = _result_dtype(next(iter(kdd.values())), y)
-        times, t_shape = _times(t)
+        times, t_shape = _times(t)                       # t = None: [inf], same eigen path
         k_td = nngp_tt = None
+        m = None
         if x_test is not None:
             k_td = kfn(x_test, x_train, tuple(g for g in _GETS if g in need))
             for g, v in k_td.items():
                 _test_kernel(v, n, f"kernel_fn(x_test, x_train).{g}")
+                if m is not None and v.shape[0] != m:
+                    raise ValueError("`kernel_fn(x_test, x_train)` returned kernels with "
+                                     "different numbers of test rows")
+                m = v.shape[0]
             if compute_cov:
-                nngp_tt = kfn(x_test, None, ("nngp",))["nngp"]
-
-        if times is None:                                    # t = inf: exact GP posterior
-            key = "gp"
-            if key not in gp_cache:
-                gp_cache[key] = gp_inference(k_dd, y, diag_reg, diag_reg_absolute_scale)
-            res = gp_cache[key](keys, k_td, nngp_tt if x_test is not None else
-                                (True if compute_cov else None))
-            out = {g: getattr(res, g) for g in keys}
-            return _pack(out, keys, single)
+                nngp_tt = _as_array(kfn(x_test, None, ("nngp",))["nngp"], "kernel_fn(x_test).nngp")
+                if tuple(nngp_tt.shape) != (m, m):
+                    raise ValueError(f"`kernel_fn(x_test).nngp` must be ({m}, {m}), got "
+                                     f"{tuple(nngp_tt.shape)}")
 
         out = {}
         dev = None
         for g in keys:
             f = fac(g)
             dev = f.matrix.device
-            evals, V = f.eigh()
+            evals, V, live = f.spectrum()
             size = float(y.numel())
-            em1, quot, ex = _mode_factors(evals, times * lr, size, f.cutoff)   # (T, n)
-            p = V.T @ y.to(device=dev, dtype=_F64)                              # (n, k)
+            em1, quot, ex = _mode_factors(evals, live, times * lr, size)          # (T, n)
+            y_d = y.to(device=dev, dtype=_F64)
+            p = -(V.T @ y_d)                                    # residual modes, f_0 = 0 mean
             if k_td is None:
-                mean = torch.matmul(V, -em1[:, :, None] * p)                    # (T, n, k)
+                mean = _train_outputs(V, em1, ex, p, torch.zeros_like(y_d), y_d, times)
             else:
                 A = k_td[g].to(device=dev, dtype=_F64) @ V                      # (m, n)
-                mean = torch.matmul(A, -quot[:, :, None] * p)                  # (T, m, k)
-            mean = mean.reshape(t_shape + mean.shape[1:]).to(dt)
+                mean = torch.matmul(A, quot[:, :, None] * p)                    # (T, m, k)
+            mean = _finite(mean.reshape(t_shape + mean.shape[1:]).to(dt), f"{g} means")
             if not compute_cov:
                 out[g] = mean
                 continue
@@ -684,9 +814,9 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                     B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)
                     cov = torch.matmul(V, torch.matmul(ex[:, :, None] * B * ex[:, None, :], V.T))
             else:
-                K_tt = _as_array(nngp_tt, "kernel_fn(x_test).nngp").to(device=dev, dtype=_F64)
+                K_tt = nngp_tt.to(device=dev, dtype=_F64)
                 if g == "nngp":
-                    _, quot2, _ = _mode_factors(evals, 2 * times * lr, size, f.cutoff)
+                    _, quot2, _ = _mode_factors(evals, live, 2 * times * lr, size)
                     cov = K_tt - torch.matmul(A * (-quot2)[:, None, :], A.T)
                 else:
                     B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)        # V^T K V
@@ -696,7 +826,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                     cov = torch.matmul(torch.matmul(P, B), P.transpose(1, 2))
                     cov = cov - PC - PC.transpose(1, 2) + K_tt
             cov = 0.5 * (cov + cov.transpose(-1, -2))
-            cov = cov.reshape(t_shape + cov.shape[1:]).to(dt)
+            cov = _finite(cov.reshape(t_shape + cov.shape[1:]).to(dt), f"{g} covariances")
             out[g] = Gaussian(mean, cov)
         return _pack(out, keys, single)
 
@@ -742,12 +872,24 @@ _DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
 
 
+class _StepLimitError(ValueError, RuntimeError):
+    """The ODE cannot be integrated within ``max_steps`` (a ``ValueError`` and, as before, a
+    ``RuntimeError``)."""
+
+
 def _odeint(fun: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
-            t_out: torch.Tensor, rtol: float, atol: float, max_steps: int) -> torch.Tensor:
+            t_out: torch.Tensor, rtol: float, atol: float, max_steps: int,
+            stiffness: str = "") -> torch.Tensor:
     """Adaptive Dormand-Prince 5(4) for an autonomous ODE ``y' = fun(y)``; returns ``y(t_out)``.
 
     ``t_out`` must be sorted non-decreasing and >= 0; the integrator hits each output time
     exactly (steps are clipped), error control is the usual mixed ``atol + rtol |y|`` RMS norm.
+
+    Fails fast: at step counts 64, 128, 256, ... the number of steps still needed is projected
+    from the current step size (``(t_last - t) / h``); when it exceeds what is left of
+    ``max_steps`` the integration stops at once (an explicit method on a stiff problem keeps
+    ``h`` at its stability limit ``~3.3 / |lambda|_max`` of the Jacobian, so the projection is
+    reliable there) instead of running to ``max_steps``. ``stiffness`` is appended to messages.
     """
     y = y0.clone()
     t = 0.0
@@ -758,11 +900,27 @@ def _odeint(fun: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
     d1 = float(torch.sqrt(((k1 / scale0) ** 2).mean()))
     h = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     steps = 0
+    next_check = 64
+    h_prop = h
+    t_last = float(t_out[-1]) if t_out.numel() else 0.0
     for t_end in t_out.tolist():
         while t < t_end:
             if steps >= max_steps:
-                raise RuntimeError(f"ODE integration needed more than max_steps={max_steps} steps "
-                                   f"to reach t={t_end:g}; raise `max_steps` or loosen `rtol`")
+                raise _StepLimitError(
+                    f"ODE integration needed more than max_steps={max_steps} steps to reach "
+                    f"t={t_end:g}; raise `max_steps`, loosen `rtol`, or ask for a smaller `t`"
+                    f"{stiffness}")
+            if steps >= next_check:
+                next_check *= 2
+                need = (t_last - t) / max(h, h_prop, 1e-300)   # h_prop: before clipping
+                if steps + need > max_steps:
+                    raise _StepLimitError(
+                        f"ODE integration would need about {steps + need:.3g} steps (step size "
+                        f"now {h:.3g} in absolute time, {t_last - t:.3g} to go) to reach "
+                        f"t={t_last:g}, more than max_steps={max_steps}; stopped early after "
+                        f"{steps} steps. Ask for a smaller `t`, raise `max_steps`, or loosen "
+                        f"`rtol`/`atol`{stiffness}")
+            h_prop = h
             h = min(h, t_end - t)
             ks = [k1]
             for i in range(1, 7):
@@ -781,9 +939,12 @@ def _odeint(fun: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
             else:
                 fac = max(0.2, 0.9 * en ** -0.2)
             h = h * fac
-            if not math.isfinite(float(y.abs().max())):
+            if y.numel() and not math.isfinite(float(y.abs().max())):
                 raise FloatingPointError("ODE solution became non-finite; the dynamics diverge "
                                          "(check the learning rate / loss)")
+            if not math.isfinite(h) or h <= 0:
+                raise _StepLimitError("ODE step size underflowed (the right-hand side is "
+                                      "non-finite or the problem is too stiff)" + stiffness)
         out.append(y.clone())
     return torch.stack(out) if out else y0.new_empty((0,) + y0.shape)
 
@@ -825,11 +986,17 @@ def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: An
     else:
         raise TypeError(f"`loss` must be a string or a callable loss(fx, y), got "
                         f"{type(loss).__name__}")
-    K = as_square_matrix(k_train_train, "k_train_train").detach().to(_F64)
+    fac = factorize(k_train_train, 0.0, False, "k_train_train")
+    fac.eigh()                                  # symmetric PSD check (clear error, not garbage)
+    K = fac.matrix
     n = K.shape[0]
     y = _targets(y_train, n)
     y64 = y.to(device=K.device, dtype=_F64)
     lr = _positive(learning_rate, "learning_rate")
+    rtol = _positive(rtol, "rtol")
+    atol = _positive(atol, "atol")
+    max_steps = _check_int(max_steps, "max_steps")
+    lam_max = float(fac.eigh()[0][-1]) if n else 0.0
     if momentum is not None:
         mom = _positive(momentum, "momentum", allow_zero=True)
         if mom >= 1:
@@ -853,7 +1020,7 @@ def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: An
                    k_test_train: Any = None):
         _check_call(fx_train_0, fx_test_0, k_test_train)
         times, t_shape = _times(t)
-        if times is None or torch.isinf(times).any():
+        if torch.isinf(times).any():
             raise ValueError("`t` must be finite for ODE-based predictions (cross-entropy never "
                              "converges); for MSE at t = inf use gradient_descent_mse")
         want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
@@ -883,10 +1050,17 @@ def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: An
             return torch.cat([q, df + friction * q])
 
         order = torch.argsort(times)
-        sol = _odeint(rhs, state0, times[order] * time_unit, rtol, atol, max_steps)
+        tau = y.numel() / (lr * lam_max) if lam_max > 0 else math.inf
+        hint = (f". The kernel's fastest mode relaxes in about N / (learning_rate * "
+                f"lambda_max) = {tau:.3g} (in units of t; N = y_train.numel(), exact for "
+                f"'mse') while t reaches {float(times.max()):.3g}: an explicit integrator must "
+                f"resolve that timescale all the way (a stiff problem)"
+                + ("; for 'mse' use gradient_descent_mse, which is exact at any t"
+                   if loss == "mse" else "")) if math.isfinite(tau) else ""
+        sol = _odeint(rhs, state0, times[order] * time_unit, rtol, atol, max_steps, hint)
         res = torch.empty_like(sol)
         res[order] = sol
-        res = res[:, :nf].reshape(t_shape + (nf, k)).to(out_dtype)
+        res = _finite(res[:, :nf].reshape(t_shape + (nf, k)).to(out_dtype), "outputs")
         fx_train = res[..., :n, :] if want_train else None
         fx_test = res[..., n:, :] if want_test else None
         return _return(fx_train, fx_test, want_train, want_test)
@@ -902,7 +1076,9 @@ class Eigenmodes(NamedTuple):
     """Eigen-decomposition of the training dynamics (modes sorted by decreasing eigenvalue).
 
     Attributes:
-      eigenvalues: ``(n,)`` eigenvalues of the (regularized) kernel, descending, >= 0.
+      eigenvalues: ``(n,)`` eigenvalues of the (regularized) kernel, descending, >= 0; those at
+        or below the numerical-null threshold ``n * eps * lambda_max`` are exactly 0 (these
+        modes never move, as in every prediction of this module).
       eigenvectors: ``(n, n)``, column ``i`` is mode ``i``.
       projections: ``(n, k)`` initial residual ``V^T (f_0 - y)`` per mode and output.
       size: ``N = y_train.numel()``; learning_rate: time unit.
@@ -960,6 +1136,6 @@ def eigenmodes(k_train_train: Any, y_train: Any, fx_train_0: Any = 0.0,
     y = _targets(y_train, fac.n).to(device=fac.matrix.device, dtype=_F64)
     lr = _positive(learning_rate, "learning_rate")
     f0 = _broadcast(fx_train_0, tuple(y.shape), "fx_train_0", fac.matrix.device)
-    evals, V = fac.eigh()
+    evals, V, _ = fac.spectrum()                # numerically-null eigenvalues are exactly 0
     evals, V = evals.flip(0), V.flip(1)
     return Eigenmodes(evals, V, V.T @ (f0 - y), int(y.numel()), lr)
