@@ -5,6 +5,13 @@ norm, Hessian norm, kappa, and after training the relative weight change, kernel
 gap to the linearized network (:mod:`ntkit.diagnostics`), fits log-log slopes, and writes CSV
 tables, a text summary and figures to ``--out``.
 
+Nothing is written unless every run trained without diverging: a numeric ``--lr`` at or above a
+network's stable full-batch rate ``2 N / lambda_max`` is refused before training, and a run whose
+loss ends above its initial value (or any non-finite measurement) fails the command. Outputs are
+written to temporary files and moved into place together; a file of the same name in ``--out`` is
+replaced only if an earlier run wrote it unchanged (manifest ``.ntkit_manifest.json``) or with
+``--force``.
+
 Example::
 
     ntkit lazy --arch "Dense(512), Erf(), Dense(1)" --widths 64,256,1024 --seeds 0,1 \\
@@ -13,13 +20,15 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
+import math
 from typing import List
 
-import numpy as np
-import torch
-
 __all__ = ["register", "run"]
+
+# Python argument names in messages from ntkit.diagnostics -> this command's flags
+_PY_NAMES = {"learning_rate": "--lr", "lanczos_steps": "--hessian-steps",
+             "batch_size": "--batch-size", "alphas": "--alphas", "widths": "--widths",
+             "seeds": "--seeds", "steps": "--steps"}
 
 
 def _ints(text: str, name: str) -> List[int]:
@@ -32,9 +41,18 @@ def _ints(text: str, name: str) -> List[int]:
     return vals
 
 
+def _at_least(v, flag: str, minimum: int) -> None:
+    if v is not None and v < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {v}")
+
+
 def _load_xy(args):
-    from ._cli_predict import load_matrix
+    import numpy as np
+    import torch
+    from ._cli_io import load_matrix
     if args.data is None:
+        if args.targets is not None:
+            raise ValueError("--targets needs --data (the inputs the targets belong to)")
         g = torch.Generator().manual_seed(args.data_seed)
         x = torch.randn(args.n, args.dim, generator=g, dtype=torch.float64)
         x = x / x.norm(dim=1, keepdim=True) * args.dim ** 0.5
@@ -48,61 +66,115 @@ def _load_xy(args):
                                     dtype=np.float64))
     if y.ndim == 1:
         y = y[:, None]
-    if x.ndim < 2 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"--data must be (n, d) and --targets (n,) or (n, k); got {tuple(x.shape)}"
-                         f" and {tuple(y.shape)}")
+    if x.ndim < 2 or y.ndim != 2 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"--data must be (n, d) and --targets (n,) or (n, k) with the same n; "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
     return x, y, f"{args.data}: {x.shape[0]} examples"
 
 
+def _stable_limit(arch, x, width: int, seed: int) -> float:
+    """Largest stable full-batch GD rate ``2 N / lambda_max`` of the network at init."""
+    import torch
+    from . import diagnostics as dg
+    net = arch.module(in_shape=tuple(x.shape[1:]), width=width, seed=seed, dtype=torch.float64)
+    return dg._auto_lr(net, x, 1.0, 1.0)
+
+
+def _check_converging(sweep, arch, x, lr, lr_text: str, label: str) -> None:
+    """Refuse a sweep with diverged training or non-finite measurements (no slopes from it)."""
+    for r in sweep.rows:
+        bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{label} {r[sweep.kind]:g}, seed {r['seed']}: {', '.join(bad)} "
+                             f"not finite (the network diverged or overflowed); lower --lr "
+                             f"or use --lr auto; nothing was written")
+    for c in sweep.curves:
+        loss = c["loss"]
+        if loss and (not all(math.isfinite(v) for v in loss) or loss[-1] > loss[0]):
+            hint = ""
+            if sweep.kind == "width" and lr != "auto":
+                hint = (f" (stable limit of that network at init: "
+                        f"{_stable_limit(arch, x, int(c['value']), int(c['seed'])):.4g})")
+            raise ValueError(f"training diverged at {label} {c['value']:g}, seed {c['seed']}: "
+                             f"loss {loss[0]:.4g} at init -> {loss[-1]:.4g} after the last step "
+                             f"with --lr {lr_text}{hint}; lower --lr or use --lr auto (half the "
+                             f"stable rate); nothing was written")
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from ._cli_io import OutFolder, parse_floats
     from .layers import parse_arch
-    arch = parse_arch(args.arch)
     widths = _ints(args.widths, "--widths")
     seeds = _ints(args.seeds, "--seeds")
     if len(set(widths)) < 2 or min(widths) < 1:
         raise ValueError(f"--widths needs at least two distinct positive widths, got {args.widths}")
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if min(seeds) < 0:
+        raise ValueError(f"--seeds must be >= 0, got {args.seeds}")
+    _at_least(args.steps, "--steps", 0)
+    _at_least(args.n, "--n", 2)
+    _at_least(args.dim, "--dim", 1)
+    _at_least(args.batch_size, "--batch-size", 1)
+    _at_least(args.hessian_steps, "--hessian-steps", 2)
+    _at_least(args.alpha_width, "--alpha-width", 1)
+    _at_least(args.threads, "--threads", 1)
     lr = args.lr
     if lr != "auto":
         try:
             lr = float(lr)
         except ValueError:
             raise ValueError(f"--lr must be 'auto' or a positive number, got {args.lr!r}") from None
-        if not lr > 0:
+        if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"--lr must be 'auto' or a positive number, got {args.lr!r}")
     alphas = None
     if args.alphas:
-        from ._cli_predict import parse_floats
         alphas = parse_floats(args.alphas, "--alphas")
-        if min(alphas) <= 0 or len(set(alphas)) < 2:
+        if not all(a > 0 and math.isfinite(a) for a in alphas) or len(set(alphas)) < 2:
             raise ValueError(f"--alphas needs at least two distinct positive values, got "
                              f"{args.alphas}")
+    if args.alpha_width is not None and alphas is None:
+        raise ValueError("--alpha-width needs --alphas (it sets the width of the alpha sweep)")
+    ext = args.format
+    names = ["width_sweep.csv", f"width_scaling.{ext}", f"width_training.{ext}", "summary.txt"]
+    if alphas is not None:
+        names += ["alpha_sweep.csv", f"alpha_scaling.{ext}"]
+    out = OutFolder(args.out, "--out", force=args.force)
+    out.check(names)
+    try:
+        arch = parse_arch(args.arch)
+    except ValueError as e:
+        raise ValueError(f"--arch: {e}") from None
     x, y, desc = _load_xy(args)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    os.makedirs(args.out, exist_ok=True)
+    if args.data is not None:           # messages about `x`/`y` then concern these files
+        args._py_names = dict(_PY_NAMES, x="--data", y="--targets")
+    if args.batch_size is not None and args.batch_size > x.shape[0]:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {x.shape[0]} "
+                         f"examples")
     print(f"ntkit lazy: {arch!r}\n  data: {desc}\n  widths {widths}, seeds {seeds}, "
           f"{args.steps} steps, lr {lr}, {'GD' if args.batch_size is None else 'SGD'}")
     from ._demo import _threads
     with _threads(args.threads):
-        return _run(args, arch, widths, seeds, lr, alphas, x, y)
+        if lr != "auto" and args.steps > 0 and args.batch_size is None:
+            aw = args.alpha_width or widths[len(widths) // 2]
+            for w in sorted(set(widths + ([aw] if alphas is not None else []))):
+                limit = _stable_limit(arch, x, w, seeds[0])
+                if lr >= limit:
+                    raise ValueError(f"--lr {args.lr} is at or above the stable limit "
+                                     f"{limit:.4g} of full-batch gradient descent for width {w} "
+                                     f"(seed {seeds[0]}; 2 N / lambda_max of its NTK): training "
+                                     f"would diverge; use a smaller --lr or --lr auto (half the "
+                                     f"limit of each network)")
+        return _run(args, arch, widths, seeds, lr, alphas, x, y, out)
 
 
-def _run(args, arch, widths, seeds, lr, alphas, x, y) -> int:
+def _run(args, arch, widths, seeds, lr, alphas, x, y, out) -> int:
     from . import diagnostics as dg, plots
     ext = args.format
-    written = []
     sw = dg.width_sweep(arch, x, y, widths, seeds=seeds, steps=args.steps, learning_rate=lr,
                         batch_size=args.batch_size, progress=not args.no_progress,
                         hessian_steps=args.hessian_steps)
-    summary = [sw.to_text()]
-    written.append(sw.to_csv(os.path.join(args.out, "width_sweep.csv")))
-    written.append(os.path.join(args.out, f"width_scaling.{ext}"))
-    plots.plot_scaling(sw, path=written[-1])
-    if args.steps > 0:
-        written.append(os.path.join(args.out, f"width_training.{ext}"))
-        plots.training_curves(sw, path=written[-1])
+    _check_converging(sw, arch, x, lr, args.lr, "width")
+    sa = aw = None
     if alphas is not None:
         aw = args.alpha_width or widths[len(widths) // 2]
         net = arch.module(in_shape=tuple(x.shape[1:]), width=aw, seed=seeds[0])
@@ -110,15 +182,26 @@ def _run(args, arch, widths, seeds, lr, alphas, x, y) -> int:
                             steps=args.steps, learning_rate=lr, batch_size=args.batch_size,
                             progress=not args.no_progress, hessian_steps=args.hessian_steps,
                             parameterization=dg._arch_parameterization(arch))
-        summary.append(f"(alpha sweep at width {aw})\n" + sa.to_text())
-        written.append(sa.to_csv(os.path.join(args.out, "alpha_sweep.csv")))
-        written.append(os.path.join(args.out, f"alpha_scaling.{ext}"))
-        plots.plot_scaling(sa, path=written[-1])
-    text = "\n\n".join(summary)
+        _check_converging(sa, arch, x, lr, args.lr, "alpha")
+    # everything measured and checked: write all outputs (temporary names, then into place)
+    try:
+        summary = [sw.to_text()]
+        sw.to_csv(out.stage("width_sweep.csv"))
+        plots.plot_scaling(sw, path=out.stage(f"width_scaling.{ext}"))
+        if args.steps > 0:
+            plots.training_curves(sw, path=out.stage(f"width_training.{ext}"))
+        if sa is not None:
+            summary.append(f"(alpha sweep at width {aw})\n" + sa.to_text())
+            sa.to_csv(out.stage("alpha_sweep.csv"))
+            plots.plot_scaling(sa, path=out.stage(f"alpha_scaling.{ext}"))
+        text = "\n\n".join(summary)
+        with open(out.stage("summary.txt"), "w") as f:
+            f.write(text + "\n")
+        written = out.commit()
+    except BaseException:
+        out.discard()
+        raise
     print(text)
-    written.append(os.path.join(args.out, "summary.txt"))
-    with open(written[-1], "w") as f:
-        f.write(text + "\n")
     from .cli import print_written
     print_written(written)
     return 0
@@ -155,6 +238,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: small "
                    "networks run fastest on one)")
     p.add_argument("--format", choices=("png", "svg"), default="png", help="figure format")
-    p.add_argument("--out", default="ntkit_lazy", help="output folder (default ntkit_lazy)")
+    p.add_argument("--out", default="ntkit_lazy", help="output folder (default ntkit_lazy); "
+                   "files of the same names are replaced only if an earlier ntkit run wrote "
+                   "them unchanged")
+    p.add_argument("--force", action="store_true", help="replace files in --out that ntkit "
+                   "did not write")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _py_names=_PY_NAMES)

@@ -1,0 +1,344 @@
+"""Files in and out of the command line, with errors that name the flag.
+
+Reading: :func:`load_matrix` reads a numeric array from a ``.npy`` or ``.npz`` file and says
+what is wrong (missing, unreadable, empty, not a NumPy file, damaged, object data, wrong entry,
+NaN/Inf) in terms of the flag that named the file.
+
+Writing never loses a file ntkit did not write: :func:`check_out_file` refuses, before any work
+is done, a wrong suffix (ntkit writes exactly the path named, in the format its suffix says), a
+missing or read-only folder, a folder or special file, and an existing file that does not carry
+ntkit's marker unless ``--force``; :func:`write_atomic` writes to a temporary file next to the
+target and moves it into place, so a failure leaves no partial file. :class:`OutFolder` does the
+same for a folder of outputs, recording what it wrote (name and SHA-256) in a manifest: a later
+run replaces a file only if it is still exactly what ntkit wrote.
+
+Example::
+
+    >>> k = load_matrix("k.npz", "--k-train-train", "ntk", key_flag="--key")   # (n, n)
+    >>> check_out_file("p.npz", "--out", (".npz",), force=False)
+    >>> write_atomic("p.npz", "--out", lambda f: np.savez(f, t=t))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["load_matrix", "parse_floats", "check_out_file", "write_atomic", "OutFolder"]
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _reason(e: OSError) -> str:
+    return (e.strerror or str(e) or type(e).__name__).lower()
+
+
+def load_matrix(path: str, what: str, key: str = "ntk", *, key_flag: Optional[str] = None,
+                finite: bool = True):
+    """Read a numeric array from ``.npy`` (or ``.npz``: entry ``key``, or its only entry).
+
+    Args:
+      path: the file. what: the flag (or metavar) that named it, used in every message.
+      key: the ``.npz`` entry to read. key_flag: the flag choosing ``key``, named when the entry
+        is missing (``None``: ``key`` is fixed, the message says how to name the array).
+      finite: refuse NaN/Inf values.
+
+    Returns a non-empty real ``numpy.ndarray``. Raises ``ValueError`` (``FileNotFoundError`` for
+    a missing file) whose message starts with ``what``.
+    """
+    import numpy as np
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what} is empty; name a .npy or .npz file")
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a folder; expected a .npy or .npz file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {path}: {_reason(e)}") from None
+    if not head:
+        raise ValueError(f"{what}: {path} is empty (0 bytes), not a .npy/.npz file; save the "
+                         f"array with numpy.save")
+    if head.startswith(_NPY_MAGIC):
+        kind = ".npy"
+    elif head[:4] in _ZIP_MAGICS:
+        kind = ".npz"
+    else:
+        raise ValueError(f"{what}: {path} is not a valid .npy or .npz file (no NumPy or zip "
+                         f"signature at its start); save the array with numpy.save or "
+                         f"numpy.savez")
+    try:
+        obj = np.load(path, allow_pickle=False)
+        if kind == ".npz":
+            with obj:
+                names = list(obj.files)
+                if key in names:
+                    entry = key
+                elif len(names) == 1:
+                    entry = names[0]
+                elif not names:
+                    raise _Refused(f"{what}: {path} holds no arrays")
+                else:
+                    fix = (f"choose one with {key_flag}" if key_flag else
+                           f"name the array {key!r} or save it alone with numpy.save")
+                    raise _Refused(f"{what}: {path} holds the entries {', '.join(names)} but "
+                                   f"none named {key!r}; {fix}")
+                arr = obj[entry]
+            where = f"{path} (entry {entry!r})"
+        else:
+            arr, where = obj, path
+    except _Refused as e:
+        raise ValueError(str(e)) from None
+    except MemoryError:
+        raise MemoryError(f"{what}: {path} does not fit in memory") from None
+    except Exception as e:          # anything the parser trips on: the file is not readable
+        text = str(e)
+        if "allow_pickle" in text or "pickle" in text.lower():
+            raise ValueError(f"{what}: {path} holds Python objects (an object array), which "
+                             f"ntkit does not load because that can run code; save a numeric "
+                             f"array") from None
+        raise ValueError(f"{what}: {path} is a damaged {kind} file ({type(e).__name__}: "
+                         f"{text}); save the array again") from None
+    if arr.dtype.kind == "c":
+        raise ValueError(f"{what}: {where} holds complex values; ntkit needs real numbers")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{what}: {where} is not numeric (dtype {arr.dtype}); save a float or "
+                         f"integer array")
+    if arr.size == 0:
+        raise ValueError(f"{what}: {where} holds an empty array of shape {arr.shape}")
+    if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"{what}: {where} contains {bad} NaN/Inf value(s); clean or impute "
+                         f"them first")
+    return arr
+
+
+class _Refused(Exception):
+    pass
+
+
+def parse_floats(text: str, name: str) -> List[float]:
+    """``'0,10,1e3,inf'`` -> floats; errors name the option."""
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers (e.g. 0,10,100,inf), got "
+                         f"{text!r}") from None
+    if not vals:
+        raise ValueError(f"{name} is empty")
+    return vals
+
+
+# ---- output files -----------------------------------------------------------------------
+def _check_folder(folder: str, flag: str, path: str) -> None:
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: no permission to write in {folder}")
+
+
+def check_out_file(path: str, flag: str, suffixes: Sequence[str], *, force: bool = False,
+                   ours: Optional[Callable[[str], bool]] = None) -> str:
+    """Refuse an output file that is unsafe or would not be written as named; returns its
+    absolute path. Call it before any work, and :func:`write_atomic` after.
+
+    ``ours(path)`` tells whether an existing file was written by this command (then it may be
+    replaced); otherwise an existing file is replaced only with ``force`` (``--force``).
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{flag} is empty; name an output file ending in "
+                         f"{' or '.join(suffixes)}")
+    if not path.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise ValueError(f"{flag} {path}: the name must end in {' or '.join(suffixes)} (the "
+                         f"format written; ntkit writes exactly the path named)")
+    full = os.path.abspath(path)
+    _check_folder(os.path.dirname(full), flag, path)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {path} is a folder; name a file")
+    if os.path.lexists(full):
+        if os.path.islink(full) or not os.path.isfile(full):
+            raise ValueError(f"{flag} {path} exists and is not a regular file (a link or a "
+                             f"device); choose another name")
+        if not force and not (ours is not None and ours(full)):
+            raise ValueError(f"{flag} {path} already exists and was not written by ntkit; "
+                             f"pass --force to replace it, or choose another name")
+    return full
+
+
+def _tmp_name(path: str) -> str:
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".ntkit-tmp-{secrets.token_hex(4)}-{base}")
+
+
+def _publish(tmp: str, path: str, replace: bool, flag: str) -> None:
+    """Move ``tmp`` (ours) to ``path``; a new name must still be free at that moment."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)                      # fails if ``path`` appeared meanwhile
+    except FileExistsError:
+        raise ValueError(f"{flag} {path} was created by something else while ntkit was "
+                         f"running; nothing was overwritten, choose another name") from None
+    except OSError:                             # no hard links on this filesystem
+        if os.path.lexists(path):
+            raise ValueError(f"{flag} {path} was created by something else while ntkit was "
+                             f"running; nothing was overwritten") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_atomic(path: str, flag: str, write: Callable, *, replace: Optional[bool] = None,
+                 binary: bool = True) -> str:
+    """``write(file_object)`` into a temporary file next to ``path``, then move it to ``path``.
+
+    ``replace``: whether an existing ``path`` may be replaced (default: it existed when this
+    was called, i.e. :func:`check_out_file` allowed it). On any error the temporary file is
+    removed and ``path`` is untouched. Returns ``path``.
+    """
+    full = os.path.abspath(path)
+    if replace is None:
+        replace = os.path.lexists(full)
+    tmp = _tmp_name(full)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write: {_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        _publish(tmp, full, replace, flag)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)                      # our own temporary file
+        if isinstance(e, OSError):
+            raise ValueError(f"{flag} {path}: cannot write: {_reason(e)}") from None
+        raise
+    return path
+
+
+class OutFolder:
+    """A folder of outputs (``--out DIR``) that never loses a file ntkit did not write.
+
+    :meth:`check` (before any work) refuses a path that is a file, a missing parent, a folder
+    without write permission, and existing files of the names to be written unless they are
+    unchanged since an earlier ntkit run wrote them (their SHA-256 is in the manifest
+    ``.ntkit_manifest.json``) or ``force``. :meth:`stage` gives a temporary path for each file;
+    :meth:`commit` moves them all into place and updates the manifest; :meth:`discard` removes
+    the temporary files (on error).
+
+    Example::
+
+        >>> out = OutFolder("lazy_out", "--out", force=False)
+        >>> out.check(["summary.txt"])
+        >>> p = out.stage("summary.txt"); open(p, "w").write("...")
+        >>> out.commit()              # -> ['lazy_out/summary.txt']
+    """
+    MANIFEST = ".ntkit_manifest.json"
+
+    def __init__(self, path: str, flag: str, *, force: bool = False):
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{flag} is empty; name an output folder")
+        self.path, self.flag, self.force = path, flag, force
+        self.full = os.path.abspath(path)
+        self._staged: Dict[str, str] = {}
+
+    def _manifest(self) -> Dict[str, str]:
+        m = os.path.join(self.full, self.MANIFEST)
+        if not os.path.exists(m):
+            return {}
+        try:
+            with open(m) as f:
+                data = json.load(f)
+            files = data["files"]
+            if data.get("written_by") != "ntkit" or not isinstance(files, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in files.items()}
+        except Exception:
+            if self.force:
+                return {}
+            raise ValueError(f"{self.flag} {self.path}: {self.MANIFEST} there was not written "
+                             f"by ntkit; pass --force, or choose another folder") from None
+
+    def check(self, names: Sequence[str]) -> None:
+        full = self.full
+        if os.path.lexists(full) and not os.path.isdir(full):
+            raise ValueError(f"{self.flag} {self.path} exists and is not a folder; name a "
+                             f"folder for the outputs")
+        parent = full
+        while not os.path.isdir(parent):            # the nearest existing ancestor
+            up = os.path.dirname(parent)
+            if up == parent:
+                break
+            parent = up
+        if parent != full and os.path.lexists(parent) and not os.path.isdir(parent):
+            raise ValueError(f"{self.flag} {self.path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{self.flag} {self.path}: no permission to write in {parent}")
+        if not os.path.isdir(full):
+            return
+        manifest = self._manifest()
+        clash = []
+        for n in list(names) + [self.MANIFEST]:
+            p = os.path.join(full, n)
+            if n == self.MANIFEST or not os.path.lexists(p):
+                continue
+            if os.path.islink(p) or not os.path.isfile(p):
+                clash.append(n)
+            elif not self.force and manifest.get(n) != _sha256(p):
+                clash.append(n)
+        if clash:
+            raise ValueError(f"{self.flag} {self.path} already holds {', '.join(clash)}, not "
+                             f"written by ntkit (or changed since); pass --force to replace "
+                             f"them, or choose another folder")
+
+    def stage(self, name: str) -> str:
+        """A temporary path in the folder for output ``name`` (created on first use)."""
+        try:
+            os.makedirs(self.full, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{self.flag} {self.path}: cannot create the folder: "
+                             f"{_reason(e)}") from None
+        tmp = _tmp_name(os.path.join(self.full, name))
+        self._staged[name] = tmp
+        return tmp
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        self._staged.clear()
+
+    def commit(self) -> List[str]:
+        """Move every staged file into place; returns the final paths in staging order."""
+        written = []
+        try:
+            self.check(list(self._staged))      # nothing changed under us since the start
+            manifest = self._manifest()
+            for name, tmp in self._staged.items():
+                dest = os.path.join(self.full, name)
+                digest = _sha256(tmp)
+                _publish(tmp, dest, os.path.lexists(dest), self.flag)
+                manifest[name] = digest
+                written.append(os.path.join(self.path, name))
+            mpath = os.path.join(self.full, self.MANIFEST)
+            write_atomic(mpath, self.flag, lambda f: json.dump(
+                {"written_by": "ntkit", "files": manifest}, f, indent=1), binary=False,
+                replace=True)
+        finally:
+            self.discard()
+        return written
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
