@@ -136,11 +136,21 @@ def test_clear_errors(tmp_path):
         ntkit.compute_kernel(lambda a, b: a @ b.T, x, get=("a", "b"), store=None,
                              progress=False)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match="not"):
+    (tmp_path / "plain" / "mine.txt").write_text("user data")
+    with pytest.raises(ValueError, match="not an ntkit kernel store"):
         ntkit.compute_kernel(ARCH, x, store=str(tmp_path / "plain"), progress=False)
-    with pytest.raises(ValueError, match="not a Zarr store"):
+    with pytest.raises(ValueError, match="not an ntkit kernel store"):
         ntkit.compute_kernel(ARCH, x, store=str(tmp_path / "plain"), progress=False,
                              overwrite=True)
+    assert (tmp_path / "plain" / "mine.txt").read_text() == "user data"
+    for budget in (float("nan"), float("inf"), 0):
+        with pytest.raises(ValueError, match="memory_budget"):
+            ntkit.compute_kernel(ARCH, x, store=None, memory_budget=budget, progress=False)
+    for bad_get in (("../x",), ("done",), ("sums",), (".hidden",)):
+        with pytest.raises(ValueError, match="get"):
+            ntkit.compute_kernel(two_kernels, x, get=bad_get, store=str(tmp_path / "g.zarr"),
+                                 progress=False)
+    assert not (tmp_path / "g.zarr").exists()
     with pytest.raises(FileNotFoundError, match="no kernel store"):
         open_store(str(tmp_path / "missing.zarr"))
     h = ntkit.compute_kernel(ARCH, x, store=None, progress=False)

@@ -147,6 +147,45 @@ def test_solve_errors_and_warnings(tmp_path):
     with pytest.raises(RuntimeError, match="incomplete"):
         solve(ntkit.scale.open_store(str(tmp_path / "k.zarr")), torch.ones(6), progress=False)
     Kbad = torch.from_numpy(np.diag(np.logspace(0, -12, 50)))
-    with pytest.warns(RuntimeWarning, match="maxiter"):
+    with pytest.raises(ValueError, match="maxiter.*on_nonconvergence='warn'"):
         solve(Kbad, torch.ones(50, dtype=torch.float64), method="cg", maxiter=3,
               preconditioner=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="maxiter"):
+        a, info = solve(Kbad, torch.ones(50, dtype=torch.float64), method="cg", maxiter=3,
+                        preconditioner=None, progress=False, on_nonconvergence="warn",
+                        return_info=True)
+    assert not info.converged and torch.isfinite(a).all()
+    with pytest.raises(ValueError, match="on_nonconvergence"):
+        solve(K, y, progress=False, on_nonconvergence="ignore")
+
+
+@pytest.mark.parametrize("prec", ["pivoted_cholesky", "nystrom", None])
+def test_cg_on_singular_store_is_an_error_naming_diag_reg(tmp_path, prec):
+    """A rank-5 kernel and targets outside its range: (K + 0 I) alpha = y has no solution.
+    CG used to return ||alpha|| ~ 1e20 with a warning; now it is an error naming the ridge, and
+    with the ridge it converges to the dense solution."""
+    from tests.scale._kernels import two_kernels
+    g = np.random.default_rng(2)
+    X = g.normal(size=(40, 5))
+    y = g.normal(size=(40, 2))
+    h = ntkit.compute_kernel(two_kernels, X, get="lin", store=str(tmp_path / "s.zarr"), tile=16,
+                             progress=False)
+    with pytest.raises(ValueError, match=r"did not converge.*diag_reg=1e-6"):
+        solve(h, y, key="lin", method="cg", preconditioner=prec, progress=False)
+    with pytest.warns(RuntimeWarning, match="diag_reg"):
+        a, info = solve(h, y, key="lin", method="cg", preconditioner=prec, progress=False,
+                        return_info=True, on_nonconvergence="warn")
+    assert not info.converged and torch.isfinite(a).all()
+    assert (info.residual > 1e-6).all()                       # reported honestly
+    K = X @ X.T
+    ridge = 1e-3 * np.trace(K) / 40
+    a, info = solve(h, y, key="lin", method="cg", preconditioner=prec, diag_reg=1e-3,
+                    tol=1e-9, progress=False, return_info=True)
+    assert info.converged
+    ref = np.linalg.solve(K + ridge * np.eye(40), y)
+    res = np.linalg.norm((K + ridge * np.eye(40)) @ a.numpy() - y, axis=0) / \
+        np.linalg.norm(y, axis=0)
+    assert (res <= 1e-9 * 1.01).all()
+    np.testing.assert_allclose(a.numpy(), ref, rtol=1e-3)
+    with pytest.raises(ValueError, match="`key` 'ntk' is not in kernel store"):
+        solve(h, y, key="ntk", progress=False)

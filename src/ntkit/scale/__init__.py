@@ -6,7 +6,9 @@ and solvers for kernel systems that do not fit in memory.
   each finished tile to a Zarr store and resumes after a crash, bitwise identically.
 * :class:`KernelStore` (the handle it returns; also :func:`open_store`) reads tiles lazily
   (``h['ntk'][i0:i1, j0:j1]``), loads the matrix (``h.load('ntk')``), reports ``h.status()``
-  and streams ``h['ntk'].matmul(v)`` in one pass over the tiles.
+  and streams ``h['ntk'].matmul(v)`` in one pass over the tiles. Every tile read is checked
+  against the CRC-32 stored with it; :func:`verify_store` (CLI ``ntkit kernel verify``) checks
+  them all, and rerunning the computation recomputes exactly the damaged ones.
 * :func:`solve` solves ``(K + ridge I) alpha = y``: dense float64 Cholesky (eigh fallback) when
   ``K`` fits in memory, else preconditioned conjugate gradients streaming tiles from the store.
 
@@ -21,9 +23,11 @@ Example::
     >>> pred = kt['ntk'].matmul(alpha)                                  # (m, k)
 """
 from ._compute import compute_kernel
-from ._store import KernelStore, StoreStatus, TiledMatrix, open_store
+from ._store import (KernelStore, StoreStatus, TiledMatrix, VerifyReport, open_store, verify_store,
+                     StoreDamagedError, StoreBusyError, StoreIncompleteError)
 from ._solve import solve, SolveInfo
 from ._cluster import local_cluster
 
 __all__ = ["compute_kernel", "KernelStore", "TiledMatrix", "StoreStatus", "open_store", "solve",
-           "SolveInfo", "local_cluster"]
+           "SolveInfo", "local_cluster", "verify_store", "VerifyReport", "StoreDamagedError",
+           "StoreBusyError", "StoreIncompleteError"]

@@ -15,7 +15,6 @@ Design:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import os
 import threading
@@ -25,7 +24,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._store import KernelStore, create_store, n_tiles, tile_pairs
+from ._store import (KernelStore, StoreLock, check_store_path, create_store, hint, n_tiles,
+                     refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
 
 __all__ = ["compute_kernel"]
 
@@ -110,31 +110,33 @@ def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, sing
 
 # ---- fingerprint -------------------------------------------------------------------------
 def _describe_fn(fn) -> str:
+    """What determines the numbers: a content hash of the architecture / function (its code,
+    constants, closure values and parameters; see ``_fingerprint``), with a readable label."""
+    from ._fingerprint import fingerprint
     if _is_layer(fn):
-        return "architecture " + repr(fn)
-    import functools
-    if isinstance(fn, functools.partial):
-        return (f"partial({_describe_fn(fn.func)}, args={fn.args!r}, "
-                f"keywords={sorted(fn.keywords.items())!r})")
-    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-    try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):
-        code = getattr(fn, "__code__", None)
-        src = repr((code.co_code, code.co_consts)) if code is not None else ""
-    return f"function {name} source sha256 {hashlib.sha256(src.encode()).hexdigest()[:16]}"
+        label = repr(fn)
+        label = "architecture " + (label if len(label) <= 160 else label[:157] + "...")
+    else:
+        label = (f"function {getattr(fn, '__module__', None) or '?'}."
+                 f"{getattr(fn, '__qualname__', None) or type(fn).__name__}")
+    what = "the architecture" if _is_layer(fn) else "the kernel function"
+    return f"{label} content sha256 {fingerprint(fn, what)[:32]}"
 
 
 def _describe_x(x: Optional[torch.Tensor]) -> str:
+    """Shape and sha256 of the inputs as given, in float64 (so a change of `dtype` alone is
+    reported as a dtype change, not as different data)."""
     if x is None:
         return "None (x2 = x1, symmetric)"
-    h = hashlib.sha256(np.ascontiguousarray(x.numpy()).view(np.uint8).reshape(-1)).hexdigest()
+    a = np.ascontiguousarray(x.detach().cpu().to(torch.float64).numpy())
+    h = hashlib.sha256(a.view(np.uint8).reshape(-1)).hexdigest()
     return f"shape {tuple(x.shape)} sha256 {h[:32]}"
 
 
-def _fingerprint(fn, x1, x2, dtype, tile, keys) -> Dict[str, str]:
+def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None) -> Dict[str, str]:
     from .. import __version__
-    return {"function": _describe_fn(fn), "x1": _describe_x(x1), "x2": _describe_x(x2),
+    return {"function": _describe_fn(fn) if fn_desc is None else fn_desc,
+            "x1": _describe_x(x1), "x2": _describe_x(x2),
             "dtype": str(dtype).replace("torch.", ""), "tile": str(tile),
             "get": ",".join(keys), "ntkit_version": __version__}
 
@@ -143,8 +145,9 @@ def _mismatch_message(path, stored: Dict[str, str], now: Dict[str, str]) -> str:
     diffs = [f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in now
              if stored.get(k) != now.get(k)]
     return (f"kernel store {path!r} was written by a different computation, so it cannot be "
-            f"resumed; differing: " + "; ".join(diffs) + ". Use a new `store` path, or pass "
-            f"overwrite=True (CLI: --overwrite) to discard the stored tiles.")
+            f"resumed; differing: " + "; ".join(diffs) + ". " +
+            hint("Use a new `store` path, or pass overwrite=True to discard the stored tiles.",
+                 "Use a new --store path, or pass --overwrite to discard the stored tiles."))
 
 
 # ---- executors -------------------------------------------------------------------------
@@ -205,7 +208,11 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         x1`` (then only tiles ``i <= j`` are computed and reads mirror them).
       get: kernels to store: ``'ntk'``, ``'nngp'``, a tuple; default ``('nngp', 'ntk')`` for an
         architecture, ``'kernel'`` (the function's tensor output) for a function.
-      store: Zarr path (a directory ``*.zarr``), or ``None`` for an in-memory store.
+      store: path of the store folder (``'k.zarr'``; new, empty, or a store ntkit wrote), or
+        ``None`` for an in-memory store. Refused before anything is touched: an empty path,
+        ``.``/``..``, the current directory or a parent of it, the home directory, a
+        filesystem root, a regular file, a non-empty folder ntkit did not create (no
+        ``.ntkit-store`` marker), a symlink to one.
       tile: tile edge in examples; default: a resumed store's tile, else chosen from
         ``memory_budget`` (at most 2048).
       executor: where tiles run. ``None``: a thread pool in this process (one thread per core,
@@ -218,16 +225,22 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
       memory_budget: bytes for the tiles in flight (default: half the available RAM).
       progress: tqdm progress bar over tiles.
       dtype: ``torch.float64`` (default) or ``torch.float32``.
-      overwrite: discard an existing store at ``store`` instead of resuming it.
+      overwrite: discard an existing store at ``store`` instead of resuming it (only a store
+        ntkit created is ever deleted, and only the entries its marker lists).
 
     Returns:
       a :class:`KernelStore`: ``h['ntk'][i0:i1, j0:j1]`` reads lazily, ``h.load('ntk')`` is the
       full tensor, ``h.status()`` the progress.
 
     Rerunning the same call after a crash or Ctrl-C computes only the missing tiles, and the
-    result is bitwise identical to an uninterrupted run. A store written by a different
-    computation (architecture, inputs, dtype, tiling, get or ntkit version) is refused with a
-    message naming what differs.
+    result is bitwise identical to an uninterrupted run; the rerun also re-reads every finished
+    tile, checks its CRC-32 and recomputes exactly the damaged ones (with a warning). A store
+    written by a different computation (the content of the architecture or function -- code,
+    constants, closure values --, inputs, dtype, tiling, get or ntkit version) is refused with a
+    message naming what differs; a function whose content cannot be hashed (e.g. it closes over
+    an opaque object) is refused unless ``overwrite=True``. While it runs the call holds the
+    store's lock file: a second writer gets :class:`~ntkit.scale.StoreBusyError`. Tiles with
+    NaN/Inf raise ``ValueError``.
 
     Example::
 
@@ -252,12 +265,20 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         raise ValueError(f"`get` must be a kernel name or a tuple of distinct names, got {get!r}")
     if is_arch and any(k not in GET_KEYS for k in keys):
         raise ValueError(f"`get` for an architecture must be among {GET_KEYS}, got {get!r}")
-    if any(k == "done" for k in keys):
-        raise ValueError("`get` may not use the reserved name 'done'")
+    bad = [k for k in keys if k in RESERVED or not _NAME.match(k)]
+    if bad:
+        raise ValueError(f"`get` names {bad} cannot name stored kernels: use letters, digits, "
+                         f"'_', '.', '-' (not starting with '.' or '-'), and not the reserved "
+                         f"{RESERVED}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
-    x1 = as_tensor(x1, "x1", dtype).detach().cpu().contiguous()
-    x2 = None if x2 is None else as_tensor(x2, "x2", dtype).detach().cpu().contiguous()
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}")
+    # inputs as given (hashed in float64 for the fingerprint), then in the working dtype
+    x1_in = as_tensor(x1, "x1").detach().cpu()
+    x2_in = None if x2 is None else as_tensor(x2, "x2").detach().cpu()
+    x1 = x1_in.to(dtype).contiguous()
+    x2 = None if x2_in is None else x2_in.to(dtype).contiguous()
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                          f"{tuple(x1.shape[1:])}")
@@ -265,15 +286,31 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     n2 = n1 if x2 is None else x2.shape[0]
     if n1 == 0 or n2 == 0:
         raise ValueError(f"`x1`/`x2` must hold at least one example, got {n1} and {n2}")
-    budget = available_memory() // 2 if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
-                         f"{memory_budget!r}")
+    if x1[0].numel() == 0:
+        raise ValueError(f"`x1` has no features per example (shape {tuple(x1.shape)})")
+    if memory_budget is None:
+        budget = available_memory() // 2
+    else:
+        try:
+            mb = float(memory_budget)
+        except (TypeError, ValueError):
+            raise TypeError(f"`memory_budget` must be a number of bytes, got "
+                            f"{memory_budget!r}") from None
+        if not math.isfinite(mb) or mb <= 0:
+            raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
+                             f"{memory_budget!r}")
+        budget = int(mb)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
                              or tile < 1):
         raise ValueError(f"`tile` must be a positive integer, got {tile!r}")
+    # the store path is checked before anything runs (and before anything is touched)
+    real = None
+    if store is not None:
+        real = check_store_path(store)
+        store = os.fspath(store)
 
     own_client = own_cluster = None
+    handle = None
     if isinstance(executor, str):
         from distributed import Client
         if executor == "local":
@@ -289,11 +326,13 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     try:
         workers = _default_workers() if executor is None else _workers(executor)
         in_flight = 2 * workers
-        handle = _open_or_create(arch_or_fn, x1, x2, keys, single, dtype, tile, store,
-                                 overwrite, budget, in_flight, is_arch)
+        handle = _open_or_create(arch_or_fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
+                                 store, real, overwrite, budget, in_flight)
         _run(handle, arch_or_fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
              progress)
     finally:
+        if handle is not None:
+            handle._release_lock()
         if own_client is not None:
             own_client.close()
         if own_cluster is not None:
@@ -301,53 +340,147 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     return handle
 
 
-def _open_or_create(fn, x1, x2, keys, single, dtype, tile, store, overwrite, budget, in_flight,
-                    is_arch) -> KernelStore:
+def _fn_description(fn, need: bool) -> str:
+    """The function part of the fingerprint; if it cannot be computed, a never-matching
+    description when ``need`` is False (overwrite / in-memory), else a clear error."""
+    from ._fingerprint import UnfingerprintableError
+    try:
+        return _describe_fn(fn)
+    except UnfingerprintableError as e:
+        if need:
+            raise ValueError(
+                f"{e}. A store is resumed only when the kernel it holds is provably the same "
+                f"computation; name it instead: pass a module-level function (or an "
+                f"architecture / functools.partial of plain values), or "
+                + hint("pass overwrite=True to recompute from scratch (such a store cannot be "
+                       "resumed).", "pass --overwrite to recompute from scratch.")) from None
+        import uuid
+        return f"unfingerprintable ({e}) #{uuid.uuid4().hex}"
+
+
+def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, real,
+                    overwrite, budget, in_flight) -> KernelStore:
+    """Resume our store at ``real`` or create a new one (in memory when ``real`` is None).
+
+    Order, for a path: refuse a folder that is not ours (nothing touched); create the folder if
+    absent; take the write lock; look again (another writer may have finished meanwhile):
+    resume our valid store unless ``overwrite``; else probe the function, delete only the
+    entries our marker lists, create. On failure the lock is released and a folder this call
+    created is removed again if it is still empty."""
     import zarr
+    if real is None:
+        return create_store(zarr.storage.MemoryStore(), real=None,
+                            **_geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
+                                        budget, in_flight, fn_desc=_fn_description(fn, False)))
+    state = store_state(real)
+    if state in ("foreign", "legacy"):
+        refuse_foreign(store, state)
+    created_dir = False
+    if state == "absent":
+        try:
+            os.makedirs(real)
+            created_dir = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ValueError(f"cannot create the store folder {store!r}: {e}") from None
+    lock = None
+    try:
+        lock = StoreLock(real, store).acquire()
+        state = store_state(real)                  # again, now that we hold the lock
+        if state in ("foreign", "legacy"):
+            refuse_foreign(store, state)
+        if state == "ours" and not overwrite:
+            h = _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real)
+            if h is not None:
+                h._lock = lock
+                return h
+            # our folder, but its creation was interrupted (nothing computed): recreate it
+        geometry = _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget,
+                             in_flight, fn_desc=_fn_description(fn, need=not overwrite))
+        if state == "ours":
+            remove_store_contents(real)            # only what the marker says is ours
+        h = create_store(store, real=real, **geometry)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created_dir:
+            try:
+                os.rmdir(real)                     # only if still empty
+            except OSError:
+                pass
+        raise
+    h.path = store
+    h._lock = lock
+    return h
+
+
+def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_flight,
+              fn_desc) -> Dict[str, Any]:
+    """Tile edge, per-entry shape and fingerprint of a new store; probes one 1 x 1 tile (the
+    per-entry shape of conv kernels) so a failing function fails before anything is written."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
-    if store is None:
-        store = zarr.storage.MemoryStore()
-        overwrite = True
-    elif isinstance(store, os.PathLike):
-        store = os.fspath(store)
-    exists = isinstance(store, str) and os.path.exists(store)
-    if exists and not overwrite:
-        h = KernelStore(store, mode="r+")
-        t = h.tile if tile is None else int(tile)
-        now = _fingerprint(fn, x1, x2, dtype, t, keys)
-        if h.fingerprint != now:
-            raise ValueError(_mismatch_message(store, h.fingerprint, now))
-        return h
-    if exists and overwrite and os.path.isdir(store):
-        _check_removable(store)
     t = int(tile) if tile is not None else _auto_tile(fn, x1, n1, n2, len(keys), budget,
                                                       in_flight)
-    # probe a 1 x 1 tile for the per-entry shape (spatial axes of conv kernels)
     probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single)
+    _check_finite(probe, "the first diagonal entry")
     tail = tuple(probe[keys[0]].shape[2:])
     mirror = tuple(range(len(tail)))
-    if is_arch and tail:
+    if _is_layer(fn) and tail:
         kk = fn.kernel(x1[:1], get=keys, dtype=dtype)
         ns = len(kk.shape1) - 1
         if ns and not kk.diagonal_spatial and len(tail) == 2 * ns:
             mirror = tuple(list(range(ns, 2 * ns)) + list(range(ns)))
-    return create_store(store, n1=n1, n2=n2, tile=t, keys=keys, symmetric=x2 is None, tail=tail,
-                        mirror=mirror, dtype=probe[keys[0]].dtype,
-                        fingerprint=_fingerprint(fn, x1, x2, dtype, t, keys), overwrite=True)
+    fp = _fingerprint(fn, x1_in, x2_in, dtype, t, keys, fn_desc=fn_desc)
+    return dict(n1=n1, n2=n2, tile=t, keys=keys, symmetric=x2 is None, tail=tail,
+                mirror=mirror, dtype=probe[keys[0]].dtype, fingerprint=fp)
 
 
-def _check_removable(path: str) -> None:
-    """Refuse to delete a directory that is not a Zarr store (overwrite=True safety)."""
-    if not (os.path.exists(os.path.join(path, "zarr.json"))
-            or os.path.exists(os.path.join(path, ".zgroup"))):
-        raise ValueError(f"`store` {path!r} exists and is not a Zarr store; overwrite=True only "
-                         f"replaces Zarr stores -- choose another path")
+def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real) -> Optional[KernelStore]:
+    """Open our store for writing (repairing a damaged ledger) and check it holds this
+    computation; ``None`` when its creation never finished (nothing computed in it)."""
+    try:
+        with open(os.path.join(real, "zarr.json"), encoding="utf-8") as f:
+            import json
+            valid = "ntkit_kernel_store" in json.load(f).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        valid = False
+    if not valid:
+        return None
+    h = KernelStore(real, mode="r+", repair=True)
+    h.path = store
+    t = h.tile if tile is None else int(tile)
+    now = _fingerprint(fn, x1_in, x2_in, dtype, t, keys,
+                       fn_desc=_fn_description(fn, need=True))
+    if h.fingerprint != now:
+        raise ValueError(_mismatch_message(store, h.fingerprint, now))
+    return h
+
+
+def _check_finite(blocks: Dict[str, np.ndarray], where: str) -> None:
+    for key, v in blocks.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            bad = int((~np.isfinite(v)).sum())
+            raise ValueError(f"the kernel {key!r} has {bad} NaN/Inf value(s) in {where}; a store "
+                             f"holds finite kernels only (NaN marks tiles not computed yet). "
+                             f"Check the inputs' scale and the dtype (float64 has more range)")
 
 
 def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
          progress) -> None:
     todo = h.missing()
+    # tiles flagged done are re-read and checked: damaged ones are recomputed, not trusted
+    rep = h.verify(progress=progress)
+    if rep.damaged:
+        bad = sorted({(i, j) for i, j, _, _ in rep.damaged})
+        import warnings
+        warnings.warn(f"kernel store {h.path!r}: {len(bad)} damaged tile(s) "
+                      f"{bad[:10]}{' ...' if len(bad) > 10 else ''} will be recomputed "
+                      f"({rep.damaged[0][3]})", RuntimeWarning, stacklevel=3)
+        for ij in bad:
+            h._mark_undone(*ij)
+        todo = sorted(set(todo) | set(bad))
     if not todo:
         return
     dname = str(dtype).replace("torch.", "")
@@ -392,7 +525,11 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
                 ac.add(f)
             for f in ac:
                 ij = live.pop(f)
-                h._write_tile(*ij, f.result())
+                blocks = f.result()
+                _check_finite(blocks, f"tile {ij} (rows {h.rows(ij[0]).start}:"
+                                      f"{h.rows(ij[0]).stop}, columns {h.cols(ij[1]).start}:"
+                                      f"{h.cols(ij[1]).stop})")
+                h._write_tile(*ij, blocks)
                 bar.update(1)
                 if pending:
                     nij = pending.pop()
@@ -407,7 +544,11 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
                 done, _ = cf.wait(list(live), return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     ij = live.pop(f)
-                    h._write_tile(*ij, f.result())
+                    blocks = f.result()
+                    _check_finite(blocks, f"tile {ij} (rows {h.rows(ij[0]).start}:"
+                                          f"{h.rows(ij[0]).stop}, columns "
+                                          f"{h.cols(ij[1]).start}:{h.cols(ij[1]).stop})")
+                    h._write_tile(*ij, blocks)
                     bar.update(1)
     except BaseException:
         for f in list(locals().get("live", {})):

@@ -36,6 +36,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ._store import hint
+
 __all__ = ["solve", "SolveInfo"]
 
 
@@ -104,12 +106,16 @@ class _StoreOp:
 
 
 def _as_operator(K, key: Optional[str], progress: bool):
-    from ._store import KernelStore, TiledMatrix
+    from ._store import KernelStore, TiledMatrix, hint
     if isinstance(K, KernelStore):
         if key is None:
             key = "ntk" if "ntk" in K.keys else (K.keys[0] if len(K.keys) == 1 else None)
             if key is None:
-                raise ValueError(f"the store holds {K.keys}; choose one with key=...")
+                raise ValueError(f"the store holds {K.keys}; choose one with "
+                                 + hint("key=...", "--key"))
+        if key not in K.keys:
+            raise ValueError(f"{hint('`key`', '--key')} {key!r} is not in kernel store "
+                             f"{K.path!r}; it holds {', '.join(K.keys)}")
         K = K[key]
     if isinstance(K, TiledMatrix):
         s = K.store
@@ -198,7 +204,13 @@ def _nystrom(op, rank: int, ridge: float, gen) -> Tuple[Any, int]:
 
 
 # ---- CG ----------------------------------------------------------------------------------
-def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progress: bool):
+def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progress: bool,
+        anorm: float = 0.0):
+    """Block PCG. Returns ``(x, passes, true relative residual, breakdown)``; ``breakdown``
+    marks columns stopped because ``p^T (K + ridge) p <= eps ||K|| p^T p`` (a singular or
+    indefinite system); iteration stops early if ``x`` becomes non-finite."""
+    _anorm = anorm
+
     def A(v):
         return op.matmul(v) + ridge * v
 
@@ -206,6 +218,7 @@ def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progr
         return v if prec is None else prec(v)
 
     bnorm = torch.linalg.norm(y, dim=0).clamp_min(1e-300)
+    breakdown = torch.zeros(y.shape[1], dtype=torch.bool)
     x = torch.zeros_like(y)
     r = y.clone()
     z = M(r)
@@ -223,21 +236,32 @@ def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progr
             it += 1
             bar.update(1)
             pAp = (p * Ap).sum(0)
+            # p^T (K + ridge) p <= 0 (to rounding): K + ridge is singular or indefinite along p,
+            # CG cannot make progress on that column (it would stall, or run off to 1e20)
+            pp = (p * p).sum(0)
+            scale = pp * (10 * math.sqrt(op.n) * float(torch.finfo(torch.float64).eps)
+                          * (_anorm + abs(ridge)))
+            bad = active & ~(pAp > scale) & (pp > 0)
+            if bad.any():
+                breakdown |= bad
+                active &= ~bad
             alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, 1.0),
                                 torch.zeros_like(rz))
             x += alpha * p
             r -= alpha * Ap
             res = torch.linalg.norm(r, dim=0) / bnorm
             bar.set_postfix(residual=f"{float(res[active].max()) if active.any() else 0:.2e}")
+            if not bool(torch.isfinite(x).all()):
+                break                                   # diverged: reported by the caller
             newly = active & (res <= tol)
-            if newly.any() or it == maxiter:
+            if newly.any() or it == maxiter or not active.any():
                 # residual replacement: the recurrence drifts from the truth when K is
                 # ill-conditioned; check (and restart from) the true residual
                 r = y - A(x)
                 it += 1
                 checks += 1
                 res = torch.linalg.norm(r, dim=0) / bnorm
-                active = res > tol
+                active = (res > tol) & ~breakdown
                 if not active.any() or it >= maxiter:
                     break
                 z = M(r)
@@ -252,7 +276,7 @@ def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progr
             rz = rz_new
     finally:
         bar.close()
-    return x, it, res
+    return x, it, res, breakdown
 
 
 # ---- dense ---------------------------------------------------------------------------------
@@ -289,7 +313,8 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
           diag_reg: float = 0.0, tol: float = 1e-6, maxiter: Optional[int] = None,
           preconditioner: Optional[str] = "pivoted_cholesky", rank: Optional[int] = None,
           memory_budget: Optional[int] = None, progress: bool = True, seed: int = 0,
-          return_info: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SolveInfo]]:
+          return_info: bool = False, on_nonconvergence: str = "raise"
+          ) -> Union[torch.Tensor, Tuple[torch.Tensor, SolveInfo]]:
     """Solve the kernel regression system ``(K + ridge I) alpha = y`` in float64.
 
     Args:
@@ -310,10 +335,14 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
       progress: tqdm bar over CG iterations.
       seed: seed of the preconditioner's random choices (pivot pool / Gaussian sketch).
       return_info: also return a :class:`SolveInfo`.
+      on_nonconvergence: ``'raise'`` (default): CG that does not reach ``tol`` within
+        ``maxiter``, or breaks down because ``K + ridge`` is singular/indefinite, raises
+        ``ValueError`` naming the fix (usually a ridge, ``diag_reg``); ``'warn'``: return the
+        best iterate with a ``RuntimeWarning`` and ``info.converged = False``.
 
     Returns:
-      ``alpha`` with the shape of ``y`` (float64), and the :class:`SolveInfo` if asked. CG that
-      does not reach ``tol`` within ``maxiter`` warns (``RuntimeWarning``) and returns its best.
+      ``alpha`` with the shape of ``y`` (float64), and the :class:`SolveInfo` if asked. A
+      non-finite result is always an error (whatever ``on_nonconvergence`` says).
 
     Example::
 
@@ -330,6 +359,9 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
     diag_reg = float(diag_reg)
     if not math.isfinite(diag_reg) or diag_reg < 0:
         raise ValueError(f"`diag_reg` must be a non-negative finite number, got {diag_reg!r}")
+    if on_nonconvergence not in ("raise", "warn"):
+        raise ValueError(f"`on_nonconvergence` must be 'raise' or 'warn', got "
+                         f"{on_nonconvergence!r}")
     tol = float(tol)
     if not (0 < tol < 1):
         raise ValueError(f"`tol` must be in (0, 1) (a relative residual), got {tol!r}")
@@ -367,14 +399,35 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
             prec, used = _pivoted_cholesky(op, r, ridge, pool, gen)
         elif preconditioner == "nystrom":
             prec, used = _nystrom(op, r, ridge, gen)
-        alpha, its, res = _cg(op, yt, ridge, tol, int(maxiter), prec, progress)
-        conv = bool((res <= tol).all())
+        alpha, its, res, broke = _cg(op, yt, ridge, tol, int(maxiter), prec, progress,
+                                     anorm=float(d.abs().max()) if n else 0.0)
+        finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(res).all())
+        conv = finite and bool((res <= tol).all())
         info = SolveInfo("cg", ridge, its, res, conv, preconditioner, used)
         if not conv:
-            warnings.warn(f"CG stopped after {its} passes with relative residual "
-                          f"{float(res.max()):.3g} > tol={tol:g}; raise `maxiter`, `rank`, or "
-                          f"`diag_reg`, or use method='cholesky' if K fits in memory",
-                          RuntimeWarning, stacklevel=2)
+            anorm = float(torch.linalg.norm(alpha)) if finite else float("nan")
+            why = ("diverged to NaN/Inf" if not finite else
+                   f"broke down: K + ridge is singular or indefinite along a search direction, "
+                   f"||alpha|| = {anorm:.3g}" if bool(broke.any()) else
+                   f"stopped after {its} passes, ||alpha|| = {anorm:.3g}")
+            fix = hint(f"add a ridge (diag_reg=1e-6 or larger, relative to the mean diagonal; "
+                       f"now {diag_reg:g}), raise `maxiter` (now {maxiter}) or `rank`, or use "
+                       f"method='cholesky' if K fits in memory (pseudo-inverse for a singular K)",
+                       f"add a ridge (--diag-reg 1e-6 or larger, relative to the mean diagonal; "
+                       f"now {diag_reg:g}), raise --maxiter (now {maxiter}) or --rank, or use "
+                       f"--method cholesky if K fits in memory (pseudo-inverse for a singular K)")
+            msg = (f"CG did not converge: relative residual "
+                   f"{float(res.max()) if finite else float('nan'):.3g} > tol={tol:g} ({why}); "
+                   f"{fix}")
+            if not finite or on_nonconvergence == "raise":
+                raise ValueError(msg + ("" if not finite else hint(
+                    "; or pass on_nonconvergence='warn' to get the best iterate", "")))
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if not bool(torch.isfinite(alpha).all()):
+        raise ValueError(f"the {info.method} solve produced NaN/Inf coefficients (K is too "
+                         f"ill-conditioned in float64); " + hint(
+                             "add a ridge with diag_reg (e.g. 1e-6)", "add a ridge with "
+                             "--diag-reg (e.g. 1e-6)"))
     info.seconds = time.perf_counter() - t0
     alpha = alpha[:, 0] if vec else alpha
     return (alpha, info) if return_info else alpha
