@@ -344,3 +344,21 @@ def test_one_null_threshold_and_pinv_solve():
     assert f32.spectrum()[2].tolist() == [False, False, True, True, True]
     modes = P.eigenmodes(K, torch.ones(5, 1, dtype=F64))
     assert float(modes.eigenvalues[-1]) == 0.0 and math.isinf(float(modes.timescales[-1]))
+
+
+def test_discrete_step_zero_at_a_mode_with_unit_step_factor():
+    """``c lam = 1`` (learning rate at half the stable limit for the top mode) once gave
+    ``0 * log(0) = NaN`` at step 0. Oracle: real GD on the linearized model, step by step."""
+    g = _gen(11)
+    k = torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=F64))
+    y = torch.randn(3, 1, generator=g, dtype=F64)
+    lr = 0.5 * P.max_learning_rate(k, y.numel())          # = 1.5: lr / N * 2 == 1 exactly
+    assert lr / y.numel() * 2.0 == 1.0
+    fn = P.gradient_descent_mse_discrete(k, y, lr)
+    f0 = torch.randn(3, 1, generator=g, dtype=F64)
+    f, want = f0.clone(), []
+    for _ in range(4):
+        want.append(f.clone())
+        f = f - lr / y.numel() * (k @ (f - y))
+    got = fn(torch.arange(4), fx_train_0=f0)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-9, atol=1e-9)

@@ -369,6 +369,7 @@ def _plain_gd_factors(evals: torch.Tensor, live: torch.Tensor, times: torch.Tens
     x = c * lam                                                   # in [0, 2) (stable rate)
     mono = x <= 1.0
     L = s * torch.log1p(-torch.where(mono, x, torch.zeros_like(x)))
+    L = torch.where(s == 0, torch.zeros_like(L), L)               # 0 * log(0) at c lam = 1
     r_mono = torch.expm1(L)
     base = (x - 1.0).clamp_min(0.0)                               # |1 - x| for 1 < x < 2
     sign = torch.where(torch.remainder(s, 2) == 0, 1.0, -1.0)
