@@ -1,4 +1,6 @@
-"""Figures are built headless (Agg, no pyplot) and checked for content: axes, series, data."""
+"""Figures are built headless (Agg, no pyplot) and checked for content: axes, series, data; and
+for readability on the report's page: text at least MIN_TEXT_PX rendered, every log axis with at
+least three labelled ticks in view, near-empty panels that say so."""
 import math
 
 import pytest
@@ -10,6 +12,7 @@ matplotlib.use("Agg")
 from ntkit import diagnostics as dg  # noqa: E402
 from ntkit import layers as nl  # noqa: E402
 from ntkit import plots  # noqa: E402
+from ntkit.report import MIN_TEXT_PX, PAGE_WIDTH_PX, smallest_text_px  # noqa: E402
 
 F64 = torch.float64
 
@@ -27,6 +30,29 @@ def lines_with_data(ax):
             and all(math.isfinite(float(v)) for v in ln.get_ydata())]
 
 
+def labelled_ticks(axis):
+    """Tick labels that are drawn (non-empty, inside the view) on ``axis`` after a draw."""
+    lo, hi = sorted(axis.get_view_interval())
+    n = 0
+    for loc, fmt in ((axis.get_major_locator(), axis.get_major_formatter()),
+                     (axis.get_minor_locator(), axis.get_minor_formatter())):
+        locs = [v for v in loc() if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        fmt.set_locs(locs)
+        n += sum(1 for i, v in enumerate(locs) if fmt(v, i).strip())
+    return n
+
+
+def assert_readable(fig):
+    """Readable in the report: not scaled down by the page, text >= MIN_TEXT_PX there, and
+    every log axis carries at least three labelled ticks."""
+    assert fig.get_figwidth() * 100 <= PAGE_WIDTH_PX
+    assert smallest_text_px(fig) >= MIN_TEXT_PX          # (draws the figure)
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                assert labelled_ticks(axis) >= 3, (ax.get_title(), axis.axis_name)
+
+
 @pytest.fixture(scope="module")
 def sweep():
     g = torch.Generator().manual_seed(0)
@@ -39,6 +65,10 @@ def sweep():
 
 def test_init_functions_is_a_gp_draw(tmp_path):
     fig = plots.init_functions(n_nets=5, width=128, path=str(tmp_path / "init.png"))
+    assert_readable(fig)
+    assert fig.axes[0].get_title().startswith("5 random networks")
+    assert plots.init_functions(n_nets=1, width=16).axes[0].get_title().startswith(
+        "1 random network of")                            # grammar
     ax = fig.axes[0]
     assert len(lines_with_data(ax)) == 5 and len(ax.collections) == 1   # nets + NNGP band
     assert (tmp_path / "init.png").stat().st_size > 5000
@@ -49,6 +79,7 @@ def test_init_functions_is_a_gp_draw(tmp_path):
 
 def test_trained_functions_fit_the_points():
     fig = plots.trained_functions(n_nets=3, width=128, steps=200)
+    assert_readable(fig)
     ax = fig.axes[0]
     nets = [ln for ln in lines_with_data(ax) if ln.get_linestyle() == "-"]
     assert len(nets) == 3
@@ -65,6 +96,7 @@ def test_weight_matrices_and_gif(tmp_path):
     gif = str(tmp_path / "w.gif")
     fig = plots.weight_matrices(widths=(10, 100), steps=20, n_frames=3,
                                 gif_path=gif if plots.has_gif_support() else None)
+    assert_readable(fig)
     images = [im for ax in fig.axes for im in ax.get_images()]
     assert len(images) == 6                               # 2 widths x 3 times
     first = images[0].get_array()
@@ -78,6 +110,7 @@ def test_weight_matrices_and_gif(tmp_path):
 
 def test_scaling_and_training_curves(sweep, tmp_path):
     fig = sweep.plot(str(tmp_path / "s.svg"))
+    assert_readable(fig)
     assert len(fig.axes) == 4                             # grad, Hessian, kappa, weight change
     for ax in fig.axes:
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
@@ -87,6 +120,7 @@ def test_scaling_and_training_curves(sweep, tmp_path):
     assert "slope" in fig.axes[2].get_legend().get_texts()[1].get_text()
     assert open(tmp_path / "s.svg").read(200).lstrip().startswith("<?xml")
     fig = plots.training_curves(sweep)
+    assert_readable(fig)
     assert len(fig.axes) == 3
     for ax in fig.axes:
         assert len(lines_with_data(ax)) == 3              # one curve per width
@@ -94,6 +128,7 @@ def test_scaling_and_training_curves(sweep, tmp_path):
 
 def test_tangent_model_converges_to_tangent():
     fig = plots.tangent_model((1, 4, 64))
+    assert_readable(fig)
     ax = fig.axes[0]
     curves = lines_with_data(ax)
     assert len(curves) == 5                               # 3 alphas, tangent, target
@@ -103,16 +138,73 @@ def test_tangent_model_converges_to_tangent():
 
 
 def test_ntk_ellipse_lazy_for_large_alpha(tmp_path):
-    fig = plots.ntk_ellipse(alphas=(0.25, 16.0), steps=60, n_ellipses=3,
+    fig = plots.ntk_ellipse(alphas=(0.25, 16.0), steps=40, n_ellipses=3,
                             gif_path=str(tmp_path / "e.gif") if plots.has_gif_support() else None)
+    assert_readable(fig)
     assert len(fig.axes) == 2
-    for ax in fig.axes:
-        assert len(lines_with_data(ax)) == 3 + 3          # ellipses + path, target, start
+    for ax in fig.axes:       # ellipses + path, linearized path, target, start
+        assert len(lines_with_data(ax)) == 3 + 4
 
     def spread(ax):      # how much the ellipses differ from the first one
         ells = lines_with_data(ax)[:3]
         return max(abs(e.get_xdata() - ells[0].get_xdata()).max() for e in ells)
+
+    def path_gap(ax):    # largest distance between the network's path and the linearized one
+        net, lin = lines_with_data(ax)[3:5]
+        return max(math.hypot(a - c, b - d) for a, b, c, d in zip(
+            net.get_xdata(), net.get_ydata(), lin.get_xdata(), lin.get_ydata()))
     assert spread(fig.axes[1]) < 0.2 * spread(fig.axes[0])
+    # what the caption claims, measured: the kernel moves and the path leaves the linear one
+    # for small alpha; both frozen for large alpha
+    (a0, ch0, gap0), (a1, ch1, gap1) = fig.ntk_changes
+    assert (a0, a1) == (0.25, 16.0) and ch1 < 0.2 * ch0 and gap1 < 0.2 * gap0
+    assert math.isclose(path_gap(fig.axes[0]), gap0, rel_tol=1e-9)
+    assert math.isclose(path_gap(fig.axes[1]), gap1, rel_tol=1e-9)
+    for ax in fig.axes:       # the linearized model (GD on a fixed kernel) reaches the target
+        lin = lines_with_data(ax)[4]
+        assert abs(lin.get_xdata()[-1] - 1.0) < 0.05 and abs(lin.get_ydata()[-1] + 0.3) < 0.05
+    assert "%" in fig.axes[0].get_title()
+
+
+def test_weight_matrices_say_when_nothing_visible_moves():
+    fig = plots.weight_matrices(widths=(10, 300), steps=20, n_frames=2)
+    axes = [ax for ax in fig.axes if ax.get_images()]
+    last_narrow, first_wide, last_wide = axes[1], axes[2], axes[3]
+    scale = float(last_narrow.get_images()[0].get_array().__abs__().max())
+    peak = float(abs(last_wide.get_images()[0].get_array()).max())
+    assert peak < 0.15 * scale                            # would look blank ...
+    (note,) = [t.get_text() for t in last_wide.texts]     # ... so it says what is there
+    assert f"{peak:.2g} sd" in note and "too small to see" in note
+    assert f"{100 * peak / scale:.2g}%" in note
+    assert "no change yet" in first_wide.texts[0].get_text()
+    assert not last_narrow.texts                          # visible change: no words on it
+
+
+def test_log_ticks_label_at_least_three_values():
+    loc = plots._LogTicks()
+    for lo, hi in ((0.03, 0.2), (1.0, 30.0), (1e-5, 1e3), (1.1, 1.3), (0.045, 0.061),
+                   (2e-3, 9e-3), (1e-300, 1.0)):
+        ticks = loc.tick_values(lo, hi)
+        assert len(ticks) >= 3, (lo, hi, ticks)
+        assert all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks), (lo, hi, ticks)
+        assert len(ticks) <= 12
+    assert [plots._log_formatter(v) for v in (0.05, 1.0, 300.0, 1e-5, 2e-5)] == [
+        "0.05", "1", "300", "$10^{-5}$", "$2{\\times}10^{-5}$"]
+
+
+def test_dynamics_figures_readable():
+    from ntkit._dynamics_demo import train_and_compare
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=g, dtype=F64)
+    xt = torch.randn(4, 3, generator=g, dtype=F64)
+    y = torch.sin(x.sum(1, keepdim=True))
+    arch = nl.serial(nl.Dense(64, W_std=1.5, b_std=0.1), nl.Relu(), nl.Dense(1, W_std=1.5))
+    res = train_and_compare(arch, x, y, xt, widths=(16, 64, 256), steps=(2, 5), seeds=(0,))
+    fig = plots.dynamics_comparison(res)
+    assert_readable(fig)
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    fig = plots.trajectories(arch, x, y, xt, widths=(16, 64), steps=5)
+    assert_readable(fig)
 
 
 def test_eigenmode_decay_with_network_dots():
@@ -125,6 +217,7 @@ def test_eigenmode_decay_with_network_dots():
     outs = torch.stack([y + (0.5 ** s) for s in range(4)])
     fig = plots.eigenmode_decay(k, y, t=t, n_modes=3, network_steps=[0, 1, 2, 3],
                                 network_outputs=outs)
+    assert_readable(fig)
     ax = fig.axes[0]
     curves = lines_with_data(ax)
     assert len(curves) == 3 + 3                           # theory + network dots per mode

@@ -114,3 +114,73 @@ def test_report_bad_arguments(tmp_path):
     (tmp_path / "a.bmp").write_bytes(b"BM")
     with pytest.raises(ValueError, match="image"):
         rep.image(str(tmp_path / "a.bmp"))
+
+
+# ---- readability: text size as rendered on the page ----------------------------------------
+def test_smallest_text_px_matches_closed_form():
+    from matplotlib.figure import Figure
+    from ntkit.report import PAGE_WIDTH_PX, smallest_text_px
+    # narrow figure, shown at its own size: points / 72 * dpi
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    ax.tick_params(labelsize=11)
+    ax.set_title("t", fontsize=12)
+    ax.text(0.5, 0.5, "small", fontsize=9)
+    assert smallest_text_px(fig, dpi=100) == pytest.approx(9 / 72 * 100)
+    # wider than the page: scaled down by PAGE_WIDTH_PX / (width * dpi)
+    wide = Figure(figsize=(16, 3))
+    wide.subplots().text(0.5, 0.5, "x", fontsize=9)
+    for t in wide.axes[0].get_xticklabels() + wide.axes[0].get_yticklabels():
+        t.set_fontsize(20)
+    wide.axes[0].tick_params(labelsize=20)
+    assert smallest_text_px(wide, dpi=100) == pytest.approx(9 / 72 * 100 * PAGE_WIDTH_PX / 1600)
+    assert smallest_text_px(Figure(figsize=(2, 2))) == float("inf")     # no text at all
+
+
+def test_report_records_text_size_of_each_figure():
+    from matplotlib.figure import Figure
+    rep = Report("t")
+    for fs, width in ((6, 4), (10, 4)):
+        fig = Figure(figsize=(width, 2))
+        ax = fig.subplots()
+        ax.tick_params(labelsize=fs)
+        rep.figure(fig)
+    assert rep.text_px == pytest.approx([6 / 72 * 100, 10 / 72 * 100])
+
+
+def test_plural():
+    from ntkit.report import _plural
+    assert [_plural(n, "hidden layer") for n in (0, 1, 2)] == [
+        "0 hidden layers", "1 hidden layer", "2 hidden layers"]
+    assert _plural(1, "alpha", "alphas") == "1 alpha" and _plural(3, "x", "xs") == "3 xs"
+
+
+# ---- saving never loses a file ntkit did not write -------------------------------------------
+def test_save_replaces_only_ntkit_reports(tmp_path):
+    from ntkit.report import is_ntkit_report
+    path = tmp_path / "r.html"
+    Report("first").save(str(path))
+    assert is_ntkit_report(str(path)) and "first" in path.read_text(encoding="utf-8")
+    Report("second").save(str(path))                        # ours: replaced
+    assert "second" in path.read_text(encoding="utf-8")
+    foreign = tmp_path / "notes.html"
+    foreign.write_text("<html>my own notes</html>")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        Report("x").save(str(foreign))
+    assert foreign.read_text() == "<html>my own notes</html>"
+    assert not is_ntkit_report(str(foreign))
+    Report("forced").save(str(foreign), overwrite=True)
+    assert "forced" in foreign.read_text(encoding="utf-8")
+    folder = tmp_path / "dir.html"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        Report("x").save(str(folder), overwrite=True)
+    link = tmp_path / "link.html"
+    link.symlink_to(path)
+    with pytest.raises(ValueError, match="not a regular file"):
+        Report("x").save(str(link), overwrite=True)
+    assert "second" in path.read_text(encoding="utf-8")       # the link's target untouched
+    with pytest.raises(ValueError, match="folder does not exist"):
+        Report("x").save(str(tmp_path / "missing" / "r.html"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dir.html", "link.html", "notes.html", "r.html"]      # no temporary file left behind

@@ -40,8 +40,12 @@ class DynamicsComparison:
         ``f_network - f_predicted``.
       slopes_train, slopes_test: ``(S,)`` least-squares slopes of ``log rms`` vs ``log width``.
       slope: mean of all those slopes (expected about -0.5).
+      slope_fit: the common slope of all those lines fitted together (an intercept per step
+        count and train/test), with its 95% CI (a :class:`ntkit.diagnostics.Slope`).
       kernel_test_rmse: RMSE of kernel regression (t = inf, f_0 = 0) on ``y_test`` (if given).
       network_test_rmse: ``(W,)`` RMSE of the networks after the last step on ``y_test``.
+      extra: ``test_outputs`` and ``test_predictions``, ``(W, n_seeds, m, k)``: each network's
+        test outputs after the last step and the NTK prediction for that network.
     """
     widths: torch.Tensor
     steps: torch.Tensor
@@ -55,6 +59,7 @@ class DynamicsComparison:
     kernel_test_rmse: Optional[float] = None
     network_test_rmse: Optional[torch.Tensor] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    slope_fit: Any = None
 
     def to_text(self) -> str:
         """A small table: one row per width, train/test distance at each step count."""
@@ -68,12 +73,37 @@ class DynamicsComparison:
             if self.network_test_rmse is not None:
                 extra = f"   net test RMSE {float(self.network_test_rmse[i]):.4f}"
             lines.append(f"{int(w):<6d} {cells}{extra}")
-        lines.append(f"log-log slope vs width: {self.slope:.3f} (theory -0.5); per step train "
+        ci = ""
+        if self.slope_fit is not None and math.isfinite(self.slope_fit.low):
+            ci = f", 95% CI [{self.slope_fit.low:.3f}, {self.slope_fit.high:.3f}]"
+        lines.append(f"log-log slope vs width: {self.slope:.3f}{ci} (theory -0.5); per step train "
                      f"{[round(float(s), 3) for s in self.slopes_train]}, test "
                      f"{[round(float(s), 3) for s in self.slopes_test]}")
         if self.kernel_test_rmse is not None:
             lines.append(f"kernel regression (t=inf) test RMSE {self.kernel_test_rmse:.4f}")
         return "\n".join(lines)
+
+
+def _common_slope(widths: torch.Tensor, series: List[torch.Tensor]):
+    """One log-log slope for several series over the same widths, each with its own intercept
+    (least squares), with a 95% Student-t CI on ``n_points - n_series - 1`` degrees of
+    freedom; returns a :class:`ntkit.diagnostics.Slope` (intercept: that of the first series)."""
+    from .diagnostics import Slope, _t_quantile
+    x = torch.log(widths.to(torch.float64))
+    xc = x - x.mean()
+    sxx = float((xc * xc).sum()) * len(series)
+    ys = [torch.log(v.to(torch.float64).clamp_min(1e-300)) for v in series]
+    b = sum(float((xc * (y - y.mean())).sum()) for y in ys) / sxx
+    rss = sum(float(((y - y.mean() - b * xc) ** 2).sum()) for y in ys)
+    n = x.numel() * len(ys)
+    dof = n - len(ys) - 1
+    if dof >= 1:
+        se = math.sqrt(rss / dof / sxx)
+        q = _t_quantile(0.975, dof)
+        lo, hi = b - q * se, b + q * se
+    else:
+        se, lo, hi = math.nan, math.nan, math.nan
+    return Slope(b, se, lo, hi, float(ys[0].mean()) - b * float(x.mean()), int(n))
 
 
 def _slope(widths: torch.Tensor, values: torch.Tensor) -> float:
@@ -130,8 +160,11 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
     sq_tr = torch.zeros(len(widths), len(steps_l), dtype=torch.float64)
     sq_te = torch.zeros_like(sq_tr)
     net_rmse: List[float] = []
+    outs_te, preds_te = [], []
     for wi, w in enumerate(widths):
         net_err = 0.0
+        outs_te.append([])
+        preds_te.append([])
         for seed in seeds:
             net = arch.module(in_shape=in_shape, width=w, seed=int(seed) + 7919 * wi, dtype=dtype)
             with torch.no_grad():
@@ -151,6 +184,8 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
                     rec_tr.append(net(x_tr).to(torch.float64))
                     rec_te.append(net(x_te).to(torch.float64))
             out_tr, out_te = torch.stack(rec_tr), torch.stack(rec_te)
+            outs_te[-1].append(out_te[-1])
+            preds_te[-1].append(pred_te[-1])
             sq_tr[wi] += ((out_tr - pred_tr) ** 2).mean(dim=(1, 2))
             sq_te[wi] += ((out_te - pred_te) ** 2).mean(dim=(1, 2))
             if y_test is not None:
@@ -174,4 +209,9 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
         widths=w_t, steps=steps_t, times=steps_t * lr, learning_rate=lr,
         train_rms=train_rms, test_rms=test_rms, slopes_train=sl_tr, slopes_test=sl_te,
         slope=float(torch.cat([sl_tr, sl_te]).mean()), kernel_test_rmse=kernel_rmse,
-        network_test_rmse=torch.tensor(net_rmse) if y_test is not None else None)
+        network_test_rmse=torch.tensor(net_rmse, dtype=torch.float64) if y_test is not None
+        else None,
+        extra={"test_outputs": torch.stack([torch.stack(o) for o in outs_te]),
+               "test_predictions": torch.stack([torch.stack(p) for p in preds_te])},
+        slope_fit=_common_slope(w_t, [train_rms[:, j] for j in range(len(steps_l))]
+                                + [test_rms[:, j] for j in range(len(steps_l))]))

@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .report import _plural
+
 __all__ = ["init_functions", "trained_functions", "weight_matrices", "training_curves",
            "plot_scaling", "tangent_model", "ntk_ellipse", "eigenmode_decay",
            "dynamics_comparison", "trajectories", "has_gif_support", "save"]
@@ -48,15 +50,114 @@ def _mpl():
     return matplotlib, Figure
 
 
+#: font sizes in points. Figures are drawn for the report's page (``ntkit.report``): at
+#: ``_DPI`` = 100 px per inch and at most ``_MAX_WIDTH_IN`` inches wide they are never scaled
+#: down, so the smallest text (8 pt) renders at 11 px, above ``report.MIN_TEXT_PX`` (9 px).
+_FS = {"tick": 8.5, "label": 9.0, "title": 10.0, "suptitle": 10.5, "legend": 8.0, "note": 8.0}
+_DPI = 100
+_MAX_WIDTH_IN = 10.8          # report.PAGE_WIDTH_PX / _DPI, less a margin
+
+
 def _figure(ncols: int = 1, nrows: int = 1, size=(4.2, 3.4), **kw):
+    """A constrained-layout figure of ``nrows x ncols`` panels of ``size`` inches each, panels
+    narrowed (same aspect kept for the height up to 25%) so the figure fits the report's page
+    without being scaled down."""
     _, Figure = _mpl()
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    w, h = size
+    if w * ncols > _MAX_WIDTH_IN:
+        shrink = _MAX_WIDTH_IN / (w * ncols)
+        w, h = w * shrink, h * max(shrink, 0.75)
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
 
 
+def _log_formatter(v, _pos=None) -> str:
+    if v <= 0 or not math.isfinite(v):
+        return ""
+    if 1e-3 <= v < 1e4:
+        return f"{v:.4g}"
+    e = math.floor(math.log10(v) + 1e-9)
+    m = v / 10.0 ** e
+    if abs(m - round(m)) < 1e-6 and round(m) == 1:
+        return f"$10^{{{e}}}$"
+    return f"${m:.2g}{{\\times}}10^{{{e}}}$"
+
+
+class _LogTicks:
+    """Locator for log axes with at least three labelled ticks in view: decades (every k-th
+    one on long ranges), else 1-3, 1-2-5, 1-2-3-5-7 or 1..9 per decade; linear nice ticks on a
+    range narrower than that. Built lazily (matplotlib's ``Locator`` base)."""
+
+    def __new__(cls):
+        from matplotlib.ticker import Locator, MaxNLocator
+
+        class LogTicks(Locator):
+            def __call__(self):
+                lo, hi = self.axis.get_view_interval()
+                return self.tick_values(lo, hi)
+
+            def tick_values(self, vmin, vmax):
+                vmin, vmax = sorted((float(vmin), float(vmax)))
+                if not (vmax > 0 and math.isfinite(vmax)):
+                    return []
+                vmin = max(vmin, vmax * 1e-300, 1e-300)
+                e0 = math.floor(math.log10(vmin)) - 1
+                e1 = math.ceil(math.log10(vmax)) + 1
+                n_dec = math.log10(vmax / vmin)
+                stride = max(1, math.ceil(n_dec / 6))
+                inside = [e for e in range(e0, e1 + 1)
+                          if vmin * (1 - 1e-9) <= 10.0 ** e <= vmax * (1 + 1e-9)]
+                decades = [10.0 ** e for e in inside if e % stride == 0]
+                if len(decades) >= 3:
+                    return decades
+                for subs in ((1.0,), (1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0),
+                             tuple(range(1, 10))):
+                    ticks = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in subs
+                             if vmin * (1 - 1e-9) <= m * 10.0 ** e <= vmax * (1 + 1e-9)]
+                    if len(ticks) >= 3:
+                        return ticks
+                return [v for v in MaxNLocator(nbins=4).tick_values(vmin, vmax)
+                        if vmin <= v <= vmax and v > 0]
+
+        return LogTicks()
+
+
+def _style_log_axis(axis) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+    if not isinstance(axis.get_major_locator(), FixedLocator):
+        axis.set_major_locator(_LogTicks())
+        axis.set_major_formatter(FuncFormatter(_log_formatter))
+    axis.set_minor_locator(LogLocator(subs="all"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _finish(fig):
+    """House style for the report: no text below the ``_FS`` sizes, and log axes with enough
+    labelled ticks (:class:`_LogTicks`). Applied by :func:`save` to every figure."""
+    from matplotlib.text import Text
+    floor = min(_FS.values())
+    for ax in fig.axes:
+        ax.tick_params(which="major", labelsize=_FS["tick"])
+        for lab in (ax.xaxis.label, ax.yaxis.label):
+            lab.set_fontsize(max(lab.get_fontsize(), _FS["label"]))
+        for t in (ax.title, ax._left_title, ax._right_title):
+            t.set_fontsize(max(t.get_fontsize(), _FS["title"]))
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                _style_log_axis(axis)
+    if fig._suptitle is not None:
+        fig._suptitle.set_fontsize(max(fig._suptitle.get_fontsize(), _FS["suptitle"]))
+    for t in fig.findobj(Text):                 # legends, annotations, colorbar labels
+        if t.get_fontsize() < floor:
+            t.set_fontsize(floor)
+    return fig
+
+
 def save(fig, path: Optional[str], dpi: int = 110):
-    """Save ``fig`` to ``path`` (format from the extension: png, svg, pdf); returns ``fig``."""
+    """Apply the house style (readable fonts, labelled log ticks) and save ``fig`` to ``path``
+    (format from the extension: png, svg, pdf); returns ``fig``."""
+    _finish(fig)
     if path is not None:
         ext = str(path).rsplit(".", 1)[-1].lower()
         if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
@@ -135,8 +236,8 @@ def init_functions(arch: Any = None, *, width: int = 512, n_nets: int = 12,
             ax.plot(xp, net(xs)[:, 0].numpy(), lw=1.1, alpha=0.85)
     ax.set_xlabel("input x")
     ax.set_ylabel("network output f(x)")
-    ax.set_title(f"{n_nets} random networks of width {width} at initialization")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{_plural(n_nets, 'random network')} of width {width} at initialization")
+    ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
 
 
@@ -194,8 +295,9 @@ def trained_functions(arch: Any = None, x_train: Any = None, y_train: Any = None
             label="training points", zorder=5)
     ax.set_xlabel("input x")
     ax.set_ylabel("f(x)")
-    ax.set_title(f"{n_nets} networks (width {width}) after {steps} GD steps")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{_plural(n_nets, 'network')} (width {width}) after "
+                 f"{_plural(steps, 'GD step')}")
+    ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
 
 
@@ -213,6 +315,9 @@ def _square_param(net, width):
     raise ValueError("the network has no 2-D weight matrix to draw")
 
 
+_FAINT = 0.15      # a panel whose largest entry is under 15% of the colour scale looks blank
+
+
 def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
                     widths: Sequence[int] = (10, 100, 1000), steps: int = 300,
                     n_frames: int = 4, learning_rate: Any = "auto", seed: int = 0,
@@ -220,6 +325,9 @@ def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
     """A hidden-to-hidden weight matrix during training, at several widths: the change
     ``W_t - W_0`` in units of the initial entries' standard deviation, one shared colour scale.
     Narrow networks visibly rewire; at width 1000 the matrix barely moves (lazy training).
+    A panel whose largest change is under 15% of the colour scale says so in words (its
+    largest change in units of the initial spread), so that "nothing visible" is not mistaken
+    for a missing picture.
 
     Args:
       arch: architecture with at least two hidden layers (default: 2 hidden erf layers) on
@@ -263,30 +371,40 @@ def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"step {s}", fontsize=9)
+                ax.set_title(f"step {s}", fontsize=_FS["title"])
             if c == 0:
                 ax.set_ylabel(f"width {w}\n|Δθ|/|θ0|={float(rec.rel_weight_change[-1]):.2g}",
-                              fontsize=8)
+                              fontsize=_FS["label"])
+            peak = float(d[s].abs().max())
+            if peak < _FAINT * vmax:           # would look empty: say what is there
+                msg = ("W_0: no change yet" if s == rec_steps[0] else
+                       f"max |ΔW| = {peak:.2g} sd\n= {100 * peak / vmax:.2g}% of the\n"
+                       f"colour scale:\ntoo small to see")
+                ax.text(0.5, 0.5, msg, transform=ax.transAxes, ha="center", va="center",
+                        fontsize=_FS["note"], color="0.25")
             row.append(im)
         ims.append(row)
     fig.colorbar(ims[0][0], ax=axes, shrink=0.8, label="(W_t - W_0) / sd(W_0)")
-    fig.suptitle("hidden weight matrix change during training", fontsize=10)
+    fig.suptitle("hidden weight matrix change during training", fontsize=_FS["suptitle"])
     save(fig, path)
     if gif_path is not None:
         gfig, gax = _figure(len(runs), 1, size=(2.6, 2.8))
-        gims = []
+        gims, notes = [], []
         for c, (w, _, d) in enumerate(runs):
             gims.append(gax[0, c].imshow(d[rec_steps[0]].numpy(), cmap="RdBu_r", vmin=-vmax,
                                          vmax=vmax, interpolation="nearest"))
-            gax[0, c].set_title(f"width {w}", fontsize=9)
+            gax[0, c].set_title(f"width {w}", fontsize=_FS["title"])
             gax[0, c].set_xticks([])
             gax[0, c].set_yticks([])
+            gax[0, c].set_xlabel(" ", fontsize=_FS["label"])
+            notes.append(gax[0, c].xaxis.label)
         title = gfig.suptitle("")
 
         def upd(i):
             s = rec_steps[i]
-            for im, (_, _, d) in zip(gims, runs):
+            for im, note, (_, _, d) in zip(gims, notes, runs):
                 im.set_data(d[s].numpy())
+                note.set_text(f"max |ΔW| = {float(d[s].abs().max()):.2g} sd")
             title.set_text(f"W_t - W_0, step {s}")
             return gims
 
@@ -342,9 +460,9 @@ def training_curves(sweep, *, path: Optional[str] = None):
     for ax in axes[0]:
         ax.set_yscale("log")
         ax.set_xlabel("step")
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=_FS["legend"])
     fig.suptitle(f"training by {sweep.kind} ({sweep.parameterization} parameterization, "
-                 f"{sweep.settings.get('optimizer', 'GD')})", fontsize=10)
+                 f"{sweep.settings.get('optimizer', 'GD')})", fontsize=_FS["suptitle"])
     return save(fig, path)
 
 
@@ -361,12 +479,17 @@ def plot_scaling(sweep, metrics: Optional[Sequence[str]] = None, *, path: Option
     for m in metrics:
         if m not in _LABELS:
             raise ValueError(f"unknown metric {m!r}; choose from {list(_LABELS)}")
-    fig, axes = _figure(len(metrics), size=(3.4, 3.2))
+    ncols = len(metrics) if len(metrics) <= 3 else (2 if len(metrics) == 4 else 3)
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = _figure(ncols, nrows, size=(3.6, 3.2))
+    axes = axes.reshape(-1)
+    for ax in axes[len(metrics):]:
+        ax.remove()
     theory = sweep.theory
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes, metrics):
         pts = [(r[sweep.kind], r[m]) for r in sweep.rows if r.get(m) and r[m] > 0]
         if not pts:
-            ax.set_title(f"{_LABELS[m]}: not measured", fontsize=9)
+            ax.set_title(f"{_LABELS[m]}: not measured", fontsize=_FS["title"])
             continue
         xs = torch.tensor([p[0] for p in pts], dtype=_F64)
         ys = torch.tensor([p[1] for p in pts], dtype=_F64)
@@ -390,11 +513,11 @@ def plot_scaling(sweep, metrics: Optional[Sequence[str]] = None, *, path: Option
             mid = math.sqrt(lo * hi)
             ax.set_ylim(mid / math.sqrt(10) * 0.8, mid * math.sqrt(10) * 1.25)
         ax.set_xlabel(sweep.kind)
-        ax.set_title(_LABELS[m], fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(_LABELS[m], fontsize=_FS["title"])
+        ax.legend(fontsize=_FS["legend"])
     desc = (f"{sweep.parameterization} parameterization" if sweep.kind == "width"
             else ("centered, " if sweep.centered else "not centered, ") + "output scale alpha")
-    fig.suptitle(f"lazy-training scales vs {sweep.kind} ({desc})", fontsize=10)
+    fig.suptitle(f"lazy-training scales vs {sweep.kind} ({desc})", fontsize=_FS["suptitle"])
     return save(fig, path)
 
 
@@ -439,13 +562,13 @@ def tangent_model(alphas: Sequence[float] = (1.0, 2.0, 4.0, 16.0), *,
                     label="tangent model")
     axes[0, 0].set_xlabel("s = alpha (w - w0)")
     axes[0, 0].set_ylabel("alpha (h(w) - h(w0))")
-    axes[0, 0].set_title("model and its tangent", fontsize=10)
+    axes[0, 0].set_title("model and its tangent", fontsize=_FS["title"])
     axes[0, 1].set_xlabel("s = alpha (w - w0)")
     axes[0, 1].set_ylabel("alpha² F_alpha(w)")
-    axes[0, 1].set_title("normalized loss surface", fontsize=10)
+    axes[0, 1].set_title("normalized loss surface", fontsize=_FS["title"])
     axes[0, 1].set_ylim(-0.02 * target ** 2, 0.75 * target ** 2)
     for ax in axes[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=_FS["legend"])
     return save(fig, path)
 
 
@@ -459,20 +582,25 @@ def _ellipse_xy(center, K, scale, n=100):
 
 
 def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
-                alphas: Sequence[float] = (0.25, 1.0, 8.0), width: int = 16, steps: int = 400,
+                alphas: Sequence[float] = (0.1, 1.0, 32.0), width: int = 16, steps: int = 400,
                 n_ellipses: int = 6, lr_fraction: float = 0.3, seed: int = 0,
                 path: Optional[str] = None, gif_path: Optional[str] = None):
     """The empirical NTK on two training points, a 2x2 matrix drawn as an ellipse, evolving while
     ``alpha (f - f_0)`` is trained on them by GD (loss divided by ``alpha^2``), one panel per
     ``alpha``. The ellipse ``{y + c Theta_t^(1/2) u : |u| = 1}`` is centered on the target, scaled
-    so the initial output lies on the first one; the output trajectory runs inside it. Lazy
-    (large alpha): every ellipse coincides and the path is the kernel flow's; small alpha: the
-    kernel rotates and stretches.
+    so the initial output lies on the first one; the output trajectory (red) runs inside it,
+    next to the path of the linearized model, which keeps ``Theta_0`` (dashed, exact discrete-GD
+    solution from :func:`ntkit.predict.gradient_descent_mse_discrete`). Each panel's title gives
+    the kernel's relative change ``|Theta_T - Theta_0| / |Theta_0|`` (Frobenius) and the largest
+    distance between the two paths. Lazy (large alpha): the ellipses coincide and the path is
+    the linear one; small alpha: the kernel rotates and stretches and the path departs from it.
 
-    Example: ``ntk_ellipse(alphas=(0.25, 1, 8), path='ellipse.png', gif_path='ellipse.gif')``.
+    Returns the figure; ``fig.ntk_changes`` holds ``(alpha, relative kernel change, max path
+    gap)`` per panel. Example: ``ntk_ellipse(alphas=(0.1, 1, 32), path='ellipse.png')``.
     """
     from . import layers as nl
     from .empirical import centered, empirical_ntk, scaled
+    from .predict import gradient_descent_mse_discrete
     if arch is None:
         arch = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
     if x2 is None:
@@ -496,7 +624,7 @@ def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
         lr = lr_fraction * 2 * 2 / (float(torch.linalg.eigvalsh(k0)[-1]) / a ** 2)
         opt = torch.optim.SGD(base.parameters(), lr=lr)
         traj, kernels = [], []
-        rec_every = max(1, steps // 30)
+        rec_every = max(1, steps // 20)
         for s in range(steps + 1):
             with torch.no_grad():
                 traj.append(net(x2)[:, 0].clone())
@@ -507,10 +635,17 @@ def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
             opt.zero_grad(set_to_none=True)
             (0.5 * ((net(x2) - y2) ** 2).mean() / a ** 2).backward()
             opt.step()
-        runs.append((a, torch.stack(traj), kernels))
-    fig, axes = _figure(len(runs), size=(3.6, 3.6))
+        traj = torch.stack(traj)
+        # the linearized model: same loss, same steps, kernel frozen at Theta_0 (in the scaled
+        # coordinates the model's NTK is a^2 Theta_0 and its loss is divided by a^2)
+        lin = gradient_descent_mse_discrete(kernels[0][1], y2, learning_rate=lr)(
+            torch.arange(steps + 1, dtype=_F64), traj[0][:, None])[:, :, 0]
+        change = float((kernels[-1][1] - kernels[0][1]).norm() / kernels[0][1].norm())
+        gap = float((traj - lin).norm(dim=1).max())
+        runs.append((a, traj, kernels, lin, change, gap))
+    fig, axes = _figure(len(runs), size=(3.5, 3.6))
     target = y2[:, 0]
-    for ax, (a, traj, kernels) in zip(axes[0], runs):
+    for ax, (a, traj, kernels, lin, change, gap) in zip(axes[0], runs):
         K0 = kernels[0][1]
         r0 = traj[0] - target
         scale = float(torch.sqrt(r0 @ torch.linalg.solve(K0, r0)))
@@ -522,31 +657,38 @@ def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
             ax.plot(ex, ey, color=c, lw=1.3, label=f"Θ at step {kernels[i][0]}")
         ax.plot(traj[:, 0].numpy(), traj[:, 1].numpy(), "-", color="crimson", lw=1.8,
                 label="outputs (f(x1), f(x2))")
+        ax.plot(lin[:, 0].numpy(), lin[:, 1].numpy(), "--", color="k", lw=1.2,
+                label="linearized model (Θ_0 frozen)")
         ax.plot([float(target[0])], [float(target[1])], "k*", ms=10, label="target")
         ax.plot([float(traj[0, 0])], [float(traj[0, 1])], "ko", ms=4)
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel("f(x1)")
         ax.set_ylabel("f(x2)")
-        ax.set_title(f"alpha = {a:g}", fontsize=10)
-    for ax in axes[0]:
-        ax.legend(fontsize=6, loc="lower left")
-    fig.suptitle("2-point NTK ellipse during training (centered, scaled model)", fontsize=10)
+        ax.set_title(f"alpha = {a:g}\nΘ changes {100 * change:.2g}%, path gap {gap:.2g}",
+                     fontsize=_FS["title"])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    ncol = min(4, len(labels))
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=_FS["legend"])
+    fig.suptitle("2-point NTK ellipse during training (centered model, output scale alpha)",
+                 fontsize=_FS["suptitle"])
+    fig.ntk_changes = [(a, change, gap) for a, _, _, _, change, gap in runs]
     save(fig, path)
     if gif_path is not None:
         gfig, gax = _figure(len(runs), size=(3.2, 3.2))
         artists = []
-        for ax, (a, traj, kernels) in zip(gax[0], runs):
+        for ax, (a, traj, kernels, lin, _, _) in zip(gax[0], runs):
             K0 = kernels[0][1]
             r0 = traj[0] - target
             scale = float(torch.sqrt(r0 @ torch.linalg.solve(K0, r0)))
             ex, ey = _ellipse_xy(target, K0, scale)
             ax.plot(ex, ey, color="0.7", lw=1.0)
+            ax.plot(lin[:, 0].numpy(), lin[:, 1].numpy(), "--", color="0.4", lw=1.0)
             (ell,) = ax.plot(ex, ey, color="tab:blue", lw=1.6)
             (path_line,) = ax.plot([], [], color="crimson", lw=1.6)
             (dot,) = ax.plot([], [], "o", color="crimson", ms=5)
             ax.plot([float(target[0])], [float(target[1])], "k*", ms=9)
             ax.set_aspect("equal", adjustable="datalim")
-            ax.set_title(f"alpha = {a:g}", fontsize=9)
+            ax.set_title(f"alpha = {a:g}", fontsize=_FS["title"])
             artists.append((ell, path_line, dot, traj, kernels, scale))
         n_frames = min(len(r[2]) for r in runs)
 
@@ -620,13 +762,13 @@ def eigenmode_decay(k_train_train: Any, y_train: Any, *, fx_train_0: Any = 0.0,
     ax.set_xscale("log")
     ax.set_xlabel("GD steps" if discrete else "time t (learning-rate units)")
     ax.set_ylabel("mode residual / initial")
-    ax.set_title("eigenmode decay", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title("eigenmode decay", fontsize=_FS["title"])
+    ax.legend(fontsize=_FS["legend"])
     ax2 = axes[0, 1]
     ax2.semilogy(range(1, lam.numel() + 1), lam.clamp_min(1e-300).numpy(), ".-", ms=3)
     ax2.set_xlabel("mode index")
     ax2.set_ylabel("NTK eigenvalue")
-    ax2.set_title("spectrum", fontsize=10)
+    ax2.set_title("spectrum", fontsize=_FS["title"])
     return save(fig, path)
 
 
@@ -650,10 +792,10 @@ def dynamics_comparison(result, *, path: Optional[str] = None):
         _log_ticks(ax, w.tolist())
         ax.set_xlabel("width")
         ax.set_ylabel(f"RMS |f_net - f_NTK| ({name})")
-        ax.set_title(f"{name} outputs", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{name} outputs", fontsize=_FS["title"])
+        ax.legend(fontsize=_FS["legend"])
     fig.suptitle(f"real networks vs NTK prediction (GD, lr={result.learning_rate:.3g})",
-                 fontsize=10)
+                 fontsize=_FS["suptitle"])
     return save(fig, path)
 
 
@@ -689,7 +831,11 @@ def trajectories(arch: Any, x_train: Any, y_train: Any, x_test: Any, *,
         net = arch.module(in_shape=tuple(x_tr.shape[1:]), width=int(w), seed=seed)
         with torch.no_grad():
             f0, g0 = net(x_tr), net(x_te)
-        _, pred = pf(torch.tensor(rec, dtype=_F64), f0, g0, k_td)
+        # step 0 is f_0 by definition; predict is asked for steps >= 1 only (its step-0 value
+        # is not finite when a mode's GD factor 1 - lr lambda / N is exactly 0, as at half the
+        # stable rate, the default)
+        _, pred = pf(torch.tensor(rec[1:], dtype=_F64), f0, g0, k_td)
+        pred = torch.cat([g0.to(_F64)[None], pred])
         opt = torch.optim.SGD(net.parameters(), lr=lr)
         actual = []
         for s in range(steps + 1):
@@ -705,8 +851,8 @@ def trajectories(arch: Any, x_train: Any, y_train: Any, x_test: Any, *,
         ax.plot(rec, pred[:, example, output].numpy(), color="k", ls="--", lw=1.3,
                 label="NTK prediction")
         gap = max(abs(a - float(p)) for a, p in zip(actual, pred[:, example, output]))
-        ax.set_title(f"width {w}: max gap {gap:.2g}", fontsize=9)
+        ax.set_title(f"width {w}: max gap {gap:.2g}", fontsize=_FS["title"])
         ax.set_xlabel("GD step")
     axes[0, 0].set_ylabel(f"f(x_test[{example}])[{output}]")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=_FS["legend"])
     return save(fig, path)
