@@ -36,7 +36,7 @@ _EXPORTS = {
     "NTKClassifier": "ntkit.estimators",
 }
 _SUBMODULES = ("layers", "predict", "diagnostics", "plots", "report", "scale", "data",
-               "estimators", "empirical", "kernel", "cli")
+               "estimators", "empirical", "kernel", "cli", "features")
 
 __all__ = sorted(list(_EXPORTS) + list(_SUBMODULES) + ["__version__"])
 

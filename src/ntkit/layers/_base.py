@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .._validation import as_tensor, parse_get
+from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
 from ..kernel import Kernel
 
 __all__ = ["Layer", "BuildContext", "KernelLike", "available_memory", "DEFAULT_DTYPE"]
@@ -79,7 +79,8 @@ class Layer:
 
     # ---- architecture API ------------------------------------------------------------
     def kernel(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"),
-               *, dtype: Optional[torch.dtype] = None, memory_budget: Optional[int] = None,
+               *, dtype: Optional[torch.dtype] = None,
+               memory_budget: Union[int, float, str, None] = None,
                progress: bool = False, tile: Optional[int] = None):
         """Exact infinite-width kernels of this architecture between ``x1`` and ``x2``.
 
@@ -92,9 +93,16 @@ class Layer:
             computed (the NTK recursion needs the NNGP, not the reverse).
           dtype: dtype of the recursion; default ``float64`` (float32 loses angles near the
             diagonal). ``torch.float32`` is about 2x faster.
-          memory_budget: bytes the computation may use (default: half the available RAM).
+          memory_budget: bytes the computation may use (default: half the available RAM): a
+            positive number of bytes or a string with a unit, ``'512MB'``, ``'2GiB'``.
           progress: show a progress bar over tiles.
           tile: override the tile edge (examples per block); chosen automatically otherwise.
+
+        Returns ``(n1, n2)`` kernels (empty when ``x1`` or ``x2`` has no rows). Raises
+        ``ValueError`` when the architecture's output keeps spatial axes (add ``Flatten()``),
+        when the inputs have no features, and when the kernel is not representable in
+        ``dtype`` (overflow, or variances below the smallest normal number): never ``inf``,
+        ``NaN`` or a silently imprecise number.
 
         Example::
 
@@ -103,17 +111,38 @@ class Layer:
             torch.Size([5, 5])
         """
         keys, single = parse_get(get)
+        memory_budget = parse_memory_budget(memory_budget)
+        if tile is not None:
+            tile = check_int(tile, "tile")
         dtype = DEFAULT_DTYPE if dtype is None else dtype
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
         x1 = as_tensor(x1, "x1", dtype)
         x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
+        if 0 in x1.shape[1:]:
+            raise ValueError(f"`x1` has per-example shape {tuple(x1.shape[1:])} with no features "
+                             f"(a zero-length axis); the kernel needs inputs (n, d) or "
+                             f"(n, C, *spatial) with d, C and every spatial size >= 1")
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
             raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                              f"{tuple(x1.shape[1:])}; both must be (n, *feature_shape)")
         from ._tiling import evaluate
         return evaluate(self, x1, x2, keys, single, memory_budget=memory_budget,
                         progress=progress, tile=tile)
+
+    def features(self, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk",
+                 **kwargs):
+        """Random features ``phi`` with ``phi(x1) @ phi(x2).T ~= self.kernel(x1, x2, get)``
+        (error ~ ``dim^-1/2``); see :func:`ntkit.features.features` for the arguments.
+
+        Example::
+
+            >>> phi = serial(Dense(512), Relu(), Dense(1)).features(torch.randn(5, 3), 4096)
+            >>> phi.shape
+            torch.Size([5, 8194])
+        """
+        from ._features import features
+        return features(self, x, dim, get, **kwargs)
 
     def module(self, in_shape: Union[int, Sequence[int]], width: Optional[int] = None,
                seed: Optional[int] = None, dtype: torch.dtype = DEFAULT_DTYPE) -> nn.Module:

@@ -1,0 +1,179 @@
+"""Random feature maps of NNGP/NTK kernels and linear models on them, for data sets too large
+for an ``n x n`` kernel.
+
+``features(arch, x, dim)`` returns ``phi`` with ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2)``
+(relative error ~ ``dim^-1/2``; see :mod:`ntkit.layers._features` for the construction), and
+:func:`ridge` fits ridge regression in the primal: ``D x D`` normal equations in float64, one
+eigendecomposition for every ridge value, the ridge chosen on a validation split. Kernel
+regression with the exact kernel is the ``dim -> infinity`` limit.
+
+Example::
+
+    >>> from ntkit import layers as nl, features as nf
+    >>> arch = nl.serial(nl.Conv(64, 3, padding='SAME'), nl.Relu(), nl.GlobalAvgPool(),
+    ...                  nl.Dense(10))
+    >>> phi_tr = nf.features(arch, x_train, dim=512, seed=0)      # (n, 1025)
+    >>> phi_va = nf.features(arch, x_val, dim=512, seed=0)         # the same map: same seed
+    >>> fit = nf.ridge(phi_tr, y_onehot, phi_val=phi_va, y_val=y_val_onehot, score='accuracy')
+    >>> pred = fit.predict(nf.features(arch, x_test, dim=512, seed=0))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from ._validation import as_tensor
+from .layers._features import feature_dim, features
+
+__all__ = ["features", "feature_dim", "ridge", "RidgeFit", "normal_equations"]
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    """A fitted primal ridge model ``f(x) = phi(x) @ weights + intercept``.
+
+    ``ridge`` is the chosen regularization (absolute, added to ``phi.T phi``); ``scores`` maps
+    every ridge value tried to its validation score (empty without a validation split)."""
+    weights: Tensor
+    intercept: Tensor
+    ridge: float
+    scores: Dict[float, float] = field(default_factory=dict)
+    score_name: str = "mse"
+
+    def predict(self, phi: Tensor) -> Tensor:
+        """``(n, D) -> (n, k)`` predictions (float64)."""
+        phi = as_tensor(phi, "phi")
+        if phi.ndim != 2 or phi.shape[1] != self.weights.shape[0]:
+            raise ValueError(f"`phi` must be (n, {self.weights.shape[0]}) features from the same "
+                             f"map, got shape {tuple(phi.shape)}")
+        w = self.weights.to(phi.device)
+        return _matmul64(phi, w) + self.intercept.to(phi.device)
+
+
+def _matmul64(a: Tensor, w: Tensor, chunk: int = 8192) -> Tensor:
+    """``a @ w`` in float64 without converting all of ``a`` at once."""
+    out = [a[s:s + chunk].to(torch.float64) @ w for s in range(0, a.shape[0], chunk)]
+    return torch.cat(out, 0)
+
+
+def normal_equations(phi: Tensor, y: Tensor, chunk: int = 8192):
+    """``(phi^T phi, phi^T y, column means of phi, mean of y)`` accumulated in float64 over row
+    chunks (``phi`` may be float32 and larger than a float64 copy would allow)."""
+    d = phi.shape[1]
+    a = torch.zeros((d, d), dtype=torch.float64, device=phi.device)
+    b = torch.zeros((d, y.shape[1]), dtype=torch.float64, device=phi.device)
+    s = torch.zeros(d, dtype=torch.float64, device=phi.device)
+    for i in range(0, phi.shape[0], chunk):
+        p = phi[i:i + chunk].to(torch.float64)
+        a.addmm_(p.T, p)
+        b.addmm_(p.T, y[i:i + chunk].to(device=phi.device, dtype=torch.float64))
+        s += p.sum(0)
+    return a, b, s / phi.shape[0], y.to(torch.float64).mean(0)
+
+
+def _score(pred: Tensor, y: Tensor, name: str) -> float:
+    if name == "mse":
+        return float(((pred - y) ** 2).mean())
+    return float((pred.argmax(1) == y.argmax(1)).double().mean())
+
+
+def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = None, *,
+          phi_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
+          score: str = "mse", relative: bool = True, fit_intercept: bool = False) -> RidgeFit:
+    """Ridge regression on features, in the primal (``D x D``), for ``n >> D``.
+
+    Solves ``min_w |phi w - y|^2 + r |w|^2`` for every ridge value ``r`` from one float64
+    eigendecomposition of ``phi^T phi`` (cost ``n D^2 + D^3``), and keeps the value with the best
+    validation score.
+
+    Args:
+      phi: ``(n, D)`` training features; y: ``(n,)`` or ``(n, k)`` targets (e.g. one-hot).
+      ridge: one value or a list; default ``10^-6 .. 10^1`` (13 values) when a validation split
+        is given, else ``1e-6``.
+      phi_val, y_val: validation features and targets; required to choose among several values.
+      score: ``'mse'`` (lower is better) or ``'accuracy'`` (argmax over columns, higher is better).
+      relative: ridge values are relative to ``trace(phi^T phi) / D`` (default) or absolute.
+      fit_intercept: centre features and targets (an unpenalized intercept).
+
+    Returns:
+      :class:`RidgeFit` with ``weights (D, k)``, ``intercept (k,)``, the chosen ``ridge`` and
+      the validation ``scores``.
+    """
+    phi = as_tensor(phi, "phi")
+    y = as_tensor(y, "y", min_ndim=1)
+    y2 = y[:, None] if y.ndim == 1 else y
+    if phi.ndim != 2:
+        raise ValueError(f"`phi` must be (n, D) features, got shape {tuple(phi.shape)}")
+    if y2.ndim != 2 or y2.shape[0] != phi.shape[0]:
+        raise ValueError(f"`y` must have {phi.shape[0]} rows like `phi`, got shape "
+                         f"{tuple(y.shape)}")
+    if score not in ("mse", "accuracy"):
+        raise ValueError(f"`score` must be 'mse' or 'accuracy', got {score!r}")
+    if (phi_val is None) != (y_val is None):
+        raise ValueError("pass both `phi_val` and `y_val` (the validation split), or neither")
+    if ridge is None:
+        ridges = [10.0 ** e for e in range(-6, 2)] if phi_val is not None else [1e-6]
+        ridges = sorted(set(ridges + ([10 ** (e + 0.5) for e in range(-6, 1)]
+                                      if phi_val is not None else [])))
+    else:
+        ridges = [float(ridge)] if isinstance(ridge, (int, float)) else [float(r) for r in ridge]
+    if not ridges or any(not math.isfinite(r) or r < 0 for r in ridges):
+        raise ValueError(f"`ridge` values must be finite and >= 0, got {ridge!r}")
+    if len(ridges) > 1 and phi_val is None:
+        raise ValueError("several `ridge` values need a validation split to choose from: pass "
+                         "`phi_val` and `y_val`")
+    a, b, mx, my = normal_equations(phi, y2)
+    n = phi.shape[0]
+    if fit_intercept:   # centred normal equations
+        a = a - n * torch.outer(mx, mx)
+        b = b - n * torch.outer(mx, my)
+    a = 0.5 * (a + a.T)
+    scale = float(torch.diagonal(a).mean()) if relative else 1.0
+    if not math.isfinite(scale):
+        raise ValueError("`phi` gives non-finite normal equations; check the features")
+    if scale <= 0:
+        scale = 1.0
+    lam, vec = torch.linalg.eigh(a)
+    lam = lam.clamp_min(0)
+    vb = vec.T @ b                                      # (D, k)
+
+    def weights(r):
+        den = lam + r * scale
+        if bool((den <= 0).any()):
+            raise ValueError("the normal equations are singular at ridge=0; use a ridge > 0")
+        return vec @ (vb / den[:, None])
+
+    def intercept(w):
+        return (my - mx @ w) if fit_intercept else torch.zeros_like(my)
+
+    scores: Dict[float, float] = {}
+    best = ridges[0]
+    if phi_val is not None:
+        pv = as_tensor(phi_val, "phi_val")
+        yv = as_tensor(y_val, "y_val", min_ndim=1)
+        yv = (yv[:, None] if yv.ndim == 1 else yv).to(torch.float64)
+        if pv.ndim != 2 or pv.shape[1] != phi.shape[1] or yv.shape != (pv.shape[0], y2.shape[1]):
+            raise ValueError(f"`phi_val`/`y_val` must be ({'m'}, {phi.shape[1]}) and "
+                             f"(m, {y2.shape[1]}), got {tuple(pv.shape)} and {tuple(yv.shape)}")
+        pvv = _matmul64(pv, vec)                        # (m, D): once for every ridge value
+        for r in ridges:
+            den = lam + r * scale
+            if bool((den <= 0).any()):
+                continue
+            coef = vb / den[:, None]
+            pred = pvv @ coef
+            if fit_intercept:
+                pred = pred + (my - (mx @ vec) @ coef)
+            scores[r] = _score(pred, yv.to(pred.device), score)
+        if not scores:
+            raise ValueError("no ridge value gives a solvable system; use ridge > 0")
+        pick = min if score == "mse" else max
+        best = pick(scores, key=lambda r: (scores[r], -r if score == "mse" else r))
+    w = weights(best)
+    return RidgeFit(weights=w, intercept=intercept(w), ridge=best * scale, scores=scores,
+                    score_name=score)

@@ -1,0 +1,482 @@
+"""Random feature maps of an architecture: ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2)``.
+
+The map is the architecture's own finite network, drawn with Gaussian weights of width ``dim``
+(NTK parameterization), plus a *tangent* copy that carries the NTK. Per example and pixel we keep
+
+* ``phi``: features whose inner products estimate the NNGP of that point of the network;
+* ``psi``: features whose inner products estimate the NTK (``None`` while the NTK is zero).
+
+Layer by layer (``K`` the NNGP, ``T`` the NTK, ``W``/``b`` the layer's ``W_std``/``b_std``):
+
+* Dense/Conv followed by an activation: ``z = G u`` with ``u = [W patch(phi), b]`` and a fresh
+  Gaussian ``G`` (a random convolution for Conv): each of the ``dim`` channels of ``z`` is an exact
+  ``N(0, K')`` sample, jointly over examples and pixels. The tangent is ``t = G' [u, W patch(psi)]``
+  with an independent ``G'``, so ``E<t, t'> / dim = K' + W^2 T`` (the NTK recursion).
+* Activation ``sigma``: ``phi' = sigma(z) / sqrt(dim)`` (``E<phi', phi''> = E sigma(u) sigma(v)``,
+  the dual map) and ``psi' = sigma'(z) * t / sqrt(dim)``; since ``t`` is independent of ``z``,
+  ``E<psi', psi''> = E[sigma'(u) sigma'(v)] (K' + W^2 T)`` -- the NTK's activation step.
+  An activation whose input is not such a Gaussian sample draws its own ``G`` first.
+* Dense not followed by an activation (the readout): exact, ``phi' = [W phi, b]``,
+  ``psi' = [phi', W psi]`` -- no sampling noise at the top.
+* Pooling, GlobalAvgPool, Flatten (``/ sqrt(pixels)``), FanInSum/FanInConcat (concatenation),
+  LayerNorm (division by the estimated norm): exact linear maps of the features.
+
+Every step is unbiased given the layer below, so a one-hidden-layer network's features are
+unbiased; deeper ones carry an ``O(1/dim)`` bias from the nonlinear dual maps (smaller than the
+``O(dim^-1/2)`` spread). Cost is that of two forward passes of the width-``dim`` network: linear in
+the number of pixels, no pixel-pair covariances. Any activation with a torch ``fn`` works (its
+derivative by autograd). Not covered (refused by name): standard parameterization, layers without
+a feature rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._validation import as_tensor, check_int, parse_get
+from ._base import Layer, available_memory
+from .activations import Activation
+from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
+from .conv import Conv
+from .dense import Dense
+from .normalization import LayerNorm
+from .pooling import Flatten, _GlobalPool, _Pool
+from . import _stencil as st
+
+__all__ = ["features", "feature_dim"]
+
+Tensor = torch.Tensor
+
+
+class _F:
+    """Features of a batch at one point of the network.
+
+    ``fresh=False``: ``K ~= sum_c phi phi'`` (channel axis 1). ``fresh=True``: every channel is an
+    independent ``N(0, K)`` sample, ``K ~= mean_c phi phi'`` (and ``psi`` likewise, independent
+    of ``phi``)."""
+    __slots__ = ("phi", "psi", "fresh")
+
+    def __init__(self, phi: Tensor, psi: Optional[Tensor], fresh: bool):
+        self.phi, self.psi, self.fresh = phi, psi, fresh
+
+    def normed(self) -> "_F":
+        if not self.fresh:
+            return self
+        s = 1.0 / math.sqrt(self.phi.shape[1])
+        return _F(self.phi * s, None if self.psi is None else self.psi * s, False)
+
+
+class _Ctx:
+    def __init__(self, dim: int, seed: int, want_ntk: bool):
+        self.dim, self.seed, self.want_ntk = dim, seed, want_ntk
+        self.n_ops = 0
+
+    def next_id(self) -> int:
+        self.n_ops += 1
+        return self.n_ops
+
+
+def _gen(seed: int, op_id: int, part: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + op_id * 101 + part) % (2 ** 63))
+    return g
+
+
+def _randn(shape, seed, op_id, part, like: Tensor) -> Tensor:
+    """Gaussian weights drawn on the CPU from (seed, op, part), then moved: the same numbers on
+    every device and for every chunk of examples. (Orthogonal random features were tried: no
+    measurable gain here, and a QR per layer that dominated the cost at large ``dim``.)"""
+    return torch.randn(shape, generator=_gen(seed, op_id, part),
+                       dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+
+
+def _chan_mix(w: Tensor, x: Tensor) -> Tensor:
+    """``(m, c) x (n, c, *S) -> (n, m, *S)``."""
+    if x.ndim == 2:
+        return x @ w.T
+    return torch.einsum("mc,nc...->nm...", w, x)
+
+
+def _bias_like(h: Tensor, ref: Tensor) -> Tensor:
+    return h.reshape((1, -1) + (1,) * (ref.ndim - 2))
+
+
+class _Op:
+    def __call__(self, f):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _Seq(_Op):
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, f):
+        for op in self.ops:
+            f = op(f)
+        return f
+
+
+class _DenseOp(_Op):
+    def __init__(self, layer: Dense, ctx: _Ctx, project: bool):
+        self.w, self.b = layer.W_std, (layer.b_std or 0.0)
+        self.project, self.ctx, self.id = project, ctx, ctx.next_id()
+        self.weights: Dict[Tuple, Tensor] = {}
+
+    def _draw(self, part, shape, like):
+        key = (part, shape, like.dtype, like.device)
+        if key not in self.weights:
+            self.weights[key] = _randn(shape, self.ctx.seed, self.id, part, like)
+        return self.weights[key]
+
+    def __call__(self, f: _F) -> _F:
+        f = f.normed()
+        phi, psi = f.phi, f.psi
+        ones = torch.ones((phi.shape[0], 1) + tuple(phi.shape[2:]), dtype=phi.dtype,
+                          device=phi.device)
+        if not self.project:                      # exact: readout layers
+            parts = [phi * self.w] + ([ones * self.b] if self.b else [])
+            new_phi = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            new_psi = None
+            if self.ctx.want_ntk:
+                new_psi = new_phi if psi is None else torch.cat([new_phi, psi * self.w], 1)
+            return _F(new_phi, new_psi, False)
+        m, c = self.ctx.dim, phi.shape[1]
+        z = _chan_mix(self._draw(0, (m, c), phi), phi).mul_(self.w)
+        if self.b:
+            z.add_(_bias_like(self._draw(1, (m,), phi), z), alpha=self.b)
+        t = None
+        if self.ctx.want_ntk:
+            t = _chan_mix(self._draw(2, (m, c), phi), phi).mul_(self.w)
+            if self.b:
+                t.add_(_bias_like(self._draw(3, (m,), phi), t), alpha=self.b)
+            if psi is not None:
+                t.add_(_chan_mix(self._draw(4, (m, psi.shape[1]), psi), psi), alpha=self.w)
+        return _F(z, t, True)
+
+
+class _ConvOp(_DenseOp):
+    """A random convolution of width ``dim`` (always sampled: an exact patch concatenation
+    would multiply the feature count by the filter size at every layer)."""
+
+    def __init__(self, layer: Conv, ctx: _Ctx):
+        super().__init__(layer, ctx, True)
+        self.layer = layer
+
+    def __call__(self, f: _F) -> _F:
+        f = f.normed()
+        phi, psi = f.phi, f.psi
+        if phi.ndim < 3:
+            raise ValueError("Conv needs spatial inputs (N, C, *spatial) in the feature map")
+        ns = phi.ndim - 2
+        if ns > 3:
+            raise NotImplementedError("features: Conv supports 1-3 spatial dimensions")
+        filt, strides, pads, circ, _ = self.layer.geometry(tuple(phi.shape[2:]))
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                torch.nn.functional.conv3d)[ns - 1]
+        scale = self.w / math.sqrt(st.prod(filt))
+        m = self.ctx.dim
+
+        def rconv(x, part):
+            wt = self._draw(part, (m, x.shape[1]) + tuple(filt), x)
+            return conv(st.pad_input(x, pads, circ), wt, stride=strides)
+
+        z = rconv(phi, 0).mul_(scale)
+        if self.b:
+            z.add_(_bias_like(self._draw(1, (m,), phi), z), alpha=self.b)
+        t = None
+        if self.ctx.want_ntk:
+            src = phi if psi is None else torch.cat([phi, psi], 1)
+            t = rconv(src, 2).mul_(scale)
+            if self.b:
+                t.add_(_bias_like(self._draw(3, (m,), phi), t), alpha=self.b)
+        return _F(z, t, True)
+
+
+class _ActOp(_DenseOp):
+    def __init__(self, layer: Activation, ctx: _Ctx):
+        self.fn = layer.fn
+        self.ctx, self.id = ctx, ctx.next_id()
+        self.weights = {}
+
+    def __call__(self, f: _F) -> _F:
+        if not f.fresh:                         # draw the Gaussian sample first
+            m = self.ctx.dim
+            z = _chan_mix(self._draw(0, (m, f.phi.shape[1]), f.phi), f.phi)
+            t = None
+            if f.psi is not None and self.ctx.want_ntk:
+                t = _chan_mix(self._draw(1, (m, f.psi.shape[1]), f.psi), f.psi)
+        else:
+            z, t = f.phi, f.psi
+        s = 1.0 / math.sqrt(z.shape[1])
+        if t is None or not self.ctx.want_ntk:
+            return _F(self.fn(z) * s, None, False)
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            y = self.fn(zz)
+            (d,) = torch.autograd.grad(y.sum(), zz)
+        return _F(y.detach().mul_(s), d.mul_(t).mul_(s), False)
+
+
+class _LinearSpatialOp(_Op):
+    """A parameter-free linear map over the spatial axes (pooling): applied to both feature
+    sets; Gaussian samples stay Gaussian samples."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, f: _F) -> _F:
+        if f.phi.ndim < 3:
+            raise ValueError("pooling needs spatial inputs (N, C, *spatial) in the feature map")
+        return _F(self.module(f.phi), None if f.psi is None else self.module(f.psi), f.fresh)
+
+
+class _GlobalPoolOp(_Op):
+    def __init__(self, sum_: bool):
+        self.sum_ = sum_
+
+    def __call__(self, f: _F) -> _F:
+        if f.phi.ndim < 3:
+            raise ValueError("global pooling needs spatial inputs (N, C, *spatial)")
+
+        def red(t):
+            if t is None:
+                return None
+            dims = tuple(range(2, t.ndim))
+            return t.sum(dims) if self.sum_ else t.mean(dims)
+        return _F(red(f.phi), red(f.psi), f.fresh)
+
+
+class _FlattenOp(_Op):
+    def __call__(self, f: _F) -> _F:
+        if f.phi.ndim == 2:
+            return f
+        f = f.normed()
+        s = 1.0 / math.sqrt(st.prod(f.phi.shape[2:]))
+        return _F(f.phi.flatten(1) * s, None if f.psi is None else f.psi.flatten(1) * s, False)
+
+
+class _LayerNormOp(_Op):
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def __call__(self, f: _F) -> _F:
+        f = f.normed()
+        inv = (f.phi.pow(2).sum(1, keepdim=True) + self.eps).rsqrt()
+        return _F(f.phi * inv, None if f.psi is None else f.psi * inv, False)
+
+
+class _FanOutOp(_Op):
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, f):
+        return (f,) * self.n
+
+
+class _ParallelOp(_Op):
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, fs):
+        if not isinstance(fs, tuple) or len(fs) != len(self.ops):
+            raise ValueError(f"parallel with {len(self.ops)} branches needs {len(self.ops)} "
+                             f"inputs; put FanOut({len(self.ops)}) before it")
+        return tuple(op(f) for op, f in zip(self.ops, fs))
+
+
+class _FanInOp(_Op):
+    """FanInSum (weights 1: kernels add) or FanInConcat (weights ``c_i / sum c``)."""
+
+    def __init__(self, weights: Optional[Sequence[float]]):
+        self.weights = weights
+
+    def __call__(self, fs):
+        if not isinstance(fs, tuple):
+            raise ValueError("FanInSum/FanInConcat need several branches (use FanOut first)")
+        fs = [f.normed() for f in fs]
+        ws = [1.0] * len(fs) if self.weights is None else list(self.weights)
+        phi = torch.cat([f.phi * math.sqrt(w) for f, w in zip(fs, ws)], 1)
+        psis = [f.psi * math.sqrt(w) for f, w in zip(fs, ws) if f.psi is not None]
+        return _F(phi, torch.cat(psis, 1) if psis else None, False)
+
+
+def _first(layer: Layer) -> Layer:
+    while isinstance(layer, Serial) and layer.layers:
+        layer = layer.layers[0]
+    return layer
+
+
+def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
+    """``(op, out_shape)``: draw nothing yet (weights are drawn on first use, from the seed)."""
+    name = type(layer).__name__
+    if isinstance(layer, Serial):
+        ops = []
+        for i, sub in enumerate(layer.layers):
+            nxt = layer.layers[i + 1] if i + 1 < len(layer.layers) else None
+            act_next = isinstance(_first(nxt), Activation) if nxt is not None else followed_by_act
+            op, in_shape = _compile(sub, in_shape, ctx, act_next)
+            ops.append(op)
+        return _Seq(ops), in_shape
+    if getattr(layer, "parameterization", "ntk") != "ntk":
+        raise NotImplementedError(
+            f"features: {name}(parameterization={layer.parameterization!r}) is not supported; "
+            f"random features are implemented for the NTK parameterization (the default)")
+    out_shape = layer.out_shape(in_shape)
+    if isinstance(layer, Dense):
+        return _DenseOp(layer, ctx, followed_by_act), out_shape
+    if isinstance(layer, Conv):
+        return _ConvOp(layer, ctx), out_shape
+    if isinstance(layer, Activation):
+        return _ActOp(layer, ctx), out_shape
+    if isinstance(layer, _Pool):
+        mod, _ = layer.build(in_shape, None, False)
+        return _LinearSpatialOp(mod), out_shape
+    if isinstance(layer, _GlobalPool):
+        return _GlobalPoolOp(layer._sum), out_shape
+    if isinstance(layer, Flatten):
+        return _FlattenOp(), out_shape
+    if isinstance(layer, LayerNorm):
+        return _LayerNormOp(layer.eps), out_shape
+    if isinstance(layer, Identity):
+        return _Seq([]), out_shape
+    if isinstance(layer, FanOut):
+        return _FanOutOp(layer.n), out_shape
+    if isinstance(layer, Parallel):
+        built = [_compile(l, s, ctx, followed_by_act) for l, s in zip(layer.layers, in_shape)]
+        return _ParallelOp([b[0] for b in built]), tuple(b[1] for b in built)
+    if isinstance(layer, FanInSum):
+        return _FanInOp(None), out_shape
+    if isinstance(layer, FanInConcat):
+        c = [s[0] for s in in_shape]
+        return _FanInOp([ci / sum(c) for ci in c]), out_shape
+    raise NotImplementedError(
+        f"features: no random-feature rule for {name}; supported: Dense, Conv, activations, "
+        f"AvgPool, SumPool, GlobalAvgPool, GlobalSumPool, Flatten, LayerNorm, Identity, FanOut, "
+        f"parallel, FanInSum, FanInConcat")
+
+
+def _count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
+    """Unbiased ``(n, D) -> (n, out_dim)`` compression: ``E <S a, S b> = <a, b>``."""
+    g = _gen(seed, 0, 7)
+    d = v.shape[1]
+    idx = torch.randint(0, out_dim, (d,), generator=g).to(v.device)
+    sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).to(device=v.device, dtype=v.dtype)
+    out = torch.zeros((v.shape[0], out_dim), dtype=v.dtype, device=v.device)
+    return out.index_add_(1, idx, v * sign)
+
+
+def _parse_budget(memory_budget) -> int:
+    if memory_budget is None:
+        return available_memory() // 2
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
+            not math.isfinite(memory_budget) or memory_budget <= 0:
+        raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
+                         f"{memory_budget!r}")
+    return int(memory_budget)
+
+
+def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
+             seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
+             dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
+             chunk: Optional[int] = None, progress: bool = False):
+    """Random features whose inner products approximate the exact kernel of ``arch``.
+
+    ``phi = features(arch, x, dim)`` gives ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2, get)``
+    (relative error ~ ``dim^-1/2``) with the same ``seed``. Use them for linear models on data
+    sets too large for an ``n x n`` kernel (see :func:`ntkit.features.ridge`).
+
+    Args:
+      arch: an ``ntkit.layers`` architecture (NTK parameterization) whose output kernel is
+        ``(n1, n2)`` (e.g. ending in Flatten/GlobalAvgPool + Dense for images).
+      x: ``(n, d)`` or ``(n, C, *spatial)`` inputs (tensor or array; any device).
+      dim: width of the random network (features per layer and pixel).
+      get: ``'nngp'`` or ``'ntk'`` (a tensor), or a tuple of both (a dict of tensors).
+      seed: the random weights; the same seed gives the same map for every call and chunk.
+      method: ``'rf'`` (random features of the network and its tangent; the only method).
+      out_dim: compress the result to this many columns by an unbiased CountSketch
+        (useful after Flatten, where the natural size is ``dim * pixels``).
+      dtype: ``torch.float32`` (default) or ``torch.float64``.
+      memory_budget: bytes for one chunk of examples (default: half the available RAM).
+      chunk: examples per chunk (default: from ``memory_budget``).
+      progress: show a progress bar over chunks.
+
+    Returns:
+      ``(n, D)`` tensor (``D`` = :func:`feature_dim`, or ``out_dim``) on ``x``'s device.
+
+    Example::
+
+        >>> arch = serial(Dense(512), Relu(), Dense(1))
+        >>> phi = features(arch, torch.randn(100, 8), dim=4096, get='ntk')
+        >>> (phi @ phi.T - arch.kernel(torch.randn(100, 8), get='ntk'))  # ~ 1/sqrt(4096)
+    """
+    if not isinstance(arch, Layer):
+        raise TypeError(f"`arch` must be an ntkit.layers architecture, got {type(arch).__name__}")
+    if method != "rf":
+        raise ValueError(f"`method` must be 'rf' (random features), got {method!r}")
+    check_int(dim, "dim")
+    if out_dim is not None:
+        check_int(out_dim, "out_dim")
+    if chunk is not None:
+        check_int(chunk, "chunk")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    keys, single = parse_get(get)
+    x = as_tensor(x, "x", dtype)
+    if x.shape[0] == 0 or any(s == 0 for s in x.shape[1:]):
+        raise ValueError(f"`x` must have at least one example and one feature, got shape "
+                         f"{tuple(x.shape)}")
+    budget = _parse_budget(memory_budget)
+    want_ntk = "ntk" in keys
+    ctx = _Ctx(dim, seed, want_ntk)
+    op, out_shape = _compile(arch, tuple(x.shape[1:]), ctx, False)
+    if isinstance(out_shape, tuple) and out_shape and isinstance(out_shape[0], tuple):
+        raise ValueError("the architecture ends in several branches; merge them with FanInSum() "
+                         "or FanInConcat()")
+    if len(out_shape) != 1:
+        raise ValueError(f"features need an architecture whose kernel is (n1, n2); its output "
+                         f"has per-example shape {out_shape}: end it with Flatten() or "
+                         f"GlobalAvgPool() (and a Dense readout)")
+
+    def run(xb):
+        with torch.no_grad():
+            c = xb.shape[1]
+            f = op(_F(xb / math.sqrt(c), None, False)).normed()
+        res = {}
+        for key in keys:
+            t = f.phi if key == "nngp" else f.psi
+            if t is None:   # an NTK that is identically zero (no trainable layer)
+                t = torch.zeros((xb.shape[0], 1), dtype=xb.dtype, device=xb.device)
+            t = t.reshape(xb.shape[0], -1)
+            if out_dim is not None and out_dim < t.shape[1]:
+                t = _count_sketch(t, out_dim, seed)
+            res[key] = t
+        return res
+
+    first = run(x[:1])
+    if chunk is None:
+        item = x.element_size()
+        width = max(dim, x.shape[1])
+        per_example = 12 * width * st.prod(x.shape[2:]) * item + 4 * sum(
+            v.shape[1] for v in first.values()) * item
+        chunk = int(max(1, min(x.shape[0], budget // max(per_example, 1))))
+    outs: Dict[str, List[Tensor]] = {k: [] for k in keys}
+    starts = range(0, x.shape[0], chunk)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="features", unit="chunk")
+    for s in starts:
+        r = run(x[s:s + chunk])
+        for k in keys:
+            outs[k].append(r[k])
+    res = {k: torch.cat(v, 0) for k, v in outs.items()}
+    return res[keys[0]] if single else res
+
+
+def feature_dim(arch: Layer, in_shape, dim: int, get: str = "ntk") -> int:
+    """Number of columns :func:`features` returns for inputs of per-example shape ``in_shape``."""
+    x = torch.zeros((1,) + tuple((in_shape,) if isinstance(in_shape, int) else in_shape))
+    return int(features(arch, x + 1, dim, get).shape[1])
