@@ -1,6 +1,9 @@
 """Input checks shared by the public entry points: clear errors naming the argument and the fix."""
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,13 +39,17 @@ def as_tensor(x: Any, name: str, dtype: Optional[torch.dtype] = None,
             f"`{name}` must have at least {min_ndim} dims (batch first, e.g. (n, d)), got shape "
             f"{tuple(t.shape)}; for a single example use `{name}[None]`, for 1-D features use "
             f"`{name}[:, None]`")
+    if t.numel() and t.is_floating_point() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"`{name}` contains {bad} NaN/Inf value(s); clean or impute them first")
     if dtype is not None:
         t = t.to(dtype)
     elif not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     if t.numel() and not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise ValueError(f"`{name}` contains {bad} NaN/Inf value(s); clean or impute them first")
+        raise ValueError(f"`{name}` has values beyond the range of {t.dtype} (largest |x| = "
+                         f"{float(x.abs().max() if torch.is_tensor(x) else np.abs(x).max()):.3g})"
+                         f"; compute in float64 or rescale the inputs")
     return t
 
 
@@ -62,16 +69,82 @@ def parse_get(get: Union[str, Sequence[str], None]) -> Tuple[Tuple[str, ...], bo
     return keys, single
 
 
+def check_real(value: Any, name: str) -> float:
+    """A finite real number (int/float/numpy scalar; not a bool or a string) as ``float``.
+
+    Why strict: ``float('1')`` would silently accept ``W_std='1'``, and ``True`` is an int.
+    Example: ``check_real(0.1, 'alpha') -> 0.1``; ``check_real(float('nan'), 'alpha')`` raises.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating,
+                                                                      np.integer)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    return v
+
+
 def check_positive(value: float, name: str, allow_zero: bool = False) -> float:
-    """Check a variance-like hyper-parameter."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a number, got {value!r}") from None
-    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    """Check a variance-like hyper-parameter: a finite real number, positive (or non-negative
+    with ``allow_zero``); strings and booleans are refused (see :func:`check_real`)."""
+    v = check_real(value, name)
+    if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"`{name}` must be {'non-negative' if allow_zero else 'positive'} "
                          f"and finite, got {value!r}")
     return v
+
+
+def check_std(value: float, name: str, allow_zero: bool = False) -> float:
+    """A standard deviation whose square (the variance the kernel maps use) is a finite
+    float64: ``W_std=1e200`` would make ``W_std**2`` overflow to ``inf``. Without
+    ``allow_zero`` (a weight scale) the square must also be a normal number (``W_std=1e-200``
+    would zero the kernel); with it (a bias scale) a square that underflows is a negligible
+    bias, like ``0``.
+
+    Example: ``check_std(1.5, 'W_std') -> 1.5``.
+    """
+    v = check_positive(value, name, allow_zero)
+    sq = v * v
+    if not math.isfinite(sq) or (not allow_zero and sq < np.finfo(np.float64).tiny):
+        raise ValueError(f"`{name}`={value!r}: its square {name}**2 is not representable as a "
+                         f"float64 (over/underflows); kernels scale with {name}**2, so use a "
+                         f"value between 1e-150 and 1e150 (rescale the inputs instead)")
+    return v
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(value: Any, name: str = "memory_budget") -> Optional[int]:
+    """Bytes from a memory budget: ``None`` (the caller's default), a positive number of bytes
+    (int, or a float that is a whole number >= 1), or a string with a unit: ``'2GB'`` (decimal:
+    ``kB``/``MB``/``GB``/``TB`` = 10^3.. bytes), ``'512MiB'`` (binary: ``KiB``/``MiB``/``GiB``/
+    ``TiB`` = 2^10.. bytes), ``'1e9'`` or ``'4096B'``.
+
+    One convention for every entry point (``Layer.kernel``, ``compute_kernel``, ...). Raises
+    ``TypeError``/``ValueError`` naming ``name`` for NaN, inf, zero, negative, booleans and
+    anything else. Example: ``parse_memory_budget('2GB') -> 2000000000``.
+    """
+    if value is None:
+        return None
+    hint = (f"give `{name}` as a positive number of bytes or a string with a unit such as "
+            f"'512MB' or '2GiB'")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"`{name}`={value!r} is not understood; {hint}")
+        num = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"`{name}` must be a number of bytes or a string like '2GB', got "
+                        f"{type(value).__name__} {value!r}")
+    else:
+        num = float(value)
+    if not math.isfinite(num) or num < 1:
+        raise ValueError(f"`{name}` must be a positive, finite number of bytes (>= 1), got "
+                         f"{value!r}; {hint}")
+    return int(num)
 
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:

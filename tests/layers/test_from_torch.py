@@ -247,3 +247,28 @@ def test_bad_arguments():
     assert len(ntkit.from_torch(net).layers) == 2
     k = ntkit.from_torch(nn.Linear(3, 2)).kernel(_x(4, 3), get="nngp")
     torch.testing.assert_close(k, _x(4, 3) @ _x(4, 3).T / 9 + 1 / 9)
+
+
+def test_data_must_fit_the_converted_module():
+    """The infinite-width architecture accepts any width, but the torch module fixes its input:
+    Linear(8, .) on 3-feature data (issue 13) and Conv2d(3, .) on 1-channel or flat data are
+    refused, naming the expected size and the module."""
+    arch = ntkit.from_torch(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
+    assert arch.kernel(_x(4, 8), get="ntk").shape == (4, 4)
+    with pytest.raises(ValueError, match=r"expects 8 input features.*Linear at '0'.*has 3"):
+        arch.kernel(_x(4, 3))
+    with pytest.raises(ValueError, match="expects 8"):
+        arch.module(3)
+    with pytest.raises(ValueError, match=r"\(n, d\) features"):
+        arch.kernel(_x(4, 8, 2, 2))
+    conv = ntkit.from_torch(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                          nn.Linear(4 * 9, 1)))
+    assert conv.kernel(_x(2, 3, 5, 5), get="nngp").shape == (2, 2)
+    with pytest.raises(ValueError, match="expects 3 input features/channels"):
+        conv.kernel(_x(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="2 spatial axes"):
+        conv.kernel(_x(2, 3))
+    flat_first = ntkit.from_torch(nn.Sequential(nn.Flatten(), nn.Linear(12, 1)))
+    assert flat_first.kernel(_x(2, 3, 2, 2), get="nngp").shape == (2, 2)
+    with pytest.raises(ValueError, match="expects 12"):
+        flat_first.kernel(_x(2, 3, 2, 3))

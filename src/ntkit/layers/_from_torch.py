@@ -69,7 +69,7 @@ from torch import nn
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from .activations import Elementwise, Gelu, LeakyRelu, Relu
-from .combinators import serial
+from .combinators import Serial, serial
 from .conv import Conv
 from .dense import Dense, check_parameterization
 from .normalization import LayerNorm
@@ -120,6 +120,68 @@ class PerUnitAffine(Layer):
 
     def build(self, in_shape, ctx: BuildContext, followed: bool):
         return PerUnitAffineModule(in_shape[0], self.bias, ctx.dtype), tuple(in_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The input the converted module expects
+
+@frozen_layer
+class TorchArchitecture(Serial):
+    """A :func:`serial` converted from a torch module, which also checks that the data fits
+    that module.
+
+    ``expect_channels``: the feature count the first ``Linear``/``Conv``/``LayerNorm``
+    (``in_features``, ``in_channels``, ``normalized_shape``) receives, checked on the
+    representation entering layer ``expect_at`` (after any ``Flatten``/pooling before it);
+    ``expect_spatial_dims``: its number of spatial axes (0 for ``Linear``). The infinite-width
+    architecture itself accepts any width, so without this a ``Linear(8, ...)`` network would
+    silently give the kernel of 3-feature data. Same kernels and module as the plain serial.
+    """
+    expect_channels: Optional[int] = None
+    expect_spatial_dims: Optional[int] = None
+    expect_at: int = 0
+    expect_source: str = ""
+
+    def _check(self, shape) -> None:
+        if self.expect_channels is None or not isinstance(shape, tuple) or not shape \
+                or not all(isinstance(s, int) for s in shape):
+            return
+        where = f" ({self.expect_source})" if self.expect_source else ""
+        nd = self.expect_spatial_dims
+        if nd is not None and len(shape) - 1 != nd:
+            want = "(n, d) features" if nd == 0 else f"(n, C, *spatial) inputs with {nd} " \
+                                                      f"spatial axes"
+            raise ValueError(
+                f"the converted torch module expects {want}{where}, but the data reaching it "
+                f"has per-example shape {shape}" + (
+                    "; flatten it (x.flatten(1)) or add nn.Flatten() to the module" if nd == 0
+                    else ""))
+        if shape[0] != self.expect_channels:
+            raise ValueError(
+                f"the converted torch module expects {self.expect_channels} input "
+                f"features/channels{where}, but the data reaching it has {shape[0]} "
+                f"(per-example shape {shape}); pass data that fits the module")
+
+    def kernel_map(self, k):
+        for i, layer in enumerate(self.layers):
+            if i == self.expect_at and not isinstance(k, tuple):
+                self._check(tuple(k.shape1))
+            k = layer.kernel_map(k)
+        return k
+
+    def out_shape(self, in_shape):
+        for i, layer in enumerate(self.layers):
+            if i == self.expect_at:
+                self._check(tuple(in_shape))
+            in_shape = layer.out_shape(in_shape)
+        return in_shape
+
+    def build(self, in_shape, ctx: BuildContext, followed: bool):
+        shape = tuple(in_shape)
+        for layer in self.layers[:self.expect_at]:
+            shape = layer.out_shape(shape)
+        self._check(tuple(shape))
+        return super().build(in_shape, ctx, followed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +344,9 @@ def from_torch(module: nn.Module, *, parameterization: str = "ntk",
         ``1/sqrt(3 fan_in)`` for the first linear map and 0 (its infinite-width limit) after.
 
     Returns:
-      An ntkit :class:`~ntkit.layers.Layer` (a ``serial``).
+      An ntkit :class:`~ntkit.layers.Layer`: a ``serial`` of the converted layers that also
+      checks the data fits the module (the first ``Linear``'s ``in_features``, the first
+      ``Conv``'s ``in_channels`` and spatial rank), raising ``ValueError`` otherwise.
 
     Raises:
       ValueError: a module that cannot be converted, naming its class and position, e.g.
@@ -306,7 +370,8 @@ def from_torch(module: nn.Module, *, parameterization: str = "ntk",
         raise ValueError(f"`b_std` must be a non-negative number or None, got {b_std!r}")
     W_std = float(W_std)
 
-    state = {"seen_linear": False, "flat": False, "nd": None, "gap": None, "ln": None}
+    state = {"seen_linear": False, "flat": False, "nd": None, "gap": None, "ln": None,
+             "expect": None}
     layers: List[Layer] = []
     for path, m in _leaves(module, ""):
         t = type(m)
@@ -322,6 +387,15 @@ def from_torch(module: nn.Module, *, parameterization: str = "ntk",
                                   f"elementwise_affine parameters, whose NTK is exact only when "
                                   f"a Linear follows it; use elementwise_affine=False or put the "
                                   f"Linear right after it")
+        if state["expect"] is None and t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                             nn.LayerNorm):
+            if t is nn.LayerNorm:  # LayerNorm(d) is converted on (N, d) features only
+                chans, nd = int(m.normalized_shape[-1]), 0
+            elif t is nn.Linear:  # on (N, d) features (after Flatten if there is one)
+                chans, nd = int(m.in_features), 0
+            else:
+                chans, nd = int(m.in_channels), {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[t]
+            state["expect"] = (chans, nd, len(layers), f"{type(m).__name__} at '{path}'")
         if t is nn.Linear:
             state["ln"] = None
             if state["nd"] is not None and not state["flat"]:
@@ -386,4 +460,6 @@ def from_torch(module: nn.Module, *, parameterization: str = "ntk",
     if not state["seen_linear"]:
         raise ValueError("from_torch: the module has no Linear/Conv layer, so its NTK is zero; "
                          "convert a network with at least one")
-    return serial(*layers)
+    chans, nd, at, source = state["expect"]
+    return TorchArchitecture(serial(*layers).layers, expect_channels=chans,
+                             expect_spatial_dims=nd, expect_at=at, expect_source=source)

@@ -197,26 +197,32 @@ def conv(t: Tensor, batch_ndim: int, filt: Sequence[int], pads, alpha: float, ba
 
 def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Tensor],
          need_dot: bool, full: bool, self_pairs: bool = False):
-    """The ``ABRelu`` dual map in one pass.
+    """The ``ABRelu`` dual map in one pass, in the normalized form of
+    :func:`ntkit.layers._ops.correlation` (clipped, snapped correlation; no product of
+    variances), the same arithmetic as the torch path.
 
     ``c``: ``(n1, n2, *S, *S)`` (``full``) or ``(n1, n2, *S)``, or with ``self_pairs`` the
     self-covariances ``(n, *S, *S)`` (``v1 = v2``). ``v1``, ``v2``: per-example pixel variances
     ``(n1, *S)``, ``(n2, *S)``. Returns ``(nngp', ntk * dot)`` when ``ntk`` is given, else
     ``(nngp', dot or None)``.
     """
+    from ._ops import SNAP_ULPS, inv_sqrt
     k = _kernels()
     n1, n2 = v1.shape[0], v2.shape[0]
+    tol = SNAP_ULPS * torch.finfo(c.dtype).eps
+    consts = _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h, tol)
+    coef = _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64))
+    s1, r1 = v1.sqrt(), inv_sqrt(v1)
+    s2, r2 = (s1, r1) if v2 is v1 else (v2.sqrt(), inv_sqrt(v2))
+    mode = 0 if ntk is not None else (1 if need_dot else 2)
     if v1.ndim == 1:  # fully connected (n1, n2): one block of n1 rows of n2
         out = torch.empty(c.shape, dtype=c.dtype)
-        mode = 0 if ntk is not None else (1 if need_dot else 2)
         d = torch.empty_like(out) if mode != 2 else out
         nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
         zero = np.zeros(1, dtype=np.int64)
-        _call(k.relu_serial, k.relu_parallel, _np(c), _np(v1), _np(v2), zero, zero, nt,
-              out.numpy().reshape(-1), d.numpy().reshape(-1), n1, n2, mode, True,
-              _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h),
-              _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64)),
-              rows=n1)
+        _call(k.relu_serial, k.relu_parallel, _np(c), _np(r1), _np(r2), _np(s1), _np(s2),
+              zero, zero, nt, out.numpy().reshape(-1), d.numpy().reshape(-1), n1, n2, mode,
+              True, consts, coef, rows=n1)
         return (out, None) if mode == 2 else (out, d)
     p = v1[0].numel()
     if self_pairs:
@@ -228,14 +234,11 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     sp = tuple(v1.shape[1:])
     ph, pw = (sp if len(sp) == 2 else (1, sp[0])) if len(sp) in (1, 2) else (1, p)
     out = _padded_empty(c.shape, c.dtype, ph, pw)
-    mode = 0 if ntk is not None else (1 if need_dot else 2)
     d = _padded_empty(c.shape, c.dtype, ph, pw) if mode != 2 else out
     nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
-    consts = _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h)
-    coef = _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64))
-    _call(k.relu_serial, k.relu_parallel, _np(c), _np(v1), _np(v2), ia, ib, nt,
-          out.numpy().reshape(-1), d.numpy().reshape(-1), rows, p, mode, bool(full), consts,
-          coef, rows=ia.shape[0] * rows)
+    _call(k.relu_serial, k.relu_parallel, _np(c), _np(r1), _np(r2), _np(s1), _np(s2), ia, ib,
+          nt, out.numpy().reshape(-1), d.numpy().reshape(-1), rows, p, mode, bool(full),
+          consts, coef, rows=ia.shape[0] * rows)
     if mode == 2:
         return out, None
     return out, d

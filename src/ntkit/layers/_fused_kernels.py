@@ -2,7 +2,7 @@
 
 Every kernel walks whole pixel planes (``P`` contiguous numbers) in its innermost loop, so LLVM
 vectorizes it, and computes in the storage dtype (float32 stays float32, as in the torch path).
-Constants come in as tuples of that dtype (``K = (0, 1, pi, pi/2, f, h)``; ``A``: polynomial
+Constants come in as tuples of that dtype (``K = (0, 1, pi, pi/2, f, h, tol)``; ``A``: polynomial
 coefficients), so nothing is promoted to float64 by accident.
 
 The arc-cosine angle ``theta = atan2(s, c)`` (``s >= 0``) is reduced to ``atan(t)``,
@@ -75,67 +75,80 @@ def theta(ts, tc, K, A):
 
 
 # ---- arc-cosine (ABRelu family) dual map ------------------------------------------------------
-# nngp' = f s + dot c, dot = h - f theta, s = sqrt(max(v1 v2 - c^2, 0)), theta = atan2(s, c).
-# C, OUT, D, NTK: flat (M * R * Q); row (m, r) covers Q numbers. Variances: V1[ia[m] * R + r]
-# times V2[ib[m] * Q + q] (full: pixel pairs), or V1[ia[m] * Q + q] V2[ib[m] * Q + q] (diag).
-# mode 0: D = NTK * dot; 1: D = dot; 2: no D.
+# In normalized form (no product of variances, so nothing over/underflows where the result is
+# representable), the arithmetic of the torch path (ntkit.layers._ops.correlation):
+# rho = (c r1) r2 with r = 1/sqrt(v) (0 where v = 0), clipped into [-1, 1] and snapped to +-1
+# within K[6] of it; gm = sqrt(v1) sqrt(v2), s = sqrt((1 - rho)(1 + rho)),
+# theta = atan2(s, rho), dot = h - f theta, nngp' = (f s + dot rho) gm.
+# C, OUT, D, NTK: flat (M * R * Q); row (m, r) covers Q numbers. Per-example pixel variances
+# v1 at [ia[m] * R + r] paired with v2 at [ib[m] * Q + q] (full: pixel pairs), or both at
+# [ia[m] * Q + q], [ib[m] * Q + q] (diag), given as S1, S2 (square roots) and R1, R2 (inverse
+# square roots, 0 for v = 0). mode 0: D = NTK * dot; 1: D = dot; 2: no D.
+# K = (0, 1, pi, pi/2, f, h, snap tolerance).
 
 @njit(**_INLINE)
-def _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row):
+def _relu_one(c, ra, rb, sa, sb, K, A):
+    """``(nngp', dot)`` of one entry (inlined into the row loops; local names unique)."""
+    ro_zero, ro_one, ro_f, ro_h, ro_tol = K[0], K[1], K[4], K[5], K[6]
+    ro_rho = min(max((c * ra) * rb, -ro_one), ro_one)
+    ro_sgn = ro_one if ro_rho > ro_zero else -ro_one
+    ro_rho = ro_sgn if abs(ro_rho) >= ro_one - ro_tol else ro_rho
+    ro_s = math.sqrt(max((ro_one - ro_rho) * (ro_one + ro_rho), ro_zero))
+    ro_dot = ro_h - ro_f * theta(ro_s, ro_rho, K, A)
+    return (ro_f * ro_s + ro_dot * ro_rho) * (sa * sb), ro_dot
+
+
+@njit(**_INLINE)
+def _relu_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row):
     # Flat unsigned indices: numba wraps negative signed indices around, a select per access
     # that blocks vectorization; with uint64 there is no such check.
     m = row // R
     r = row - m * R
     base = uint64(row * Q)
-    zero, f, h = K[0], K[4], K[5]
     b2 = uint64(ib[m] * Q)
     b1 = uint64(ia[m] * Q)
     n = uint64(Q)
     if full:
-        a = V1[ia[m] * R + r]
+        i1 = ia[m] * R + r
+        a = R1[i1]
+        sa = S1[i1]
         if mode == 0:
             for q in range(n):
-                c = C[base + q]
-                s = math.sqrt(max(a * V2[b2 + q] - c * c, zero))
-                dot = h - f * theta(s, c, K, A)
-                OUT[base + q] = f * s + dot * c
+                o, dot = _relu_one(C[base + q], a, R2[b2 + q], sa, S2[b2 + q], K, A)
+                OUT[base + q] = o
                 D[base + q] = NTK[base + q] * dot
         else:
             for q in range(n):
-                c = C[base + q]
-                s = math.sqrt(max(a * V2[b2 + q] - c * c, zero))
-                dot = h - f * theta(s, c, K, A)
-                OUT[base + q] = f * s + dot * c
+                o, dot = _relu_one(C[base + q], a, R2[b2 + q], sa, S2[b2 + q], K, A)
+                OUT[base + q] = o
                 if mode == 1:
                     D[base + q] = dot
     else:
         if mode == 0:
             for q in range(n):
-                c = C[base + q]
-                s = math.sqrt(max(V1[b1 + q] * V2[b2 + q] - c * c, zero))
-                dot = h - f * theta(s, c, K, A)
-                OUT[base + q] = f * s + dot * c
+                o, dot = _relu_one(C[base + q], R1[b1 + q], R2[b2 + q], S1[b1 + q],
+                                   S2[b2 + q], K, A)
+                OUT[base + q] = o
                 D[base + q] = NTK[base + q] * dot
         else:
             for q in range(n):
-                c = C[base + q]
-                s = math.sqrt(max(V1[b1 + q] * V2[b2 + q] - c * c, zero))
-                dot = h - f * theta(s, c, K, A)
-                OUT[base + q] = f * s + dot * c
+                o, dot = _relu_one(C[base + q], R1[b1 + q], R2[b2 + q], S1[b1 + q],
+                                   S2[b2 + q], K, A)
+                OUT[base + q] = o
                 if mode == 1:
                     D[base + q] = dot
 
 
 @njit(**_JIT)
-def relu_serial(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
+def relu_serial(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
     for row in range(ia.shape[0] * R):
-        _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
+        _relu_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
 
 
 @njit(parallel=True, **_JIT)
-def relu_parallel(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
+def relu_parallel(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A):
     for row in prange(ia.shape[0] * R):
-        _relu_row(C, V1, V2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
+        _relu_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, A, row)
 
 
 # ---- conv stencil, stride 1, output size = input size ----------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -11,6 +12,85 @@ from ..kernel import Kernel
 from . import _fused
 
 Tensor = torch.Tensor
+
+
+def _pow2_scale(*xs: Optional[Tensor]) -> float:
+    """A power of two near ``max |x|`` (1.0 for all-zero inputs): dividing by it is exact, so
+    Gram matrices of the scaled inputs are bitwise those of the inputs times ``1/s^2`` wherever
+    the latter do not over/underflow, and are representable wherever the result is."""
+    m = max(float(x.abs().max()) for x in xs if x is not None and x.numel())
+    if not (m > 0) or not math.isfinite(m):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(m)[1])
+
+
+_HASH_W = {}
+
+
+def row_keys(x: Tensor) -> Tensor:
+    """An ``int64`` key per row, equal for bitwise-equal rows: the row's bit patterns times
+    fixed odd weights, summed with wrap-around (integer arithmetic is exact and associative,
+    so the key does not depend on the row's position). ``O(n d)``; distinct rows collide with
+    probability ~2^-64, and callers confirm equality before relying on it."""
+    flat = x.reshape(x.shape[0], -1).contiguous()
+    bits = flat.view(torch.int64) if flat.dtype == torch.float64 else \
+        flat.view(torch.int32).to(torch.int64)
+    d = bits.shape[1]
+    w = _HASH_W.get(d)
+    if w is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        w = torch.randint(-2**62, 2**62, (d,), generator=g, dtype=torch.int64) | 1
+        _HASH_W[d] = w
+    return (bits * w).sum(1)
+
+
+def _candidates(keys: Tensor) -> Optional[Tensor]:
+    """Boolean mask of entries whose key occurs more than once, or ``None`` if none does."""
+    if keys.numel() < 2:
+        return None
+    srt, perm = torch.sort(keys)
+    same = srt[1:] == srt[:-1]
+    if not bool(same.any()):
+        return None
+    mask = torch.zeros(keys.numel(), dtype=torch.bool)
+    mask[perm[1:][same]] = True
+    mask[perm[:-1][same]] = True
+    return mask
+
+
+def first_occurrence(x: Tensor) -> Optional[Tensor]:
+    """``rep[i]`` = the first index of a row bitwise equal to ``x[i]``, or ``None`` when all
+    rows differ (the common case costs one pass over ``x`` and a sort of ``n`` keys)."""
+    n = x.shape[0]
+    cand = _candidates(row_keys(x)) if n > 1 else None
+    if cand is None:
+        return None
+    idx = cand.nonzero().flatten()
+    _, inv = torch.unique(x[idx].reshape(idx.numel(), -1), dim=0, return_inverse=True)
+    groups = int(inv.max()) + 1
+    if groups == idx.numel():
+        return None
+    first = torch.full((groups,), n, dtype=torch.long)
+    first.scatter_reduce_(0, inv, idx, reduce="amin")
+    rep = torch.arange(n)
+    rep[idx] = first[inv]
+    return rep
+
+
+def duplicate_pairs(x1: Tensor, x2: Optional[Tensor]):
+    """Index pairs ``(i, j)`` with ``x1[i]`` and ``x2[j]`` bitwise equal (``i != j`` when ``x2``
+    is ``None``), or ``None`` if there are none."""
+    n1 = x1.shape[0]
+    both = x1 if x2 is None else torch.cat([x1, x2])
+    rep = first_occurrence(both)
+    if rep is None:
+        return None
+    r1, r2 = rep[:n1], (rep if x2 is None else rep[n1:])
+    eq = r1[:, None] == r2[None, :]
+    if x2 is None:
+        eq.fill_diagonal_(False)
+    ii, jj = eq.nonzero(as_tuple=True)
+    return (ii, jj) if ii.numel() else None
 
 
 def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial: bool,
@@ -22,37 +102,58 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     ``cov1`` / ``cov2``: self-covariances computed earlier by this function (the tiled evaluator
     passes the same tensor objects to every tile of a block row, so :func:`memo_self` can reuse
     the layers' self-covariance maps across tiles).
+
+    Numerics: the inputs are divided by a power of two near their largest entry before the
+    products (exact), so the Gram matrix neither overflows nor underflows where its entries
+    are representable (``|x| ~ 1e20`` in float32). Pairs of bitwise-identical examples get
+    ``nngp = cov`` exactly (a matrix product and a sum of squares round differently, and deep
+    chaotic networks amplify any such difference: identical inputs must stay identical).
     """
     given1, given2 = cov1, cov2
     c = x1.shape[1]
     shape = tuple(x1.shape[1:])
+    s = _pow2_scale(x1, x2)
+    y1 = x1 / s if s != 1.0 else x1
+    y2 = None if x2 is None else (x2 / s if s != 1.0 else x2)
+
+    def fin(t):  # (G / C) * s * s: the scaling by s is exact
+        t = t / c
+        return t.mul_(s).mul_(s) if s != 1.0 else t
+
     if x1.ndim == 2:
-        nngp = (x1 @ (x1 if x2 is None else x2).T) / c
-        cov1 = x1.pow(2).sum(1) / c if given1 is None else given1
-        cov2 = None if x2 is None or given2 is not None else x2.pow(2).sum(1) / c
+        nngp = fin(y1 @ (y1 if y2 is None else y2).T)
+        cov1 = fin(y1.pow(2).sum(1)) if given1 is None else given1
+        cov2 = None if y2 is None or given2 is not None else fin(y2.pow(2).sum(1))
         diag = True
     else:
-        a = x1.flatten(2)                      # (n1, C, P)
-        b = a if x2 is None else x2.flatten(2)
+        a = y1.flatten(2)                      # (n1, C, P)
+        b = a if y2 is None else y2.flatten(2)
         sp = shape[1:]
         if full_spatial:
-            nngp = torch.einsum("icp,jcq->ijpq", a, b) / c
+            nngp = fin(torch.einsum("icp,jcq->ijpq", a, b))
             nngp = nngp.reshape(nngp.shape[:2] + sp + sp)
-            cov1 = given1 if given1 is not None else (
-                torch.einsum("icp,icq->ipq", a, a).reshape((a.shape[0],) + sp + sp) / c)
-            cov2 = None if x2 is None or given2 is not None else (
-                torch.einsum("icp,icq->ipq", b, b).reshape((b.shape[0],) + sp + sp) / c)
+            cov1 = given1 if given1 is not None else fin(
+                torch.einsum("icp,icq->ipq", a, a).reshape((a.shape[0],) + sp + sp))
+            cov2 = None if x2 is None or given2 is not None else fin(
+                torch.einsum("icp,icq->ipq", b, b).reshape((b.shape[0],) + sp + sp))
         else:
-            nngp = torch.einsum("icp,jcp->ijp", a, b).reshape(a.shape[:1] + b.shape[:1] + sp) / c
-            cov1 = given1 if given1 is not None else (
-                a.pow(2).sum(1).reshape((a.shape[0],) + sp) / c)
-            cov2 = None if x2 is None or given2 is not None else (
-                b.pow(2).sum(1).reshape((b.shape[0],) + sp) / c)
+            nngp = fin(torch.einsum("icp,jcp->ijp", a, b).reshape(a.shape[:1] + b.shape[:1] + sp))
+            cov1 = given1 if given1 is not None else fin(
+                a.pow(2).sum(1).reshape((a.shape[0],) + sp))
+            cov2 = None if x2 is None or given2 is not None else fin(
+                b.pow(2).sum(1).reshape((b.shape[0],) + sp))
         diag = not full_spatial
     if given1 is not None:
         cov1 = given1
     if given2 is not None and x2 is not None:
         cov2 = given2
+    dup = duplicate_pairs(x1, x2)
+    if dup is not None:
+        ii, jj = dup
+        nngp[ii, jj] = cov1[ii]
+        if cov2 is not None and given2 is None:  # the same self-covariance on both sides
+            cov2 = cov2.clone()
+            cov2[jj] = cov1[ii]
     k = Kernel(nngp=nngp, ntk=None, cov1=cov1, cov2=cov2, shape1=shape,
                shape2=shape if x2 is None else tuple(x2.shape[1:]), want_ntk=want_ntk,
                is_gaussian=False, diagonal_spatial=diag)
@@ -105,31 +206,79 @@ def batch_diag(t: Tensor) -> Tensor:
     return t.diagonal(dim1=0, dim2=1).movedim(-1, 0)
 
 
-CrossFn = Callable[[Tensor, Tensor, Tensor, bool], Tuple[Tensor, Optional[Tensor]]]
+DualFn = Callable[[Tensor, Tensor, Tensor, bool], Tuple[Tensor, Optional[Tensor]]]
 SelfFn = Callable[[Tensor], Tuple[Tensor, Optional[Tensor]]]
 
+# Correlations within SNAP_ULPS units of roundoff of +-1 are taken as exactly +-1 (see
+# :func:`correlation`).
+SNAP_ULPS = 8
 
-def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
+
+def inv_sqrt(v: Tensor) -> Tensor:
+    """``1 / sqrt(v)``, and 0 where ``v = 0`` (a zero-variance unit is uncorrelated)."""
+    return torch.where(v > 0, v.rsqrt(), torch.zeros((), dtype=v.dtype))
+
+
+def correlation(c: Tensor, v1: Tensor, v2: Tensor, skip=None) -> Tensor:
+    """The correlation ``rho = c / (sqrt(v1) sqrt(v2))`` (``0`` where a variance is 0), clipped
+    into ``[-1, 1]`` and snapped to exactly +-1 within ``SNAP_ULPS`` units of roundoff.
+
+    Why: the dual maps are functions of the correlation and of the two variances separately;
+    computing them from normalized quantities (``rho = (c / sqrt(v1)) / sqrt(v2)``, never
+    ``v1 v2``, which over/underflows far inside the representable range) keeps them right at
+    any scale where the result is representable, and clipping keeps every output a valid
+    covariance (Cauchy-Schwarz) whatever the rounding of ``c``. The snap: an example paired
+    with an identical one has correlation 1, but rounding (a matrix product vs a sum of squares,
+    vectorized loops) puts it a few ulp off, and a chaotic network's correlation map has a slope
+    above 1 at 1, so that deviation grows exponentially with depth (identical inputs of a
+    depth-30 Erf net with ``W_std=5`` ended up decorrelated). A correlation within a few ulp of
+    1 is indistinguishable from 1 at this precision, so it is set to 1 and stays there.
+    ``skip``: ``(i, j)`` index tensors of entries to exclude (set to 0; the caller overwrites
+    their outputs, e.g. the batch diagonal of a symmetric tile) so that the common case takes
+    no masked pass.
+    """
+    rho = (c * inv_sqrt(v1)).mul_(inv_sqrt(v2)).clamp_(-1.0, 1.0)
+    if skip is not None:
+        rho[skip] = 0.0
+    if rho.numel() == 0:
+        return rho
+    tol = SNAP_ULPS * torch.finfo(c.dtype).eps
+    lo, hi = torch.aminmax(rho)
+    if float(hi) < 1 - tol and float(lo) > tol - 1:
+        return rho
+    return torch.where(rho.abs() >= 1 - tol, rho.sign(), rho)
+
+
+def normalized_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool,
+                     skip=None):
+    """``dual(rho, v1, v2, need_dot)`` with ``rho = correlation(c, v1, v2)``."""
+    return dual(correlation(c, v1, v2, skip), v1, v2, need_dot)
+
+
+def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
                       fused: Optional[Tuple[float, float]] = None) -> Kernel:
     """Push ``k`` through an activation given its dual maps.
 
-    ``cross(c12, v1, v2, need_dot) -> (E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)`` for
-    ``(u, v) ~ N(0, [[v1, c12], [c12, v2]])`` (broadcasting), and
+    ``dual(rho, v1, v2, need_dot) -> (E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)`` for
+    ``(u, v) ~ N(0, [[v1, c], [c, v2]])`` given the clipped correlation ``rho`` (broadcasting
+    against the variances; see :func:`correlation`), and
     ``self_fn(v) -> (E[phi(u)^2], E[phi'(u)^2])`` for ``u ~ N(0, v)``, used for exact diagonals:
     the batch diagonal of a symmetric kernel and, in the full pixel-pair layout, the pixel
     diagonal of every self-covariance (correlation exactly 1, where the two-point map would lose
-    half the digits to ``sqrt(v1 v2 - c^2)``). Self-covariance maps go through
-    :func:`memo_self`, so tiles sharing a block of examples compute them once.
-    ``fused = (f, h)``: the map is the arc-cosine one ``nngp' = f s + (h - f theta) c`` and runs
-    as one fused pass when numba is available (:mod:`ntkit.layers._fused`).
+    half the digits to the angle). Self-covariance maps go through :func:`memo_self`, so tiles
+    sharing a block of examples compute them once.
+    ``fused = (f, h)``: the map is the arc-cosine one ``nngp' = sqrt(v1) sqrt(v2) (f sqrt(1 -
+    rho^2) + (h - f theta) rho)`` and runs as one fused pass when numba is available
+    (:mod:`ntkit.layers._fused`), with the same arithmetic.
     """
     if not k.is_gaussian:
         raise ValueError("an activation needs Gaussian pre-activations: put a Dense/Conv layer "
                          "(or LayerNorm after one) before it")
     need_dot = k.ntk is not None
     full = k.n_spatial > 0 and not k.diagonal_spatial
-    if fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2):
-        f, h = fused  # one fused pass (numba) for the arc-cosine family, any layout
+    use_fused = fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2)
+    if use_fused:
+        f, h = fused
         v1 = variances(k.cov1, k)
         v2 = v1 if k.cov2 is None else variances(k.cov2, k)
         nngp, ntk = _fused.relu(k.nngp, v1, v2, f, h, k.ntk, False, full)
@@ -140,13 +289,14 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
     else:
         v1, v2 = outer_vars(k)
         # FC tiles are already cache-sized by FC_TILE_CAP (chunking them measured 1.3x slower
-        # in bench_fc_kernel.py); spatial tiles are chunked.
-        nngp, dot, ntk = chunked_cross(cross, k.nngp, v1, v2, need_dot, k.ntk,
-                                       chunk=k.n_spatial > 0)
+        # in bench_fc_kernel.py); spatial tiles are chunked. The batch diagonal of a symmetric
+        # tile is skipped (overwritten below with the exact one-point maps).
+        nngp, dot, ntk = chunked_cross(dual, k.nngp, v1, v2, need_dot, k.ntk,
+                                       chunk=k.n_spatial > 0, symmetric=k.cov2 is None)
 
         def pair_map(cov):
             a, b = self_outer_vars(cov, k)
-            out, d, _ = chunked_cross(cross, cov, a, b, True)
+            out, d, _ = chunked_cross(dual, cov, a, b, True)
             return out.contiguous(), None if d is None else d.contiguous()
 
     def self_map(cov):
@@ -160,7 +310,7 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
         return out, d
 
     try:
-        key = ("act", cross, self_fn, k.n_spatial, k.diagonal_spatial, fused is not None)
+        key = ("act", dual, self_fn, k.n_spatial, k.diagonal_spatial, use_fused)
         hash(key)
     except TypeError:
         key = None
@@ -179,19 +329,38 @@ def apply_elementwise(k: Kernel, cross: CrossFn, self_fn: SelfFn,
 CHUNK_BYTES = 1 << 20
 
 
-def chunked_cross(cross: CrossFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool,
-                  ntk: Optional[Tensor] = None, chunk: bool = True):
-    """``cross`` over ``c`` in cache-sized chunks (slices of the leading axes, with the matching
-    slices of the broadcast variances ``v1``/``v2``).
+def _diag_in_chunk(idx, shape):
+    """Local ``(i, j)`` indices of the batch-diagonal entries ``(i, i, ...)`` inside the chunk
+    ``c[idx]`` of a square-in-batch array, or ``None`` if it holds none."""
+    def rng(d):
+        sl = idx[d] if d < len(idx) else slice(None)
+        start, stop, _ = sl.indices(shape[d])
+        return start, stop
+    i0, i1 = rng(0)
+    j0, j1 = rng(1)
+    lo, hi = max(i0, j0), min(i1, j1)
+    if hi <= lo:
+        return None
+    d = torch.arange(lo, hi)
+    return d - i0, d - j0
+
+
+def chunked_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool,
+                  ntk: Optional[Tensor] = None, chunk: bool = True, symmetric: bool = False):
+    """:func:`normalized_cross` over ``c`` in cache-sized chunks (slices of the leading axes,
+    with the matching slices of the broadcast variances ``v1``/``v2``).
 
     Returns ``(nngp', dot, ntk')``: with ``ntk`` given, ``ntk' = ntk * dot`` is formed per chunk
     and ``dot`` is ``None``; otherwise ``dot`` (or ``None`` if not ``need_dot``) and ``ntk'`` is
-    ``None``. Outputs are new tensors (the inputs are never written).
+    ``None``. Outputs are new tensors (the inputs are never written). ``symmetric``: ``c`` is
+    square in its two batch axes and its batch diagonal will be overwritten by the caller, so
+    it is left out of the correlation snapping (see :func:`correlation`).
     """
     numel = c.numel()
     step = max(1, CHUNK_BYTES // c.element_size())
     if not chunk or numel < 2 * step or c.ndim == 0:
-        out, d = cross(c, v1, v2, need_dot)
+        skip = _diag_in_chunk((slice(None),), c.shape) if symmetric else None
+        out, d = normalized_cross(dual, c, v1, v2, need_dot, skip)
         if out.data_ptr() == c.data_ptr():
             out = out.clone()
         if ntk is not None and need_dot:
@@ -204,7 +373,8 @@ def chunked_cross(cross: CrossFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: b
     for idx in _chunk_index(shape, step):
         vi1 = v1[_bcast_index(idx, v1.shape, c.ndim)]
         vi2 = v2[_bcast_index(idx, v2.shape, c.ndim)]
-        o, d = cross(c[idx], vi1, vi2, need_dot)
+        skip = _diag_in_chunk(idx, shape) if symmetric else None
+        o, d = normalized_cross(dual, c[idx], vi1, vi2, need_dot, skip)
         out[idx] = o
         if nt_out is not None and d is not None:
             torch.mul(ntk[idx], d, out=nt_out[idx])

@@ -13,9 +13,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validation import parse_memory_budget
 from ..kernel import Kernel
 from ._base import available_memory
-from ._ops import input_kernel, self_memo
+from ._ops import first_occurrence, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
 # temporaries of a stencil pass or of an activation's dual map (product, sqrt, angle, dot):
@@ -177,10 +178,14 @@ def _mirror(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
 
 
 def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
-    """A symmetric tile made exactly symmetric: pooling sums the (p, q) and (q, p) halves of
-    the pixel-pair covariance in different orders, so ``K(x, x')`` and ``K(x', x)`` can differ
-    in the last bit."""
-    return 0.5 * (t + _mirror(t, ns, diagonal_spatial))
+    """A symmetric tile made exactly symmetric: a matrix product need not be (BLAS rounds
+    ``x_i . x_j`` and ``x_j . x_i`` differently), vectorized elementwise maps round the same
+    input differently in the vector body and the scalar tail, and pooling sums the (p, q) and
+    (q, p) halves of the pixel-pair covariance in different orders, so ``K(x, x')`` and
+    ``K(x', x)`` can differ in the last bit. ``0.5 a + 0.5 b`` (not ``0.5 (a + b)``, which
+    overflows near the largest float) leaves equal entries bitwise unchanged."""
+    m = _mirror(t, ns, diagonal_spatial).clone(memory_format=torch.contiguous_format)
+    return m.mul_(0.5).add_(t, alpha=0.5)
 
 
 def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str, ...],
@@ -195,13 +200,15 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     (:class:`ntkit.layers._ops.SelfMemo`), so each is computed once instead of once per tile.
     """
     want_ntk = "ntk" in keys
+    out_shape = check_output_shape(arch, tuple(x1.shape[1:]))
     full = bool(x1.ndim > 2 and arch.needs_full_spatial(False))
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
-    budget = int(memory_budget) if memory_budget is not None else available_memory() // 2
-    if budget <= 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget}")
+    budget = parse_memory_budget(memory_budget)
+    budget = budget if budget is not None else available_memory() // 2
+    if n1 == 0 or n2 == 0:
+        return _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape)
 
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
@@ -212,12 +219,141 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     plan_tile(1, 1, per_entry, 0, budget, fc=(ns == 0), tile=None, self_bytes=self_bytes)
     big_arrays = bool(ns) and itemsize * (pix * pix if full else pix) >= 1 << 20
     with _direct_mmap(big_arrays):
-        return _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full,
-                         per_entry, self_bytes)
+        k = _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
+                      self_bytes)
+    _dedupe(k, keys, x1, x2)
+    check_representable(k, keys, x1)
+    return _finish(k, keys, single)
 
 
-def _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full, per_entry,
-              self_bytes):
+_FC_TYPES = None
+
+
+def _is_fully_connected(layer) -> bool:
+    """Whether every layer of the architecture is one that acts on the channel axis only
+    (Dense, activations, LayerNorm, combinators of them): no Conv, pooling or Flatten."""
+    global _FC_TYPES
+    if _FC_TYPES is None:
+        from .activations import Activation
+        from .combinators import FanInConcat, FanInSum, FanOut, Identity
+        from .dense import Dense
+        from .normalization import LayerNorm
+        from ._from_torch import PerUnitAffine
+        _FC_TYPES = (Activation, Dense, LayerNorm, Identity, FanOut, FanInSum, FanInConcat,
+                     PerUnitAffine)
+    sub = getattr(layer, "layers", None)
+    if isinstance(sub, tuple):
+        return all(_is_fully_connected(l) for l in sub)
+    return isinstance(layer, _FC_TYPES)
+
+
+def check_output_shape(arch, in_shape: Tuple[int, ...]):
+    """The architecture's per-example output shape (``None`` when it cannot tell: branches).
+
+    Refuses a fully-connected architecture (no Conv, pooling or Flatten) applied to spatial
+    inputs ``(n, C, *S)``: Dense acts on the channel axis of every pixel, so its "kernel"
+    would be ``(n1, n2, *S)`` per-pixel kernels, almost surely not what was meant. (A
+    convolutional architecture without a readout keeps its documented per-pixel kernels.)"""
+    if len(in_shape) > 1 and _is_fully_connected(arch):
+        out = arch.out_shape(in_shape)
+        raise ValueError(
+            f"the architecture is fully connected (no Conv, pooling or Flatten layer) but the "
+            f"inputs have per-example shape {in_shape} (channels first, then spatial axes): "
+            f"Dense would act on the channel axis of each pixel, giving per-pixel outputs "
+            f"{out} and an (n1, n2, {', '.join(map(str, in_shape[1:]))}) array of per-pixel "
+            f"kernels instead of the (n1, n2) kernel. Flatten the data with x.flatten(1) (or "
+            f"start the architecture with Flatten()) for a fully-connected network on all "
+            f"{math.prod(in_shape)} features, or use Conv layers for a CNN")
+    try:
+        return arch.out_shape(in_shape)
+    except Exception:  # let the kernel map report what does not fit, with its own message
+        return None
+
+
+def _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape):
+    """The kernel between ``x1`` and ``x2`` when either has no rows: empty ``(n1, n2)``
+    arrays (``(n1, n2, *S)`` for per-pixel kernels). The architecture is still run on one
+    example when one is available, so one that does not fit the data fails as with rows."""
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    probe_x = x1 if n1 or x2 is None else x2
+    like = dict(dtype=x1.dtype, device=x1.device)
+    if probe_x.shape[0]:
+        probe = kernel_tile(arch, probe_x[:1], None, want_ntk, full)
+        shape, tail = probe.shape1, tuple(probe.nngp.shape[2:])
+        cov_tail = tuple(probe.cov1.shape[1:])
+    else:
+        shape = tuple(out_shape) if isinstance(out_shape, tuple) else tuple(x1.shape[1:])
+        sp = tuple(shape[1:]) if all(isinstance(s, int) for s in shape) else ()
+        tail = sp + sp if full else sp
+        cov_tail = tail
+    k = Kernel(nngp=torch.empty((n1, n2) + tail, **like),
+               ntk=torch.empty((n1, n2) + tail, **like),
+               cov1=torch.empty((n1,) + cov_tail, **like),
+               cov2=None if x2 is None else torch.empty((n2,) + cov_tail, **like),
+               shape1=shape, shape2=shape, want_ntk=want_ntk)
+    return _finish(k, keys, single)
+
+
+def _dedupe(k: Kernel, keys, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> None:
+    """In place: rows (and columns) of bitwise-identical examples made bitwise identical.
+
+    The recursion already maps identical inputs to equal values (exact input covariances and
+    snapped correlations, see :mod:`ntkit.layers._ops`), but their self-covariances may be
+    rounded differently by a vectorized loop's body and tail; copying the first occurrence
+    makes ``K(x, x') == K(x, x) == K(x', x')`` exact."""
+    r1 = first_occurrence(x1)
+    r2 = r1 if x2 is None else first_occurrence(x2)
+    for key in keys:
+        t = getattr(k, key)
+        for rep, dim in ((r1, 0), (r2, 1)):
+            if rep is None:
+                continue
+            idx = (rep != torch.arange(rep.shape[0])).nonzero().flatten()
+            if dim == 0:
+                t[idx] = t[rep[idx]]
+            else:
+                t[:, idx] = t[:, rep[idx]]
+    for cov, rep in ((k.cov1, r1), (k.cov2, r2 if x2 is not None else None)):
+        if cov is not None and rep is not None:
+            idx = (rep != torch.arange(rep.shape[0])).nonzero().flatten()
+            cov[idx] = cov[rep[idx]]
+
+
+def check_representable(k: Kernel, keys, x: torch.Tensor) -> None:
+    """Raise instead of returning a kernel that over- or underflowed ``x``'s dtype.
+
+    Overflow: any non-finite entry (inputs are finite, so ``inf``/``NaN`` only come from
+    values beyond the dtype's range). Underflow: a positive variance (the kernel's diagonal)
+    below the smallest normal number has lost its relative precision (bias-free networks scale
+    like a power of the input norm). Intermediate values never over/underflow where the result
+    is representable (normalized dual maps, scaled input products), so this is exactly the
+    case "the kernel is not representable"."""
+    info = torch.finfo(x.dtype)
+    name = "float32" if x.dtype == torch.float32 else "float64"
+    hint64 = " or compute in float64 (dtype=torch.float64)" if x.dtype == torch.float32 else ""
+    for key in keys:
+        t = getattr(k, key)
+        if t is not None and t.numel() and not all(math.isfinite(float(m))
+                                                   for m in torch.aminmax(t)):
+            raise ValueError(
+                f"the {key.upper()} overflows {name} (entries beyond {info.max:.3g}); the "
+                f"kernel scales with the input norm (largest |x| = {float(x.abs().max()):.3g}) "
+                f"and with W_std**2 per layer: rescale the inputs, reduce W_std or the depth"
+                f"{hint64}")
+    covs = [variances(c, k) for c in (k.cov1, k.cov2) if c is not None and c.numel()]
+    for c in covs:
+        pos = c[c > 0]
+        if pos.numel() and float(pos.min()) < info.tiny:
+            raise ValueError(
+                f"the kernel underflows {name}: variances as small as {float(pos.min()):.3g} "
+                f"are below the smallest normal number {info.tiny:.3g} and have lost their "
+                f"precision; rescale the inputs up (largest |x| = {float(x.abs().max()):.3g}; "
+                f"a bias-free network's kernel scales like a power of the input norm){hint64}")
+
+
+def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
+              self_bytes) -> Kernel:
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
@@ -232,10 +368,10 @@ def _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full
 
     if b >= n1 and b >= n2:
         k = kernel_tile(arch, x1, x2, want_ntk, full)
-        if x2 is None and ns:
+        if x2 is None:
             k = k.replace(**{key: _symmetric(getattr(k, key), len(k.shape1) - 1,
                                              k.diagonal_spatial) for key in keys})
-        return _finish(k, keys, single)
+        return k
 
     room = budget - n1 * n2 * out_entry - b * b * per_entry - 2 * b * self_bytes
     like = dict(dtype=x1.dtype, device=x1.device)
@@ -283,18 +419,17 @@ def _evaluate(arch, x1, x2, keys, single, budget, progress, tile, want_ntk, full
                         cov2[J] = kt.cov2
             for key in keys:
                 t = getattr(kt, key)
-                if x2 is None and i == j and ns:
+                if x2 is None and i == j:
                     t = _symmetric(t, out_ns, diag_sp)
                 out[key][I, J] = t
                 if x2 is None and i != j:
                     out[key][J, I] = _mirror(t, out_ns, diag_sp)
             del kt
-    k = probe.replace(nngp=out.get("nngp"), ntk=out.get("ntk"), cov1=cov1, cov2=cov2,
-                      shape2=probe.shape1 if x2 is None else probe.shape2)
-    return _finish(k, keys, single, already=True)
+    return probe.replace(nngp=out.get("nngp"), ntk=out.get("ntk"), cov1=cov1, cov2=cov2,
+                         shape2=probe.shape1 if x2 is None else probe.shape2)
 
 
-def _finish(k: Kernel, keys, single: bool, already: bool = False):
+def _finish(k: Kernel, keys, single: bool):
     if single:
         return getattr(k, keys[0])
     if "nngp" not in keys:

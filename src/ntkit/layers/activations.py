@@ -2,9 +2,17 @@
 
 For pre-activations ``(u, v) ~ N(0, [[v1, c], [c, v2]])`` an activation ``phi`` maps
 ``nngp' = E[phi(u) phi(v)]`` and ``ntk' = ntk * E[phi'(u) phi'(v)]``. Conventions (names,
-arguments, defaults) follow neural-tangents' stax so numbers compare one to one. Angles use
-``atan2(sqrt(max(v1 v2 - c^2, 0)), c)``, never ``arccos`` of a ratio; on the batch diagonal of a
-symmetric kernel the exact one-point maps are used (no cancellation in float32).
+arguments, defaults) follow neural-tangents' stax so numbers compare one to one.
+
+Numerics: every two-point map is written in terms of the correlation ``rho = c / (sqrt(v1)
+sqrt(v2))``, clipped into ``[-1, 1]`` (and snapped to +-1 within roundoff, see
+:func:`ntkit.layers._ops.correlation`), and of bounded functions of the variances such as
+``2 b^2 v / (1 + 2 b^2 v)``: no product ``v1 v2`` is ever formed, so results are right at any
+input scale where they are representable (float32 ReLU kernels at input norm 1e10, float64 at
+1e150), outputs always satisfy Cauchy-Schwarz, and an example paired with an identical one gets
+exactly its diagonal value. Angles use ``atan2(sqrt((1 - rho)(1 + rho)), rho)``, never
+``arccos``; on the batch diagonal of a symmetric kernel the exact one-point maps are used (no
+cancellation in float32).
 
 Cost per kernel entry: about ten elementwise passes (one ``atan2`` for the arc-cosine family,
 one ``exp``/``sqrt`` for the others); ``Elementwise`` costs ``2 deg^2`` evaluations of ``fn``.
@@ -21,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_int, check_positive
+from .._validation import check_int, check_positive, check_real
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
-from ._ops import apply_elementwise, safe_sqrt
+from ._ops import apply_elementwise, normalized_cross, safe_sqrt
 
 __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
            "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Elementwise",
@@ -48,40 +56,133 @@ class ActivationModule(nn.Module):
         return self.name
 
 
+def _check_params(layer, *names):
+    """Each named field is a finite real number (strings, booleans, NaN and inf refused) whose
+    square is representable in float64 (the dual maps scale with the squares: ``a=1e-200``
+    would silently give a zero kernel, ``a=1e200`` an infinite one); then the constants the
+    maps multiply by are checked too (:meth:`Activation._check_constants`)."""
+    for n in names:
+        v = check_real(getattr(layer, n), n)
+        sq = v * v
+        if v != 0 and not (np.finfo(np.float64).tiny <= sq < np.inf):
+            raise ValueError(f"`{n}`={v!r}: its square is not representable in float64 (the "
+                             f"kernel scales with it); use |{n}| between 1e-150 and 1e150, "
+                             f"or 0")
+    layer._check_constants(torch.float64)
+
+
 class Activation(Layer):
-    """Base: subclasses define ``fn`` (finite), ``cross`` and optionally ``self_map``."""
+    """Base: subclasses define ``fn`` (finite), ``dual`` and optionally ``self_map``.
+
+    ``dual(rho, v1, v2, need_dot) -> (E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)`` for
+    ``(u, v) ~ N(0, [[v1, c], [c, v2]])`` given the correlation ``rho = c / (sqrt(v1)
+    sqrt(v2))`` in ``[-1, 1]`` and the variances (all broadcast against each other; ``v1``,
+    ``v2`` are per-example, so functions of them alone are cheap). Write it without forming
+    ``v1 * v2`` or ``c^2`` (they over/underflow long before the result does). A subclass may
+    define ``cross(c, v1, v2, need_dot)`` instead (the covariance form); then it is called with
+    ``c = rho sqrt(v1) sqrt(v2)``.
+    """
 
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def cross(self, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool):  # pragma: no cover
-        raise NotImplementedError
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool):
+        if type(self).cross is Activation.cross:  # pragma: no cover - abstract
+            raise NotImplementedError(f"{type(self).__name__} defines neither dual nor cross")
+        return self.cross(_scale(rho, v1, v2), v1, v2, need_dot)
+
+    def cross(self, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool):
+        """The dual maps at covariance ``c`` (clipped to a valid correlation first), variances
+        ``v1``, ``v2`` (broadcasting): ``(E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)``."""
+        if type(self).dual is Activation.dual:  # pragma: no cover - abstract
+            raise NotImplementedError(f"{type(self).__name__} defines neither dual nor cross")
+        return normalized_cross(self.dual, c, v1, v2, need_dot)
 
     def self_map(self, v: Tensor):
         """``(E[phi(u)^2], E[phi'(u)^2])`` for ``u ~ N(0, v)``; default: ``cross(v, v, v)``."""
         return self.cross(v, v, v, True)
 
     def fused_params(self):
-        """``(f, h)`` when the dual map is ``nngp' = f s + (h - f theta) c`` (arc-cosine family,
-        one fused pass available), else ``None``."""
+        """``(f, h)`` when the dual map is ``nngp' = sqrt(v1 v2) (f sqrt(1 - rho^2) +
+        (h - f theta) rho)`` (arc-cosine family, one fused pass available), else ``None``."""
         return None
+
+    def constants(self):
+        """``{name: value}`` of the constants the dual maps multiply by (none by default)."""
+        return {}
+
+    def _check_constants(self, dtype: torch.dtype) -> None:
+        """Refuse constants that are zero or infinite in ``dtype`` although they are not in
+        exact arithmetic (``ABRelu(0, 1e-36)`` in float32 gave an all-zero kernel)."""
+        info = torch.finfo(dtype)
+        for name, v in self.constants().items():
+            if v != 0 and not (info.tiny <= abs(v) <= info.max):
+                raise ValueError(
+                    f"{self!r}: the dual map's constant {name} = {v:.3g} is not representable "
+                    f"in {str(dtype).replace('torch.', '')} (range {info.tiny:.3g} to "
+                    f"{info.max:.3g}); compute in float64 or use parameters of moderate size")
 
     def kernel_map(self, k: Kernel) -> Kernel:
         if isinstance(k, tuple):
             raise ValueError(f"{type(self).__name__} received several branches; merge them first")
-        return apply_elementwise(k, self.cross, self.self_map, self.fused_params())
+        if k.nngp is not None:
+            self._check_constants(k.nngp.dtype)
+        return apply_elementwise(k, self.dual, self.self_map, self.fused_params())
 
     def build(self, in_shape, ctx: BuildContext, followed: bool):
         return ActivationModule(self.fn, repr(self)), in_shape
 
 
-def _angle(c: Tensor, v1: Tensor, v2: Tensor):
-    """``(sqrt(v1 v2 - c^2), atan2(that, c))`` with clipping; angle pi/2 where both vanish."""
-    s = torch.addcmul(v1 * v2, c, c, value=-1.0).clamp_min_(0).sqrt_()
-    theta = torch.atan2(s, c)
-    if bool((v1 == 0).any()) or bool((v2 == 0).any()):
-        theta = torch.where((s == 0) & (c == 0), torch.full_like(theta, _PI / 2), theta)
-    return s, theta
+_ONE = {}
+
+
+def _one(dtype) -> Tensor:
+    t = _ONE.get(dtype)
+    if t is None:
+        t = _ONE.setdefault(dtype, torch.ones((), dtype=dtype))
+    return t
+
+
+def _scale(t: Tensor, v1: Tensor, v2: Tensor, power: int = 1) -> Tensor:
+    """``t * (sqrt(v1) sqrt(v2))^power``, applied one factor at a time: the product ``v1 v2``
+    is never formed (it over/underflows where ``t sqrt(v1 v2)`` is representable)."""
+    return _scale_(t.clone(), v1, v2, power)
+
+
+def _scale_(t: Tensor, v1: Tensor, v2: Tensor, power: int = 1) -> Tensor:
+    """In place :func:`_scale` (``t`` must already have the broadcast shape)."""
+    if power == 0:
+        return t
+    a, b = v1.sqrt(), v2.sqrt()
+    if power != 1:
+        a, b = a.pow(power), b.pow(power)
+    if tuple(torch.broadcast_shapes(t.shape, a.shape, b.shape)) != tuple(t.shape):
+        return (t * a).mul_(b)
+    return t.mul_(a).mul_(b)
+
+
+def _one_minus_sq(rho: Tensor) -> Tensor:
+    """``1 - rho^2`` as ``(1 - rho)(1 + rho)`` (exact near +-1), clipped at 0."""
+    return (1 - rho).mul_(1 + rho).clamp_min_(0)
+
+
+def _angle(rho: Tensor):
+    """``(sqrt(1 - rho^2), atan2(that, rho))`` for ``rho`` in ``[-1, 1]`` (``1 - rho^2`` as
+    ``(1 - rho)(1 + rho)``: exact near +-1)."""
+    s = _one_minus_sq(rho).sqrt_()
+    return s, torch.atan2(s, rho)
+
+
+def _tu(x: Tensor):
+    """``(t, u) = (x / (1 + x), 1 / (1 + x))`` without overflow (``x`` up to inf)."""
+    return (1 + x.reciprocal()).reciprocal_(), (1 + x).reciprocal_()
+
+
+def _one_minus_kappa2(rho: Tensor, t1: Tensor, t2: Tensor, u1: Tensor, u2: Tensor) -> Tensor:
+    """``1 - rho^2 t1 t2`` (``t = 1 - u`` in ``[0, 1]``) as ``t1 t2 (1 - rho)(1 + rho) +
+    (u1 + t1 u2)``: a sum of non-negative terms, no cancellation (``1 - t1 t2 = u1 + t1 u2``;
+    at variances ~1e20 it is ~1e-20, which ``1 - kappa^2`` would round to 0)."""
+    return _one_minus_sq(rho).mul_(t1).mul_(t2).add_(torch.addcmul(u1, t1, u2))
 
 
 @frozen_layer
@@ -90,15 +191,18 @@ class ABRelu(Activation):
     a: float
     b: float
 
+    def __post_init__(self):
+        _check_params(self, "a", "b")
+
     def fn(self, x):
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 
-    def cross(self, c, v1, v2, need_dot):
-        s, theta = _angle(c, v1, v2)
+    def dual(self, rho, v1, v2, need_dot):
+        s, theta = _angle(rho)
         f = (self.a - self.b) ** 2 / (2 * _PI)
         h = (self.a ** 2 + self.b ** 2) / 2
         dot = theta.mul_(-f).add_(h)
-        nngp = s.mul_(f).addcmul_(dot, c)
+        nngp = _scale_(s.mul_(f).addcmul_(dot, rho), v1, v2)
         return nngp, (dot if need_dot else None)
 
     def self_map(self, v):
@@ -108,6 +212,10 @@ class ABRelu(Activation):
     def fused_params(self):
         return (self.a - self.b) ** 2 / (2 * _PI), (self.a ** 2 + self.b ** 2) / 2
 
+    def constants(self):
+        f, h = self.fused_params()
+        return {"(a - b)^2 / (2 pi)": f, "(a^2 + b^2) / 2": h}
+
 
 def Relu() -> ABRelu:
     """ReLU, ``max(x, 0)``: the arc-cosine kernel of order 1."""
@@ -115,8 +223,8 @@ def Relu() -> ABRelu:
 
 
 def LeakyRelu(alpha: float) -> ABRelu:
-    """Leaky ReLU, ``alpha * min(x, 0) + max(x, 0)``."""
-    return ABRelu(float(alpha), 1.0)
+    """Leaky ReLU, ``alpha * min(x, 0) + max(x, 0)`` (``alpha`` a finite real number)."""
+    return ABRelu(check_real(alpha, "alpha"), 1.0)
 
 
 def Abs() -> ABRelu:
@@ -126,28 +234,47 @@ def Abs() -> ABRelu:
 
 @frozen_layer
 class Erf(Activation):
-    """``a * erf(b * x) + c``."""
+    """``a * erf(b * x) + c``.
+
+    NNGP ``(2 a^2 / pi) arcsin(rho sqrt(t1 t2)) + c^2`` with ``t = 2 b^2 v / (1 + 2 b^2 v)``,
+    evaluated as an ``atan2`` whose cosine ``sqrt(1 - rho^2 t1 t2)`` is a sum of non-negative
+    terms (no cancellation, no overflow at any variance).
+    """
     a: float = 1.0
     b: float = 1.0
     c: float = 0.0
 
+    def __post_init__(self):
+        _check_params(self, "a", "b", "c")
+
     def fn(self, x):
         return self.a * torch.erf(self.b * x) + self.c
 
-    def cross(self, c, v1, v2, need_dot):
-        b2 = self.b ** 2
-        prod = (1 + 2 * b2 * v1) * (1 + 2 * b2 * v2)
-        root = torch.addcmul(prod, c, c, value=-4 * b2 * b2).clamp_min_(0).sqrt_()
-        nngp = torch.atan2(c * (2 * b2), root).mul_(self.a ** 2 * 2 / _PI).add_(self.c ** 2)
+    def constants(self):
+        return {"2 a^2 / pi": 2 * self.a ** 2 / _PI, "2 b^2": 2 * self.b ** 2, "c^2": self.c ** 2,
+                "8 a^2 b^2 / pi": 8 * self.a ** 2 * self.b ** 2 / _PI}
+
+    def dual(self, rho, v1, v2, need_dot):
+        B = 2 * self.b ** 2
+        t1, u1 = _tu(v1 * B)
+        t2, u2 = _tu(v2 * B)
+        # w = 0 only at infinite variances (u1 = u2 = 0), where the dot's numerator is 0 too
+        w = _one_minus_kappa2(rho, t1, t2, u1, u2).clamp_min_(torch.finfo(rho.dtype).tiny)
+        w = w.sqrt_()
+        kappa = (rho * t1.sqrt()).mul_(t2.sqrt())
+        nngp = torch.atan2(kappa, w).mul_(self.a ** 2 * 2 / _PI)
+        if self.c:
+            nngp.add_(self.c ** 2)
         dot = None
         if need_dot:
-            dot = root.reciprocal_().mul_(self.a ** 2 * b2 * 4 / _PI)
+            dot = torch.div(u1.sqrt() * (self.a ** 2 * B * 2 / _PI), w).mul_(u2.sqrt())
         return nngp, dot
 
     def self_map(self, v):
-        b2v = self.b ** 2 * v
-        nngp = torch.atan2(2 * b2v, torch.sqrt(1 + 4 * b2v)) * (self.a ** 2 * 2 / _PI) + self.c ** 2
-        dot = (self.a ** 2 * self.b ** 2 * 4 / _PI) / torch.sqrt(1 + 4 * b2v)
+        B = 2 * self.b ** 2
+        t, u = _tu(v * B)
+        nngp = torch.atan2(t, (u * (1 + t)).sqrt()) * (self.a ** 2 * 2 / _PI) + self.c ** 2
+        dot = (u / (1 + t)).sqrt() * (self.a ** 2 * B * 2 / _PI)
         return nngp, dot
 
 
@@ -158,30 +285,43 @@ def Sigmoid_like() -> Erf:
 
 @frozen_layer
 class Gelu(Activation):
-    """``x * Phi(x)`` (exact kernel; ``approximate=True`` uses the tanh form in the finite net)."""
+    """``x * Phi(x)`` (exact kernel; ``approximate=True`` uses the tanh form in the finite net).
+
+    Written with ``t = v / (1 + v)``, ``u = 1 / (1 + v)`` and the correlation, like ``Erf``."""
     approximate: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.approximate, (bool, np.bool_)):
+            raise TypeError(f"`approximate` must be True or False, got {self.approximate!r}")
 
     def fn(self, x):
         return nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")
 
-    def cross(self, c, v1, v2, need_dot):
-        prod = v1 * v2
-        prod1 = (v1 + 1) * (v2 + 1)
-        d2 = torch.addcmul(prod1, c, c, value=-1.0).clamp_min_(1e-300)
-        d = d2.sqrt()
-        ang = torch.atan2(c, d)
-        nngp = (torch.addcmul(c * c, prod, d2) / (prod1 * d) + c * ang) / (2 * _PI) + 0.25 * c
+    def dual(self, rho, v1, v2, need_dot):
+        t1, u1 = _tu(v1)
+        t2, u2 = _tu(v2)
+        w2 = _one_minus_kappa2(rho, t1, t2, u1, u2).clamp_min_(torch.finfo(rho.dtype).tiny)
+        w = w2.sqrt()
+        kappa = (rho * t1.sqrt()).mul_(t2.sqrt())
+        d = (w / u1.sqrt()).div_(u2.sqrt())  # sqrt((1 + v1)(1 + v2)) w
+        ang = torch.atan2(kappa, w)
+        c = _scale(rho, v1, v2)
+        nngp = ((kappa * kappa) / d + (t1 * t2) * d + c * ang) / (2 * _PI) + 0.25 * c
         dot = None
         if need_dot:
-            first = (1 / d2 + (1 - prod) / prod1 + 1) * c / d / (2 * _PI)
+            first = ((u1 * u2) / w2 + u1 + u2) * (kappa / w) / (2 * _PI)
             dot = first + 0.25 + ang / (2 * _PI)
         return nngp, dot
 
     def self_map(self, v):
-        r = torch.sqrt(1 + 2 * v)
-        nngp = (v / ((v + 1) * r) + torch.atan2(v, r) / 2) / _PI
-        nngp = (nngp + 0.25) * v
-        return nngp, self.cross(v, v, v, True)[1]
+        return self.dual(torch.ones_like(v), v, v, True)
+
+
+def _exponents(rho, v1, v2):
+    """``(v1 + v2 - 2c, v1 + v2 + 2c)`` as ``(sqrt(v1) - sqrt(v2))^2 + 2 sqrt(v1) sqrt(v2)
+    (1 -+ rho)``: non-negative, without cancellation near rho = +-1, no product ``v1 v2``."""
+    d = (v1.sqrt() - v2.sqrt()).square()
+    return _scale_(1 - rho, v1, v2).mul_(2).add_(d), _scale_(1 + rho, v1, v2).mul_(2).add_(d)
 
 
 @frozen_layer
@@ -191,14 +331,21 @@ class Sin(Activation):
     b: float = 1.0
     c: float = 0.0
 
+    def __post_init__(self):
+        _check_params(self, "a", "b", "c")
+
     def fn(self, x):
         return self.a * torch.sin(self.b * x + self.c)
 
-    def cross(self, c, v1, v2, need_dot):
+    def constants(self):
+        return {"a^2 / 2": self.a ** 2 / 2, "b^2": self.b ** 2,
+                "a^2 b^2 / 2": self.a ** 2 * self.b ** 2 / 2}
+
+    def dual(self, rho, v1, v2, need_dot):
         b2 = self.b ** 2
-        half = -0.5 * b2 * (v1 + v2)
-        s1 = torch.exp(half + b2 * c)
-        s2 = torch.exp(half - b2 * c) * math.cos(2 * self.c)
+        dm, dp = _exponents(rho, v1, v2)
+        s1 = torch.exp(dm * (-0.5 * b2))
+        s2 = torch.exp(dp * (-0.5 * b2)) * math.cos(2 * self.c)
         h = self.a ** 2 / 2
         nngp = (s1 - s2) * h
         dot = (s1 + s2) * (h * b2) if need_dot else None
@@ -212,7 +359,7 @@ class Sin(Activation):
 
 def Cos(a: float = 1.0, b: float = 1.0, c: float = 0.0) -> Sin:
     """``a * cos(b * x + c)``."""
-    return Sin(a=a, b=b, c=c + _PI / 2)
+    return Sin(a=a, b=b, c=check_real(c, "c") + _PI / 2)
 
 
 @frozen_layer
@@ -222,12 +369,17 @@ class Rbf(Activation):
 
     def __post_init__(self):
         check_positive(self.gamma, "gamma")
+        self._check_constants(torch.float64)
+
+    def constants(self):
+        return {"gamma": self.gamma, "2 gamma": 2 * self.gamma}
 
     def fn(self, x):
         return math.sqrt(2) * torch.sin(math.sqrt(2 * self.gamma) * x + _PI / 4)
 
-    def cross(self, c, v1, v2, need_dot):
-        nngp = torch.exp((2 * c - v1 - v2) * self.gamma)
+    def dual(self, rho, v1, v2, need_dot):
+        d = (v1.sqrt() - v2.sqrt()).square()
+        nngp = _scale_(1 - rho, v1, v2).mul_(2).add_(d).mul_(-self.gamma).exp_()
         return nngp, (nngp * (2 * self.gamma) if need_dot else None)
 
     def self_map(self, v):
@@ -240,31 +392,61 @@ class Exp(Activation):
     a: float = 1.0
     b: float = 1.0
 
+    def __post_init__(self):
+        _check_params(self, "a", "b")
+
     def fn(self, x):
         return self.a * torch.exp(self.b * x)
 
-    def cross(self, c, v1, v2, need_dot):
+    def constants(self):
+        return {"a^2": self.a ** 2, "b^2": self.b ** 2, "a^2 b^2": self.a ** 2 * self.b ** 2}
+
+    def dual(self, rho, v1, v2, need_dot):
         b2 = self.b ** 2
-        e = torch.exp(((v1 + v2) * 0.5 + c) * b2)
+        e = torch.exp(_scale(rho, v1, v2).add_(v1 * 0.5 + v2 * 0.5).mul_(b2))
         nngp = e * self.a ** 2
         return nngp, (e * (self.a ** 2 * b2) if need_dot else None)
 
 
 @frozen_layer
 class Gaussian(Activation):
-    """``a * exp(b * x^2)`` (``b < 0`` for a bump; needs ``1 - 4 b v > 0``)."""
+    """``a * exp(b * x^2)`` (``b < 0`` for a bump; ``b > 0`` needs pre-activation variances
+    ``v < 1 / (4 b)``, else ``E[phi(u)^2]`` is infinite and the kernel raises)."""
     a: float = 1.0
     b: float = -1.0
+
+    def __post_init__(self):
+        _check_params(self, "a", "b")
 
     def fn(self, x):
         return self.a * torch.exp(self.b * x * x)
 
-    def cross(self, c, v1, v2, need_dot):
-        prod = (1 - 2 * self.b * v1) * (1 - 2 * self.b * v2)
-        det = torch.addcmul(prod, c, c, value=-4 * self.b ** 2).clamp_min_(0).sqrt_()
-        nngp = det.reciprocal() * self.a ** 2
-        dot = (c * (4 * self.b ** 2 * self.a ** 2)) / det.pow(3) if need_dot else None
+    def constants(self):
+        return {"a^2": self.a ** 2, "2 b": 2 * self.b, "4 a^2 b^2": 4 * self.a ** 2 * self.b ** 2}
+
+    def _check(self, v):
+        if self.b > 0 and bool((v * (4 * self.b) >= 1).any()):
+            raise ValueError(f"Gaussian(b={self.b}): E[exp(2 b u^2)] is infinite for "
+                             f"pre-activation variances >= 1/(4b) = {1 / (4 * self.b):.3g} (got "
+                             f"up to {float(v.max()):.3g}); use b < 0 or smaller W_std/b_std")
+
+    def dual(self, rho, v1, v2, need_dot):
+        x = -2 * self.b
+        t1, u1 = _tu(v1 * x)
+        t2, u2 = _tu(v2 * x)
+        w = _one_minus_kappa2(rho, t1, t2, u1, u2).clamp_min_(0).sqrt_()
+        su1, su2 = u1.sqrt(), u2.sqrt()  # su1 su2 = 1 / sqrt((1 - 2 b v1)(1 - 2 b v2))
+        nngp = torch.div(su1 * self.a ** 2, w).mul_(su2)
+        dot = None
+        if need_dot:
+            # c su1^3 su2^3 / w^3 with c = rho sqrt(v1) sqrt(v2), one factor at a time
+            dot = _scale(rho, v1, v2).mul_(su1.pow(3) * (4 * self.b ** 2 * self.a ** 2))
+            dot.mul_(su2.pow(3)).div_(w.pow(3))
         return nngp, dot
+
+    def self_map(self, v):
+        self._check(v)
+        return self.cross(v, v, v, True)
 
 
 @frozen_layer
@@ -275,8 +457,8 @@ class Sign(Activation):
     def fn(self, x):
         return torch.sign(x)
 
-    def cross(self, c, v1, v2, need_dot):
-        _, theta = _angle(c, v1, v2)
+    def dual(self, rho, v1, v2, need_dot):
+        _, theta = _angle(rho)
         nngp = theta.mul_(-2 / _PI).add_(1.0)
         return nngp, (torch.zeros_like(nngp) if need_dot else None)
 
@@ -288,13 +470,13 @@ def _double_factorial(n: int) -> int:
     return 1 if n <= 0 else n * _double_factorial(n - 2)
 
 
-def _monomial_moment(d: int, c: Tensor, prod: Tensor) -> Tensor:
-    """``E[u^d v^d] = sum_m C_m c^(d-2m) (v1 v2)^m`` (Hermite expansion of ``x^d``)."""
-    out = torch.zeros_like(c)
+def _monomial_moment(d: int, rho: Tensor) -> Tensor:
+    """``E[u^d v^d] / gm^d = sum_m C_m rho^(d-2m)`` (Hermite expansion of ``x^d``)."""
+    out = torch.zeros_like(rho)
     for m in range(d // 2 + 1):
         coef = (math.factorial(d) / (math.factorial(m) * math.factorial(d - 2 * m) * 2 ** m)) ** 2
         coef *= math.factorial(d - 2 * m)
-        out = out + coef * c.pow(d - 2 * m) * prod.pow(m)
+        out = out + coef * rho.pow(d - 2 * m)
     return out
 
 
@@ -309,13 +491,13 @@ class Monomial(Activation):
     def fn(self, x):
         return x.pow(self.degree)
 
-    def cross(self, c, v1, v2, need_dot):
-        prod = v1 * v2
+    def dual(self, rho, v1, v2, need_dot):
         d = self.degree
-        nngp = _monomial_moment(d, c, prod)
+        nngp = _scale_(_monomial_moment(d, rho), v1, v2, d)
         dot = None
         if need_dot:
-            dot = d * d * _monomial_moment(d - 1, c, prod) if d > 0 else torch.zeros_like(nngp)
+            dot = _scale_(d * d * _monomial_moment(d - 1, rho), v1, v2, d - 1) if d > 0 else \
+                torch.zeros_like(nngp)
         return nngp, dot
 
     def self_map(self, v):
@@ -348,19 +530,16 @@ class RectifiedMonomial(Activation):
     def fn(self, x):
         return (x >= 0).to(x.dtype) * x.pow(self.degree)
 
-    def _e(self, n, c, v1, v2):
-        root = (v1 * v2).sqrt()
-        s, theta = _angle(c, v1, v2)
-        rs = torch.where(root > 0, root, torch.ones_like(root))
-        sin, cos = s / rs, c / rs
-        return root.pow(n) * _arccos_j(n, sin, cos, theta) / (2 * _PI)
+    def _e(self, n, rho, v1, v2):
+        s, theta = _angle(rho)
+        return _scale_(_arccos_j(n, s, rho, theta) / (2 * _PI), v1, v2, n)
 
-    def cross(self, c, v1, v2, need_dot):
+    def dual(self, rho, v1, v2, need_dot):
         d = self.degree
-        nngp = self._e(d, c, v1, v2)
+        nngp = self._e(d, rho, v1, v2)
         dot = None
         if need_dot:
-            dot = d * d * self._e(d - 1, c, v1, v2) if d > 0 else torch.zeros_like(nngp)
+            dot = d * d * self._e(d - 1, rho, v1, v2) if d > 0 else torch.zeros_like(nngp)
         return nngp, dot
 
     def self_map(self, v):
@@ -389,7 +568,7 @@ class Elementwise(Activation):
     """Any elementwise torch function, its dual maps by ``deg x deg`` Gauss-Hermite quadrature.
 
     ``E[f(u) g(v)]`` is evaluated on the product rule after the Cholesky change of variables
-    ``u = sqrt(2 v1) x``, ``v = c sqrt(2 / v1) x + sqrt(2 (v2 - c^2 / v1)) y``; ``df`` defaults to
+    ``u = sqrt(2 v1) x``, ``v = sqrt(2 v2) (rho x + sqrt(1 - rho^2) y)``; ``df`` defaults to
     autograd. Accuracy (float64, default ``deg=96``, measured in the tests): 1e-10 relative or
     better for smooth functions at pre-activation variances up to ~2 (erf, GELU, sin, exp,
     Gaussian; ``torch.tanh``: 2e-12 NNGP / 4e-11 NTK, vs 1e-9 / 2e-8 at ``deg=64`` and 1e-14
@@ -422,31 +601,32 @@ class Elementwise(Activation):
         x, w = np.polynomial.hermite.hermgauss(deg or self.deg)
         return torch.tensor(x, dtype=dtype), torch.tensor(w, dtype=dtype)
 
-    def _quad2(self, funcs, c, v1, v2):
-        shape = torch.broadcast_shapes(c.shape, v1.shape, v2.shape)
-        c, v1, v2 = (t.expand(shape).reshape(-1) for t in (c, v1, v2))
+    def _quad2(self, funcs, rho, v1, v2):
+        shape = torch.broadcast_shapes(rho.shape, v1.shape, v2.shape)
+        rho, v1, v2 = (t.expand(shape).reshape(-1) for t in (rho, v1, v2))
         # E[f(u) f(v)] is symmetric in (u, v): put the smaller variance on the outer variable,
         # which is where Gauss-Hermite is least accurate for steep (saturating) functions.
         v1, v2 = torch.minimum(v1, v2), torch.maximum(v1, v2)
-        x, w = self._nodes(c.dtype)
+        x, w = self._nodes(rho.dtype)
         deg = self.deg
-        outs = [torch.empty_like(c) for _ in funcs]
+        outs = [torch.empty_like(rho) for _ in funcs]
         chunk = max(1, (1 << 22) // (deg * deg))
-        for lo in range(0, c.numel(), chunk):
-            cc, a1, a2 = c[lo:lo + chunk], v1[lo:lo + chunk].clamp_min(1e-300), v2[lo:lo + chunk]
+        for lo in range(0, rho.numel(), chunk):
+            r, a1, a2 = rho[lo:lo + chunk], v1[lo:lo + chunk], v2[lo:lo + chunk]
             u = torch.sqrt(2 * a1)[None] * x[:, None]                               # (deg, m)
-            slope = cc * torch.sqrt(2 / a1)
-            rest = safe_sqrt(2 * (a2 - cc * cc / a1))
+            s2 = torch.sqrt(2 * a2)
+            slope = r * s2
+            rest = safe_sqrt((1 - r) * (1 + r)) * s2
             v = slope[None, None] * x[:, None, None] + rest[None, None] * x[None, :, None]
             for out, f in zip(outs, funcs):
                 fu, fv = f(u), f(v)
                 out[lo:lo + chunk] = torch.einsum("i,j,im,ijm->m", w, w, fu, fv) / _PI
         return [o.reshape(shape) for o in outs]
 
-    def cross(self, c, v1, v2, need_dot):
+    def dual(self, rho, v1, v2, need_dot):
         df = self.df or _autograd_derivative(self.fn_)
         funcs = [self.fn_, df] if need_dot else [self.fn_]
-        res = self._quad2(funcs, c, v1, v2)
+        res = self._quad2(funcs, rho, v1, v2)
         return res[0], (res[1] if need_dot else None)
 
     def self_map(self, v):

@@ -42,7 +42,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .._validation import check_int, check_positive
+from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._ops import memo_self, set_batch_diag
@@ -140,9 +140,9 @@ class Conv(Layer):
         object.__setattr__(self, "strides", st.check_sizes(self.strides, "strides"))
         object.__setattr__(self, "padding", st.check_padding(self.padding))
         st.check_mode(self.padding_mode)
-        check_positive(self.W_std, "W_std")
+        check_std(self.W_std, "W_std")
         if self.b_std is not None:
-            check_positive(self.b_std, "b_std", allow_zero=True)
+            check_std(self.b_std, "b_std", allow_zero=True)
         check_parameterization(self.parameterization)
         if isinstance(self.filter_shape, tuple) and isinstance(self.strides, tuple) and \
                 len(self.filter_shape) != len(self.strides):

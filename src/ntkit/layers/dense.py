@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._validation import check_int, check_positive
+from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 
@@ -81,9 +81,9 @@ class Dense(Layer):
 
     def __post_init__(self):
         check_int(self.out_dim, "out_dim")
-        check_positive(self.W_std, "W_std")
+        check_std(self.W_std, "W_std")
         if self.b_std is not None:
-            check_positive(self.b_std, "b_std", allow_zero=True)
+            check_std(self.b_std, "b_std", allow_zero=True)
         check_parameterization(self.parameterization)
 
     @property

@@ -44,7 +44,9 @@ class LayerNorm(Layer):
             raise ValueError("LayerNorm received several branches; merge them first")
         v1, v2 = outer_vars(k)
         eps = self.eps
-        scale = ((v1 + eps) * (v2 + eps)).rsqrt()
+        # (v1 + eps)^-1/2 (v2 + eps)^-1/2, never the product (it overflows beyond ~1e19 in
+        # float32 and would silently zero the kernel)
+        scale = (v1 + eps).rsqrt() * (v2 + eps).rsqrt()
         nngp = k.nngp * scale
         ntk = None if k.ntk is None else k.ntk * scale
 
@@ -52,7 +54,7 @@ class LayerNorm(Layer):
             if k.n_spatial == 0 or k.diagonal_spatial:
                 return cov / (cov + eps)
             a, b = self_outer_vars(cov, k)
-            return cov * ((a + eps) * (b + eps)).rsqrt()
+            return cov * ((a + eps).rsqrt() * (b + eps).rsqrt())
 
         cov1 = norm_self(k.cov1)
         cov2 = None if k.cov2 is None else norm_self(k.cov2)
