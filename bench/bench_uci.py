@@ -27,6 +27,15 @@ Protocol (the reference code, GitHub LeoYu/neural-tangent-kernel-UCI, UCI.py/NTK
   mtry (max_features) in {d^0, d^.25, d^.5, d^.75, d} rounded (5 configurations; RF is far less
   sensitive to its hyper-parameters and each fit costs ~100x an SVC fit on a precomputed kernel).
 
+* ``default``: ``ntkit.NTKClassifier()`` with no argument (no tuning by the user: it chooses
+  depth, fixed layers, bias and ridge itself by exact leave-one-out on each training set), fitted
+  on each of the 4 training sets and scored on the matching test sets -- the validation split
+  is not used. ``default_seconds`` = total time of the 4 fits + predictions.
+
+``--reuse OLD.csv`` copies the columns of methods not run now from an earlier CSV (same data
+sets), e.g. ``--methods default --reuse bench/results/uci.csv`` adds the default estimator to
+the published-protocol table without recomputing the baselines.
+
 Output: one JSON line per data set (stdout), the per-data-set CSV, then a summary JSON line and
 a markdown table: average accuracy, Friedman rank (mean rank per data set among the compared
 methods, 1 = best, ties averaged), P90/P95 (% of data sets where the method reaches >= 90/95 % of
@@ -50,7 +59,7 @@ C_LIST = [10.0 ** i for i in range(-2, 5)]
 MAX_H = 4                                          # hidden layers 0..4 = depths 1..5
 GAMMA_EXPS = list(range(-7, 8))                    # gamma = 2^k / d
 RF_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)            # mtry = round(d^p)
-METHODS = ("ntk", "svm_rbf", "rf")
+METHODS = ("ntk", "svm_rbf", "rf", "default")
 
 
 MAX_ITER = [-1]           # libsvm SMO iteration cap per binary sub-problem (-1: none); set by CLI
@@ -140,7 +149,20 @@ def run_rf(ds, seed=0):
                 n_configs=len(mtrys))
 
 
-RUNNERS = {"ntk": run_ntk, "svm_rbf": run_svm_rbf, "rf": run_rf}
+def run_default(ds):
+    """NTKClassifier() as a user would call it: no hyper-parameters, no validation split."""
+    from ntkit.estimators import NTKClassifier
+    accs, chosen = [], []
+    for a, b in ds.folds:
+        clf = NTKClassifier().fit(ds.X[a], ds.y[a])
+        accs.append(float(np.mean(clf.predict(ds.X[b]) == ds.y[b])))
+        p = clf.best_params_
+        chosen.append(f"{p['arch']!r}/r={p['diag_reg']:g}/m={clf.selection_size_}")
+    return dict(val_acc=float("nan"), acc=float(np.mean(accs)), params="|".join(chosen),
+                n_configs=len(clf.loo_scores_["mse"]) if clf.loo_scores_ else 1)
+
+
+RUNNERS = {"ntk": run_ntk, "svm_rbf": run_svm_rbf, "rf": run_rf, "default": run_default}
 
 
 def run_dataset(root, name, methods, threads, max_iter=-1):
@@ -148,6 +170,9 @@ def run_dataset(root, name, methods, threads, max_iter=-1):
     torch.set_num_threads(threads)
     MAX_ITER[0] = max_iter
     from ntkit.data import load_uci
+    import ntkit.estimators  # noqa: F401  (imports outside the timed region)
+    import scipy.linalg  # noqa: F401
+    import sklearn.svm  # noqa: F401
     ds = load_uci(root, name)
     row = dict(dataset=name, n=ds.n, d=ds.d, c=ds.n_classes)
     for m in methods:
@@ -158,7 +183,7 @@ def run_dataset(root, name, methods, threads, max_iter=-1):
         row[f"{m}_val_acc"] = 100.0 * r["val_acc"]
         row[f"{m}_params"] = r["params"]
         row[f"{m}_configs"] = r["n_configs"]
-        if m != "rf":     # SVM fits stopped by --max-iter (all, and among the 4 final ones)
+        if m not in ("rf", "default"):     # SVM fits stopped by --max-iter (all, and among the 4 final ones)
             row[f"{m}_capped_fits"] = CAPPED["n"] - c0
             row[f"{m}_final_capped"] = r["final_capped"]
         row[f"{m}_seconds"] = round(time.perf_counter() - t0, 3)
@@ -211,7 +236,8 @@ def summarize(rows, methods):
 
 
 NAMES = {"ntk": "NTK-SVM (ntkit, depth 1-5, fix)", "svm_rbf": "Gaussian-kernel SVM",
-         "rf": "Random forest (500 trees)"}
+         "rf": "Random forest (500 trees)",
+         "default": "NTKClassifier() default (self-selected by LOO)"}
 
 
 def markdown(summary, methods, n_sets):
@@ -295,6 +321,8 @@ def main(argv=None):
                          "-1: no cap = the reference code exactly; then large-C fits on big "
                          "noisy data sets take minutes EACH, hours in total)")
     ap.add_argument("--no-kernel-timing", action="store_true")
+    ap.add_argument("--reuse", default="", help="earlier CSV whose columns fill in the methods "
+                    "not run now (same data sets)")
     args = ap.parse_args(argv)
 
     from ntkit.data import list_uci, _read_meta
@@ -338,7 +366,26 @@ def main(argv=None):
                 rows.append(fut.result())
                 print(json.dumps(rows[-1]), flush=True)
     wall = time.perf_counter() - t_start
+    ran = methods
     rows.sort(key=lambda r: r["dataset"])
+    if args.reuse:
+        with open(args.reuse, newline="") as fh:
+            old = {r["dataset"]: r for r in csv.DictReader(fh)}
+        for r in rows:
+            if r["dataset"] not in old:
+                ap.error(f"--reuse: data set {r['dataset']} is not in {args.reuse}")
+            for k, v in old[r["dataset"]].items():
+                if k not in r:
+                    for conv in (int, float, str):
+                        try:
+                            r[k] = conv(v)
+                            break
+                        except ValueError:
+                            pass
+        prev = [m for m in ("ntk", "svm_rbf", "rf", "default")
+                if m not in methods and f"{m}_acc" in rows[0]]
+        methods = prev + methods
+    ran = [m for m in args.methods.split(",") if m]
     if not rows:
         print(json.dumps(dict(error="no data sets to run")))
         return 1
@@ -351,14 +398,23 @@ def main(argv=None):
     rec = dict(bench="uci_summary", n_datasets=len(rows), wall_seconds=round(wall, 1),
                jobs=jobs, max_iter=args.max_iter, methods=summary, tests=tests)
     for m in methods:
-        if m != "rf":
+        if m in ("ntk", "svm_rbf"):
             rec[f"{m}_capped_fits"] = int(sum(r[f"{m}_capped_fits"] for r in rows))
             rec[f"{m}_datasets_with_capped_final_fit"] = int(sum(r[f"{m}_final_capped"] > 0
                                                                  for r in rows))
     if "ntk" in methods and "rf" in methods:
         rec["ntk_minus_rf_avg_acc"] = round(summary["ntk"]["avg_acc"] - summary["rf"]["avg_acc"], 3)
+    if "default" in methods and "rf" in methods:
+        rec["default_minus_rf_avg_acc"] = round(summary["default"]["avg_acc"]
+                                                - summary["rf"]["avg_acc"], 3)
+        A = np.array([[r["default_acc"], r["rf_acc"]] for r in rows])
+        rec["default_vs_rf_wins_ties_losses"] = [int((A[:, 0] > A[:, 1]).sum()),
+                                                 int((A[:, 0] == A[:, 1]).sum()),
+                                                 int((A[:, 0] < A[:, 1]).sum())]
+        s2, _ = summarize(rows, ["default", "rf"])
+        rec["friedman_rank_default_vs_rf"] = {m: s2[m]["friedman_rank"] for m in s2}
     print(json.dumps(rec), flush=True)
-    if not args.no_kernel_timing and "ntk" in methods:
+    if not args.no_kernel_timing and "ntk" in ran:
         from ntkit.data import load_uci
         big = max(sizes, key=lambda k: sizes[k])
         import torch

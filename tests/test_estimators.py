@@ -20,8 +20,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from ntkit import layers as nl  # noqa: E402
 from ntkit._uci_ntk import iter_ntk_fix, ntk_fix  # noqa: E402
+import ntkit.estimators as est_mod  # noqa: E402
 from ntkit.estimators import (NTKClassifier, NTKGPKernel, NTKRegressor, ReluNTKFix,  # noqa: E402
-                              kernel_callable)
+                              default_family, kernel_callable, loo_kernel_ridge)
 
 SMALL = nl.serial(nl.Dense(64, W_std=1.3, b_std=0.2), nl.Relu(), nl.Dense(1, W_std=1.3, b_std=0.2))
 
@@ -31,7 +32,8 @@ SMALL = nl.serial(nl.Dense(64, W_std=1.3, b_std=0.2), nl.Relu(), nl.Dense(1, W_s
 # ---------------------------------------------------------------------------------------
 
 @parametrize_with_checks([NTKRegressor(), NTKRegressor(kernel="nngp", t=50.0, normalize_y=True),
-                          NTKClassifier(), NTKClassifier(arch=ReluNTKFix(2, 1), t=20.0)])
+                          NTKClassifier(), NTKClassifier(arch=ReluNTKFix(2, 1), t=20.0),
+                          NTKRegressor(arch=ReluNTKFix(1, 0), features=16)])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -351,3 +353,245 @@ def test_clear_errors():
         NTKClassifier(arch=SMALL, temperature=0.0).fit(X, y)
     with pytest.raises(ValueError, match="at most one"):
         NTKRegressor(arch=SMALL).fit(X, y).predict(X, return_std=True, return_cov=True)
+
+
+# ---------------------------------------------------------------------------------------
+# bias, one-pass kernels for every depth, model selection by exact leave-one-out
+# ---------------------------------------------------------------------------------------
+
+def _np_relu_fix(X1, X2, h, fix, b):
+    """Independent numpy recursion for ONE (depth, fix, bias): cross kernel via the joint
+    Gram matrix (no shared code with ntkit._uci_ntk)."""
+    Z = X1 if X2 is None else np.concatenate([X1, X2])
+    S = Z @ Z.T + b * b
+    H = np.zeros_like(S)
+    for l in range(h + 1):
+        if l >= fix:
+            H = H + S
+        if l == h:
+            break
+        dg = np.sqrt(np.diag(S))
+        P = np.outer(dg, dg)
+        c = np.clip(S / P, -1, 1)
+        np.fill_diagonal(c, 1.0)      # x with itself: exactly 1 (arccos(1 - ulp) ~ 1e-8)
+        th = np.arccos(c)
+        S_new = P * (np.sin(th) + (np.pi - th) * c) / (2 * np.pi) + b * b
+        H = H * (np.pi - th) / (2 * np.pi)
+        S = S_new
+    return H if X2 is None else H[:len(X1), len(X1):]
+
+
+def test_one_pass_kernels_equal_single_depth_computations_with_bias():
+    rng = np.random.default_rng(5)
+    X, X2 = rng.standard_normal((9, 4)), rng.standard_normal((6, 4))
+    for b in (0.0, 1.7):
+        seen = {}
+        for h, f, K in iter_ntk_fix(X, X2, max_depth=4, bias=b):
+            seen[(h, f)] = K.numpy()
+            ref = _np_relu_fix(X, X2, h, f, b)
+            np.testing.assert_allclose(K.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+        assert len(seen) == 15
+        # the selection's one pass (per bias) gives exactly the single-kernel computations
+        cands = [ReluNTKFix(h, f, bias=b) for h in range(5) for f in range(h + 1)]
+        Xt = torch.tensor(X)
+        got = {i: K.clone() for i, K in est_mod._kernel_blocks(cands, Xt, None, "ntk")}
+        for i, a in enumerate(cands):
+            single = a.kernel(Xt, get="ntk")
+            np.testing.assert_allclose(got[i].numpy(), single.numpy(), rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(single.numpy(), _np_relu_fix(X, None, a.depth, a.fix, b),
+                                       rtol=1e-12, atol=1e-12 * float(single.abs().max()))
+
+
+@pytest.mark.parametrize("h", [1, 2])
+def test_bias_kernel_is_d_times_engine_kernel_with_b_std(h):
+    """ReluNTKFix(bias=b) = d * kernel of the ntkit net with W_std = 1, b_std = b / sqrt(d)."""
+    rng = np.random.default_rng(2)
+    X = torch.tensor(rng.standard_normal((8, 3)))
+    a = ReluNTKFix(h, 0, bias=0.8)
+    k = a.as_layers(3).kernel(X, get=("nngp", "ntk"))
+    np.testing.assert_allclose(a.kernel(X, get="ntk").numpy(), 3 * k.ntk.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(ReluNTKFix(h, h, bias=0.8).kernel(X, get="ntk").numpy(),
+                               3 * k.nngp.numpy(), rtol=1e-10)
+
+
+def test_loo_kernel_ridge_matches_brute_force_refits():
+    rng = np.random.default_rng(0)
+    n = 11
+    X, Xh = rng.standard_normal((n, 3)), rng.standard_normal((4, 3))
+    Y = rng.standard_normal((n, 2))
+    K = ntk_fix(X, depth=2, fix=1).numpy()
+    Kh = ntk_fix(Xh, X, depth=2, fix=1).numpy()
+    ridges = [1e-4, 1e-1, 3.0]
+    loo, pred = loo_kernel_ridge(K, Y, ridges, K_test_train=Kh)
+    for j, r in enumerate(ridges):
+        for i in range(n):
+            keep = np.arange(n) != i
+            ref = K[i, keep] @ np.linalg.solve(K[np.ix_(keep, keep)] + r * np.eye(n - 1), Y[keep])
+            np.testing.assert_allclose(loo[j, i].numpy(), ref, rtol=1e-8, atol=1e-10)
+        full = Kh @ np.linalg.solve(K + r * np.eye(n), Y)
+        np.testing.assert_allclose(pred[j].numpy(), full, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="> 0"):
+        loo_kernel_ridge(K, Y, [0.0])
+
+
+@pytest.mark.parametrize("D", [5, 20])          # primal (D < n) and dual (D >= n) paths
+def test_primal_loo_matches_brute_force_refits(D):
+    rng = np.random.default_rng(1)
+    phi = torch.tensor(rng.standard_normal((14, D)))
+    Y = torch.tensor(rng.standard_normal((14, 1)))
+    loo, solve, scale = est_mod._primal_loo(phi, Y, [1e-2, 1.0])
+    P, y = phi.numpy(), Y.numpy()
+    assert scale == pytest.approx(np.trace(P.T @ P) / 14)
+    for j, rel in enumerate([1e-2, 1.0]):
+        r = rel * scale
+        w = np.linalg.solve(P.T @ P + r * np.eye(D), P.T @ y)
+        np.testing.assert_allclose(solve(j).numpy(), w, rtol=1e-8, atol=1e-12)
+        for i in range(14):
+            keep = np.arange(14) != i
+            wi = np.linalg.solve(P[keep].T @ P[keep] + r * np.eye(D), P[keep].T @ y[keep])
+            np.testing.assert_allclose(loo[j, i].numpy(), P[i] @ wi, rtol=1e-8, atol=1e-10)
+
+
+def test_selection_picks_known_best_and_reports_loo_table():
+    """Noise-free linear targets: the linear kernel (depth 0) with the smallest ridge has ~0 LOO
+    error, every ReLU kernel a visible one -- the selection must find it."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 3))
+    y = X @ np.array([1.0, -2.0, 0.5])
+    reg = NTKRegressor().fit(X, y)
+    best = reg.best_params_
+    assert best["arch"].depth == 0 and best["diag_reg"] == min(est_mod.DEFAULT_RIDGES)
+    tab = reg.loo_scores_
+    assert len(tab["params"]) == len(tab["mse"]) == 30 * len(est_mod.DEFAULT_RIDGES)
+    k = int(np.argmin(tab["mse"]))
+    assert tab["params"][k] == best
+    # the table's LOO error is the brute-force LOO error of that configuration
+    Xs = (X - X.mean(0)) / X.std(0)
+    for idx in (k, 77):
+        p = tab["params"][idx]
+        K = p["arch"].kernel(torch.tensor(Xs), get="ntk").numpy()
+        r = p["diag_reg"] * np.mean(np.diag(K))
+        errs = []
+        for i in range(40):
+            keep = np.arange(40) != i
+            f = K[i, keep] @ np.linalg.solve(K[np.ix_(keep, keep)] + r * np.eye(39), y[keep])
+            errs.append((f - y[i]) ** 2)
+        np.testing.assert_allclose(tab["mse"][idx], np.mean(errs) / np.var(y), rtol=1e-6,
+                                   atol=1e-12)
+    assert reg.score(X[:5] + 0.1, (X[:5] + 0.1) @ np.array([1.0, -2.0, 0.5])) > 0.999
+
+
+def test_best_params_reproduce_and_fixed_config_bypasses_selection(monkeypatch):
+    from sklearn.datasets import load_iris
+    X, y = load_iris(return_X_y=True)
+    clf = NTKClassifier().fit(X[::2], y[::2])
+    assert set(clf.best_params_) == {"arch", "diag_reg"}
+    assert clf.selection_size_ == 75 and "accuracy" in clf.loo_scores_
+    fixed = NTKClassifier(**clf.best_params_)
+
+    def boom(*a, **k):
+        raise AssertionError("selection ran for a fixed configuration")
+    monkeypatch.setattr(est_mod, "_select", boom)
+    fixed.fit(X[::2], y[::2])
+    assert fixed.loo_scores_ is None
+    np.testing.assert_allclose(fixed.decision_function(X[1::2]),
+                               clf.decision_function(X[1::2]), rtol=1e-9, atol=1e-12)
+    # its temperature (exact LOO via the inverse) equals the one from the selection's LOO
+    assert fixed.temperature_ == pytest.approx(clf.temperature_, rel=1e-6)
+    # a list of archs / ridges is a user-defined search space
+    with pytest.raises(AssertionError, match="selection ran"):
+        NTKClassifier(diag_reg=[1e-3, 1e-1], arch=ReluNTKFix(1, 0)).fit(X, y)
+
+
+def test_subsampled_selection_scores_heldout_rows(monkeypatch):
+    """Beyond the cost budget, LOO on m rows + held-out predictions for the rest."""
+    monkeypatch.setattr(est_mod, "_COST_FLOOR_S", 0.0)
+    monkeypatch.setattr(est_mod, "_COST_BUDGET", 1.2)
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((120, 3))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)
+    clf = NTKClassifier(random_state=3).fit(X, y)
+    m = clf.selection_size_
+    assert 10 <= m < 120
+    assert clf.score(X, y) > 0.8
+    # the table's score = LOO on the first m rows of the permutation + held-out on the others
+    order = np.random.default_rng(3).permutation(120)
+    idx = 5
+    p = clf.loo_scores_["params"][idx]
+    Xs = torch.tensor((X - X.mean(0)) / X.std(0))[torch.as_tensor(order)]
+    Y = np.eye(2)[y[order]] - 0.5
+    K = p["arch"].kernel(Xs[:m], Xs, get="ntk").numpy()
+    Kaa = K[:, :m]
+    r = p["diag_reg"] * np.mean(np.diag(Kaa))
+    F = np.empty_like(Y)
+    for i in range(m):
+        keep = np.arange(m) != i
+        F[i] = Kaa[i, keep] @ np.linalg.solve(Kaa[np.ix_(keep, keep)] + r * np.eye(m - 1),
+                                              Y[:m][keep])
+    F[m:] = K[:, m:].T @ np.linalg.solve(Kaa + r * np.eye(m), Y[:m])
+    np.testing.assert_allclose(clf.loo_scores_["mse"][idx], np.mean(((F - Y) ** 2).sum(1)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(clf.loo_scores_["accuracy"][idx],
+                               np.mean(F.argmax(1) == y[order]))
+
+
+def test_selection_size_respects_cost_model():
+    for n in (300, 1000, 3000):
+        m = est_mod._selection_size(n, 30, 2, 15, 3)
+        k = est_mod._COST
+        single = k["F"] + k["A"] * n * n + k["B"] * n ** 3
+        assert m < n
+        assert 30 * k["E3"] * m ** 3 <= max(2 * single, est_mod._COST_FLOOR_S)
+    assert est_mod._selection_size(60, 30, 2, 15, 3) == 60
+
+
+def test_default_family_contents():
+    fam = default_family(4)
+    assert len(fam) == 30 and ReluNTKFix(4, 2, bias=2.0) in fam and ReluNTKFix(0, 0) in fam
+    assert all(a.fix == a.depth for a in default_family(4, "nngp"))
+
+
+def test_features_predictions_approach_exact_kernel_estimator():
+    rng = np.random.default_rng(6)
+    X, Xt = rng.standard_normal((40, 3)), rng.standard_normal((15, 3))
+    y = np.sin(X[:, 0]) + X[:, 1] ** 2
+    arch = ReluNTKFix(1, 0, bias=1.0)
+    exact = NTKRegressor(arch=arch, diag_reg=1e-2).fit(X, y).predict(Xt)
+    errs = []
+    for dim in (32, 2048):
+        pred = NTKRegressor(arch=arch, diag_reg=1e-2, features=dim).fit(X, y).predict(Xt)
+        errs.append(np.linalg.norm(pred - exact) / np.linalg.norm(exact))
+    assert errs[1] < 0.4 * errs[0], errs           # ~ dim^-1/2: 1/8 expected
+    assert errs[1] < 0.05, errs
+    # selection of the ridge by primal LOO; the nngp kernel (fix = depth) has features too
+    reg = NTKRegressor(arch=[ReluNTKFix(1, 0), ReluNTKFix(2, 2)], features=256).fit(X, y)
+    assert reg.best_params_["diag_reg"] in est_mod.DEFAULT_RIDGES
+    assert len(reg.loo_scores_["mse"]) == 2 * len(est_mod.DEFAULT_RIDGES)
+    clf = NTKClassifier(features=64, arch=SMALL).fit(X, y > 1)
+    assert clf.predict_proba(Xt).shape == (15, 2)
+
+
+def test_selection_errors():
+    X = np.random.default_rng(0).standard_normal((10, 3))
+    y = np.arange(10) % 2
+    with pytest.raises(ValueError, match="t=None"):
+        NTKRegressor(t=10.0, diag_reg=[1e-3, 1e-2], arch=SMALL).fit(X, y)
+    with pytest.raises(ValueError, match="> 0"):
+        NTKRegressor(diag_reg=[0.0, 1e-2]).fit(X, y)
+    with pytest.raises(ValueError, match="empty"):
+        NTKRegressor(arch=[]).fit(X, y)
+    with pytest.raises(ValueError, match="standardize"):
+        NTKRegressor(standardize="yes").fit(X, y)
+    with pytest.raises(ValueError, match="random_state"):
+        NTKRegressor(random_state=-1).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        NTKRegressor(features=0).fit(X, y)
+    with pytest.raises(ValueError, match="fix=0 or fix=depth"):
+        NTKRegressor(arch=ReluNTKFix(3, 1), features=8).fit(X, y)
+    with pytest.raises(ValueError, match="return_std"):
+        NTKRegressor(arch=SMALL, features=8, diag_reg=1e-2).fit(X, y).predict(X, return_std=True)
+    with pytest.raises(ValueError, match="bias"):
+        ReluNTKFix(1, 0, bias=-1.0).kernel(X)
+    # a finite t keeps the old defaults (no selection): default_arch and diag_reg 1e-4
+    r = NTKRegressor(t=5.0).fit(X, y.astype(float))
+    assert r.loo_scores_ is None and r.diag_reg_ == 1e-4

@@ -16,6 +16,11 @@ Equivalently: ``K[h][0] = d * NTK`` and ``K[h][h] = d * NNGP`` of
 ``serial(*[Dense(w, W_std=1), Relu()] * h, Dense(1, W_std=1))`` (no biases, NTK
 parameterization) -- the ``d`` because ``ntkit``'s first Dense divides ``X X^T`` by the fan-in.
 
+``bias=b`` (an extension; ``b = 0`` is the paper's kernel) gives every layer a bias of variance
+``b^2`` on this un-normalised scale: ``S <- S + b^2`` at the input and after each ReLU step, so the
+kernels equal ``d`` times those of the same network with ``b_std = b / sqrt(d)`` (the bias terms
+of frozen layers are dropped with their weights).
+
 The reference code recomputes the recursion once per ``fix``; :func:`iter_ntk_fix` gets every
 ``(h, fix)`` pair (15 kernels for 5 depths) in ONE pass: the ``S`` recursion does not depend on
 ``fix``, and each ``H_fix`` is updated with the same elementwise factor. Kernels are yielded one
@@ -65,7 +70,17 @@ def _check_depth(max_depth) -> int:
     return int(max_depth)
 
 
-def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
+def _check_bias(bias) -> float:
+    if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`bias` must be a real number >= 0 (bias std on the kernel's scale), "
+                        f"got {bias!r}")
+    b = float(bias)
+    if not math.isfinite(b) or b < 0:
+        raise ValueError(f"`bias` must be a finite number >= 0, got {bias!r}")
+    return b
+
+
+def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True, bias: float = 0.0
                  ) -> Iterator[Tuple[int, int, torch.Tensor]]:
     """Yield ``(h, fix, K)`` for every ``h in 0..max_depth`` and ``fix in 0..h``, in that order.
 
@@ -73,9 +88,11 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
     the ``(n1, n2)`` float64 kernel. With ``copy=True`` the yielded tensors are fresh copies (safe
     to keep); ``copy=False`` saves one ``n1 x n2`` copy per kernel but a yielded tensor is only
     valid until the next one is requested (it is updated in place).
-    ``max_depth=4`` gives the paper's 15 kernels (depths 1..5).
+    ``max_depth=4`` gives the paper's 15 kernels (depths 1..5). ``bias``: every layer's bias std
+    (see the module docstring; 0 = the paper's bias-free kernel).
     """
     max_depth = _check_depth(max_depth)
+    b2 = _check_bias(bias) ** 2
     a = _as_matrix(x1, "x1")
     b = a if x2 is None else _as_matrix(x2, "x2")
     if a.shape[1] != b.shape[1]:
@@ -84,6 +101,10 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
     S = a @ b.T
     d1 = (a * a).sum(1)
     d2 = d1 if x2 is None else (b * b).sum(1)
+    if b2:
+        S += b2
+        d1 = d1 + b2
+        d2 = d1 if x2 is None else d2 + b2
     H = []                                    # H[f] for f = 0..h
     inv2pi = 1.0 / (2.0 * math.pi)
     for h in range(max_depth + 1):
@@ -102,6 +123,8 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
         pm = torch.arccos(Sn).neg_().add_(math.pi)           # pi - theta
         S = torch.mul(Sn, Sn).neg_().add_(1.0).clamp_min_(0.0).sqrt_()   # sin(theta)
         S.addcmul_(Sn, pm).mul_(P).mul_(inv2pi)              # E[relu(u) relu(v)]
+        if b2:
+            S += b2
         dot = pm.mul_(inv2pi)                                # E[relu'(u) relu'(v)]
         for f in range(h + 1):
             H[f].mul_(dot)
@@ -109,15 +132,15 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True
         if x2 is None:                        # as the reference: diag of the matrix itself
             d1 = d2 = torch.diagonal(S).clone()
         else:                                 # x with itself has Sn = 1: variance halves
-            d1, d2 = d1 * 0.5, d2 * 0.5
+            d1, d2 = d1 * 0.5 + b2, d2 * 0.5 + b2
 
 
-def all_ntk_fix(x1, x2=None, max_depth: int = 4) -> dict:
+def all_ntk_fix(x1, x2=None, max_depth: int = 4, bias: float = 0.0) -> dict:
     """``{(h, fix): K}`` for all pairs (holds ``(max_depth+1)(max_depth+2)/2`` matrices)."""
-    return {(h, f): K for h, f, K in iter_ntk_fix(x1, x2, max_depth)}
+    return {(h, f): K for h, f, K in iter_ntk_fix(x1, x2, max_depth, bias=bias)}
 
 
-def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0) -> torch.Tensor:
+def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0, bias: float = 0.0) -> torch.Tensor:
     """The single kernel with ``depth`` hidden ReLU layers, first ``fix`` layers frozen.
 
     ``0 <= fix <= depth``; shapes ``(n1, d)``, ``(n2, d)`` -> ``(n1, n2)`` float64.
@@ -126,7 +149,7 @@ def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0) -> torch.Tensor:
     if isinstance(fix, bool) or not isinstance(fix, (int, np.integer)) or not 0 <= fix <= depth:
         raise ValueError(f"`fix` (number of frozen first layers) must be an integer in "
                          f"[0, depth={depth}], got {fix!r}")
-    for h, f, K in iter_ntk_fix(x1, x2, depth):
+    for h, f, K in iter_ntk_fix(x1, x2, depth, copy=False, bias=bias):
         if h == depth and f == fix:
-            return K
+            return K.clone()
     raise AssertionError("unreachable")
