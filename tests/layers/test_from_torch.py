@@ -1,5 +1,5 @@
-"""``ntkit.from_torch``: structure (same parameters, same function), the infinite-width kernels
-against Monte Carlo estimates from the original PyTorch modules at PyTorch's default
+"""``ntkit.from_torch``: structure (same parameters, same function), the kernels (NTK-limit and
+standard parameterization) against Monte Carlo estimates from the original PyTorch modules at PyTorch's default
 initialization, and clear errors for what cannot be converted."""
 import math
 
@@ -147,7 +147,7 @@ def test_torch_module_kernels_converge_to_converted_arch(name):
     # (variance 1/(3 fan_in), zero in the limit) add O(1/width) offsets: inputs of scale 5
     # keep those below the O(width^-1/2) fluctuations being measured at these widths
     x = 5 * _x(4, *in_shape, seed=1)
-    arch = ntkit.from_torch(make(7))
+    arch = ntkit.from_torch(make(7), parameterization="ntk")
     exact = arch.kernel(x)
     widths, seeds = (32, 128, 512), 2
     errs = {"nngp": [], "ntk": [], "standard": []}
@@ -169,13 +169,21 @@ def test_torch_module_kernels_converge_to_converted_arch(name):
 
 
 def test_defaults_follow_pytorch_initialization():
+    """Default: PyTorch's parameterization, W_std^2 = 1/3 and every bias at 1/(3 fan_in) of its
+    own module; 'ntk' (the infinite-width limit) keeps only the first layer's bias."""
     net = nn.Sequential(nn.Conv2d(3, 8, (3, 2)), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12, 4),
                         nn.ReLU(), nn.Linear(4, 1, bias=False))
     arch = ntkit.from_torch(net)
     conv, dense, readout = arch.layers[0], arch.layers[3], arch.layers[5]
+    assert math.isclose(conv.W_std, 1 / math.sqrt(3)) and conv.parameterization == "standard"
+    assert math.isclose(conv.b_std, 1 / math.sqrt(3 * 3 * 6))  # 1/(3 fan_in), fan_in = 3*3*2
+    assert math.isclose(dense.b_std, 1 / math.sqrt(3 * 96)) and dense.parameterization == "standard"
+    assert readout.b_std is None and readout.out_dim == 1
+    limit = ntkit.from_torch(net, parameterization="ntk")
+    conv, dense, readout = limit.layers[0], limit.layers[3], limit.layers[5]
     assert math.isclose(conv.W_std, 1 / math.sqrt(3)) and conv.parameterization == "ntk"
     assert math.isclose(conv.b_std, 1 / math.sqrt(3 * 3 * 6))  # first layer: 1/(3 fan_in)
-    assert dense.b_std == 0.0 and readout.b_std is None and readout.out_dim == 1
+    assert dense.b_std == 0.0 and readout.b_std is None and dense.parameterization == "ntk"
     custom = ntkit.from_torch(net, W_std=1.4, b_std=0.1, parameterization="standard")
     assert custom.layers[0].W_std == 1.4 and custom.layers[3].b_std == 0.1
     assert custom.layers[5].b_std is None and custom.layers[5].parameterization == "standard"

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validation import as_tensor, check_int, parse_get
+from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
 from ._base import Layer, available_memory
 from .activations import Activation
 from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
@@ -322,7 +322,9 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
     if getattr(layer, "parameterization", "ntk") != "ntk":
         raise NotImplementedError(
             f"features: {name}(parameterization={layer.parameterization!r}) is not supported; "
-            f"random features are implemented for the NTK parameterization (the default)")
+            f"random features are implemented for the NTK parameterization (the default of "
+            f"ntkit.layers; for a converted torch module use from_torch(net, "
+            f"parameterization='ntk'), its infinite-width limit)")
     out_shape = layer.out_shape(in_shape)
     if isinstance(layer, Dense):
         return _DenseOp(layer, ctx, followed_by_act), out_shape
@@ -368,13 +370,8 @@ def _count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
 
 
 def _parse_budget(memory_budget) -> int:
-    if memory_budget is None:
-        return available_memory() // 2
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
-            not math.isfinite(memory_budget) or memory_budget <= 0:
-        raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
-                         f"{memory_budget!r}")
-    return int(memory_budget)
+    budget = parse_memory_budget(memory_budget)
+    return available_memory() // 2 if budget is None else int(budget)
 
 
 def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
@@ -398,7 +395,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
       out_dim: compress the result to this many columns by an unbiased CountSketch
         (useful after Flatten, where the natural size is ``dim * pixels``).
       dtype: ``torch.float32`` (default) or ``torch.float64``.
-      memory_budget: bytes for one chunk of examples (default: half the available RAM).
+      memory_budget: bytes for one chunk of examples (default: half the available RAM), or a
+        string such as ``'2GB'``.
       chunk: examples per chunk (default: from ``memory_budget``).
       progress: show a progress bar over chunks.
 

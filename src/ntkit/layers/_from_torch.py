@@ -1,9 +1,15 @@
-"""``from_torch``: the infinite-width architecture of a PyTorch ``nn.Sequential``.
+"""``from_torch``: the analytic kernel of a PyTorch ``nn.Sequential``.
 
-Every hidden width (``out_features`` / ``out_channels`` of all but the last linear map) goes to
-infinity; the input and the readout width are kept. The result is an ordinary ntkit
-architecture: ``arch.kernel(x)`` gives the exact NNGP/NTK, ``arch.module(in_shape, width=...)``
-builds the finite network with the same layer structure.
+By default (``parameterization='standard'``) the kernel describes *the network handed in*: its
+own widths, PyTorch's parameterization (``y = W x + b``) and PyTorch's default initialization.
+Its NTK is the expectation, over that initialization, of the network's empirical NTK
+(:func:`ntkit.empirical_ntk`), which fluctuates around it by O(width^-1/2) relative. With
+``parameterization='ntk'`` it is instead the infinite-width limit in NTK parameterization: every
+hidden width goes to infinity (input and readout widths kept), and the NTK is that of the network
+trained with per-layer learning rates ``lr / fan_in``, about ``width`` times smaller than the
+PyTorch network's own NTK. The result is an ordinary ntkit architecture: ``arch.kernel(x)`` gives
+the NNGP/NTK, ``arch.module(in_shape, width=...)`` builds the finite network with the same layer
+structure.
 
 Initialization (what the kernel assumes about the weights). The NNGP depends only on the weight
 and bias *variances*, so the defaults reproduce PyTorch's default initialization
@@ -11,11 +17,13 @@ and bias *variances*, so the defaults reproduce PyTorch's default initialization
 ``1 / (3 fan_in)``; bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, variance ``1 / (3 fan_in)``):
 
 * ``W_std = 1/sqrt(3)`` for every Linear/Conv (weight variance ``W_std^2 / fan_in``);
-* bias: ``b_std = 1/sqrt(3 fan_in)`` for the *first* linear map, whose ``fan_in`` (input
-  features, or ``in_channels * kernel area``) is fixed; ``b_std = 0`` for the later ones, whose
-  ``fan_in`` grows with the hidden width, so PyTorch's bias variance ``1/(3 fan_in)`` vanishes in
-  the limit. No single ``b_std`` reproduces PyTorch's bias at every finite width; pass ``b_std``
-  to choose one for all layers with a bias (layers without a bias keep none).
+* bias, ``'standard'`` (default): ``b_std = 1/sqrt(3 fan_in)`` for every Linear/Conv with a bias,
+  at that module's own ``fan_in`` (``in_features``, or ``in_channels * kernel area``): exact
+  PyTorch variances. ``'ntk'``: the same for the *first* linear map, whose ``fan_in`` is fixed,
+  and ``b_std = 0`` for the later ones, whose ``fan_in`` grows with the hidden width, so
+  PyTorch's bias variance ``1/(3 fan_in)`` vanishes in the limit. Pass ``b_std`` to choose one
+  value for all layers with a bias (layers without a bias keep none). ``arch.module(width=...)``
+  at another width keeps these ``b_std`` values (they are not rescaled to the new ``fan_in``).
 
 The kernels are those of *Gaussian* weights with these variances. Hidden layers of a
 uniformly initialized network converge to the same limit (their pre-activations are sums over a
@@ -26,12 +34,15 @@ channels). Re-draw weights as ``normal_(0, std)`` with the same ``std`` to match
 
 Parameterization (what the NTK assumes about training):
 
-* ``'ntk'`` (default): ``W = W_std / sqrt(fan_in) * w``, ``w ~ N(0, 1)``; the NTK has a finite
-  limit. Its value is that of the PyTorch network trained with per-layer learning rates
-  ``lr / fan_in`` on the weights (and ``lr * b_std^2`` on biases).
-* ``'standard'``: PyTorch's own parameterization; the NTK grows with the widths and ntkit
-  evaluates it at the module's actual widths (``n * E[...]`` terms, see ``Dense``), while the
-  NNGP is the infinite-width one.
+* ``'standard'`` (default): PyTorch's own parameterization; the NTK grows with the widths and
+  ntkit evaluates it at the module's actual widths (``n * E[...]`` terms, see ``Dense``), so it
+  is the expected empirical NTK of this very network; the NNGP is the infinite-width one (the
+  expected NNGP up to O(1/width)).
+* ``'ntk'``: ``W = W_std / sqrt(fan_in) * w``, ``w ~ N(0, 1)``; the NTK has a finite
+  infinite-width limit, which this gives. Its value is that of the PyTorch network trained with
+  per-layer learning rates ``lr / fan_in`` on the weights (and ``lr * b_std^2`` on biases).
+  Use it for width-independent kernels (e.g. ``arch.features``, which supports only this
+  parameterization). Earlier ntkit versions made it the default.
 
 LayerNorm affine parameters (``elementwise_affine=True``, initialized to ``gamma=1, beta=0``)
 leave the NNGP unchanged and add ``nngp + 1`` (``gamma`` and ``beta`` gradients, per unit) to the
@@ -55,8 +66,10 @@ Example::
 
     >>> net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
     ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    >>> arch = ntkit.from_torch(net)
+    >>> arch = ntkit.from_torch(net)       # the kernel of this net: 64 channels, PyTorch init
     >>> k = arch.kernel(torch.randn(8, 3, 16, 16), get='ntk')      # (8, 8)
+    >>> k_inf = ntkit.from_torch(net, parameterization='ntk').kernel(
+    ...     torch.randn(8, 3, 16, 16), get='ntk')                  # infinite-width NTK limit
 """
 from __future__ import annotations
 
@@ -291,18 +304,22 @@ def _conv(m, path, state, W_std, b_std, param) -> Conv:
     ks = _sizes(m.kernel_size, nd)
     fan_in = m.in_channels * math.prod(ks)
     return Conv(int(m.out_channels), ks, strides=_sizes(m.stride, nd), padding=padding,
-                W_std=W_std, b_std=_bias_std(m, state, fan_in, b_std),
+                W_std=W_std, b_std=_bias_std(m, state, fan_in, b_std, param),
                 parameterization=param, padding_mode=mode)
 
 
-def _bias_std(m, state, fan_in: int, b_std: Optional[float]) -> Optional[float]:
+def _bias_std(m, state, fan_in: int, b_std: Optional[float],
+              param: str) -> Optional[float]:
+    """PyTorch's default bias std ``1/sqrt(3 fan_in)`` at the module's own ``fan_in`` ('standard':
+    the network as given), or its infinite-width limit ('ntk': kept for the first linear map,
+    whose ``fan_in`` is fixed, 0 after); an explicit ``b_std`` applies to every bias."""
     first = not state["seen_linear"]
     state["seen_linear"] = True
     if m.bias is None:
         return None
     if b_std is not None:
         return float(b_std)
-    return 1.0 / math.sqrt(3.0 * fan_in) if first else 0.0
+    return 1.0 / math.sqrt(3.0 * fan_in) if (first or param == "standard") else 0.0
 
 
 def _avgpool(m, path, state) -> AvgPool:
@@ -328,20 +345,24 @@ _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPo
               nn.SiLU, nn.Mish, nn.Softsign, nn.SELU, nn.ELU, nn.CELU, nn.Softplus, nn.Hardtanh)
 
 
-def from_torch(module: nn.Module, *, parameterization: str = "ntk",
+def from_torch(module: nn.Module, *, parameterization: str = "standard",
                W_std: Optional[float] = None, b_std: Optional[float] = None) -> Layer:
-    """The infinite-width architecture of ``module`` (an ``nn.Sequential``, possibly nested).
+    """The analytic kernel of ``module`` (an ``nn.Sequential``, possibly nested).
 
     Args:
       module: ``nn.Sequential`` of supported layers (see the module docstring), or one such
         layer. Its parameter *values* are ignored: the kernel is that of the random
         initialization (``W_std``, ``b_std``), i.e. of the architecture.
-      parameterization: ``'ntk'`` (finite NTK limit, default) or ``'standard'`` (PyTorch's;
-        NTK evaluated at the module's own widths).
+      parameterization: ``'standard'`` (default): PyTorch's parameterization at the module's
+        own widths, so ``kernel(x, get='ntk')`` is the expectation of this network's empirical
+        NTK at PyTorch's default init (the two differ by O(width^-1/2) relative for one draw).
+        ``'ntk'``: the NTK-parameterization infinite-width limit (hidden widths -> infinity;
+        its NTK is about ``width`` times smaller than the PyTorch network's).
       W_std: weight standard deviation (``Var(W) = W_std^2 / fan_in``) of every Linear/Conv;
         default ``1/sqrt(3)``, PyTorch's default initialization.
       b_std: bias standard deviation of every Linear/Conv that has a bias; default PyTorch's
-        ``1/sqrt(3 fan_in)`` for the first linear map and 0 (its infinite-width limit) after.
+        ``1/sqrt(3 fan_in)`` at each module's own ``fan_in`` (``'standard'``), or for the first
+        linear map only and 0 (its infinite-width limit) after (``'ntk'``).
 
     Returns:
       An ntkit :class:`~ntkit.layers.Layer`: a ``serial`` of the converted layers that also
@@ -403,7 +424,8 @@ def from_torch(module: nn.Module, *, parameterization: str = "ntk",
                                       "nn.Flatten() (or global pooling) before it")
             state["flat"] = True
             layers.append(Dense(int(m.out_features), W_std,
-                                _bias_std(m, state, int(m.in_features), b_std),
+                                _bias_std(m, state, int(m.in_features), b_std,
+                                          parameterization),
                                 parameterization))
         elif t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             layers.append(_conv(m, path, state, W_std, b_std, parameterization))

@@ -1,0 +1,237 @@
+"""The CNTK table of Arora et al. (2019) on CIFAR-10, on this hardware: random CNTK features on
+the full split, exact CNTKs on subsets, and the finite CNNs trained by SGD.
+
+Rows (``--rows``, comma-separated; each architecture at every depth in ``--depths``):
+
+* ``gap-features``: CNTK-GAP, ``depth x [Conv3x3 SAME + ReLU] + GlobalAvgPool + Dense`` random
+  NTK features (:func:`ntkit.features.features`, width ``--dim``) on ``--n-train`` training images
+  (default: all 50,000) and the 10,000 test images; primal ridge regression on one-hot targets,
+  the ridge chosen on a held-out 10% of the training set, then refit on all of it.
+* ``v-features``: CNTK-V (Flatten instead of GAP), features compressed to ``--v-out-dim``
+  columns by an unbiased CountSketch.
+* ``v-exact``: exact CNTK-V (``arch.kernel``, float32) on ``--exact-n`` training images (kernel
+  regression, ridge on a held-out 20%), tested on ``--exact-test`` test images.
+* ``gap-exact-small``: exact CNTK-GAP on ``--small-n`` images downsampled to 16x16, next to the
+  feature version of the same network on the same images (``gap-features-small``).
+* ``cnn-gap`` / ``cnn-v``: the finite networks of the same architectures (width ``--cnn-width``,
+  NTK parameterization, no batch-norm or augmentation), SGD with momentum on cross-entropy for
+  ``--cnn-epochs`` epochs on ``--cnn-n`` training images.
+
+Each row prints (and appends to OUT.csv): accuracy, seconds, peak RSS, feature dimension,
+training size, and the published number it corresponds to (Arora et al. 2019, full data).
+Inputs: per-channel standardized with training statistics. The data are the shared JPEG-derived
+copy (accuracy may differ from the original PNG data by about a point).
+
+Usage::
+
+    python bench/bench_cifar.py ../shared/data/cifar10/cifar10_jpeg_q75.npz cifar.csv
+    python bench/bench_cifar.py DATA OUT.csv --quick        # minutes: small sizes, every row
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ntkit import features as nf
+from ntkit import layers as nl
+
+PUBLISHED = {("CNTK-V", 3): 64.47, ("CNTK-V", 4): 65.52, ("CNTK-V", 6): 66.03,
+             ("CNTK-V", 11): 65.90, ("CNTK-GAP", 3): 70.47, ("CNTK-GAP", 4): 75.93,
+             ("CNTK-GAP", 6): 76.73, ("CNTK-GAP", 11): 77.43, ("CNN-V", 3): 59.97,
+             ("CNN-V", 4): 60.20, ("CNN-V", 6): 64.11, ("CNN-GAP", 3): 63.81,
+             ("CNN-GAP", 4): 80.93, ("CNN-GAP", 6): 83.75}
+
+
+def arch(depth: int, top: str, width: int = 64):
+    layers = []
+    for _ in range(depth):
+        layers += [nl.Conv(width, 3, padding="SAME", W_std=2 ** 0.5), nl.Relu()]
+    return nl.serial(*layers, nl.GlobalAvgPool() if top == "gap" else nl.Flatten(),
+                     nl.Dense(10))
+
+
+def load(path: str, seed: int = 0):
+    d = np.load(path)
+    xtr, ytr, xte, yte = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    rng = np.random.default_rng(seed)          # the file is class-major: shuffle explicitly
+    ptr, pte = rng.permutation(len(xtr)), rng.permutation(len(xte))
+    xtr, ytr, xte, yte = xtr[ptr], ytr[ptr], xte[pte], yte[pte]
+    x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255)
+    xtr, xte = x(xtr), x(xte)
+    mean, std = xtr.mean((0, 2, 3), keepdim=True), xtr.std((0, 2, 3), keepdim=True)
+    return ((xtr - mean) / std, torch.from_numpy(ytr.astype(np.int64)),
+            (xte - mean) / std, torch.from_numpy(yte.astype(np.int64)))
+
+
+def onehot(y):
+    return torch.nn.functional.one_hot(y, 10).double() - 0.1
+
+
+def acc(pred, y):
+    return float((pred.argmax(1).cpu() == y).double().mean()) * 100
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk):
+    t0 = time.time()
+    phi = nf.features(a, torch.cat([xtr, xte]), dim, get="ntk", seed=seed, out_dim=out_dim,
+                      progress=True, chunk=chunk)
+    t_feat = time.time() - t0
+    ptr, pte = phi[:len(xtr)], phi[len(xtr):]
+    nv = max(len(xtr) // 10, 1)
+    sel = nf.ridge(ptr[nv:], onehot(ytr[nv:]), phi_val=ptr[:nv], y_val=onehot(ytr[:nv]),
+                   score="accuracy")
+    rel = sel.ridge / float((ptr[nv:].double() ** 2).sum(1).mean())   # ridge per unit trace
+    fit = nf.ridge(ptr, onehot(ytr), rel * float((ptr.double() ** 2).sum(1).mean()),
+                   relative=False)
+    return dict(accuracy=acc(fit.predict(pte), yte), seconds=time.time() - t0,
+                feature_seconds=t_feat, feature_dim=phi.shape[1], ridge_rel=rel,
+                val_accuracy=max(sel.scores.values()) * 100)
+
+
+def exact_row(a, xtr, ytr, xte, yte):
+    t0 = time.time()
+    k = a.kernel(xtr, get="ntk", dtype=torch.float32, progress=True).double()
+    kt = a.kernel(xte, xtr, get="ntk", dtype=torch.float32, progress=True).double()
+    t_kernel = time.time() - t0
+    nv = max(len(xtr) // 5, 1)
+    kk, kv = k[nv:, nv:], k[:nv, nv:]
+    scale = float(torch.diagonal(kk).mean())
+    lam, vec = torch.linalg.eigh(kk)
+    best, best_acc = None, -1.0
+    yo = onehot(ytr[nv:])
+    for r in [10.0 ** e for e in range(-6, 1)]:
+        alpha = vec @ ((vec.T @ yo) / (lam + r * scale)[:, None])
+        a_ = acc(kv @ alpha, ytr[:nv])
+        if a_ > best_acc:
+            best, best_acc = r, a_
+    scale = float(torch.diagonal(k).mean())
+    alpha = torch.linalg.solve(k + best * scale * torch.eye(len(k), dtype=k.dtype), onehot(ytr))
+    return dict(accuracy=acc(kt @ alpha, yte), seconds=time.time() - t0,
+                kernel_seconds=t_kernel, ridge_rel=best, val_accuracy=best_acc, feature_dim="")
+
+
+def cnn_row(a, xtr, ytr, xte, yte, width, epochs, seed, lr):
+    torch.manual_seed(seed)
+    net = a.module(tuple(xtr.shape[1:]), width=width, seed=seed, dtype=torch.float32)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(xtr) + 127) // 128))
+    t0 = time.time()
+    from tqdm.auto import tqdm
+    for ep in tqdm(range(epochs), desc="cnn epochs"):
+        perm = torch.randperm(len(xtr))
+        for s in range(0, len(xtr), 128):
+            idx = perm[s:s + 128]
+            loss = torch.nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"SGD diverged at epoch {ep}; lower the learning rate")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = torch.cat([net(xte[s:s + 500]) for s in range(0, len(xte), 500)])
+    return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_dim="",
+                width=width, epochs=epochs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data")
+    p.add_argument("out")
+    p.add_argument("--rows", default="gap-features,v-features,v-exact,gap-exact-small,cnn-gap,"
+                                      "cnn-v")
+    p.add_argument("--depths", default="3,6")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--v-out-dim", type=int, default=4096)
+    p.add_argument("--n-train", type=int, default=50000)
+    p.add_argument("--n-test", type=int, default=10000)
+    p.add_argument("--exact-n", type=int, default=2000)
+    p.add_argument("--exact-test", type=int, default=2000)
+    p.add_argument("--small-n", type=int, default=400)
+    p.add_argument("--small-dim", type=int, default=512,
+                   help="feature width for the small-subset comparison with the exact kernel")
+    p.add_argument("--cnn-n", type=int, default=5000)
+    p.add_argument("--cnn-width", type=int, default=64)
+    p.add_argument("--cnn-epochs", type=int, default=10)
+    p.add_argument("--cnn-lr", type=float, default=1.0,
+                   help="SGD step on the NTK-parameterized weights (~ lr * W_std^2 / fan_in "
+                        "in standard parameterization)")
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_test, args.exact_n, args.exact_test = 2000, 1000, 300, 300
+        args.small_n, args.cnn_n, args.cnn_epochs, args.dim = 100, 1000, 2, 32
+        args.small_dim = 64
+    depths = [int(d) for d in args.depths.split(",")]
+    rows = args.rows.split(",")
+    xtr, ytr, xte, yte = load(args.data, args.seed)
+    xtr, ytr = xtr[:args.n_train], ytr[:args.n_train]
+    xte, yte = xte[:args.n_test], yte[:args.n_test]
+    load1 = os.getloadavg()[0]
+    new = not os.path.exists(args.out)
+    f = open(args.out, "a", newline="")
+    cols = ["row", "method", "depth", "n_train", "n_test", "accuracy", "published", "seconds",
+            "peak_rss_gb", "feature_dim", "detail"]
+    w = csv.DictWriter(f, fieldnames=cols)
+    if new:
+        w.writeheader()
+
+    def emit(row, method, depth, ntr, nte, res):
+        pub = PUBLISHED.get((method, depth), "")
+        out = dict(row=row, method=method, depth=depth, n_train=ntr, n_test=nte,
+                   accuracy=round(res.pop("accuracy"), 2), published=pub,
+                   seconds=round(res.pop("seconds"), 1), peak_rss_gb=round(peak_rss_gb(), 2),
+                   feature_dim=res.pop("feature_dim", ""),
+                   detail=json.dumps(dict(res, load_avg=load1, threads=torch.get_num_threads(),
+                                          dim=args.dim)))
+        w.writerow(out)
+        f.flush()
+        print(json.dumps(out), flush=True)
+
+    for d in depths:
+        if "gap-features" in rows:
+            emit("gap-features", "CNTK-GAP", d, len(xtr), len(xte),
+                 features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, None, args.seed,
+                              args.chunk))
+        if "v-features" in rows:
+            emit("v-features", "CNTK-V", d, len(xtr), len(xte),
+                 features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.dim, args.v_out_dim,
+                              args.seed, args.chunk))
+        if "v-exact" in rows:
+            n, m = args.exact_n, args.exact_test
+            emit("v-exact", "CNTK-V", d, n, m,
+                 exact_row(arch(d, "flatten"), xtr[:n], ytr[:n], xte[:m], yte[:m]))
+        if "gap-exact-small" in rows:
+            n, m = args.small_n, max(args.small_n // 2, 1)
+            down = lambda t: torch.nn.functional.avg_pool2d(t, 2)
+            a = arch(d, "gap")
+            emit("gap-exact-small(16x16)", "CNTK-GAP", d, n, m,
+                 exact_row(a, down(xtr[:n]), ytr[:n], down(xte[:m]), yte[:m]))
+            emit("gap-features-small(16x16)", "CNTK-GAP", d, n, m,
+                 features_row(a, down(xtr[:n]), ytr[:n], down(xte[:m]), yte[:m],
+                              args.small_dim, None, args.seed, args.chunk))
+        for top, name in (("gap", "cnn-gap"), ("flatten", "cnn-v")):
+            if name in rows:
+                n = args.cnn_n
+                emit(name, "CNN-GAP" if top == "gap" else "CNN-V", d, n, len(xte),
+                     cnn_row(arch(d, top), xtr[:n], ytr[:n], xte, yte, args.cnn_width,
+                             args.cnn_epochs, args.seed, args.cnn_lr))
+    f.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
