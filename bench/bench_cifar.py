@@ -154,6 +154,8 @@ def main(argv=None):
                                       "cnn-v")
     p.add_argument("--depths", default="3,6")
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--v-dim", type=int, default=None,
+                   help="feature width for CNTK-V (default: --dim)")
     p.add_argument("--v-out-dim", type=int, default=4096)
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=10000)
@@ -209,8 +211,8 @@ def main(argv=None):
                               args.chunk))
         if "v-features" in rows:
             emit("v-features", "CNTK-V", d, len(xtr), len(xte),
-                 features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.dim, args.v_out_dim,
-                              args.seed, args.chunk))
+                 features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,
+                              args.v_out_dim, args.seed, args.chunk))
         if "v-exact" in rows:
             n, m = args.exact_n, args.exact_test
             emit("v-exact", "CNTK-V", d, n, m,

@@ -410,3 +410,16 @@ def test_unknown_command_exits_2(capsys):
         main(["bogus"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_every_subcommand_help_imports_no_torch():
+    """``ntkit COMMAND --help`` for every command stays fast: no torch import (numpy is allowed
+    for the commands that parse arrays)."""
+    names = [n for n, _, _ in cli.COMMANDS]
+    code = ("import sys\nfrom ntkit.cli import main\n"
+            f"for name in {names!r}:\n"
+            "    try:\n        main([name, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"

@@ -22,12 +22,32 @@ Example::
     >>> kt = ntkit.compute_kernel(arch, x_test, x_train, get='ntk', store='kt.zarr')
     >>> pred = kt['ntk'].matmul(alpha)                                  # (m, k)
 """
-from ._compute import compute_kernel
-from ._store import (KernelStore, StoreStatus, TiledMatrix, VerifyReport, open_store, verify_store,
-                     StoreDamagedError, StoreBusyError, StoreIncompleteError)
-from ._solve import solve, SolveInfo
-from ._cluster import local_cluster
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> private module (imported on first use: `ntkit kernel --help` stays fast)
+_EXPORTS = {
+    "compute_kernel": "_compute", "KernelStore": "_store", "TiledMatrix": "_store",
+    "StoreStatus": "_store", "open_store": "_store", "verify_store": "_store",
+    "VerifyReport": "_store", "StoreDamagedError": "_store", "StoreBusyError": "_store",
+    "StoreIncompleteError": "_store", "solve": "_solve", "SolveInfo": "_solve",
+    "local_cluster": "_cluster",
+}
 
 __all__ = ["compute_kernel", "KernelStore", "TiledMatrix", "StoreStatus", "open_store", "solve",
            "SolveInfo", "local_cluster", "verify_store", "VerifyReport", "StoreDamagedError",
            "StoreBusyError", "StoreIncompleteError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(__all__) | set(globals()))

@@ -18,7 +18,6 @@ import math
 import os
 
 import numpy as np
-import torch
 
 __all__ = ["register", "run_kernel", "run_solve"]
 
@@ -233,6 +232,7 @@ def run_kernel(args: argparse.Namespace) -> int:
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise ValueError(f"--x2 per-example shape {x2.shape[1:]} does not match DATA "
                          f"{x1.shape[1:]}")
+    import torch
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     if args.store is None:
         k = arch.kernel(x1, x2, get=keys, dtype=dtype, memory_budget=budget,
