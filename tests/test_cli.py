@@ -272,3 +272,98 @@ def test_kernel_mismatched_store_and_incomplete_solve(tmp_path, capsys):
     KernelStore(store, mode="r+")._done_arr[1, 2] = 0
     assert main(["solve", "--store", store, "--y", str(tmp_path / "y.npy"), "--no-progress"]) == 2
     assert "incomplete" in one_error_line(capsys, "solve")
+
+
+# ------------------------------------------------------------------ lazy: conv nets, run.json
+CONV_TEXT = "Conv(16, 3, padding='SAME'), Relu(), GlobalAvgPool(), Dense(1)"
+
+
+def _sha256(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_lazy_conv_on_image_data_records_arch_and_data(tmp_path, capsys):
+    import json
+    import ntkit
+    from ntkit.layers import parse_arch
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", g.normal(size=(6, 3, 4, 4)))
+    np.save(tmp_path / "y.npy", g.normal(size=6))
+    out = tmp_path / "o"
+    rc = main(["lazy", "--arch", CONV_TEXT, "--widths", "8,16", "--seeds", "0", "--steps", "2",
+               "--alphas", "1,4", "--hessian-steps", "4", "--data", str(tmp_path / "x.npy"),
+               "--targets", str(tmp_path / "y.npy"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert str(out / "run.json") in capsys.readouterr().out
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["ntkit_version"] == ntkit.__version__
+    assert rec["arch"]["text"] == CONV_TEXT
+    assert rec["arch"]["parsed"] == repr(parse_arch(CONV_TEXT)) and "Conv(" in rec["arch"]["parsed"]
+    d = rec["data"]
+    assert d["source"] == "file" and d["path"] == str(tmp_path / "x.npy")
+    assert d["sha256"] == _sha256(tmp_path / "x.npy") and d["x_shape"] == [6, 3, 4, 4]
+    assert d["targets"]["sha256"] == _sha256(tmp_path / "y.npy")
+    assert d["targets"]["shape"] == [6, 1]
+    assert rec["input_shape"] == [3, 4, 4] and rec["output_shape"] == [1]
+    assert (rec["widths"], rec["seeds"], rec["steps"], rec["lr"]) == ([8, 16], [0], 2, "auto")
+    assert rec["alphas"] == [1.0, 4.0] and rec["alpha_width"] == 16
+    # the width reached the conv layer: 3x3 filters 3 -> w channels, readout w -> 1, no biases
+    runs = rec["runs"]["width"]
+    assert [(r["width"], r["n_params"]) for r in runs] == [(w, 27 * w + w) for w in (8, 16)]
+    assert all(r["learning_rate"] > 0 for r in runs + rec["runs"]["alpha"])
+    rows = list(csv.DictReader(open(out / "width_sweep.csv")))
+    assert [int(r["width"]) for r in rows] == [8, 16]
+    assert all(float(r["kappa"]) > 0 and float(r["rel_weight_change"]) > 0 for r in rows)
+    assert (out / "alpha_sweep.csv").exists()
+    summary = (out / "summary.txt").read_text()
+    assert CONV_TEXT in summary and d["sha256"] in summary and "(3, 4, 4)" in summary
+
+
+@pytest.mark.parametrize("arch, extra, shape, note", [
+    (CONV_TEXT, [], [3, 8, 8], True),                                      # default, said so
+    ("Conv(8, 3), Relu(), Flatten(), Dense(1)", ["--image-shape", "2,5"], [2, 5], False),
+])
+def test_lazy_conv_on_synthetic_images(tmp_path, capsys, arch, extra, shape, note):
+    import json
+    out = tmp_path / "o"
+    rc = main(["lazy", "--arch", arch, "--widths", "4,8", "--seeds", "3", "--steps", "0",
+               "--n", "4", "--hessian-steps", "2", "--out", str(out), "--no-progress"] + extra)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert ("--image-shape" in text.splitlines()[1]) == note
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["data"]["source"] == "synthetic" and rec["data"]["kind"] == "images"
+    assert rec["data"]["x_shape"] == [4] + shape and rec["data"]["seed"] == 0
+    assert rec["input_shape"] == shape and rec["seeds"] == [3] and rec["steps"] == 0
+    assert "synthetic images" in (out / "summary.txt").read_text()
+
+
+def test_lazy_fully_connected_still_runs_and_records(tmp_path, capsys):
+    import json
+    g = np.random.default_rng(1)
+    np.save(tmp_path / "x.npy", g.normal(size=(6, 3)))
+    np.save(tmp_path / "y.npy", g.normal(size=(6, 1)))
+    text = "Dense(16), Erf(), Dense(1)"
+    rc = main(["lazy", "--arch", text, "--widths", "8,16", "--seeds", "0,1", "--steps", "2",
+               "--lr", "0.05", "--hessian-steps", "4", "--data", str(tmp_path / "x.npy"),
+               "--targets", str(tmp_path / "y.npy"), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    assert rc == 0
+    capsys.readouterr()
+    rec = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert rec["arch"]["text"] == text and rec["input_shape"] == [3]
+    assert rec["data"]["sha256"] == _sha256(tmp_path / "x.npy")
+    assert rec["lr"] == 0.05 and rec["seeds"] == [0, 1] and rec["alphas"] is None
+    runs = rec["runs"]["width"]
+    # 3 -> w -> 1 without biases; the fixed --lr is the one every run used
+    assert [(r["width"], r["seed"], r["n_params"]) for r in runs] == [
+        (w, s, 3 * w + w) for w in (8, 16) for s in (0, 1)]
+    assert all(r["learning_rate"] == 0.05 for r in runs)
+    # synthetic points: recorded as such
+    assert main(["lazy", "--widths", "4,8", "--seeds", "0", "--steps", "0", "--n", "4",
+                 "--dim", "2", "--hessian-steps", "2", "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    rec = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert rec["data"]["kind"] == "points" and rec["data"]["x_shape"] == [4, 2]

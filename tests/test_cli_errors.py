@@ -423,3 +423,31 @@ def test_every_subcommand_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+# ------------------------------------------------------------- lazy: architecture vs data shape
+CONV = "Conv(4, 3, padding='SAME'), Relu(), GlobalAvgPool(), Dense(1)"
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--arch", CONV, "--data", "x.npy", "--targets", "y.npy"],            # (n, d) for a Conv
+     ["--arch", "--data", "images", "start --arch with Dense"]),
+    (["--arch", "Dense(4), Relu(), Dense(1)", "--data", "img.npy", "--targets", "y.npy"],
+     ["--arch", "--data", "(1, 2, 2)", "Flatten()"]),                      # spatial output
+    (["--arch", "Conv(4, 3), Relu(), GlobalAvgPool(), Dense(1)", "--data", "img.npy",
+      "--targets", "y.npy"], ["--arch", "--data", "padding='SAME'"]),      # filter > image
+    (["--arch", "Conv(4, (3, 3)), Relu(), Flatten(), Dense(1)", "--data", "seq.npy",
+      "--targets", "y.npy"], ["--arch", "--data", "1 spatial dimension"]),  # 2-D filter, 1-D data
+    (["--arch", CONV, "--dim", "3"], ["--dim", "Conv", "--image-shape"]),
+    (["--arch", "Dense(4), Relu(), Dense(1)", "--image-shape", "2,5"],
+     ["--arch", "--image-shape", "Flatten()"]),
+    (["--arch", CONV, "--image-shape", "3,4,4", "--data", "img.npy", "--targets", "y.npy"],
+     ["--image-shape", "--data"]),
+    (["--arch", CONV, "--image-shape", "3"], ["--image-shape", "C,H,W"]),
+    (["--arch", CONV, "--image-shape", "3,0,4"], ["--image-shape", ">= 1"]),
+])
+def test_lazy_arch_must_fit_data_shape(d, capsys, extra, needles):
+    g = np.random.default_rng(2)
+    np.save(d / "img.npy", g.normal(size=(6, 3, 2, 2)))
+    np.save(d / "seq.npy", g.normal(size=(6, 2, 5)))
+    user_error(capsys, LAZY + extra, *needles, cwd=d)
