@@ -11,9 +11,10 @@ Vocabulary follows neural-tangents' stax::
 """
 from ._base import Layer
 from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, Gelu,
-                          LeakyRelu, Monomial, Rbf, RectifiedMonomial, Relu, Sigmoid_like, Sign,
-                          Sin)
-from .combinators import FanInConcat, FanInSum, FanOut, Identity, parallel, serial
+                          Hermite, LeakyRelu, Monomial, Polynomial, Rbf, RectifiedMonomial, Relu,
+                          Sigmoid_like, Sign, Sin)
+from .combinators import (FanInConcat, FanInProd, FanInSum, FanOut, Identity, parallel, repeat,
+                          serial)
 from .conv import Conv
 from .dense import Dense
 from .normalization import LayerNorm
@@ -22,10 +23,11 @@ from ._parse import parse_arch
 from ._from_torch import from_torch
 
 __all__ = [
-    "Layer", "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "Identity",
+    "Layer", "serial", "parallel", "repeat", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
+    "Identity",
     "Dense", "LayerNorm", "Conv", "AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool",
     "Flatten",
     "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
-    "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Elementwise",
-    "Activation", "parse_arch", "from_torch",
+    "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Polynomial", "Hermite",
+    "Elementwise", "Activation", "parse_arch", "from_torch",
 ]

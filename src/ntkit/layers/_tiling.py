@@ -237,10 +237,11 @@ def _is_fully_connected(layer) -> bool:
         from .activations import Activation
         from .combinators import FanInConcat, FanInSum, FanOut, Identity
         from .dense import Dense
-        from .normalization import LayerNorm
+        from .combinators import FanInProd
+        from .normalization import LayerNorm, LayerNormAxes
         from ._from_torch import PerUnitAffine
-        _FC_TYPES = (Activation, Dense, LayerNorm, Identity, FanOut, FanInSum, FanInConcat,
-                     PerUnitAffine)
+        _FC_TYPES = (Activation, Dense, LayerNorm, LayerNormAxes, Identity, FanOut, FanInSum,
+                     FanInConcat, FanInProd, PerUnitAffine)
     sub = getattr(layer, "layers", None)
     if isinstance(sub, tuple):
         return all(_is_fully_connected(l) for l in sub)

@@ -35,8 +35,8 @@ from ._base import BuildContext, Layer, frozen_layer
 from ._ops import apply_elementwise, normalized_cross, safe_sqrt
 
 __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
-           "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Elementwise",
-           "Activation"]
+           "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Polynomial",
+           "Hermite", "Elementwise", "Activation"]
 
 Tensor = torch.Tensor
 _PI = math.pi
@@ -576,9 +576,23 @@ class Elementwise(Activation):
     variance 4.4: ~1e-7 absolute; error falls geometrically in ``deg``). Kinks converge only
     algebraically: use the closed-form layers for ReLU-like functions. Cost ``2 deg^2`` function evaluations per kernel entry.
 
-    Example: ``serial(Dense(512), Elementwise(torch.tanh), Dense(1))``.
+    Closed form instead of quadrature (neural-tangents' ``Elementwise(fn, nngp_fn,
+    d_nngp_fn)``): ``nngp_fn(c, v1, v2) -> E[fn(u) fn(w)]`` for ``(u, w) ~ N(0, [[v1, c],
+    [c, v2]])``, elementwise in torch tensors (broadcasting). The NTK term
+    ``E[fn'(u) fn'(w)] = d nngp_fn / dc`` (Price's theorem) is ``d_nngp_fn(c, v1, v2)`` if given,
+    else autograd of ``nngp_fn`` w.r.t. ``c``. ``fn`` still defines the finite network. The
+    numbers are only as right as ``nngp_fn``: it is called once at construction on a small
+    probe (a wrong signature fails there), not checked against ``fn``.
+
+    Example: ``serial(Dense(512), Elementwise(torch.tanh), Dense(1))``, or with a closed form::
+
+        erf_nngp = lambda c, v1, v2: (2 / math.pi) * torch.asin(
+            2 * c / torch.sqrt((1 + 2 * v1) * (1 + 2 * v2)))
+        serial(Dense(512), Elementwise(torch.erf, erf_nngp), Dense(1))
     """
     fn_: Callable = None
+    nngp_fn: Optional[Callable] = None
+    d_nngp_fn: Optional[Callable] = None
     df: Optional[Callable] = None
     deg: int = 96
 
@@ -589,9 +603,37 @@ class Elementwise(Activation):
         if self.deg > 256:
             raise ValueError(f"`deg` must be <= 256 (Gauss-Hermite weights underflow beyond), "
                              f"got {self.deg}")
+        if self.d_nngp_fn is not None and self.nngp_fn is None:
+            raise ValueError("Elementwise: `d_nngp_fn` given without `nngp_fn`; pass both (or "
+                             "neither, for quadrature)")
+        for name in ("nngp_fn", "d_nngp_fn"):
+            if getattr(self, name) is not None:
+                self._probe(name)
+
+    def _probe(self, name):
+        f = getattr(self, name)
+        if not callable(f):
+            raise TypeError(f"Elementwise: `{name}` must be a callable (c, v1, v2) -> tensor, "
+                            f"got {f!r}")
+        t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        c, v1, v2 = t(0.3, -0.2), t(1.0, 0.5), t(0.5, 2.0)
+        try:
+            out = f(c, v1, v2)
+        except Exception as e:
+            raise TypeError(f"Elementwise: `{name}` must accept torch tensors (c, v1, v2) "
+                            f"(covariance, variance of u, variance of w) and return "
+                            f"E[...] elementwise; calling it on a probe failed: {e!r}. (A "
+                            f"derivative of fn goes in `df=`, by keyword.)") from e
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2,):
+            raise TypeError(f"Elementwise: `{name}(c, v1, v2)` must return a tensor of the "
+                            f"broadcast shape of its inputs (elementwise), got {out!r} for "
+                            f"inputs of shape (2,)")
 
     def __repr__(self):
         name = getattr(self.fn_, "__name__", type(self.fn_).__name__)
+        if self.nngp_fn is not None:
+            nf = getattr(self.nngp_fn, "__name__", type(self.nngp_fn).__name__)
+            return f"Elementwise({name}, nngp_fn={nf})"
         return f"Elementwise({name}, deg={self.deg})"
 
     def fn(self, x):
@@ -624,15 +666,179 @@ class Elementwise(Activation):
         return [o.reshape(shape) for o in outs]
 
     def dual(self, rho, v1, v2, need_dot):
+        if self.nngp_fn is not None:
+            return self._user_cross(_scale(rho, v1, v2), v1, v2, need_dot)
         df = self.df or _autograd_derivative(self.fn_)
         funcs = [self.fn_, df] if need_dot else [self.fn_]
         res = self._quad2(funcs, rho, v1, v2)
         return res[0], (res[1] if need_dot else None)
 
     def self_map(self, v):
+        if self.nngp_fn is not None:
+            return self._user_cross(v, v, v, True)
         x, w = self._nodes(v.dtype, min(4 * self.deg, 150))  # 1-D: cheap, use more nodes
         u = torch.sqrt(2 * v.clamp_min(0)).unsqueeze(-1) * x
         df = self.df or _autograd_derivative(self.fn_)
         e = (self.fn_(u) ** 2 * w).sum(-1) / math.sqrt(_PI)
         ed = (df(u) ** 2 * w).sum(-1) / math.sqrt(_PI)
         return e, ed
+
+    # -- closed-form NNGP supplied by the user (neural-tangents' Elementwise(fn, nngp_fn)) ----
+    def _user_cross(self, c, v1, v2, need_dot):
+        nngp = self.nngp_fn(c, v1, v2)
+        if not need_dot:
+            return nngp, None
+        if self.d_nngp_fn is not None:
+            return nngp, self.d_nngp_fn(c, v1, v2)
+        # Price's theorem: E[f'(u) f'(v)] = d E[f(u) f(v)] / dc
+        with torch.enable_grad():
+            cc = c.detach().clone().requires_grad_(True)
+            y = self.nngp_fn(cc, v1, v2)
+            (g,) = torch.autograd.grad(y.sum(), cc, allow_unused=True)
+        dot = torch.zeros_like(c) if g is None else g.detach()
+        return nngp, dot
+
+
+# ---------------------------------------------------------------------------------------------
+# Polynomials: exact dual maps through the Hermite expansion
+
+
+def _power_to_hermite(coef, s: Tensor):
+    """``sum_i coef[i] (s a)^i = sum_m A_m He_m(a)`` (``a`` standard normal): the list of
+    ``A_m`` tensors (shape of ``s``), from ``a^i = sum_k i! / (k! (i - 2k)! 2^k) He_{i-2k}``."""
+    deg = len(coef) - 1
+    A = [torch.zeros_like(s) for _ in range(deg + 1)]
+    for i, ci in enumerate(coef):
+        if ci == 0:
+            continue
+        si = s.pow(i) * ci
+        for k in range(i // 2 + 1):
+            m = i - 2 * k
+            A[m] = A[m] + si * (math.factorial(i) / (math.factorial(k) * math.factorial(m)
+                                                     * 2 ** k))
+    return A
+
+
+def _hermite_scaled(n: int, weight: float, s: Tensor):
+    """``weight He_n(s a) = sum_m A_m He_m(a)`` by the multiplication theorem
+    ``He_n(s a) = sum_k n! / (k! (n - 2k)!) s^(n-2k) ((s^2 - 1) / 2)^k He_{n-2k}(a)``: at
+    ``s = 1`` only ``k = 0`` survives (no cancellation)."""
+    A = [torch.zeros_like(s) for _ in range(max(n, 0) + 1)]
+    if n < 0:
+        return A
+    h = (s - 1) * (s + 1) / 2
+    for k in range(n // 2 + 1):
+        m = n - 2 * k
+        c = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(m + 1)) * weight
+        A[m] = A[m] + s.pow(m) * h.pow(k) * c
+    return A
+
+
+def _hermite_pair(A1, A2, rho: Tensor) -> Tensor:
+    """``sum_m m! A1_m A2_m rho^m`` (``E[He_m(a) He_n(b)] = delta_mn m! rho^m``), by Horner."""
+    out = None
+    for m in range(len(A1) - 1, -1, -1):
+        term = A1[m] * A2[m] * float(math.factorial(m))
+        out = term if out is None else out * rho + term
+    return out if out is not None else torch.zeros_like(rho)
+
+
+class _HermiteExpanded(Activation):
+    """Activations whose dual maps follow from the Hermite coefficients of ``phi(s a)`` and of
+    ``phi'(s a)`` (subclasses define ``_expand(s)`` and ``_expand_d(s)``)."""
+
+    def dual(self, rho, v1, v2, need_dot):
+        s1, s2 = v1.sqrt(), v2.sqrt()
+        nngp = _hermite_pair(self._expand(s1), self._expand(s2), rho)
+        nngp = nngp.expand(torch.broadcast_shapes(rho.shape, v1.shape, v2.shape)).clone()
+        dot = None
+        if need_dot:
+            dot = _hermite_pair(self._expand_d(s1), self._expand_d(s2), rho)
+            dot = dot.expand(nngp.shape).clone()
+        return nngp, dot
+
+    def self_map(self, v):
+        s = v.sqrt()
+        one = torch.ones_like(v)
+        A, D = self._expand(s), self._expand_d(s)
+        return _hermite_pair(A, A, one), _hermite_pair(D, D, one)
+
+
+@frozen_layer
+class Polynomial(_HermiteExpanded):
+    """``sum_i coef[i] x^i`` (neural-tangents' ``Polynomial(coef)``), exact dual maps.
+
+    With ``u = sqrt(v) a`` (``a`` standard normal), ``phi(u) = sum_m A_m(v) He_m(a)`` and
+    ``E[phi(u) phi(w)] = sum_m m! A_m(v1) A_m(v2) rho^m`` (the NTK term the same with
+    ``phi'``). Cost per kernel entry: ``~2 deg`` multiply-adds.
+
+    Example: ``serial(Dense(512), Polynomial((0.0, 1.0, 0.5)), Dense(1))`` for ``x + x^2 / 2``.
+    """
+    coef: tuple = (0.0, 1.0)
+
+    def __post_init__(self):
+        coef = self.coef
+        if isinstance(coef, (torch.Tensor, np.ndarray)):
+            coef = coef.tolist()
+        if isinstance(coef, (str, bytes)) or not hasattr(coef, "__iter__"):
+            raise TypeError(f"Polynomial: `coef` must be a sequence of real coefficients "
+                            f"(coef[i] multiplies x^i), got {self.coef!r}")
+        coef = tuple(check_real(c, f"coef[{i}]") for i, c in enumerate(coef))
+        if not coef:
+            raise ValueError("Polynomial: `coef` is empty; give at least one coefficient")
+        if len(coef) > 33:
+            raise ValueError(f"Polynomial: `coef` has degree {len(coef) - 1} > 32, not supported (the "
+                             f"moments E[x^2d] overflow and cancel); use a lower degree")
+        object.__setattr__(self, "coef", coef)
+
+    def fn(self, x):
+        out = torch.zeros_like(x)
+        for c in reversed(self.coef):
+            out = out * x + c
+        return out
+
+    def _expand(self, s):
+        return _power_to_hermite(self.coef, s)
+
+    def _expand_d(self, s):
+        d = tuple(i * c for i, c in enumerate(self.coef))[1:] or (0.0,)
+        return _power_to_hermite(d, s)
+
+
+@frozen_layer
+class Hermite(_HermiteExpanded):
+    """``He_n(x) / sqrt(n!)``, the probabilists' Hermite polynomial of ``degree`` n normalized to
+    unit norm under N(0, 1) (neural-tangents' ``Hermite(degree)``).
+
+    At unit pre-activation variances (e.g. after ``LayerNorm``) the maps are NT's:
+    ``nngp' = rho^n``, ``E[phi' phi'] = n rho^(n-1)``. NT assumes unit variance (and returns
+    ``c^n`` whatever the variances); here the maps are exact at any variance (multiplication
+    theorem for ``He_n(s a)``), so the two differ when the variances are not 1.
+    """
+    degree: int = 1
+
+    def __post_init__(self):
+        check_int(self.degree, "degree", minimum=0)
+        if self.degree > 60:
+            raise ValueError(f"Hermite: `degree` must be <= 60, got {self.degree}")
+
+    def _norm(self):
+        return math.exp(-0.5 * math.lgamma(self.degree + 1))
+
+    def fn(self, x):
+        n = self.degree
+        h0, h1 = torch.ones_like(x), x
+        if n == 0:
+            return h0
+        for k in range(1, n):
+            h0, h1 = h1, x * h1 - k * h0
+        return h1 * self._norm()
+
+    def _expand(self, s):
+        return _hermite_scaled(self.degree, self._norm(), s)
+
+    def _expand_d(self, s):
+        n = self.degree
+        if n == 0:
+            return [torch.zeros_like(s)]
+        return _hermite_scaled(n - 1, n * self._norm(), s)

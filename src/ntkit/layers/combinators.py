@@ -1,4 +1,5 @@
-"""Combinators: ``serial``, ``parallel``, ``FanOut``, ``FanInSum``, ``FanInConcat``, ``Identity``.
+"""Combinators: ``serial``, ``parallel``, ``FanOut``, ``FanInSum``, ``FanInConcat``, ``FanInProd``,
+``Identity``, ``repeat``.
 
 Same vocabulary as neural-tangents' stax. Branches carry tuples of kernels (and of tensors in the
 finite network). A residual block::
@@ -7,7 +8,9 @@ finite network). A residual block::
                    FanInSum())
 
 ``FanInSum`` adds the branch kernels: exact when the branches are independent given the input,
-as when at most one branch is parameter-free (residual blocks).
+as when at most one branch is parameter-free (residual blocks). ``FanInProd`` multiplies the
+branches elementwise: NNGPs multiply and the NTK follows the product rule, under the same
+independence condition.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from .._validation import check_int
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 
-__all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "Identity", "Serial",
-           "Parallel"]
+__all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Identity",
+           "repeat", "Serial", "Parallel"]
 
 
 def _check_layer(layer, where: str):
@@ -246,6 +249,77 @@ class FanInConcat(Layer):
 
     def build(self, in_shape, ctx, followed):
         return _FanInConcatModule(), self.out_shape(in_shape)
+
+
+class _FanInProdModule(nn.Module):
+    def forward(self, xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = out * x
+        return out
+
+
+def _prod_opt(ts):
+    out = ts[0].clone()
+    for t in ts[1:]:
+        out = out * t
+    return out
+
+
+@frozen_layer
+class FanInProd(Layer):
+    """Multiply the branches elementwise (neural-tangents' ``FanInProd``).
+
+    For independent branches ``f_i`` (given the input; e.g. each ends in its own Dense/Conv,
+    at most one is parameter-free): ``nngp = prod_i nngp_i`` (also per pixel pair), and by the
+    product rule ``ntk = sum_i ntk_i prod_{j != i} nngp_j``. The product is not Gaussian, so
+    an activation cannot follow directly (put a Dense/Conv in between). Shapes must be equal.
+
+    Example: ``serial(FanOut(2), parallel(Dense(512), Dense(512)), FanInProd(), Dense(1))``
+    (a quadratic network).
+    """
+
+    def kernel_map(self, ks):
+        ks = _need_branches(ks, "FanInProd")
+        shapes = {k.shape1 for k in ks}
+        if len(shapes) > 1:
+            raise ValueError(f"FanInProd needs branches of equal shape, got {sorted(shapes)}")
+        layouts = {(k.diagonal_spatial, k.nngp.shape) for k in ks}
+        if len(layouts) > 1:
+            raise ValueError("FanInProd branches have different kernel layouts")
+        k0 = ks[0]
+        nngp = _prod_opt([k.nngp for k in ks])
+        ntk = None
+        for i, ki in enumerate(ks):
+            if ki.ntk is None:  # zero NTK (a parameter-free branch of the inputs)
+                continue
+            term = _prod_opt([ki.ntk] + [k.nngp for j, k in enumerate(ks) if j != i])
+            ntk = term if ntk is None else ntk + term
+        cov1 = _prod_opt([k.cov1 for k in ks])
+        cov2 = None if k0.cov2 is None else _prod_opt([k.cov2 for k in ks])
+        if k0.cov2 is None:  # keep the batch diagonal exactly the self-covariance
+            nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
+        return k0.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+
+    def out_shape(self, in_shape):
+        if len({tuple(s) for s in in_shape}) > 1:
+            raise ValueError(f"FanInProd needs branches of equal shape, got {in_shape}")
+        return tuple(in_shape[0])
+
+    def build(self, in_shape, ctx, followed):
+        return _FanInProdModule(), self.out_shape(in_shape)
+
+
+def repeat(layer: Layer, n: int) -> Layer:
+    """``layer`` applied ``n`` times in sequence: ``serial(layer, ..., layer)`` (neural-
+    tangents' ``repeat``). Each copy has its own parameters in the finite network (as in
+    ``serial``); the kernel map is applied ``n`` times.
+
+    Example: ``repeat(serial(Dense(512), Relu()), 3)`` is a depth-3 ReLU MLP body.
+    """
+    _check_layer(layer, "repeat()")
+    n = check_int(n, "n")
+    return serial(*([layer] * n))
 
 
 @frozen_layer
