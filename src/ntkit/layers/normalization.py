@@ -156,28 +156,27 @@ class _LayerNormBase(Layer):
         return LayerNormModule(self.eps, dims), in_shape
 
 
-_LN_DOC = """Normalize each example: ``(x - mean) / sqrt(var + eps)``, mean and variance over ``axis``.
-
-    ``axis``: an axis or a tuple of axes of the batch ``(N, C, *spatial)`` (negative allowed);
-    it must include the channel axis ``1`` and not the batch axis ``0``. Default ``1``: each
-    pixel over its channels (NT's default ``axis=-1`` on NHWC). ``axis=(1, 2, 3)`` on images
-    ``(N, C, H, W)`` normalizes each example over all its features (NT's ``axis=(1, 2, 3)``).
-    ``eps`` as in ``torch.nn.LayerNorm`` (no affine parameters here). Pass ``axis`` by
-    keyword (the first positional argument is ``eps``).
-
-    Any ``axis`` other than the channel axis alone builds a :class:`LayerNormAxes` (same kernel
-    map and module; not a ``LayerNorm`` instance, so the random-feature path, whose LayerNorm
-    rule normalizes per pixel, refuses it instead of returning wrong features).
-
-    Example::
-
-        >>> arch = serial(Conv(64, 3), LayerNorm(axis=(1, 2, 3)), Relu(), Flatten(), Dense(1))
-    """
 
 
 @frozen_layer
 class LayerNorm(_LayerNormBase):
-    __doc__ = _LN_DOC
+    """Normalize each example: ``(x - mean) / sqrt(var + eps)``, mean and variance over ``axis``.
+
+        ``axis``: an axis or a tuple of axes of the batch ``(N, C, *spatial)`` (negative allowed);
+        it must include the channel axis ``1`` and not the batch axis ``0``. Default ``1``: each
+        pixel over its channels (NT's default ``axis=-1`` on NHWC). ``axis=(1, 2, 3)`` on images
+        ``(N, C, H, W)`` normalizes each example over all its features (NT's ``axis=(1, 2, 3)``).
+        ``eps`` as in ``torch.nn.LayerNorm`` (no affine parameters here). Pass ``axis`` by
+        keyword (the first positional argument is ``eps``).
+
+        Any ``axis`` other than the channel axis alone builds a :class:`LayerNormAxes` (same kernel
+        map and module; not a ``LayerNorm`` instance, so the random-feature path, whose LayerNorm
+        rule normalizes per pixel, refuses it instead of returning wrong features).
+
+        Example::
+
+            >>> arch = serial(Conv(64, 3), LayerNorm(axis=(1, 2, 3)), Relu(), Flatten(), Dense(1))
+        """
     eps: float = 1e-12
     axis: Union[int, Tuple[int, ...]] = 1
 

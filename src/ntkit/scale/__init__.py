@@ -25,7 +25,14 @@ Example::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:       # what type checkers and the API docs see; at run time: __getattr__
+    from ._cluster import local_cluster
+    from ._compute import compute_kernel
+    from ._solve import SolveInfo, solve
+    from ._store import (KernelStore, StoreBusyError, StoreDamagedError, StoreIncompleteError,
+                         StoreStatus, TiledMatrix, VerifyReport, open_store, verify_store)
 
 # public name -> private module (imported on first use: `ntkit kernel --help` stays fast)
 _EXPORTS = {
