@@ -26,7 +26,8 @@ import os
 import secrets
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["load_matrix", "parse_floats", "check_out_file", "write_atomic", "OutFolder"]
+__all__ = ["load_matrix", "parse_floats", "check_out_file", "write_atomic", "OutFolder",
+           "sha256_file"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -291,7 +292,7 @@ class OutFolder:
                 continue
             if os.path.islink(p) or not os.path.isfile(p):
                 clash.append(n)
-            elif not self.force and manifest.get(n) != _sha256(p):
+            elif not self.force and manifest.get(n) != sha256_file(p):
                 clash.append(n)
         if clash:
             raise ValueError(f"{self.flag} {self.path} already holds {', '.join(clash)}, not "
@@ -323,7 +324,7 @@ class OutFolder:
             manifest = self._manifest()
             for name, tmp in self._staged.items():
                 dest = os.path.join(self.full, name)
-                digest = _sha256(tmp)
+                digest = sha256_file(tmp)
                 _publish(tmp, dest, os.path.lexists(dest), self.flag)
                 manifest[name] = digest
                 written.append(os.path.join(self.path, name))
@@ -336,7 +337,8 @@ class OutFolder:
         return written
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -58,14 +57,6 @@ def _ints(text: str, name: str) -> List[int]:
 def _at_least(v, flag: str, minimum: int) -> None:
     if v is not None and v < minimum:
         raise ValueError(f"{flag} must be >= {minimum}, got {v}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_linear(arch):
@@ -118,7 +109,7 @@ def _load_xy(args, image_shape=None):
     """Inputs, targets, a one-line description and the record of the data for run.json."""
     import numpy as np
     import torch
-    from ._cli_io import load_matrix
+    from ._cli_io import load_matrix, sha256_file
     if args.data is None:
         if args.targets is not None:
             raise ValueError("--targets needs --data (the inputs the targets belong to)")
@@ -149,9 +140,9 @@ def _load_xy(args, image_shape=None):
         raise ValueError(f"--data must be (n, d) or (n, C, *spatial) images and --targets (n,) "
                          f"or (n, k) with the same n; got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
-    rec = dict(source="file", path=os.path.abspath(args.data), sha256=_sha256(args.data),
+    rec = dict(source="file", path=os.path.abspath(args.data), sha256=sha256_file(args.data),
                x_shape=list(x.shape),
-               targets=dict(path=os.path.abspath(args.targets), sha256=_sha256(args.targets),
+               targets=dict(path=os.path.abspath(args.targets), sha256=sha256_file(args.targets),
                             shape=list(y.shape)))
     return x, y, (f"{args.data}: {x.shape[0]} examples of shape {tuple(x.shape[1:])} "
                   f"(sha256 {rec['sha256'][:12]}...)"), rec
