@@ -207,3 +207,60 @@ def test_npz_round_trip_and_errors(tmp_path):
              x_test=arrs["x_test"], y_test=arrs["y_test"])
     with pytest.raises(ValueError, match="4 inputs but 3 labels"):
         data.load_npz_dataset(tmp_path / "mis.npz")
+
+
+# ---- CIFAR-10 official formats ----------------------------------------------------------
+
+def _cifar_batches(rng, n):
+    x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)     # channel planes, as stored
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    return x, y
+
+
+def _write_cifar(folder, fmt, rng):
+    import pickle
+    import os
+    os.makedirs(folder)
+    want = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = _cifar_batches(rng, 3 + i)
+        want[name] = (x, y)
+        if fmt == "bin":
+            rec = np.concatenate([y[:, None], x.reshape(len(y), -1)], 1)
+            rec.astype(np.uint8).tofile(os.path.join(folder, name + ".bin"))
+        else:
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump({b"data": x.reshape(len(y), -1), b"labels": [int(v) for v in y],
+                             b"batch_label": b"x"}, f)
+    return want
+
+
+@pytest.mark.parametrize("fmt", ["bin", "py"])
+def test_load_cifar10_official_formats(tmp_path, fmt):
+    from ntkit.data import load_cifar10
+    want = _write_cifar(tmp_path / "c", fmt, np.random.default_rng(0))
+    (xtr, ytr), (xte, yte) = load_cifar10(tmp_path / "c")
+    tr = [want[f"data_batch_{k}"] for k in range(1, 6)]
+    np.testing.assert_array_equal(xtr, np.concatenate([x for x, _ in tr]).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ytr, np.concatenate([y for _, y in tr]))
+    np.testing.assert_array_equal(xte, want["test_batch"][0].transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(yte, want["test_batch"][1])
+    assert xtr.shape[1:] == (32, 32, 3) and xtr.dtype == np.uint8
+
+
+def test_load_cifar10_refuses_bad_files(tmp_path):
+    import os
+    import pickle
+    from ntkit.data import load_cifar10
+    _write_cifar(tmp_path / "b", "bin", np.random.default_rng(1))
+    with open(tmp_path / "b" / "test_batch.bin", "ab") as f:
+        f.write(b"\x00" * 5)                                    # truncated record
+    with pytest.raises(ValueError, match="whole number"):
+        load_cifar10(tmp_path / "b")
+    _write_cifar(tmp_path / "p", "py", np.random.default_rng(2))
+    with open(tmp_path / "p" / "test_batch", "wb") as f:         # a pickle that would run code
+        pickle.dump(os.getcwd, f)
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        load_cifar10(tmp_path / "p")
+    with pytest.raises(ValueError, match="data_batch"):
+        load_cifar10(tmp_path)

@@ -255,3 +255,19 @@ def test_features_plus_ridge_approach_kernel_regression():
                        relative=False)
         diffs.append(_rel(fit.predict(phi[80:]), exact))
     assert diffs[1] < 0.25 and diffs[1] < diffs[0] / 3, diffs     # ~ 1/sqrt(32) = 1/5.7
+
+
+def test_layernorm_over_channels_and_pixels():
+    """NT's LayerNorm(axis=(1, 2, 3)): one norm per example, the mean of the per-pixel
+    variances; a per-pixel rule would stall at ~20% error."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=F64) * torch.linspace(0.3, 2.0, 5,
+                                                                         dtype=F64)
+    arch = nl.serial(nl.Conv(8, 3, padding="SAME", W_std=1.3), nl.LayerNorm(axis=(1, 2, 3)),
+                     nl.Relu(), nl.Conv(8, 3, padding="SAME"), nl.Relu(), nl.GlobalAvgPool(),
+                     nl.Dense(1))
+    k = arch.kernel(x)
+    for get in ("nngp", "ntk"):
+        errs = [np.mean([_rel(_gram(arch, x, d, get, s), getattr(k, get)) for s in range(3)])
+                for d in (32, 2048)]
+        assert errs[1] < 0.06 and errs[1] < errs[0] / 2.5, (get, errs)

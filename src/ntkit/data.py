@@ -8,6 +8,8 @@
   :func:`load_idx_dataset` for the usual ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
   quadruple.
 * :func:`load_npz_dataset`: a CIFAR-10-style ``.npz`` with ``x_train, y_train, x_test, y_test``.
+* :func:`load_cifar10`: the official CIFAR-10 distributions, binary (``cifar-10-batches-bin``)
+  or python (``cifar-10-batches-py``; unpickled with only numpy's array types allowed).
 
 Why: benchmarks and examples should run unchanged on any copy of these formats, so the package
 never hard-codes a location; every function takes the path. All checks raise ``ValueError`` with
@@ -32,7 +34,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 __all__ = ["UCIDataset", "list_uci", "load_uci", "load_idx", "load_idx_dataset",
-           "load_npz_dataset"]
+           "load_npz_dataset", "load_cifar10"]
 
 
 # =========================================================================================
@@ -264,4 +266,78 @@ def load_npz_dataset(path, keys: Tuple[str, str, str, str] = ("x_train", "y_trai
     for x, y, s in ((xtr, ytr, "train"), (xte, yte, "test")):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{path}: {s} has {x.shape[0]} inputs but {y.shape[0]} labels")
+    return (xtr, ytr), (xte, yte)
+
+
+# =========================================================================================
+# CIFAR-10, official binary and python distributions
+# =========================================================================================
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_REC = 1 + 3 * 32 * 32
+
+
+def _cifar_bin(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _CIFAR_REC:
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of CIFAR-10 records "
+                         f"({_CIFAR_REC} bytes: 1 label + 3x32x32 pixels); truncated file?")
+    rec = raw.reshape(-1, _CIFAR_REC)
+    return rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), rec[:, 0].copy()
+
+
+def _cifar_pickle(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    import pickle
+
+    class _Arrays(pickle.Unpickler):      # only numpy's array reconstruction: no code runs
+        def find_class(self, module, name):
+            if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
+                                  ("numpy._core.multiarray", "_reconstruct"),
+                                  ("numpy", "ndarray"), ("numpy", "dtype")}:
+                return super().find_class(module, name)
+            raise ValueError(f"{path}: refuses to unpickle {module}.{name}; a CIFAR-10 batch "
+                             f"holds only numpy arrays and lists")
+
+    with open(path, "rb") as f:
+        try:
+            d = _Arrays(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"{path}: expected a dict with b'data' and b'labels'")
+    x = np.asarray(d[b"data"], dtype=np.uint8)
+    y = np.asarray(d[b"labels"], dtype=np.uint8)
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{path}: data {x.shape} and labels {y.shape} are not (n, 3072), (n,)")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
+
+
+def load_cifar10(folder) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+    """``((x_train, y_train), (x_test, y_test))`` from the official CIFAR-10 files.
+
+    ``folder`` holds ``data_batch_1 .. 5`` and ``test_batch`` of the python distribution
+    (``cifar-10-batches-py``) or the same names with ``.bin`` (``cifar-10-batches-bin``).
+    Images come back as in :func:`load_npz_dataset`: ``(n, 32, 32, 3)`` uint8 HWC, labels uint8
+    (50,000 / 10,000 for the full set). Example::
+
+        >>> (xtr, ytr), (xte, yte) = load_cifar10("~/data/cifar-10-batches-py")
+        >>> x = torch.from_numpy(xtr).permute(0, 3, 1, 2).float() / 255     # (n, 3, 32, 32)
+    """
+    folder = _check_dir(os.path.expanduser(os.fspath(folder)) if isinstance(
+        folder, (str, os.PathLike)) else folder, "folder")
+    names = _CIFAR_TRAIN + ("test_batch",)
+    if all(os.path.isfile(os.path.join(folder, n + ".bin")) for n in names):
+        read, ext = _cifar_bin, ".bin"
+    elif all(os.path.isfile(os.path.join(folder, n)) for n in names):
+        read, ext = _cifar_pickle, ""
+    else:
+        raise ValueError(f"{folder}: expected data_batch_1..5 and test_batch (python version) or "
+                         f"the same with .bin (binary version); found "
+                         f"{sorted(os.listdir(folder))[:10]}")
+    parts = [read(os.path.join(folder, n + ext)) for n in _CIFAR_TRAIN]
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = np.concatenate([p[1] for p in parts])
+    xte, yte = read(os.path.join(folder, "test_batch" + ext))
+    for y, s in ((ytr, "train"), (yte, "test")):
+        if y.size and int(y.max()) > 9:
+            raise ValueError(f"{folder}: {s} labels go up to {int(y.max())}; CIFAR-10 has 0..9")
     return (xtr, ytr), (xte, yte)

@@ -115,7 +115,7 @@ def test_monte_carlo_partial_and_joint_axes(axis):
         assert errs[-1] < 0.1, (get, errs)
 
 
-def test_axes_variant_class_repr_pickle_and_features_refusal():
+def test_axes_variant_class_repr_pickle_and_features():
     import pickle
     from ntkit.layers.normalization import LayerNormAxes
     assert type(nl.LayerNorm()) is nl.LayerNorm and type(nl.LayerNorm(axis=(1,))) is nl.LayerNorm
@@ -124,7 +124,6 @@ def test_axes_variant_class_repr_pickle_and_features_refusal():
     assert repr(j) == "LayerNorm(eps=0.1, axis=(1, 2, 3))"
     for obj in (j, nl.LayerNorm(eps=0.2)):
         assert pickle.loads(pickle.dumps(obj)) == obj
-    # the random-feature LayerNorm rule is per pixel: the joint variant is refused, not wrong
+    # random features support the joint variant (tests/test_features.py checks the values)
     arch = nl.serial(nl.Conv(4, 2), j, nl.Relu(), nl.Flatten(), nl.Dense(1))
-    with pytest.raises(NotImplementedError, match="LayerNormAxes"):
-        arch.features(_x(2, 2, 4, 4), dim=16)
+    assert arch.features(_x(2, 2, 4, 4), dim=16).shape[0] == 2

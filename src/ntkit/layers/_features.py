@@ -18,8 +18,8 @@ Layer by layer (``K`` the NNGP, ``T`` the NTK, ``W``/``b`` the layer's ``W_std``
   An activation whose input is not such a Gaussian sample draws its own ``G`` first.
 * Dense not followed by an activation (the readout): exact, ``phi' = [W phi, b]``,
   ``psi' = [phi', W psi]`` -- no sampling noise at the top.
-* Pooling, GlobalAvgPool, Flatten (``/ sqrt(pixels)``), FanInSum/FanInConcat (concatenation),
-  LayerNorm (division by the estimated norm): exact linear maps of the features.
+* Pooling, GlobalAvgPool, Flatten (``/ sqrt(pixels)``), FanInSum/FanInConcat (concatenation):
+  exact linear maps of the features; LayerNorm (any axes): division by the estimated norm.
 
 Every step is unbiased given the layer below, so a one-hidden-layer network's features are
 unbiased; deeper ones carry an ``O(1/dim)`` bias from the nonlinear dual maps (smaller than the
@@ -41,7 +41,7 @@ from .activations import Activation
 from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
 from .conv import Conv
 from .dense import Dense
-from .normalization import LayerNorm
+from .normalization import LayerNorm, LayerNormAxes
 from .pooling import Flatten, _GlobalPool, _Pool
 from . import _stencil as st
 
@@ -258,12 +258,18 @@ class _FlattenOp(_Op):
 
 
 class _LayerNormOp(_Op):
-    def __init__(self, eps: float):
-        self.eps = eps
+    """Divide by the estimated norm: the per-pixel variance ``sum_c phi^2``, averaged over the
+    normalized spatial axes (none for the default channel-only LayerNorm)."""
+
+    def __init__(self, eps: float, spatial_dims: Tuple[int, ...] = ()):
+        self.eps, self.dims = eps, tuple(2 + d for d in spatial_dims)
 
     def __call__(self, f: _F) -> _F:
         f = f.normed()
-        inv = (f.phi.pow(2).sum(1, keepdim=True) + self.eps).rsqrt()
+        v = f.phi.pow(2).sum(1, keepdim=True)
+        if self.dims:
+            v = v.mean(self.dims, keepdim=True)
+        inv = (v + self.eps).rsqrt()
         return _F(f.phi * inv, None if f.psi is None else f.psi * inv, False)
 
 
@@ -339,8 +345,8 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
         return _GlobalPoolOp(layer._sum), out_shape
     if isinstance(layer, Flatten):
         return _FlattenOp(), out_shape
-    if isinstance(layer, LayerNorm):
-        return _LayerNormOp(layer.eps), out_shape
+    if isinstance(layer, (LayerNorm, LayerNormAxes)):
+        return _LayerNormOp(layer.eps, layer._spatial_axes(len(in_shape))), out_shape
     if isinstance(layer, Identity):
         return _Seq([]), out_shape
     if isinstance(layer, FanOut):
