@@ -191,6 +191,13 @@ def main(argv=None):
     w = csv.DictWriter(f, fieldnames=cols)
     if new:
         w.writeheader()
+    else:                                   # append only to a results file of this bench
+        with open(args.out, newline="") as g:
+            head = next(csv.reader(g), None)
+        if head != cols:
+            f.close()
+            raise SystemExit(f"{args.out} exists and is not a bench_cifar results file "
+                             f"(header {head}); choose another OUT.csv")
 
     def emit(row, method, depth, ntr, nte, res):
         pub = PUBLISHED.get((method, depth), "")

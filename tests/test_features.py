@@ -167,6 +167,9 @@ def test_refusals_name_the_problem():
         nf.features(_fc(), x, 0)
     with pytest.raises(ValueError, match="memory_budget"):
         nf.features(_fc(), x, 8, memory_budget=float("nan"))
+    with pytest.raises(ValueError, match="overflow"):     # exp(exp(.)) of large inputs
+        nf.features(nl.serial(nl.Dense(8, W_std=3.0), nl.Exp(), nl.Dense(8, W_std=3.0),
+                              nl.Exp(), nl.Dense(1)), 30 * x, 8)
 
     class Custom(nl.Layer):
         def kernel_map(self, k):

@@ -455,6 +455,11 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
             if t is None:   # an NTK that is identically zero (no trainable layer)
                 t = torch.zeros((xb.shape[0], 1), dtype=xb.dtype, device=xb.device)
             t = t.reshape(xb.shape[0], -1)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the {key} features overflow {xb.dtype} (non-finite values): the kernel "
+                    f"grows too fast with the input scale or depth; rescale `x`, lower W_std, "
+                    f"or use dtype=torch.float64")
             if out_dim is not None and out_dim < t.shape[1]:
                 t = _count_sketch(t, out_dim, seed)
             res[key] = t

@@ -162,6 +162,17 @@ def _need_branches(k, name):
     return k
 
 
+def _equal_branches(ks, name):
+    """Branches of equal shape and kernel layout (elementwise merges: sum, product)."""
+    ks = _need_branches(ks, name)
+    shapes = {k.shape1 for k in ks}
+    if len(shapes) > 1:
+        raise ValueError(f"{name} needs branches of equal shape, got {sorted(shapes)}")
+    if len({(k.diagonal_spatial, k.nngp.shape) for k in ks}) > 1:
+        raise ValueError(f"{name} branches have different kernel layouts")
+    return ks
+
+
 def _sum_opt(ts):
     ts = [t for t in ts if t is not None]
     if not ts:
@@ -185,13 +196,7 @@ class FanInSum(Layer):
     """Sum the branches (their kernels add; branches must have equal shapes)."""
 
     def kernel_map(self, ks):
-        ks = _need_branches(ks, "FanInSum")
-        shapes = {k.shape1 for k in ks}
-        if len(shapes) > 1:
-            raise ValueError(f"FanInSum needs branches of equal shape, got {sorted(shapes)}")
-        layouts = {(k.diagonal_spatial, k.nngp.shape) for k in ks}
-        if len(layouts) > 1:
-            raise ValueError("FanInSum branches have different kernel layouts")
+        ks = _equal_branches(ks, "FanInSum")
         k0 = ks[0]
         return k0.replace(
             nngp=_sum_opt([k.nngp for k in ks]),
@@ -280,13 +285,7 @@ class FanInProd(Layer):
     """
 
     def kernel_map(self, ks):
-        ks = _need_branches(ks, "FanInProd")
-        shapes = {k.shape1 for k in ks}
-        if len(shapes) > 1:
-            raise ValueError(f"FanInProd needs branches of equal shape, got {sorted(shapes)}")
-        layouts = {(k.diagonal_spatial, k.nngp.shape) for k in ks}
-        if len(layouts) > 1:
-            raise ValueError("FanInProd branches have different kernel layouts")
+        ks = _equal_branches(ks, "FanInProd")
         k0 = ks[0]
         nngp = _prod_opt([k.nngp for k in ks])
         ntk = None
