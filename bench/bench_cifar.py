@@ -3,10 +3,12 @@ the full split, exact CNTKs on subsets, and the finite CNNs trained by SGD.
 
 Rows (``--rows``, comma-separated; each architecture at every depth in ``--depths``):
 
-* ``gap-features``: CNTK-GAP, ``depth x [Conv3x3 SAME + ReLU] + GlobalAvgPool + Dense`` random
-  NTK features (:func:`ntkit.features.features`, width ``--dim``) on ``--n-train`` training images
-  (default: all 50,000) and the 10,000 test images; primal ridge regression on one-hot targets,
-  the ridge chosen on a held-out 10% of the training set, then refit on all of it.
+* ``gap-features``: CNTK-GAP, ``depth x [Conv3x3 SAME + ReLU] + GlobalAvgPool + Dense`` NTK
+  features (:func:`ntkit.features.features`; ``--method jacobian`` (default): the Jacobian of a
+  random width-``--dim`` CNN sketched to ``--out-dim`` columns; ``--method rf``: random features,
+  ``2 --dim`` columns) on ``--n-train`` training images (default: all 50,000) and the 10,000
+  test images; primal ridge regression on one-hot targets, the ridge chosen on a held-out 10% of
+  the training set, then refit on all of it.
 * ``v-features``: CNTK-V (Flatten instead of GAP), features compressed to ``--v-out-dim``
   columns by an unbiased CountSketch.
 * ``v-exact``: exact CNTK-V (``arch.kernel``, float32) on ``--exact-n`` training images (kernel
@@ -83,21 +85,35 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk):
+def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf"):
+    """Features of train+test, then primal ridge: the ridge is chosen on a held-out tenth of
+    the training set (one eigendecomposition of its normal equations for every value) and the
+    final model solves the full normal equations (sum of the two parts) by Cholesky."""
     t0 = time.time()
     phi = nf.features(a, torch.cat([xtr, xte]), dim, get="ntk", seed=seed, out_dim=out_dim,
-                      progress=True, chunk=chunk)
+                      progress=True, chunk=chunk, method=method)
     t_feat = time.time() - t0
     ptr, pte = phi[:len(xtr)], phi[len(xtr):]
     nv = max(len(xtr) // 10, 1)
-    sel = nf.ridge(ptr[nv:], onehot(ytr[nv:]), phi_val=ptr[:nv], y_val=onehot(ytr[:nv]),
-                   score="accuracy")
-    rel = sel.ridge / float((ptr[nv:].double() ** 2).sum(1).mean())   # ridge per unit trace
-    fit = nf.ridge(ptr, onehot(ytr), rel * float((ptr.double() ** 2).sum(1).mean()),
-                   relative=False)
-    return dict(accuracy=acc(fit.predict(pte), yte), seconds=time.time() - t0,
-                feature_seconds=t_feat, feature_dim=phi.shape[1], ridge_rel=rel,
-                val_accuracy=max(sel.scores.values()) * 100)
+    y = onehot(ytr).double()
+    a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
+    a_val, b_val, _, _ = nf.normal_equations(ptr[:nv], y[:nv])
+    scale = float(torch.diagonal(a_fit).mean())
+    lam, vec = torch.linalg.eigh(0.5 * (a_fit + a_fit.T))
+    vb, pv = vec.T @ b_fit, ptr[:nv].double() @ vec
+    scores = {}
+    for r in [10.0 ** (e / 2) for e in range(-14, 3)]:
+        scores[r] = acc(pv @ (vb / (lam.clamp_min(0) + r * scale)[:, None]), ytr[:nv])
+    del lam, vec, pv
+    rel = max(scores, key=lambda r: (scores[r], r))
+    a_all, b_all = a_fit + a_val, b_fit + b_val
+    ridge_abs = rel * scale * len(xtr) / (len(xtr) - nv)   # same ridge per training example
+    a_all.diagonal().add_(ridge_abs)
+    w = torch.cholesky_solve(b_all, torch.linalg.cholesky(0.5 * (a_all + a_all.T)))
+    pred = torch.cat([pte[i:i + 8192].double() @ w for i in range(0, len(pte), 8192)])
+    return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
+                feature_dim=phi.shape[1], ridge_rel=rel, val_accuracy=scores[rel],
+                method=method)
 
 
 def exact_row(a, xtr, ytr, xte, yte):
@@ -157,6 +173,11 @@ def main(argv=None):
     p.add_argument("--v-dim", type=int, default=None,
                    help="feature width for CNTK-V (default: --dim)")
     p.add_argument("--v-out-dim", type=int, default=4096)
+    p.add_argument("--method", default="jacobian", choices=["rf", "jacobian"],
+                   help="feature map for CNTK-GAP: the sketched Jacobian of a random width-"
+                        "--dim CNN (rank up to --out-dim) or random features (rank 2 --dim)")
+    p.add_argument("--out-dim", type=int, default=16384,
+                   help="CNTK-GAP feature columns with --method jacobian")
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=10000)
     p.add_argument("--exact-n", type=int, default=2000)
@@ -214,8 +235,8 @@ def main(argv=None):
     for d in depths:
         if "gap-features" in rows:
             emit("gap-features", "CNTK-GAP", d, len(xtr), len(xte),
-                 features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, None, args.seed,
-                              args.chunk))
+                 features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
+                              args.seed, args.chunk, args.method))
         if "v-features" in rows:
             emit("v-features", "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,

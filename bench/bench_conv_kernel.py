@@ -186,21 +186,20 @@ def run_case(top, n, hw, dtype, repeats, base_n, ops, tile=None, ops_l2=None):
 
 def run_big(n, hw, dtype, budget, tiles, progress=True):
     """Case (c) in this process: the real plan, stopped after ``tiles`` tiles."""
+    import ntkit
     from ntkit.layers import _tiling
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, hw, hw, generator=g, dtype=torch.float64).to(dtype)
     net = arch("gap")
-    _tiling._TILE_LIMIT = tiles
     t0 = time.perf_counter()
     try:
-        net.kernel(x, dtype=dtype, memory_budget=budget, progress=progress)
+        with ntkit.settings(tile_limit=tiles):
+            net.kernel(x, dtype=dtype, memory_budget=budget, progress=progress)
         done = total = None
         secs = time.perf_counter() - t0
     except _tiling.TileLimitReached as e:
         done, total, secs, b = e.done, e.total, e.seconds, e.tile
         times, pairs = e.times, e.pairs
-    finally:
-        _tiling._TILE_LIMIT = None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # extrapolate: diagonal tiles (i == j) at the measured diagonal-tile time, the others at
     # the mean measured off-diagonal time (tiles run row by row: (0,0), (0,1), (0,2), ...)

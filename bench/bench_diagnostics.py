@@ -55,7 +55,8 @@ def main():
             torch.autograd.grad(gr, params, grad_outputs=v, retain_graph=True)
 
         count = {"hvp": 0}
-        orig = dg._lanczos_top
+        from ntkit.diagnostics import _norms   # where hessian_norm looks the function up
+        orig = _norms._lanczos_top
 
         def counting(matvec, *a, **k):
             def mv(u):
@@ -63,11 +64,14 @@ def main():
                 return matvec(u)
             return orig(mv, *a, **k)
 
-        dg._lanczos_top = counting
+        _norms._lanczos_top = counting
         try:
             t_hess = best_of(lambda: dg.hessian_norm(net, x), reps=2)
         finally:
-            dg._lanczos_top = orig
+            _norms._lanczos_top = orig
+        if count["hvp"] == 0:
+            raise RuntimeError("the Hessian-vector product counter saw no calls: "
+                               "hessian_norm no longer uses ntkit.diagnostics._norms._lanczos_top")
         n_hvp = count["hvp"] // 2
         t_fb = best_of(fwd_bwd, 5)
         t_hvp = best_of(hvp, 5)

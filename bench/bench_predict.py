@@ -134,12 +134,12 @@ def main():
     def ours_cold(get):
         _linalg.clear_cache()
         ens = P.gradient_descent_mse_ensemble(kernel_fn, x_train, y)
-        return ens(x_test, t=ts, get=get, compute_cov=True)
+        return ens(t=ts, x_test=x_test, get=get, compute_cov=True)
 
     def ours_ten_calls():
         _linalg.clear_cache()
         ens = P.gradient_descent_mse_ensemble(kernel_fn, x_train, y)
-        return [ens(x_test, t=float(t), get="ntk", compute_cov=True) for t in ts]
+        return [ens(t=float(t), x_test=x_test, get="ntk", compute_cov=True) for t in ts]
 
     def base_ten_calls():
         return [nt_baseline(npk, y_np, np_td, [float(t)], ("ntk",))["ntk"] for t in ts]

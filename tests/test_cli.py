@@ -167,6 +167,23 @@ def test_help_lists_subcommands():
         assert name in r.stdout
 
 
+def test_console_script_and_python_m_run_the_same_main():
+    """pyproject's ``ntkit`` script, ``python -m ntkit`` and ``python -m ntkit.cli``."""
+    import importlib
+    import pathlib
+    import re
+
+    import ntkit
+    import ntkit.cli
+    text = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, func = re.search(r'^ntkit = "([\w.]+):(\w+)"$', text, re.M).groups()
+    assert getattr(importlib.import_module(module), func) is ntkit.cli.main
+    for name in ("ntkit", "ntkit.cli"):
+        r = subprocess.run([sys.executable, "-m", name, "--version"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and r.stdout.strip() == f"ntkit {ntkit.__version__}", r.stderr
+
+
 # ---------------------------------------------------------------------------------- demo
 def test_demo_quick_writes_report(tmp_path, capsys):
     out = tmp_path / "report.html"

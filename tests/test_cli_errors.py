@@ -220,7 +220,7 @@ def test_demo_python_name_becomes_flag(capsys):
 
 
 def test_multiline_message_is_one_paragraph_and_oserror_names_flag(d, capsys, monkeypatch):
-    import ntkit._cli_predict as cp
+    import ntkit.cli.predict as cp
 
     def boom(args):
         raise ValueError("first line\n   second line")
@@ -241,7 +241,7 @@ def test_multiline_message_is_one_paragraph_and_oserror_names_flag(d, capsys, mo
 @pytest.mark.parametrize("exc", [RuntimeError("an internal bug"), KeyError("k"),
                                  AttributeError("x")])
 def test_internal_errors_stay_visible(d, monkeypatch, exc):
-    import ntkit._cli_predict as cp
+    import ntkit.cli.predict as cp
 
     def bug(args):
         raise exc

@@ -276,7 +276,8 @@ def test_diverged_runs_raise_instead_of_fitting_slopes():
         dg.alpha_sweep(net, x, y, alphas=(1, 4), steps=5, learning_rate=1e6, **hess)
     # moderately above the stable limit: the linearized network provably diverges (its top mode
     # grows by |1 - 3| = 2 per step), so no lin_gap is measured against a blown-up model
-    limit = 2 * x.shape[0] / float(torch.linalg.eigvalsh(dg._full_ntk(net, x))[-1])
+    from ntkit.empirical import empirical_ntk
+    limit = 2 * x.shape[0] / float(torch.linalg.eigvalsh(empirical_ntk(net, x, dtype=F64))[-1])
     with pytest.raises(ValueError, match=r"diverged.*learning_rate") as e:
         dg.train(arch.module(in_shape=4, width=16, seed=0), x, y, steps=40,
                  learning_rate=1.5 * limit, measure_kernel_drift=False)
@@ -285,3 +286,78 @@ def test_diverged_runs_raise_instead_of_fitting_slopes():
     rec = dg.train(arch.module(in_shape=4, width=16, seed=0), x, y, steps=40,
                    learning_rate=0.9 * limit, measure_kernel_drift=False)
     assert rec.loss[-1] < rec.loss[0]
+
+
+def test_fit_slope_groups_matches_least_squares_with_dummies():
+    """A common slope with an intercept per group = one regression on log x plus one indicator
+    column per group (independent implementation: lstsq), CI on n - groups - 1 dof."""
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.tensor([64.0, 256.0, 1024.0, 4096.0], dtype=F64),
+          torch.tensor([32.0, 128.0, 512.0], dtype=F64),           # groups need not share x
+          torch.tensor([100.0, 300.0, 900.0, 2700.0, 8100.0], dtype=F64)]
+    series = [c * w ** -0.5 * torch.exp(0.05 * torch.randn(len(w), generator=g, dtype=F64))
+              for c, w in zip((0.3, 1.0, 2.0), xs)]
+    labels = [i for i, w in enumerate(xs) for _ in w]
+    fit = dg.fit_slope(torch.cat(xs).tolist(), torch.cat(series).tolist(), groups=labels)
+    lx = torch.log(torch.cat(xs))
+    ind = torch.nn.functional.one_hot(torch.tensor(labels), 3).to(F64)
+    X = torch.cat([lx[:, None], ind], dim=1)
+    yv = torch.log(torch.cat(series))
+    beta = torch.linalg.lstsq(X, yv[:, None]).solution[:, 0]
+    resid = yv - X @ beta
+    n = len(labels)
+    dof = n - 4
+    se = math.sqrt(float((resid ** 2).sum()) / dof * float(torch.linalg.inv(X.T @ X)[0, 0]))
+    q = stats.t.ppf(0.975, dof)
+    b = float(beta[0])
+    assert fit.slope == pytest.approx(b, rel=1e-10) and fit.n_points == n
+    assert (fit.low, fit.high) == pytest.approx((b - q * se, b + q * se), rel=1e-6)
+    assert fit.intercept == pytest.approx(float(beta[1]), rel=1e-9)     # the first group's
+    # one group is the plain fit
+    one = dg.fit_slope(xs[0].tolist(), series[0].tolist(), groups=[7] * 4)
+    plain = dg.fit_slope(xs[0].tolist(), series[0].tolist())
+    assert one == pytest.approx(plain, rel=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        dg.fit_slope([1, 2, 4], [1, 2, 3], groups=[0, 1])
+
+
+def test_train_records_at_given_steps_and_measures():
+    x, y = data(6, 2)
+    net = lecun(2)(8)
+    seen = []
+
+    def measure(step, model):
+        seen.append(step)
+        with torch.no_grad():
+            return model(x).clone()
+
+    rec = dg.train(net, x, y, steps=9, learning_rate=0.3, record_steps=(2, 5),
+                   linearization=False, measure_kernel_drift=False, record_outputs=True,
+                   measure=measure)
+    assert rec.steps.tolist() == [0, 2, 5, 9] == seen
+    assert len(rec.measured) == 4
+    for out, m in zip(rec.outputs, rec.measured):       # measured after the step's update
+        assert torch.equal(out, m)
+    with pytest.raises(ValueError, match="record_steps"):
+        dg.train(net, x, y, steps=3, record_steps=(5,))
+    with pytest.raises(ValueError, match="not both"):
+        dg.train(net, x, y, steps=3, record_steps=(1,), record_every=1)
+    with pytest.raises(TypeError, match="measure"):
+        dg.train(net, x, y, steps=3, measure=3)
+
+
+def test_parameterization_label_follows_layer_fields():
+    """The label comes from the layers' declared fields, whatever a combinator calls them."""
+    from ntkit.layers import Layer
+    from ntkit.layers._base import frozen_layer
+
+    @frozen_layer
+    class Wrapped(Layer):                  # a layer holding another under its own field name
+        body: Layer
+
+    std = nl.Dense(4, parameterization="standard")
+    assert dg._arch_parameterization(Wrapped(std)) == "standard"
+    assert dg._arch_parameterization(nl.serial(Wrapped(std), nl.Relu(), nl.Dense(1))) == "mixed"
+    assert dg._arch_parameterization(nl.serial(nl.Dense(3), nl.Relu(), nl.Dense(1))) == "ntk"
+    assert dg._arch_parameterization(nl.Relu()) == "unknown"

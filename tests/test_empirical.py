@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ntkit
 import ntkit._empirical_structured as structured
 from ntkit._empirical_common import make_setup, select_params
 from ntkit.empirical import (_choose_implementation, _prepare, centered, empirical_nngp,
@@ -160,12 +161,6 @@ def data(shape, n, seed):
     return torch.randn((n,) + tuple(shape), generator=g, dtype=DT)
 
 
-@pytest.fixture(autouse=True)
-def _no_forced_method():
-    yield
-    structured._FORCE_METHOD = None
-
-
 # ----------------------------------------------------------------- all implementations agree
 IMPLS = [("jacobian", None), ("ntk_vp", None), ("structured", "A"), ("structured", "B"),
          ("structured", None), ("auto", None)]
@@ -178,11 +173,11 @@ def test_all_implementations_match_loop_oracle(name, impl, method):
     x1, x2 = data(shape, 4, 1), data(shape, 3, 2)
     ref = loop_ntk(model, x1, x2)
     ref_sym = loop_ntk(model, x1)
-    structured._FORCE_METHOD = method
-    got = empirical_ntk(model, x1, x2, output="full", implementation=impl)
+    with ntkit.settings(empirical_method=method):
+        got = empirical_ntk(model, x1, x2, output="full", implementation=impl)
+        got_sym = empirical_ntk(model, x1, output="full", implementation=impl)
     assert got.shape == ref.shape and got.dtype == DT
     assert_close(got, ref)
-    got_sym = empirical_ntk(model, x1, output="full", implementation=impl)
     assert_close(got_sym, ref_sym)
 
 
@@ -193,8 +188,8 @@ def test_reduced_outputs(name, impl, method, output):
     model, shape = MODELS[name]
     x1, x2 = data(shape, 3, 3), data(shape, 2, 4)
     ref = reduce(loop_ntk(model, x1, x2), output)
-    structured._FORCE_METHOD = method
-    got = empirical_ntk(model, x1, x2, output=output, implementation=impl)
+    with ntkit.settings(empirical_method=method):
+        got = empirical_ntk(model, x1, x2, output=output, implementation=impl)
     assert_close(got, ref)
 
 
@@ -243,8 +238,9 @@ def test_ntkit_dense_modules_are_structured():
     assert plan.leftover == [] and len(plan.layers) == 3
     ref = loop_ntk(net, x1, x2)
     for method in ("A", "B"):
-        structured._FORCE_METHOD = method
-        assert_close(empirical_ntk(net, x1, x2, output="full", implementation="structured"), ref)
+        with ntkit.settings(empirical_method=method):
+            got = empirical_ntk(net, x1, x2, output="full", implementation="structured")
+        assert_close(got, ref)
 
 
 # ------------------------------------------------------------------------- params, buffers, dtype
@@ -262,9 +258,9 @@ def test_params_filters_match_oracle_on_subsets():
         ref = loop_ntk(model, x1, x2, names=expect)
         for impl in ("jacobian", "ntk_vp", "structured"):
             for method in ("A", "B"):
-                structured._FORCE_METHOD = method
-                got = empirical_ntk(model, x1, x2, output="full", implementation=impl,
-                                    params=flt)
+                with ntkit.settings(empirical_method=method):
+                    got = empirical_ntk(model, x1, x2, output="full", implementation=impl,
+                                        params=flt)
                 assert_close(got, ref)
 
 

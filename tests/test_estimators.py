@@ -33,7 +33,8 @@ SMALL = nl.serial(nl.Dense(64, W_std=1.3, b_std=0.2), nl.Relu(), nl.Dense(1, W_s
 
 @parametrize_with_checks([NTKRegressor(), NTKRegressor(kernel="nngp", t=50.0, normalize_y=True),
                           NTKClassifier(), NTKClassifier(arch=ReluNTKFix(2, 1), t=20.0),
-                          NTKRegressor(arch=ReluNTKFix(1, 0), features=16)])
+                          NTKRegressor(arch=ReluNTKFix(1, 0), features=16),
+                          NTKClassifier(solver="svm", arch=ReluNTKFix(1, 0))])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -514,10 +515,12 @@ def test_subsampled_selection_scores_heldout_rows(monkeypatch):
     m = clf.selection_size_
     assert 10 <= m < 120
     assert clf.score(X, y) > 0.8
-    # the table's score = LOO on the first m rows of the permutation + held-out on the others
-    order = np.random.default_rng(3).permutation(120)
+    # the table's score = LOO on the first m rows of the (stratified) order + held-out on the
+    # others
+    order = est_mod._selection_order(120, y, 3)
     idx = 5
     p = clf.loo_scores_["params"][idx]
+    order = order[:min(120, 2 * m)]                  # at most m held-out rows are scored
     Xs = torch.tensor((X - X.mean(0)) / X.std(0))[torch.as_tensor(order)]
     Y = np.eye(2)[y[order]] - 0.5
     K = p["arch"].kernel(Xs[:m], Xs, get="ntk").numpy()
@@ -535,14 +538,150 @@ def test_subsampled_selection_scores_heldout_rows(monkeypatch):
                                np.mean(F.argmax(1) == y[order]))
 
 
-def test_selection_size_respects_cost_model():
+def test_selection_plan_respects_cost_model():
+    k = est_mod._COST
     for n in (300, 1000, 3000):
-        m = est_mod._selection_size(n, 30, 2, 15, 3)
-        k = est_mod._COST
+        m, n_full = est_mod._selection_plan(n, 30, 2, 15, 3)
         single = k["F"] + k["A"] * n * n + k["B"] * n ** 3
-        assert m < n
-        assert 30 * k["E3"] * m ** 3 <= max(2 * single, est_mod._COST_FLOOR_S)
-    assert est_mod._selection_size(60, 30, 2, 15, 3) == 60
+        assert m < n and 1 <= n_full < 30
+        # screening (m rows, 30 kernels) + n_full exact eighs on all rows within the budget
+        sel = 30 * k["E3"] * m ** 3 + n_full * k["E3"] * n ** 3
+        assert sel <= max(3 * single - k["A"] * n * n, est_mod._COST_FLOOR_S)
+    assert est_mod._selection_plan(60, 30, 2, 15, 3) == (60, 0)
+    # classification: at least 3 rows per class in the screening, whatever the budget
+    m, _ = est_mod._selection_plan(1200, 30, 2, 15, 100)
+    assert m < 300
+    assert est_mod._selection_plan(1200, 30, 2, 15, 100, min_rows=300)[0] == 300
+    assert est_mod._selection_plan(250, 30, 2, 15, 100, min_rows=300) == (250, 0)
+
+
+def test_selection_order_is_stratified():
+    y = np.repeat(np.arange(4), [50, 30, 15, 5])
+    rng = np.random.default_rng(0)
+    y = y[rng.permutation(len(y))]
+    order = est_mod._selection_order(len(y), y, seed=7)
+    assert sorted(order) == list(range(len(y)))
+    counts = np.bincount(y)
+    for m in (10, 20, 37, 60):
+        got = np.bincount(y[order[:m]], minlength=4)
+        # every prefix holds each class in proportion, within one row
+        assert np.all(np.abs(got - m * counts / len(y)) <= 1.0 + 1e-9), (m, got)
+    # regression (no classes): a plain permutation of the seed
+    np.testing.assert_array_equal(est_mod._selection_order(20, None, 3),
+                                  np.random.default_rng(3).permutation(20))
+
+
+def test_two_stage_selection_rescores_top_kernels_on_all_rows(monkeypatch):
+    """Beyond the budget: screening on m rows, then exact LOO on ALL rows for the best
+    kernels; the winner and its ridge come from the full-n scores, and its held-out outputs
+    (temperature) are the exact full-n LOO outputs."""
+    monkeypatch.setattr(est_mod, "_COST_FLOOR_S", 0.0)
+    monkeypatch.setattr(est_mod, "_COST_BUDGET", 1.2)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((120, 3))
+    y = (X[:, 0] * X[:, 1] + 0.3 * rng.standard_normal(120) > 0).astype(int)
+    clf = NTKClassifier().fit(X, y)
+    assert clf.selection_size_ < 120
+    ref = clf.loo_scores_["refined"]
+    n_full = len(ref["mse"]) // len(est_mod.DEFAULT_RIDGES)
+    assert n_full >= 1
+    k = int(np.argmin(ref["mse"]))
+    assert ref["params"][k] == clf.best_params_
+    # the refined kernels are the screening's best ones (by their best ridge)
+    scr = clf.loo_scores_
+    per_arch = {}
+    for p, v in zip(scr["params"], scr["mse"]):
+        per_arch[p["arch"]] = min(per_arch.get(p["arch"], np.inf), v)
+    top = sorted(per_arch, key=per_arch.get)[:n_full]
+    assert {p["arch"] for p in ref["params"]} == set(top)
+    # the refined score is the brute-force LOO on all 120 rows
+    p = ref["params"][k]
+    Xs = (X - X.mean(0)) / X.std(0)
+    Y = np.eye(2)[y] - 0.5
+    K = p["arch"].kernel(torch.tensor(Xs), get="ntk").numpy()
+    r = p["diag_reg"] * np.mean(np.diag(K))
+    F = np.empty_like(Y)
+    for i in range(120):
+        keep = np.arange(120) != i
+        F[i] = K[i, keep] @ np.linalg.solve(K[np.ix_(keep, keep)] + r * np.eye(119), Y[keep])
+    np.testing.assert_allclose(ref["mse"][k], np.mean(((F - Y) ** 2).sum(1)), rtol=1e-6)
+    # temperature from those outputs = the fixed configuration's exact-LOO temperature
+    fixed = NTKClassifier(**clf.best_params_).fit(X, y)
+    assert fixed.temperature_ == pytest.approx(clf.temperature_, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# solver='svm'
+# ---------------------------------------------------------------------------------------
+
+def test_svm_solver_is_svc_on_the_precomputed_kernel():
+    from sklearn.svm import SVC
+    rng = np.random.default_rng(8)
+    X, Xt = rng.standard_normal((60, 4)), rng.standard_normal((20, 4))
+    y = (X[:, 0] + X[:, 1] ** 2 > 0.8).astype(int) + (X[:, 2] > 1)
+    arch = ReluNTKFix(2, 1)
+    clf = NTKClassifier(arch=arch, solver="svm", C=10.0).fit(X, y)
+    assert clf.loo_scores_ is None and clf.best_params_["C"] == 10.0 == clf.C_
+    mu, sd = X.mean(0), X.std(0)
+    K = arch.kernel(torch.tensor((X - mu) / sd), get="ntk").numpy()
+    Kt = arch.kernel(torch.tensor((Xt - mu) / sd), torch.tensor((X - mu) / sd), get="ntk").numpy()
+    ref = SVC(kernel="precomputed", C=10.0, break_ties=True).fit(K, y)
+    np.testing.assert_allclose(clf.decision_function(Xt), ref.decision_function(Kt),
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(clf.predict(Xt), ref.predict(Kt))
+    P = clf.predict_proba(Xt)
+    np.testing.assert_allclose(P.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(clf.classes_[P.argmax(1)], clf.predict(Xt))
+    # binary: decision_function is SVC's, outputs +-f/2
+    yb = (y > 0).astype(int)
+    cb = NTKClassifier(arch=arch, solver="svm", C=1.0).fit(X, yb)
+    rb = SVC(kernel="precomputed", C=1.0).fit(K, yb)
+    np.testing.assert_allclose(cb.decision_function(Xt), rb.decision_function(Kt), rtol=1e-6,
+                               atol=1e-8)
+
+
+def test_svm_solver_chooses_C_by_internal_cv_on_training_rows():
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import SVC
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((60, 3))
+    y = (np.sin(2 * X[:, 0]) + X[:, 1] + 0.4 * rng.standard_normal(60) > 0).astype(int)
+    clf = NTKClassifier(solver="svm", random_state=2).fit(X, y)      # kernel chosen by LOO
+    arch = clf.best_params_["arch"]
+    Xs = (X - X.mean(0)) / X.std(0)
+    K = arch.kernel(torch.tensor(Xs), get="ntk").numpy()
+    accs = []
+    for C in est_mod.DEFAULT_SVM_C:
+        hit = 0
+        for tr, va in StratifiedKFold(3, shuffle=True, random_state=2).split(X, y):
+            s = SVC(kernel="precomputed", C=C).fit(K[np.ix_(tr, tr)], y[tr])
+            hit += np.sum(s.predict(K[np.ix_(va, tr)]) == y[va])
+        accs.append(hit / 60)
+    np.testing.assert_allclose(clf.cv_scores_["accuracy"], accs)
+    assert clf.C_ == est_mod.DEFAULT_SVM_C[int(np.argmax(accs))]
+    # the kernel is the krr solver's LOO choice
+    assert NTKClassifier(random_state=2).fit(X, y).best_params_["arch"] == arch
+
+
+def test_svm_solver_errors():
+    X = np.random.default_rng(0).standard_normal((12, 3))
+    y = np.arange(12) % 2
+    with pytest.raises(ValueError, match="solver"):
+        NTKClassifier(solver="lbfgs").fit(X, y)
+    with pytest.raises(ValueError, match="C"):
+        NTKClassifier(C=1.0).fit(X, y)
+    with pytest.raises(ValueError, match="> 0"):
+        NTKClassifier(solver="svm", C=[1.0, 0.0]).fit(X, y)
+    with pytest.raises(ValueError, match="`t`"):
+        NTKClassifier(solver="svm", t=3.0).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        NTKClassifier(solver="svm", features=8, arch=ReluNTKFix(1, 0)).fit(X, y)
+    with pytest.raises(ValueError, match="empty"):
+        NTKClassifier(solver="svm", C=[]).fit(X, y)
+    y1 = np.array([0] * 11 + [1])
+    with pytest.warns(UserWarning, match="cross-validated"):
+        c = NTKClassifier(solver="svm", arch=ReluNTKFix(1, 0)).fit(X, y1)
+    assert c.C_ == 1.0
 
 
 def test_default_family_contents():

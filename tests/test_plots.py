@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 from ntkit import diagnostics as dg  # noqa: E402
 from ntkit import layers as nl  # noqa: E402
+from ntkit import _dynamics_demo as dd  # noqa: E402
 from ntkit import plots  # noqa: E402
 from ntkit.report import MIN_TEXT_PX, PAGE_WIDTH_PX, smallest_text_px  # noqa: E402
 
@@ -64,11 +65,12 @@ def sweep():
 
 
 def test_init_functions_is_a_gp_draw(tmp_path):
-    fig = plots.init_functions(n_nets=5, width=128, path=str(tmp_path / "init.png"))
+    fig = plots.init_functions(dd.init_functions(n_nets=5, width=128),
+                               path=str(tmp_path / "init.png"))
     assert_readable(fig)
     assert fig.axes[0].get_title().startswith("5 random networks")
-    assert plots.init_functions(n_nets=1, width=16).axes[0].get_title().startswith(
-        "1 random network of")                            # grammar
+    one = plots.init_functions(dd.init_functions(n_nets=1, width=16))
+    assert one.axes[0].get_title().startswith("1 random network of")   # grammar
     ax = fig.axes[0]
     assert len(lines_with_data(ax)) == 5 and len(ax.collections) == 1   # nets + NNGP band
     assert (tmp_path / "init.png").stat().st_size > 5000
@@ -78,7 +80,7 @@ def test_init_functions_is_a_gp_draw(tmp_path):
 
 
 def test_trained_functions_fit_the_points():
-    fig = plots.trained_functions(n_nets=3, width=128, steps=200)
+    fig = plots.trained_functions(dd.trained_functions(n_nets=3, width=128, steps=200))
     assert_readable(fig)
     ax = fig.axes[0]
     nets = [ln for ln in lines_with_data(ax) if ln.get_linestyle() == "-"]
@@ -94,7 +96,7 @@ def test_trained_functions_fit_the_points():
 
 def test_weight_matrices_and_gif(tmp_path):
     gif = str(tmp_path / "w.gif")
-    fig = plots.weight_matrices(widths=(10, 100), steps=20, n_frames=3,
+    fig = plots.weight_matrices(dd.weight_changes(widths=(10, 100), steps=20), n_frames=3,
                                 gif_path=gif if plots.has_gif_support() else None)
     assert_readable(fig)
     images = [im for ax in fig.axes for im in ax.get_images()]
@@ -109,7 +111,7 @@ def test_weight_matrices_and_gif(tmp_path):
 
 
 def test_scaling_and_training_curves(sweep, tmp_path):
-    fig = sweep.plot(str(tmp_path / "s.svg"))
+    fig = plots.plot_scaling(sweep, path=str(tmp_path / "s.svg"))
     assert_readable(fig)
     assert len(fig.axes) == 4                             # grad, Hessian, kappa, weight change
     for ax in fig.axes:
@@ -138,7 +140,7 @@ def test_tangent_model_converges_to_tangent():
 
 
 def test_ntk_ellipse_lazy_for_large_alpha(tmp_path):
-    fig = plots.ntk_ellipse(alphas=(0.25, 16.0), steps=40, n_ellipses=3,
+    fig = plots.ntk_ellipse(dd.ntk_ellipse(alphas=(0.25, 16.0), steps=40), n_ellipses=3,
                             gif_path=str(tmp_path / "e.gif") if plots.has_gif_support() else None)
     assert_readable(fig)
     assert len(fig.axes) == 2
@@ -167,7 +169,7 @@ def test_ntk_ellipse_lazy_for_large_alpha(tmp_path):
 
 
 def test_weight_matrices_say_when_nothing_visible_moves():
-    fig = plots.weight_matrices(widths=(10, 300), steps=20, n_frames=2)
+    fig = plots.weight_matrices(dd.weight_changes(widths=(10, 300), steps=20), n_frames=2)
     axes = [ax for ax in fig.axes if ax.get_images()]
     last_narrow, first_wide, last_wide = axes[1], axes[2], axes[3]
     scale = float(last_narrow.get_images()[0].get_array().__abs__().max())
@@ -203,7 +205,7 @@ def test_dynamics_figures_readable():
     fig = plots.dynamics_comparison(res)
     assert_readable(fig)
     assert all(ax.get_yscale() == "log" for ax in fig.axes)
-    fig = plots.trajectories(arch, x, y, xt, widths=(16, 64), steps=5)
+    fig = plots.trajectories(dd.trajectories(arch, x, y, xt, widths=(16, 64), steps=5))
     assert_readable(fig)
 
 
@@ -241,4 +243,62 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="alphas"):
         plots.tangent_model((0, 1))
     with pytest.raises(ValueError, match="x_range"):
-        plots.init_functions(x_range=(1, 0))
+        dd.init_functions(x_range=(1, 0))
+
+
+def test_plots_only_draws():
+    """Issue 17: the figures train nothing and import no engine; their experiments do."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(plots))
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not names & {"backward", "SGD", "step", "optim"}
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not mods & {"diagnostics", "empirical", "layers", "_dynamics_demo"}, mods
+
+
+def _gd(net, x, y, lr, steps, scale=1.0, watch=None):
+    """The loop plots.py used to run (full-batch GD on scale * 1/2 mean (f - y)^2)."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    seen = []
+    for s in range(steps + 1):
+        if watch is not None:
+            with torch.no_grad():
+                seen.append(watch(net))
+        if s == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        (0.5 * ((net(x) - y) ** 2).mean() * scale).backward()
+        opt.step()
+    return seen
+
+
+def test_figure_experiments_match_a_hand_written_gd_loop():
+    """The experiments train through diagnostics.train: same networks as a plain GD loop."""
+    from ntkit import predict
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, generator=g, dtype=F64)
+    xt = torch.randn(3, 2, generator=g, dtype=F64)
+    y = torch.sin(x.sum(1, keepdim=True))
+    arch = nl.serial(nl.Dense(8, W_std=1.5, b_std=0.1), nl.Erf(), nl.Dense(1, W_std=1.5))
+    res = dd.trajectories(arch, x, y, xt, widths=(8, 32), steps=12, example=1)
+    lr = 0.5 * predict.max_learning_rate(arch.kernel(x, get="ntk"), y.numel())
+    for w, actual, _ in res.runs:
+        net = arch.module(in_shape=2, width=w, seed=0)
+        ref = _gd(net, x, y, lr, 12, watch=lambda n: float(n(xt[1:2])[0, 0]))
+        assert actual == pytest.approx([ref[s] for s in res.steps], rel=1e-12, abs=1e-14)
+    # the ellipse: alpha (f - f_0) trained on the loss divided by alpha^2
+    from ntkit.empirical import centered, empirical_ntk, scaled
+    ell = dd.ntk_ellipse(alphas=(0.5,), steps=15)
+    a, traj, kernels, lin, _, _ = ell.runs[0]
+    x2 = torch.tensor([[1.0, 0.2], [0.7, 0.7]], dtype=F64)
+    y2 = torch.tensor([[1.0], [-0.3]], dtype=F64)
+    ea = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
+    base = ea.module(in_shape=2, width=16, seed=0)
+    net = scaled(centered(base), a)
+    k0 = empirical_ntk(net, x2, dtype=F64) / a ** 2
+    assert torch.allclose(kernels[0][1], k0, rtol=1e-12)
+    lr = 0.3 * 2 * 2 / float(torch.linalg.eigvalsh(k0)[-1])
+    ref = torch.stack(_gd(net, x2, y2, lr, 15, 1 / a ** 2, watch=lambda n: n(x2)[:, 0].clone()))
+    assert torch.allclose(traj, ref, rtol=1e-10, atol=1e-13)
+    assert [s for s, _ in kernels] == list(range(16))        # rec_every = max(1, 15 // 20)

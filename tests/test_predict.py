@@ -205,8 +205,8 @@ def test_ensemble_matches_linear_gaussian_oracle(arch, data, get, diag_reg):
     lr = 0.5
     ens = P.gradient_descent_mse_ensemble(arch, data["x"], y, learning_rate=lr, diag_reg=diag_reg)
     ts = torch.tensor([0.0, 2.0, 30.0, 1e3], dtype=F64)
-    res_te = ens(data["xt"], t=ts, get=get, compute_cov=True)
-    res_tr = ens(None, t=ts, get=get, compute_cov=True)
+    res_te = ens(t=ts, x_test=data["xt"], get=get, compute_cov=True)
+    res_tr = ens(t=ts, x_test=None, get=get, compute_cov=True)
     th_all = data["ntk_all"] if get == "ntk" else data["nngp_all"]
     ridge = diag_reg * float(torch.diagonal(th_all[:n, :n]).mean())
     th_dd = th_all[:n, :n] + ridge * torch.eye(n, dtype=F64)
@@ -221,8 +221,8 @@ def test_ensemble_matches_linear_gaussian_oracle(arch, data, get, diag_reg):
         assert _rel(res_tr.mean[i], mean[:n]) < 1e-9
         assert _rel(res_tr.covariance[i], cov[:n, :n]) < 1e-9
     # t = None (solve path) equals the large-t limit of the eigen path
-    inf = ens(data["xt"], t=None, get=get, compute_cov=True)
-    big = ens(data["xt"], t=torch.tensor([math.inf]), get=get, compute_cov=True)
+    inf = ens(t=None, x_test=data["xt"], get=get, compute_cov=True)
+    big = ens(t=torch.tensor([math.inf]), x_test=data["xt"], get=get, compute_cov=True)
     assert _rel(inf.mean, big.mean[0]) < 1e-8
     assert _rel(inf.covariance, big.covariance[0]) < 1e-8
 
@@ -307,15 +307,15 @@ def test_ensemble_kernel_fn_forms(arch, data):
     y = data["y"]
     fn_dict = lambda a, b, get: {g: arch.kernel(a, b, get=g) for g in  # noqa: E731
                                  ((get,) if isinstance(get, str) else get)}
-    outs = [P.gradient_descent_mse_ensemble(k, data["x"], y)(data["xt"], 3.0, "ntk", True)
+    outs = [P.gradient_descent_mse_ensemble(k, data["x"], y)(3.0, data["xt"], "ntk", True)
             for k in (arch, arch.kernel, fn_dict)]
     for o in outs[1:]:
         assert torch.allclose(o.mean, outs[0].mean, rtol=1e-12, atol=1e-12)
         assert torch.allclose(o.covariance, outs[0].covariance, rtol=1e-12, atol=1e-12)
-    both = P.gradient_descent_mse_ensemble(arch, data["x"], y)(data["xt"], 3.0)
+    both = P.gradient_descent_mse_ensemble(arch, data["x"], y)(3.0, data["xt"])
     assert set(both._fields) == {"nngp", "ntk"} and torch.allclose(both.ntk, outs[0].mean)
     with pytest.raises(TypeError, match="order"):
-        P.gradient_descent_mse_ensemble(arch, data["x"], y)(3.0, data["xt"])
+        P.gradient_descent_mse_ensemble(arch, data["x"], y)(data["xt"], 3.0)
 
 
 def _batched_nets(x_all, n_train, y, width, n_nets, lr, steps, seed):
@@ -362,7 +362,7 @@ def test_ensemble_matches_trained_finite_networks():
     ens = P.gradient_descent_mse_ensemble(arch1, x_all[:n], y)
     # the network took discrete steps; compare with flow at t = steps (time unit lr) and check the
     # discretization is negligible here by the exact discrete mean (f0 = 0 in expectation)
-    pred = ens(x_all[n:], t=steps * lr, get="ntk", compute_cov=True)
+    pred = ens(t=steps * lr, x_test=x_all[n:], get="ntk", compute_cov=True)
     disc = P.gradient_descent_mse_discrete(ntk, y, lr)(steps, None, 0.0,
                                                        arch1.kernel(x_all[n:], x_all[:n], get="ntk"))
     assert _rel(pred.mean, disc) < 0.02
@@ -375,7 +375,7 @@ def test_ensemble_matches_trained_finite_networks():
     # the readout (NNGP dynamics), are far from what the networks did
     prior = arch1.kernel(x_all[n:], get="nngp")
     assert _rel(emp_cov[n:, n:], prior) > 4 * err
-    wrong = ens(x_all[n:], t=steps * lr, get="nngp")
+    wrong = ens(t=steps * lr, x_test=x_all[n:], get="nngp")
     assert float(((emp_mean[n:] - wrong[:, 0]) / se).abs().max()) > 6
 
 
@@ -492,7 +492,7 @@ def test_ill_conditioned_kernel_no_nan(arch):
         assert _rel(out_inf[1].double(), ref) < (1e-5 if kk.dtype == F64 else 1e-3)
     ens = P.gradient_descent_mse_ensemble(arch, x, y)
     for t in (None, torch.tensor([1.0, 1e8])):
-        r = ens(xt, t=t, get="ntk", compute_cov=True)
+        r = ens(t=t, x_test=xt, get="ntk", compute_cov=True)
         assert torch.isfinite(r.mean).all() and torch.isfinite(r.covariance).all()
     post = P.gp_inference(k, y)("nngp", ktd, ktt)
     assert torch.isfinite(post.covariance).all()

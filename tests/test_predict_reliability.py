@@ -106,11 +106,11 @@ def test_every_spelling_of_t_inf_agrees_on_a_singular_kernel():
     ens = P.gradient_descent_mse_ensemble(kfn, phi_tr, y)
     for x_test, want in ((None, zero_tr), (phi_tr, zero_tr), (phi_te, zero_te)):
         for t in (None, math.inf, torch.tensor([math.inf]), torch.tensor(1e300)):
-            mean = ens(x_test, t, "ntk")
+            mean = ens(t, x_test, "ntk")
             mean = mean[0] if mean.ndim == 3 else mean
             assert _rel(mean, want) < 1e-10, (x_test is None, t)
     a = ens(None, None, "ntk", compute_cov=True)
-    b = ens(phi_tr, None, "ntk", compute_cov=True)
+    b = ens(None, phi_tr, "ntk", compute_cov=True)
     c = post("ntk", None, True)
     assert torch.allclose(a.covariance, b.covariance, atol=1e-10)
     assert torch.allclose(a.covariance, c.covariance, atol=1e-10)
@@ -311,7 +311,7 @@ def test_shape_and_value_errors_name_the_argument():
                 "ntk": torch.eye(n + 1, dtype=F64) if b is None else a @ b.T}
     x = torch.randn(3, 2, dtype=F64)
     with pytest.raises(ValueError, match=r"kernel_fn\(x_train\)\.ntk"):
-        P.gradient_descent_mse_ensemble(kfn_bad, x, y)(None, 1.0, ("nngp", "ntk"))
+        P.gradient_descent_mse_ensemble(kfn_bad, x, y)(1.0, None, ("nngp", "ntk"))
     with pytest.raises(ValueError, match="NaN"):
         P.gradient_descent_mse(K, y)(1.0, torch.full((3, 1), math.nan, dtype=F64))
     with pytest.raises(ValueError, match="diag_reg"):

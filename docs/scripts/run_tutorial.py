@@ -48,7 +48,7 @@ def split_blocks(text: str):
 
 def _save_figures(out_dir: str, prefix: str, block: int, ns: dict, done: list):
     """Save every open pyplot figure (then close it) and every matplotlib ``Figure`` bound to a
-    name in ``ns`` that was not saved before (e.g. returned by ``sweep.plot()``); return
+    name in ``ns`` that was not saved before (e.g. returned by ``plots.plot_scaling(sweep)``); return
     ``[(file name, alt text)]``. ``done`` keeps the saved figures (so ids are not reused)."""
     if "matplotlib" not in sys.modules:
         return []

@@ -15,8 +15,12 @@ Public names are imported lazily, so ``import ntkit`` stays cheap and optional d
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from . import _threads
+
+_threads.configure()   # before anything imports torch: OpenMP threads sleep instead of spinning
+
+import importlib  # noqa: E402
+from typing import Any  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,7 @@ _EXPORTS = {
     "compute_kernel": "ntkit.scale",
     "NTKRegressor": "ntkit.estimators",
     "NTKClassifier": "ntkit.estimators",
+    "settings": "ntkit._settings",
 }
 _SUBMODULES = ("layers", "predict", "diagnostics", "plots", "report", "scale", "data",
                "estimators", "empirical", "kernel", "cli", "features")

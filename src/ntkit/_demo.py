@@ -334,7 +334,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
 
     import torch
     from . import diagnostics as dg, layers as nl, plots, predict
-    from ._dynamics_demo import train_and_compare
+    from . import _dynamics_demo as dd
     from .report import Report
     S = dict(settings) if settings is not None else _settings(quick)
     rep = Report("ntkit: neural tangent kernels vs real training on digits",
@@ -362,7 +362,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
     Y = torch.nn.functional.one_hot(lab_tr, 10).double() - 0.1
     Y_te = torch.nn.functional.one_hot(lab_te, 10).double() - 0.1
     arch = _dyn_arch()
-    res = train_and_compare(arch, x_tr, Y, x_te, widths=S["dyn_widths"], steps=S["dyn_steps"],
+    res = dd.train_and_compare(arch, x_tr, Y, x_te, widths=S["dyn_widths"], steps=S["dyn_steps"],
                             seeds=S["dyn_seeds"], y_test=Y_te, progress=False)
     log(res.to_text())
     rep.heading("2. Real networks vs the NTK prediction")
@@ -389,9 +389,10 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
     rep.figure(plots.dynamics_comparison(res), "RMS distance between trained networks and "
                "the kernel prediction, by width, at several step counts (dashed: width^-1/2).")
     T = int(max(S["dyn_steps"]))
-    rep.figure(plots.trajectories(arch, x_tr, Y, x_te, widths=S["dyn_widths"][::2] if
-                                  len(S["dyn_widths"]) > 3 else S["dyn_widths"], steps=T,
-                                  lr_fraction=0.5, example=0, output=int(lab_te[0])),
+    rep.figure(plots.trajectories(dd.trajectories(
+                   arch, x_tr, Y, x_te, widths=S["dyn_widths"][::2] if
+                   len(S["dyn_widths"]) > 3 else S["dyn_widths"], steps=T, lr_fraction=0.5,
+                   example=0, output=int(lab_te[0]))),
                "Output (true class) of one test digit during training: networks (solid) vs "
                "their NTK prediction (dashed); one initialization per width (seed 0), so the "
                "gaps differ from the seed-averaged RMS distances above.")
@@ -452,26 +453,29 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
             rep.note(n_)
     else:
         rep.text("Every theory value lies inside its fitted slope's 95% confidence interval.")
-    rep.figure(sw_std.plot(), "Standard (LeCun) parameterization, at initialization.")
-    rep.figure(sw_ntk.plot(), "NTK parameterization, trained with full-batch GD.")
+    rep.figure(plots.plot_scaling(sw_std), "Standard (LeCun) parameterization, at initialization.")
+    rep.figure(plots.plot_scaling(sw_ntk), "NTK parameterization, trained with full-batch GD.")
     rep.figure(plots.training_curves(sw_ntk), "Loss, relative weight change and gap to the "
                "linearized network during training, by width (NTK parameterization).")
-    rep.figure(sw_a.plot(metrics=["kappa", "rel_weight_change", "kernel_drift", "lin_gap"]),
+    rep.figure(plots.plot_scaling(sw_a, metrics=["kappa", "rel_weight_change", "kernel_drift",
+                                                 "lin_gap"]),
                "Output scale alpha (centered model).")
     rep.code(sw_std.to_text() + "\n\n" + sw_ntk.to_text() + "\n\n" + sw_a.to_text())
 
     # ---- 5. pictures of the theory ------------------------------------------------------
     log("[report] figures of the theory ...")
     rep.heading("5. Pictures of the theory")
-    rep.figure(plots.init_functions(n_nets=S["nets"] + 4), "At initialization a wide network "
-               "is a draw from a Gaussian process whose covariance is the NNGP kernel.")
-    rep.figure(plots.trained_functions(n_nets=S["nets"], steps=S["fn_steps"]),
+    rep.figure(plots.init_functions(dd.init_functions(n_nets=S["nets"] + 4)), "At "
+               "initialization a wide network is a draw from a Gaussian process whose "
+               "covariance is the NNGP kernel.")
+    rep.figure(plots.trained_functions(dd.trained_functions(n_nets=S["nets"],
+                                                            steps=S["fn_steps"])),
                "Networks trained on 5 points agree with the NTK-GP (mean and spread) at the same "
                "training time.")
     with tempfile.TemporaryDirectory() as tmp:
         gif = S["gif"] and plots.has_gif_support()
         gw = os.path.join(tmp, "weights.gif") if gif else None
-        rep.figure(plots.weight_matrices(steps=S["w_steps"], gif_path=gw),
+        rep.figure(plots.weight_matrices(dd.weight_changes(steps=S["w_steps"]), gif_path=gw),
                    "A hidden-to-hidden weight matrix during training (change from init, in units "
                    "of the initial spread, one colour scale for all panels): the narrow network "
                    "rewires visibly, wider ones barely move; a panel whose change is too small "
@@ -482,7 +486,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
                    "its tangent: as alpha grows, the model and its normalized loss become those "
                    "of the linear (tangent) model.")
         ge = os.path.join(tmp, "ellipse.gif") if gif else None
-        efig = plots.ntk_ellipse(steps=S["e_steps"], gif_path=ge)
+        efig = plots.ntk_ellipse(dd.ntk_ellipse(steps=S["e_steps"]), gif_path=ge)
         ch = efig.ntk_changes
         rep.figure(efig, "The empirical NTK on two inputs drawn as an ellipse at several "
                    "training steps (colours), the outputs' trajectory inside it (red) and the "
@@ -519,7 +523,7 @@ def _ours(path: str) -> bool:
 
 def _check_args(args: argparse.Namespace):
     """Validate every flag before any work; returns (n_train, depth, absolute --out or None)."""
-    from ._cli_io import check_out_file
+    from ._files import check_out_file
     n_train = args.n_train if args.n_train is not None else (300 if args.quick else 1200)
     depth = args.depth if args.depth is not None else (1 if args.quick else 3)
     _check_n_train(n_train, "--n-train")
@@ -532,7 +536,7 @@ def _check_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from ._cli_io import write_atomic
+    from ._files import write_atomic
     n_train, depth, out = _check_args(args)
     print(f"ntkit demo: exact NNGP/NTK kernel regression on digits "
           f"(ReLU MLP, {_plural(depth, 'hidden layer')}, {_plural(n_train, 'training image')})")

@@ -1,4 +1,10 @@
-"""Real networks against the kernel prediction: the check behind ``ntkit demo``'s dynamics table.
+"""Real networks against the kernel prediction: the experiments behind ``ntkit demo``.
+
+:func:`train_and_compare` is the check behind the demo's dynamics table; the other functions
+run the experiments that :mod:`ntkit.plots` draws (networks at initialization and trained vs
+the NNGP / NTK-GP, a weight matrix during training, the 2-point NTK ellipse, output
+trajectories vs their NTK prediction). Every network is trained by
+:func:`ntkit.diagnostics.train`; the theory comes from :mod:`ntkit.predict`.
 
 Trains finite NTK-parameterized networks of increasing width with full-batch gradient descent on
 ``1/2 mean (f - y)^2`` and measures, at several step counts, the RMS distance between their
@@ -25,8 +31,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import predict as _predict
+from .diagnostics import fit_slope, train
 
-__all__ = ["train_and_compare", "DynamicsComparison"]
+__all__ = ["train_and_compare", "DynamicsComparison", "init_functions", "InitFunctions",
+           "trained_functions", "TrainedFunctions", "weight_changes", "WeightChanges",
+           "ntk_ellipse", "EllipseRuns", "trajectories", "Trajectories"]
 
 
 @dataclass
@@ -84,35 +93,6 @@ class DynamicsComparison:
         return "\n".join(lines)
 
 
-def _common_slope(widths: torch.Tensor, series: List[torch.Tensor]):
-    """One log-log slope for several series over the same widths, each with its own intercept
-    (least squares), with a 95% Student-t CI on ``n_points - n_series - 1`` degrees of
-    freedom; returns a :class:`ntkit.diagnostics.Slope` (intercept: that of the first series)."""
-    from .diagnostics import Slope, _t_quantile
-    x = torch.log(widths.to(torch.float64))
-    xc = x - x.mean()
-    sxx = float((xc * xc).sum()) * len(series)
-    ys = [torch.log(v.to(torch.float64).clamp_min(1e-300)) for v in series]
-    b = sum(float((xc * (y - y.mean())).sum()) for y in ys) / sxx
-    rss = sum(float(((y - y.mean() - b * xc) ** 2).sum()) for y in ys)
-    n = x.numel() * len(ys)
-    dof = n - len(ys) - 1
-    if dof >= 1:
-        se = math.sqrt(rss / dof / sxx)
-        q = _t_quantile(0.975, dof)
-        lo, hi = b - q * se, b + q * se
-    else:
-        se, lo, hi = math.nan, math.nan, math.nan
-    return Slope(b, se, lo, hi, float(ys[0].mean()) - b * float(x.mean()), int(n))
-
-
-def _slope(widths: torch.Tensor, values: torch.Tensor) -> float:
-    x = torch.log(widths.to(torch.float64))
-    v = torch.log(values.to(torch.float64).clamp_min(1e-300))
-    xc = x - x.mean()
-    return float((xc * (v - v.mean())).sum() / (xc * xc).sum())
-
-
 def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
                       widths: Sequence[int] = (256, 512, 1024, 2048, 4096, 8192),
                       steps: Sequence[int] = (10, 30, 100),
@@ -157,10 +137,16 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
     pf = _predict.gradient_descent_mse_discrete(ntk_dd, y, learning_rate=lr)
     steps_t = torch.tensor(steps_l, dtype=torch.float64)
     in_shape = tuple(x_tr.shape[1:])
+
+    def outputs(step, net):
+        with torch.no_grad():
+            return net(x_tr).to(torch.float64), net(x_te).to(torch.float64)
+
     sq_tr = torch.zeros(len(widths), len(steps_l), dtype=torch.float64)
     sq_te = torch.zeros_like(sq_tr)
     net_rmse: List[float] = []
-    outs_te, preds_te = [], []
+    outs_te: List[List[Any]] = []
+    preds_te: List[List[Any]] = []
     for wi, w in enumerate(widths):
         net_err = 0.0
         outs_te.append([])
@@ -170,19 +156,12 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
             with torch.no_grad():
                 f0, g0 = net(x_tr).to(torch.float64), net(x_te).to(torch.float64)
             pred_tr, pred_te = pf(steps_t, f0, g0, ntk_td)
-            opt = torch.optim.SGD(net.parameters(), lr=lr)
-            rec_tr, rec_te = [], []
-            done = 0
-            for s in steps_l:
-                for _ in range(s - done):
-                    opt.zero_grad(set_to_none=True)
-                    loss = 0.5 * ((net(x_tr) - y) ** 2).mean()
-                    loss.backward()
-                    opt.step()
-                done = s
-                with torch.no_grad():
-                    rec_tr.append(net(x_tr).to(torch.float64))
-                    rec_te.append(net(x_te).to(torch.float64))
+            rec = train(net, x_tr, y, steps=steps_l[-1], learning_rate=lr,
+                        record_steps=steps_l, linearization=False,
+                        measure_kernel_drift=False, measure=outputs)
+            got = dict(zip(rec.steps.tolist(), rec.measured))
+            rec_tr = [got[s][0] for s in steps_l]
+            rec_te = [got[s][1] for s in steps_l]
             out_tr, out_te = torch.stack(rec_tr), torch.stack(rec_te)
             outs_te[-1].append(out_te[-1])
             preds_te[-1].append(pred_te[-1])
@@ -198,8 +177,10 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
     train_rms = (sq_tr / len(seeds)).sqrt()
     test_rms = (sq_te / len(seeds)).sqrt()
     w_t = torch.tensor(widths, dtype=torch.float64)
-    sl_tr = torch.tensor([_slope(w_t, train_rms[:, j]) for j in range(len(steps_l))])
-    sl_te = torch.tensor([_slope(w_t, test_rms[:, j]) for j in range(len(steps_l))])
+    sl_tr = torch.tensor([fit_slope(widths, train_rms[:, j].tolist()).slope
+                          for j in range(len(steps_l))])
+    sl_te = torch.tensor([fit_slope(widths, test_rms[:, j].tolist()).slope
+                          for j in range(len(steps_l))])
     kernel_rmse = None
     if y_test is not None:
         yt = torch.as_tensor(y_test, dtype=torch.float64)
@@ -215,3 +196,284 @@ def train_and_compare(arch: Any, x_train: Any, y_train: Any, x_test: Any,
                "test_predictions": torch.stack([torch.stack(p) for p in preds_te])},
         slope_fit=_common_slope(w_t, [train_rms[:, j] for j in range(len(steps_l))]
                                 + [test_rms[:, j] for j in range(len(steps_l))]))
+
+
+def _common_slope(widths: torch.Tensor, series: List[torch.Tensor]):
+    """One log-log slope of several series over the same widths, an intercept per series
+    (:func:`ntkit.diagnostics.fit_slope` with ``groups``)."""
+    w = widths.tolist()
+    return fit_slope(w * len(series), [float(v) for s in series for v in s],
+                     groups=[i for i in range(len(series)) for _ in w])
+
+
+# =========================================================================================
+# the experiments behind the figures of ntkit.plots (which only draws what these return)
+# =========================================================================================
+
+_F64 = torch.float64
+
+
+def _check_count(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _default_1d_arch():
+    from . import layers as nl
+    return nl.serial(nl.Dense(512, W_std=1.5, b_std=0.5), nl.Erf(),
+                     nl.Dense(1, W_std=1.5, b_std=0.1))
+
+
+def _grid(x_range, n=200):
+    lo, hi = float(x_range[0]), float(x_range[1])
+    if not hi > lo:
+        raise ValueError(f"`x_range` must be (low, high) with low < high, got {x_range!r}")
+    return torch.linspace(lo, hi, n, dtype=_F64)[:, None]
+
+
+def _quiet_train(net, x, y, steps, lr, **kw):
+    """Full-batch GD with :func:`ntkit.diagnostics.train`, measuring nothing extra."""
+    return train(net, x, y, steps=steps, learning_rate=lr, linearization=False,
+                 measure_kernel_drift=False, **kw)
+
+
+@dataclass
+class InitFunctions:
+    """Networks of a 1-D input at initialization and their NNGP: xs ``(G, 1)`` grid; sd
+    ``(G,)`` NNGP standard deviation ``sqrt(K(x, x))``; outputs ``(n_nets, G)``; width."""
+    xs: torch.Tensor
+    sd: torch.Tensor
+    outputs: torch.Tensor
+    width: int
+
+
+def init_functions(arch: Any = None, *, width: int = 512, n_nets: int = 12,
+                   x_range=(-3.0, 3.0), seed: int = 0) -> InitFunctions:
+    """``n_nets`` networks ``arch.module(1, width=width, seed=seed + i)`` (default: a
+    one-hidden-layer erf network) over ``x_range``, and the NNGP standard deviation of
+    ``arch.kernel``. Drawn by :func:`ntkit.plots.init_functions`."""
+    arch = _default_1d_arch() if arch is None else arch
+    _check_count(n_nets, "n_nets")
+    xs = _grid(x_range)
+    sd = arch.kernel(xs, get="nngp").diagonal().clamp_min(0).sqrt()
+    outs = []
+    for i in range(n_nets):
+        net = arch.module(in_shape=1, width=width, seed=seed + i)
+        with torch.no_grad():
+            outs.append(net(xs)[:, 0].to(_F64))
+    return InitFunctions(xs, sd, torch.stack(outs), int(width))
+
+
+@dataclass
+class TrainedFunctions:
+    """Networks of a 1-D input trained on a few points, and the NTK-GP at the same time.
+
+    Attributes: xs ``(G, 1)`` grid; mean, sd ``(G,)`` NTK-GP mean and standard deviation after
+    ``steps`` GD steps; outputs ``(n_nets, G)`` the trained networks on the grid; x_train,
+    y_train ``(n, 1)``; width, steps, learning_rate."""
+    xs: torch.Tensor
+    mean: torch.Tensor
+    sd: torch.Tensor
+    outputs: torch.Tensor
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    width: int
+    steps: int
+    learning_rate: float
+
+
+def trained_functions(arch: Any = None, x_train: Any = None, y_train: Any = None, *,
+                      width: int = 512, n_nets: int = 10, steps: int = 1000,
+                      lr_fraction: float = 0.5, x_range=(-3.0, 3.0),
+                      seed: int = 0) -> TrainedFunctions:
+    """Train ``n_nets`` networks by full-batch GD on a few 1-D points (default: 5 points of
+    ``sin``; architecture: a one-hidden-layer erf network) at ``lr_fraction`` times the stable
+    rate of the infinite-width NTK, next to the NTK-GP of
+    :func:`ntkit.predict.gradient_descent_mse_ensemble` at the same time.
+    Drawn by :func:`ntkit.plots.trained_functions`."""
+    arch = _default_1d_arch() if arch is None else arch
+    _check_count(n_nets, "n_nets")
+    _check_count(steps, "steps")
+    if x_train is None:
+        x_train = torch.tensor([[-2.0], [-1.0], [0.0], [1.2], [2.2]], dtype=_F64)
+        y_train = torch.sin(1.5 * x_train)
+    x_train = torch.as_tensor(x_train, dtype=_F64)
+    y_train = torch.as_tensor(y_train, dtype=_F64)
+    if x_train.ndim != 2 or x_train.shape[1] != 1 or y_train.shape != (x_train.shape[0], 1):
+        raise ValueError(f"`x_train` and `y_train` must be (n, 1) each, got "
+                         f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
+    xs = _grid(x_range)
+    ntk = arch.kernel(x_train, get="ntk")
+    lr = lr_fraction * _predict.max_learning_rate(ntk, y_train.numel())
+    ens = _predict.gradient_descent_mse_ensemble(arch, x_train, y_train, learning_rate=lr)
+    mean, cov = ens(x_test=xs, t=float(steps), get="ntk", compute_cov=True)
+    outs = []
+    for i in range(n_nets):
+        net = arch.module(in_shape=1, width=width, seed=seed + i)
+        _quiet_train(net, x_train, y_train, steps, lr)
+        with torch.no_grad():
+            outs.append(net(xs)[:, 0].to(_F64))
+    return TrainedFunctions(xs, mean[:, 0], cov.diagonal().clamp_min(0).sqrt(),
+                            torch.stack(outs), x_train, y_train, int(width), int(steps), lr)
+
+
+def _square_param(net, width):
+    for name, p in net.named_parameters():
+        if p.ndim == 2 and p.shape[0] == width and p.shape[1] == width:
+            return name
+    for name, p in net.named_parameters():
+        if p.ndim == 2:
+            return name
+    raise ValueError("the network has no 2-D weight matrix to draw")
+
+
+@dataclass
+class WeightChanges:
+    """A hidden weight matrix during training, per width: ``runs`` is a list of
+    ``(width, final relative weight change, {step: (W_t - W_0) / sd(W_0)})``."""
+    runs: List[tuple]
+    steps: int
+
+
+def weight_changes(arch: Any = None, x: Any = None, y: Any = None, *,
+                   widths: Sequence[int] = (10, 100, 1000), steps: int = 300,
+                   learning_rate: Any = "auto", seed: int = 0) -> WeightChanges:
+    """Train one network per width (full-batch GD, :func:`ntkit.diagnostics.train`; default: two
+    hidden erf layers on 8 1-D points of ``sin``) and keep its hidden-to-hidden weight matrix
+    at about 25 steps. Drawn by :func:`ntkit.plots.weight_matrices`."""
+    from . import layers as nl
+    if arch is None:
+        arch = nl.serial(nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(),
+                         nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(), nl.Dense(1, W_std=1.5))
+    if x is None:
+        x = torch.linspace(-2, 2, 8, dtype=_F64)[:, None]
+        y = torch.sin(2 * x)
+    _check_count(steps, "steps")
+    every = max(1, steps // 24)
+    runs = []
+    for w in widths:
+        net = arch.module(in_shape=tuple(torch.as_tensor(x).shape[1:]), width=int(w), seed=seed)
+        name = _square_param(net, int(w))
+        rec = train(net, x, y, steps=steps, learning_rate=learning_rate, record_every=every,
+                    linearization=False, measure_kernel_drift=False, snapshot=name)
+        w0 = rec.snapshots[0]
+        sd0 = float(w0.std()) or 1.0
+        runs.append((int(w), float(rec.rel_weight_change[-1]),
+                     {s: (v - w0) / sd0 for s, v in rec.snapshots.items()}))
+    return WeightChanges(runs, int(steps))
+
+
+@dataclass
+class EllipseRuns:
+    """Training ``alpha (f - f_0)`` on two points, per alpha. ``runs``: list of ``(alpha,
+    outputs (T+1, 2), kernels [(step, Theta_t (2, 2))], linearized outputs (T+1, 2), relative
+    kernel change, max path gap)``; target ``(2,)``."""
+    runs: List[tuple]
+    target: torch.Tensor
+
+
+def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
+                alphas: Sequence[float] = (0.1, 1.0, 32.0), width: int = 16, steps: int = 400,
+                lr_fraction: float = 0.3, seed: int = 0) -> EllipseRuns:
+    """Train ``alpha (f - f_0)`` by GD on two points (loss divided by ``alpha^2``, learning rate
+    ``lr_fraction`` times the stable rate of the initial kernel), recording the outputs at every
+    step and the empirical NTK ``Theta_t`` about 20 times, next to the linearized model's path
+    (:func:`ntkit.predict.gradient_descent_mse_discrete` with ``Theta_0``, exact for GD).
+    Drawn by :func:`ntkit.plots.ntk_ellipse`."""
+    from . import layers as nl
+    from .empirical import centered, empirical_ntk, scaled
+    if arch is None:
+        arch = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
+    if x2 is None:
+        x2 = torch.tensor([[1.0, 0.2], [0.7, 0.7]], dtype=_F64)     # correlated inputs: an
+        y2 = torch.tensor([[1.0], [-0.3]], dtype=_F64)              # elongated NTK ellipse
+    x2 = torch.as_tensor(x2, dtype=_F64)
+    y2 = torch.as_tensor(y2, dtype=_F64)
+    if x2.shape[0] != 2 or y2.shape != (2, 1):
+        raise ValueError(f"`x2` must hold 2 points and `y2` be (2, 1), got {tuple(x2.shape)}, "
+                         f"{tuple(y2.shape)}")
+    _check_count(steps, "steps")
+    rec_every = max(1, steps // 20)
+    runs = []
+    for a in alphas:
+        a = float(a)
+        if not a > 0:
+            raise ValueError(f"`alphas` must be positive, got {a}")
+        base = arch.module(in_shape=tuple(x2.shape[1:]), width=width, seed=seed)
+        net = scaled(centered(base), a)
+        # in the scaled coordinates the model's NTK is a^2 Theta and its loss is divided by a^2
+        k0 = empirical_ntk(net, x2, dtype=_F64) / a ** 2
+        lr = lr_fraction * _predict.max_learning_rate(k0, y2.numel())
+
+        def kernel(s, m, a=a):
+            if s % rec_every == 0 or s == steps:
+                return empirical_ntk(m, x2, dtype=_F64) / a ** 2
+            return None
+
+        rec = _quiet_train(net, x2, y2, steps, lr, loss_scale=1.0 / a ** 2, record_every=1,
+                           record_outputs=True, measure=kernel)
+        traj = rec.outputs[:, :, 0]
+        kernels = [(int(s), k) for s, k in zip(rec.steps.tolist(), rec.measured) if k is not None]
+        # the linearized model: same loss, same steps, kernel frozen at Theta_0
+        lin = _predict.gradient_descent_mse_discrete(kernels[0][1], y2, learning_rate=lr)(
+            torch.arange(steps + 1, dtype=_F64), traj[0][:, None])[:, :, 0]
+        change = float((kernels[-1][1] - kernels[0][1]).norm() / kernels[0][1].norm())
+        gap = float((traj - lin).norm(dim=1).max())
+        runs.append((a, traj, kernels, lin, change, gap))
+    return EllipseRuns(runs, y2[:, 0])
+
+
+@dataclass
+class Trajectories:
+    """One test output during GD per width: ``runs`` is a list of ``(width, network outputs,
+    NTK prediction)`` at ``steps`` (lists); example, output: which output is followed."""
+    steps: List[int]
+    runs: List[tuple]
+    example: int
+    output: int
+
+
+def trajectories(arch: Any, x_train: Any, y_train: Any, x_test: Any, *,
+                 widths: Sequence[int] = (64, 512, 4096), steps: int = 200,
+                 lr_fraction: float = 0.5, example: int = 0, output: int = 0,
+                 seed: int = 0) -> Trajectories:
+    """Train one network per width by full-batch GD and follow output ``output`` of test example
+    ``example``, next to the NTK prediction for that very network (same ``f_0``, same steps:
+    :func:`ntkit.predict.gradient_descent_mse_discrete`). Drawn by
+    :func:`ntkit.plots.trajectories`."""
+    x_tr = torch.as_tensor(x_train, dtype=_F64)
+    x_te = torch.as_tensor(x_test, dtype=_F64)
+    y = torch.as_tensor(y_train, dtype=_F64)
+    if y.ndim != 2 or y.shape[0] != x_tr.shape[0]:
+        raise ValueError(f"`y_train` must be (n_train, k), got {tuple(y.shape)}")
+    if not 0 <= example < x_te.shape[0] or not 0 <= output < y.shape[1]:
+        raise ValueError(f"`example` must be < {x_te.shape[0]} and `output` < {y.shape[1]}")
+    _check_count(steps, "steps")
+    k_dd = arch.kernel(x_tr, get="ntk")
+    k_td = arch.kernel(x_te, x_tr, get="ntk")
+    lr = lr_fraction * _predict.max_learning_rate(k_dd, y.numel())
+    pf = _predict.gradient_descent_mse_discrete(k_dd, y, learning_rate=lr)
+    every = max(1, steps // 40)
+    rec_steps = list(range(0, steps + 1, every))
+    if rec_steps[-1] != steps:
+        rec_steps.append(steps)
+    runs = []
+    for w in widths:
+        net = arch.module(in_shape=tuple(x_tr.shape[1:]), width=int(w), seed=seed)
+        with torch.no_grad():
+            f0, g0 = net(x_tr), net(x_te)
+        # step 0 is f_0 by definition; predict is asked for steps >= 1 only (its step-0 value
+        # is not finite when a mode's GD factor 1 - lr lambda / N is exactly 0, as at half the
+        # stable rate, the default)
+        _, pred = pf(torch.tensor(rec_steps[1:], dtype=_F64), f0, g0, k_td)
+        pred = torch.cat([g0.to(_F64)[None], pred])
+
+        def watch(s, m):
+            with torch.no_grad():
+                return float(m(x_te[example:example + 1])[0, output])
+
+        rec = _quiet_train(net, x_tr, y, steps, lr, record_every=every, measure=watch)
+        assert rec.steps.tolist() == rec_steps
+        runs.append((int(w), rec.measured, pred[:, example, output].tolist()))
+    return Trajectories(rec_steps, runs, int(example), int(output))

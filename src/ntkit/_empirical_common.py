@@ -4,8 +4,6 @@ scheduler. Private: the public surface is in ``ntkit.empirical``.
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -13,42 +11,21 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ._validation import check_model, parse_memory_budget  # noqa: F401  check_model re-exported
+
 OUTPUTS = ("trace", "full", "diagonal")
 IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of intermediates
 
 ParamFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 # ----------------------------------------------------------------------------------- arguments
 def parse_budget(memory_budget: Any) -> int:
-    """Bytes from an int/float or a string such as ``'512MB'`` / ``'2GiB'`` (None -> 1 GiB)."""
-    if memory_budget is None:
-        return DEFAULT_BUDGET
-    if isinstance(memory_budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", memory_budget)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"`memory_budget` string {memory_budget!r} not understood; use bytes "
-                             "(int) or a size such as '512MB' or '2GiB'")
-        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    elif isinstance(memory_budget, (int, float)) and not isinstance(memory_budget, bool):
-        value = float(memory_budget)
-    else:
-        raise TypeError(f"`memory_budget` must be a number of bytes or a string like '2GB', got "
-                        f"{type(memory_budget).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`memory_budget` must be positive, got {memory_budget!r}")
-    return int(value)
-
-
-def check_model(model: Any, name: str = "model") -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__}; wrap a "
-                        "plain function in an nn.Module whose parameters are registered")
-    return model
+    """Bytes from an int/float or a string such as ``'512MB'`` / ``'2GiB'`` (None -> 1 GiB);
+    the one convention of :func:`ntkit._validation.parse_memory_budget`."""
+    budget = parse_memory_budget(memory_budget)
+    return DEFAULT_BUDGET if budget is None else budget
 
 
 def check_independent(model: nn.Module) -> None:
@@ -61,8 +38,8 @@ def check_independent(model: nn.Module) -> None:
                 "first (eval-mode BatchNorm uses the running statistics, which is supported)")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
-                f"module {mname or type(m).__name__!r} is Dropout in training mode, which makes the "
-                "NTK random. Call model.eval() first")
+                f"module {mname or type(m).__name__!r} is Dropout in training mode, which makes "
+                "the NTK random. Call model.eval() first")
 
 
 def select_params(model: nn.Module, params: ParamFilter) -> List[str]:
@@ -161,7 +138,8 @@ def make_setup(model: nn.Module, names: List[str], dtype: Optional[torch.dtype])
     if dtype is None:
         dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"`dtype` must be a floating torch.dtype (e.g. torch.float64), got {dtype!r}")
+        raise TypeError(f"`dtype` must be a floating torch.dtype (e.g. torch.float64), got "
+                        f"{dtype!r}")
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -193,7 +171,8 @@ def contract(f1: torch.Tensor, f2: torch.Tensor, output: str) -> torch.Tensor:
         return (f1.reshape(b1, k * p) @ f2.reshape(b2, k * p).T) / k
     if output == "diagonal":
         return torch.bmm(f1.transpose(0, 1), f2.permute(1, 2, 0)).permute(1, 2, 0)
-    return (f1.reshape(b1 * k, p) @ f2.reshape(b2 * k, p).T).reshape(b1, k, b2, k).permute(0, 2, 1, 3)
+    prod = f1.reshape(b1 * k, p) @ f2.reshape(b2 * k, p).T
+    return prod.reshape(b1, k, b2, k).permute(0, 2, 1, 3)
 
 
 def mirror(block: torch.Tensor, output: str) -> torch.Tensor:
@@ -212,8 +191,8 @@ def empty_kernel(n1: int, n2: int, k: int, output: str, dtype: torch.dtype,
 
 
 def schedule(out: torch.Tensor, n1: int, n2: int, sym: bool, row_bytes: float, budget: int,
-             features: Callable[[int, int, int], Any], contract_fn: Callable[[Any, Any], torch.Tensor],
-             output: str) -> None:
+             features: Callable[[int, int, int], Any],
+             contract_fn: Callable[[Any, Any], torch.Tensor], output: str) -> None:
     """Accumulate ``contract_fn(F1, F2)`` into ``out`` over row blocks within ``budget`` bytes.
 
     ``features(side, start, stop)`` gives the features of rows ``start:stop`` of x1 (side 1) or x2

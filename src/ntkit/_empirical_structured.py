@@ -28,11 +28,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ._empirical_common import Setup, contract, schedule
+from ._settings import settings
 
 __all__: List[str] = []
-
-# tests set this to "A" or "B" to force the per-layer contraction method
-_FORCE_METHOD: Optional[str] = None
 
 
 # ------------------------------------------------------------------------- supported modules
@@ -189,7 +187,7 @@ class Plan:
     def choose(self, n1: int, n2: int, sym: bool, k: int, output: str) -> None:
         for lay in self.layers:
             a, b = layer_costs(lay, n1, n2, sym, k, output)
-            lay.method = _FORCE_METHOD or ("A" if a < b else "B")
+            lay.method = settings.empirical_method or ("A" if a < b else "B")
 
     def cost(self, n1: int, n2: int, sym: bool, k: int, output: str) -> float:
         nf = n1 + (0 if sym else n2)
@@ -234,7 +232,8 @@ def make_plan(setup: Setup, x: torch.Tensor) -> Plan:
 
     tensors = dict(setup.consts)
     tensors.update(setup.params)
-    records: Dict[str, List[List[Tuple[torch.Size, torch.Size]]]] = {n: [[], []] for n in candidates}
+    records: Dict[str, List[List[Tuple[torch.Size, torch.Size]]]] = {
+        n: [[], []] for n in candidates}
     stack: List[str] = []
     needs_input_grad: Dict[str, List[bool]] = {n: [] for n in candidates}
     # run 0 has grad on (to see which layer inputs need a backward pass), run 1 watches usage
@@ -399,7 +398,7 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor) -> List[torch.Tensor]:
                 raise RuntimeError(
                     f"module {lay.name!r} ran in the probe but not on this batch (input-dependent "
                     "control flow); use implementation='jacobian' for this model")
-            for (inp, o) in lay.calls:
+            for (inp, _o) in lay.calls:
                 acts.append(_acts(lay, inp))
                 dels.append(_deltas(lay, torch.stack(grads[pos], 0).detach()))
                 pos += 1

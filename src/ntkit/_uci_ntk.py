@@ -38,7 +38,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True, bias: float
         S += b2
         d1 = d1 + b2
         d2 = d1 if x2 is None else d2 + b2
-    H = []                                    # H[f] for f = 0..h
+    H: List[torch.Tensor] = []                # H[f] for f = 0..h
     inv2pi = 1.0 / (2.0 * math.pi)
     for h in range(max_depth + 1):
         for f in range(h):

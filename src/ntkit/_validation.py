@@ -151,3 +151,54 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def as_array(x: Any, name: str) -> torch.Tensor:
+    """A real, finite tensor of any rank from a tensor (detached, dtype kept if floating), an
+    ndarray, a nested list or a number (as float64). For matrices and vectors that are not
+    batches of examples (kernels, targets, initial outputs); :func:`as_tensor` is for inputs.
+
+    Raises ``TypeError`` (not numeric, complex) / ``ValueError`` (NaN/Inf) naming ``name``.
+    Example: ``as_array([[1, 2]], 'k').dtype -> torch.float64``.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, (np.ndarray, list, tuple, numbers.Number, np.number)) \
+            and not isinstance(x, (bool, np.bool_)):
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"`{name}` could not be converted to a numeric array: {e}") from None
+    else:
+        raise TypeError(f"`{name}` must be a torch.Tensor, numpy array or number, got "
+                        f"{type(x).__name__}")
+    if t.is_complex():
+        raise TypeError(f"`{name}` must be real, got dtype {t.dtype}")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.numel() and not torch.isfinite(t).all():
+        raise ValueError(f"`{name}` contains NaN/Inf values")
+    return t
+
+
+def check_model(model: Any, name: str = "model", trainable: bool = False) -> "torch.nn.Module":
+    """``model`` if it is a ``torch.nn.Module`` (with ``trainable``: one that has a parameter
+    with ``requires_grad=True``), else ``TypeError`` / ``ValueError`` naming ``name``.
+
+    One check for the empirical kernels and the diagnostics. Example: ``check_model(net)``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__}; wrap a "
+                        "plain function in an nn.Module whose parameters are registered")
+    if trainable and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"`{name}` has no trainable parameters (requires_grad=True)")
+    return model
+
+
+def check_momentum(momentum: Any, name: str = "momentum") -> float:
+    """Heavy-ball momentum: a real number in ``[0, 1)`` (``0`` is plain gradient descent;
+    ``1`` never converges). Example: ``check_momentum(0.9) -> 0.9``."""
+    m = check_real(momentum, name)
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {momentum!r}")
+    return m

@@ -29,12 +29,15 @@ import dataclasses
 import gzip
 import os
 import struct
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
 __all__ = ["UCIDataset", "list_uci", "load_uci", "load_idx", "load_idx_dataset",
            "load_npz_dataset", "load_cifar10"]
+
+#: a filesystem path: ``str`` or ``os.PathLike`` (``pathlib.Path``)
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 # =========================================================================================
@@ -72,7 +75,7 @@ class UCIDataset:
         return int(self.X.shape[1])
 
 
-def _check_dir(root, what: str = "root") -> str:
+def _check_dir(root: PathLike, what: str = "root") -> str:
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"`{what}` must be a path (str or os.PathLike), got {type(root).__name__}")
     root = os.fspath(root)
@@ -81,7 +84,7 @@ def _check_dir(root, what: str = "root") -> str:
     return root
 
 
-def list_uci(root) -> List[str]:
+def list_uci(root: PathLike) -> List[str]:
     """Sorted names of the data sets under ``root`` (folders holding ``<name>/<name>.txt``)."""
     root = _check_dir(root)
     return sorted(n for n in os.listdir(root)
@@ -124,7 +127,7 @@ def _read_index_lines(path: str, n: int, n_lines: int) -> List[np.ndarray]:
     return out
 
 
-def load_uci(root, name: str) -> UCIDataset:
+def load_uci(root: PathLike, name: str) -> UCIDataset:
     """Load data set ``name`` from the UCI collection folder ``root``.
 
     Reads features ``X`` (fields 1..d of the data file), labels ``y`` (last field), the fixed
@@ -173,10 +176,11 @@ def load_uci(root, name: str) -> UCIDataset:
 # IDX (MNIST / Fashion-MNIST)
 # =========================================================================================
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES: Dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+                              0x0D: ">f4", 0x0E: ">f8"}
 
 
-def load_idx(path) -> np.ndarray:
+def load_idx(path: PathLike) -> np.ndarray:
     """Read one IDX file (``.gz`` or plain) into a numpy array of its declared shape and type.
 
     Header: two zero bytes, a type code (0x08 = uint8 ... 0x0E = float64), the number of
@@ -218,7 +222,7 @@ def _find(folder: str, stem: str) -> str:
     raise ValueError(f"{folder!r} has neither {stem} nor {stem}.gz")
 
 
-def load_idx_dataset(folder) -> Tuple[Tuple[np.ndarray, np.ndarray],
+def load_idx_dataset(folder: PathLike) -> Tuple[Tuple[np.ndarray, np.ndarray],
                                       Tuple[np.ndarray, np.ndarray]]:
     """``((x_train, y_train), (x_test, y_test))`` from an MNIST-layout folder.
 
@@ -243,8 +247,9 @@ def load_idx_dataset(folder) -> Tuple[Tuple[np.ndarray, np.ndarray],
 # CIFAR-10-style .npz
 # =========================================================================================
 
-def load_npz_dataset(path, keys: Tuple[str, str, str, str] = ("x_train", "y_train", "x_test",
-                                                               "y_test")):
+def load_npz_dataset(path: PathLike,
+                     keys: Tuple[str, str, str, str] = ("x_train", "y_train", "x_test", "y_test")
+                     ) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
     """``((x_train, y_train), (x_test, y_test))`` from an ``.npz`` holding those four arrays.
 
     Arrays are returned as stored (e.g. CIFAR-10: ``(n, 32, 32, 3)`` uint8 HWC, labels uint8);
@@ -289,7 +294,7 @@ def _cifar_pickle(path: str) -> Tuple[np.ndarray, np.ndarray]:
     import pickle
 
     class _Arrays(pickle.Unpickler):      # only numpy's array reconstruction: no code runs
-        def find_class(self, module, name):
+        def find_class(self, module: str, name: str) -> Any:
             if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
                                   ("numpy._core.multiarray", "_reconstruct"),
                                   ("numpy", "ndarray"), ("numpy", "dtype")}:
@@ -311,7 +316,8 @@ def _cifar_pickle(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
 
 
-def load_cifar10(folder) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+def load_cifar10(folder: PathLike
+                 ) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
     """``((x_train, y_train), (x_test, y_test))`` from the official CIFAR-10 files.
 
     ``folder`` holds ``data_batch_1 .. 5`` and ``test_batch`` of the python distribution

@@ -28,8 +28,8 @@ from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_map
 
 from ._empirical_common import (IMPLEMENTATIONS, OUTPUTS, ParamFilter, as_batch, cast_input,
-                                check_independent, check_model, empty_kernel, jacobian_kernel, jvp_any,
-                                make_setup, ntk_vp_kernel, parse_budget, select_params)
+                                check_independent, check_model, empty_kernel, jacobian_kernel,
+                                jvp_any, make_setup, ntk_vp_kernel, parse_budget, select_params)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "linearize", "taylor_expand", "centered", "scaled",
            "Linearized", "TaylorExpanded", "Centered", "Scaled"]
@@ -130,7 +130,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
 
     Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(64, 2))
         >>> x = torch.randn(5, 3)
         >>> empirical_ntk(net, x, output='full', dtype=torch.float64).shape
         torch.Size([5, 5, 2, 2])
@@ -180,14 +181,16 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
     """Empirical NNGP kernel from the readout-layer features: ``phi(x1) phi(x2)^T / width``.
 
     ``phi`` is the input of the readout layer (by default the last ``nn.Linear`` or ntkit
-    ``Dense`` module called in the forward pass; or the module / module name given as ``readout``), flattened per example, and
+    ``Dense`` module called in the forward pass; or the module / module name given as
+    ``readout``), flattened per example, and
     ``width`` its number of entries. For an NTK-parameterized readout ``W_std/sqrt(width) W phi +
     b_std b`` with ``W, b ~ N(0, 1)``, the output NNGP is ``W_std**2 * K + b_std**2``, and ``K``
     converges to the infinite-width kernel of the layers below the readout.
 
     Returns (n1, n2). Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 256), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(256, 1))
         >>> empirical_nngp(net, torch.randn(4, 3)).shape
         torch.Size([4, 4])
     """
@@ -303,7 +306,7 @@ class TaylorExpanded(nn.Module):
             if isinstance(total, torch.Tensor):
                 total = total + c * ts[m]
             else:
-                total = tree_map(lambda a, b: a + c * b, total, ts[m])
+                total = tree_map(lambda a, b: a + c * b, total, ts[m])  # noqa: B023 (run now)
         return total
 
     def extra_repr(self) -> str:

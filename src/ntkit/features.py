@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -61,7 +61,8 @@ def _matmul64(a: Tensor, w: Tensor, chunk: int = 8192) -> Tensor:
     return torch.cat(out, 0)
 
 
-def normal_equations(phi: Tensor, y: Tensor, chunk: int = 8192):
+def normal_equations(phi: Tensor, y: Tensor, chunk: int = 8192
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(phi^T phi, phi^T y, column means of phi, mean of y)`` accumulated in float64 over row
     chunks (``phi`` may be float32 and larger than a float64 copy would allow)."""
     d = phi.shape[1]
@@ -142,13 +143,14 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
     lam = lam.clamp_min(0)
     vb = vec.T @ b                                      # (D, k)
 
-    def weights(r):
+    def weights(r: float) -> Tensor:
         den = lam + r * scale
         if bool((den <= 0).any()):
             raise ValueError("the normal equations are singular at ridge=0; use a ridge > 0")
-        return vec @ (vb / den[:, None])
+        w: Tensor = vec @ (vb / den[:, None])
+        return w
 
-    def intercept(w):
+    def intercept(w: Tensor) -> Tensor:
         return (my - mx @ w) if fit_intercept else torch.zeros_like(my)
 
     scores: Dict[float, float] = {}

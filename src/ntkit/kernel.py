@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -58,7 +58,7 @@ class Kernel:
     is_gaussian: bool = False
     diagonal_spatial: bool = True
 
-    def replace(self, **changes) -> "Kernel":
+    def replace(self, **changes: Any) -> "Kernel":
         """A copy with some fields changed (the record itself is never mutated)."""
         return dataclasses.replace(self, **changes)
 
@@ -73,7 +73,7 @@ class Kernel:
         return len(self.shape1) - 1
 
     def __repr__(self) -> str:
-        def s(t):
+        def s(t: Optional[torch.Tensor]) -> Optional[Tuple[int, ...]]:
             return None if t is None else tuple(t.shape)
         return (f"Kernel(nngp={s(self.nngp)}, ntk={s(self.ntk)}, shape1={self.shape1}, "
                 f"shape2={self.shape2}, symmetric={self.symmetric})")

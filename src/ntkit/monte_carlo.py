@@ -2,7 +2,8 @@
 
 NNGP: average of ``f(x1) f(x2)^T / k`` over ``n_samples`` random networks (and ``k`` output
 units). NTK: average of ``J(x1) J(x2)^T / k`` with ``J`` the Jacobian of the outputs w.r.t. all
-parameters (``ntkit.empirical_ntk``, structured derivatives, mean over outputs). The error shrinks like ``1 / sqrt(width)`` (finite width) plus
+parameters (``ntkit.empirical_ntk``, structured derivatives, mean over outputs). The error
+shrinks like ``1 / sqrt(width)`` (finite width) plus
 ``1 / sqrt(n_samples)`` (sampling), which is what the library's tests check analytic kernels
 against.
 
@@ -13,7 +14,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,11 +26,16 @@ from .kernel import Kernel
 __all__ = ["monte_carlo_kernel"]
 
 
-def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
-    """One network's NNGP estimate. If the readout is a Dense layer acting on ``(n, C)``
-    features ``h``, its weights are integrated out exactly (``W_std^2 h1.h2 / C + b_std^2``):
-    the error is then the finite-width error alone, ``O(1/sqrt(width))``, instead of the O(1)
-    spread of a single output sample. Otherwise ``f(x1) f(x2)^T / k``."""
+def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One network's NNGP estimate ``(k12, var1, var2)``: the ``(n1, n2)`` matrix and the
+    per-example variances of ``x1`` and ``x2`` (``var2`` is ``None`` when ``x2`` is ``None``;
+    ``var1`` is then the diagonal of ``k12``).
+
+    If the readout is a Dense layer acting on ``(n, C)`` features ``h``, its weights are
+    integrated out exactly (``W_std^2 h1.h2 / C + b_std^2``): the error is then the
+    finite-width error alone, ``O(1/sqrt(width))``, instead of the O(1) spread of a single
+    output sample. Otherwise ``f(x1) f(x2)^T / k``."""
     from .layers.dense import AffineModule
     last = net[-1] if isinstance(net, nn.Sequential) and len(net) else None
     with torch.no_grad():
@@ -38,13 +44,17 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor])
             h1 = body(x1)
             if h1.ndim == 2:
                 h2 = h1 if x2 is None else body(x2)
-                out = (h1 @ h2.T) * (last.W_std ** 2 / h1.shape[1])
-                if last.b_std is not None:
-                    out = out + last.b_std ** 2
-                return out
+                scale = last.W_std ** 2 / h1.shape[1]
+                bias = 0.0 if last.b_std is None else last.b_std ** 2
+                out = (h1 @ h2.T) * scale + bias
+                v1 = (h1 * h1).sum(1) * scale + bias
+                v2 = None if x2 is None else (h2 * h2).sum(1) * scale + bias
+                return out, v1, v2
         f1 = net(x1).reshape(x1.shape[0], -1)
         f2 = f1 if x2 is None else net(x2).reshape(x2.shape[0], -1)
-    return f1 @ f2.T / f1.shape[1]
+    k = f1.shape[1]
+    v2 = None if x2 is None else (f2 * f2).sum(1) / k
+    return f1 @ f2.T / k, (f1 * f1).sum(1) / k, v2
 
 
 def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = None,
@@ -61,7 +71,9 @@ def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = 
       get: like ``arch.kernel``.
       memory_budget: bytes for each network's empirical NTK (see ``ntkit.empirical_ntk``).
 
-    Returns: a tensor (``get`` a string) or a :class:`~ntkit.Kernel` with ``.nngp``/``.ntk``.
+    Returns: a tensor (``get`` a string) or a :class:`~ntkit.Kernel` with ``.nngp``/``.ntk``,
+    ``.cov1``/``.cov2`` the estimated NNGP variances of ``x1``/``x2`` (``cov2 is None``, i.e.
+    ``.symmetric``, only when ``x2`` is ``None``).
     """
     keys, single = parse_get(get)
     check_int(n_samples, "n_samples")
@@ -71,18 +83,24 @@ def monte_carlo_kernel(arch, x1: Any, x2: Any = None, *, width: Optional[int] = 
         raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                          f"{tuple(x1.shape[1:])}")
     in_shape = tuple(x1.shape[1:])
-    nngp = ntk = None
+    nngp = ntk = var1 = var2 = None
     for s in range(n_samples):
         net = arch.module(in_shape, width=width, seed=seed + s, dtype=dtype)
-        if "nngp" in keys:
-            t = _nngp_estimate(net, x1, x2)
+        if "nngp" in keys or not single:
+            t, v1, v2 = _nngp_estimate(net, x1, x2)
             nngp = t if nngp is None else nngp + t
+            var1 = v1 if var1 is None else var1 + v1
+            if v2 is not None:
+                var2 = v2 if var2 is None else var2 + v2
         if "ntk" in keys:
             t = empirical_ntk(net, x1, x2, output="trace", memory_budget=memory_budget)
             ntk = t if ntk is None else ntk + t
-    nngp = None if nngp is None else nngp / n_samples
     ntk = None if ntk is None else ntk / n_samples
     if single:
-        return nngp if keys[0] == "nngp" else ntk
-    return Kernel(nngp=nngp, ntk=ntk, cov1=None, cov2=None, shape1=(), shape2=(),
-                  want_ntk="ntk" in keys)
+        return nngp / n_samples if keys[0] == "nngp" else ntk
+    # cov1/cov2: the estimated NNGP variances of the examples; cov2 is None only for x2=None
+    # (Kernel.symmetric), never for a cross-kernel
+    return Kernel(nngp=nngp / n_samples if "nngp" in keys else None, ntk=ntk,
+                  cov1=var1 / n_samples,
+                  cov2=None if var2 is None else var2 / n_samples,
+                  shape1=(), shape2=(), want_ntk="ntk" in keys)

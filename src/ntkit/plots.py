@@ -1,5 +1,9 @@
 """The figures that explain the NTK picture, drawn from real computations (matplotlib, optional).
 
+This module only draws: the networks are trained and the theory computed by the functions
+that produce its inputs (:mod:`ntkit.diagnostics` sweeps, the experiments of
+:mod:`ntkit._dynamics_demo`, :mod:`ntkit.predict`).
+
 Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (so it works
 headless and leaks no global state) and saves it when ``path`` is given; the format follows the
 extension (``.png``, ``.svg``, ``.pdf``). Functions whose point is motion also write a GIF with
@@ -23,6 +27,8 @@ Example::
     >>> from ntkit import plots, diagnostics as dg
     >>> sw = dg.width_sweep(arch, x, y, widths=(64, 256, 1024))
     >>> plots.plot_scaling(sw, path='scaling.png'); plots.training_curves(sw, path='curves.svg')
+    >>> from ntkit import _dynamics_demo as dd
+    >>> plots.ntk_ellipse(dd.ntk_ellipse(alphas=(0.1, 1, 32)), path='ellipse.png')
 """
 from __future__ import annotations
 
@@ -190,19 +196,6 @@ def _gif(fig, update: Callable[[int], Any], frames: int, path: str, fps: int = 8
     return path
 
 
-def _default_1d_arch():
-    from . import layers as nl
-    return nl.serial(nl.Dense(512, W_std=1.5, b_std=0.5), nl.Erf(),
-                     nl.Dense(1, W_std=1.5, b_std=0.1))
-
-
-def _grid(x_range, n=200):
-    lo, hi = float(x_range[0]), float(x_range[1])
-    if not hi > lo:
-        raise ValueError(f"`x_range` must be (low, high) with low < high, got {x_range!r}")
-    return torch.linspace(lo, hi, n, dtype=_F64)[:, None]
-
-
 def _check_count(v, name, minimum=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
@@ -213,90 +206,56 @@ def _check_count(v, name, minimum=1):
 # 1-D function pictures
 # =========================================================================================
 
-def init_functions(arch: Any = None, *, width: int = 512, n_nets: int = 12,
-                   x_range=(-3.0, 3.0), seed: int = 0, path: Optional[str] = None):
+def init_functions(result, *, path: Optional[str] = None):
     """Networks of a 1-D input at random initialization against their NNGP: the outputs of an
     infinitely wide network at init are a Gaussian process with covariance ``arch.kernel``.
 
-    Draws ``n_nets`` networks ``arch.module(1, width=width, seed=...)`` over ``x_range`` and the
-    NNGP band ``0 +- 2 sqrt(K(x, x))``. Example: ``init_functions(arch, path='init.png')``.
+    ``result``: what :func:`ntkit._dynamics_demo.init_functions` returns (grid, NNGP standard
+    deviation, the networks' outputs); drawn with the band ``0 +- 2 sqrt(K(x, x))``.
+    Example: ``init_functions(_dynamics_demo.init_functions(arch), path='init.png')``.
     """
-    arch = _default_1d_arch() if arch is None else arch
-    _check_count(n_nets, "n_nets")
-    xs = _grid(x_range)
+    r = result
     fig, ax = _figure(size=(5.5, 3.8))
     ax = ax[0, 0]
-    sd = arch.kernel(xs, get="nngp").diagonal().clamp_min(0).sqrt()
-    xp = xs[:, 0].numpy()
-    ax.fill_between(xp, (-2 * sd).numpy(), (2 * sd).numpy(), color="0.85",
+    xp = r.xs[:, 0].numpy()
+    ax.fill_between(xp, (-2 * r.sd).numpy(), (2 * r.sd).numpy(), color="0.85",
                     label="NNGP: mean 0, ±2 sd")
-    for i in range(n_nets):
-        net = arch.module(in_shape=1, width=width, seed=seed + i)
-        with torch.no_grad():
-            ax.plot(xp, net(xs)[:, 0].numpy(), lw=1.1, alpha=0.85)
+    for out in r.outputs:
+        ax.plot(xp, out.numpy(), lw=1.1, alpha=0.85)
     ax.set_xlabel("input x")
     ax.set_ylabel("network output f(x)")
-    ax.set_title(f"{_plural(n_nets, 'random network')} of width {width} at initialization")
+    ax.set_title(f"{_plural(len(r.outputs), 'random network')} of width {r.width} at "
+                 f"initialization")
     ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
 
 
-def trained_functions(arch: Any = None, x_train: Any = None, y_train: Any = None, *,
-                      width: int = 512, n_nets: int = 10, steps: int = 1000,
-                      lr_fraction: float = 0.5, x_range=(-3.0, 3.0), seed: int = 0,
-                      path: Optional[str] = None):
+def trained_functions(result, *, path: Optional[str] = None):
     """Many networks trained by full-batch GD on a few 1-D points, against the NTK-GP: the
     infinite ensemble of infinitely wide networks trained for the same time has the mean and
     covariance of :func:`ntkit.predict.gradient_descent_mse_ensemble`.
 
-    Args:
-      arch: 1-D-input architecture (default: a one-hidden-layer erf network).
-      x_train, y_train: ``(n, 1)`` points (default: 5 points of ``sin``).
-      width, n_nets, steps: networks to train; learning rate ``lr_fraction`` times the stable
-        limit of the infinite-width NTK.
+    ``result``: what :func:`ntkit._dynamics_demo.trained_functions` returns (grid, NTK-GP mean
+    and sd, the trained networks' outputs, the training points).
 
-    Example: ``trained_functions(arch, x, y, steps=500, path='trained.png')``.
+    Example: ``trained_functions(_dynamics_demo.trained_functions(steps=500), path='t.png')``.
     """
-    from . import predict
-    arch = _default_1d_arch() if arch is None else arch
-    _check_count(n_nets, "n_nets")
-    _check_count(steps, "steps")
-    if x_train is None:
-        x_train = torch.tensor([[-2.0], [-1.0], [0.0], [1.2], [2.2]], dtype=_F64)
-        y_train = torch.sin(1.5 * x_train)
-    x_train = torch.as_tensor(x_train, dtype=_F64)
-    y_train = torch.as_tensor(y_train, dtype=_F64)
-    if x_train.ndim != 2 or x_train.shape[1] != 1 or y_train.shape != (x_train.shape[0], 1):
-        raise ValueError(f"`x_train` and `y_train` must be (n, 1) each, got "
-                         f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
-    xs = _grid(x_range)
-    ntk = arch.kernel(x_train, get="ntk")
-    lr = lr_fraction * predict.max_learning_rate(ntk, y_train.numel())
-    ens = predict.gradient_descent_mse_ensemble(arch, x_train, y_train, learning_rate=lr)
-    mean, cov = ens(x_test=xs, t=float(steps), get="ntk", compute_cov=True)
-    sd = cov.diagonal().clamp_min(0).sqrt()
+    r = result
     fig, ax = _figure(size=(5.5, 3.8))
     ax = ax[0, 0]
-    xp = xs[:, 0].numpy()
-    m = mean[:, 0]
+    xp = r.xs[:, 0].numpy()
+    m, sd = r.mean, r.sd
     ax.fill_between(xp, (m - 2 * sd).numpy(), (m + 2 * sd).numpy(), color="0.85",
-                    label=f"NTK-GP at t={steps}: mean ±2 sd")
+                    label=f"NTK-GP at t={r.steps}: mean ±2 sd")
     ax.plot(xp, m.numpy(), color="k", lw=1.5, ls="--", label="NTK-GP mean")
-    for i in range(n_nets):
-        net = arch.module(in_shape=1, width=width, seed=seed + i)
-        opt = torch.optim.SGD(net.parameters(), lr=lr)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            (0.5 * ((net(x_train) - y_train) ** 2).mean()).backward()
-            opt.step()
-        with torch.no_grad():
-            ax.plot(xp, net(xs)[:, 0].numpy(), lw=1.0, alpha=0.8)
-    ax.plot(x_train[:, 0].numpy(), y_train[:, 0].numpy(), "o", color="crimson", ms=6,
+    for out in r.outputs:
+        ax.plot(xp, out.numpy(), lw=1.0, alpha=0.8)
+    ax.plot(r.x_train[:, 0].numpy(), r.y_train[:, 0].numpy(), "o", color="crimson", ms=6,
             label="training points", zorder=5)
     ax.set_xlabel("input x")
     ax.set_ylabel("f(x)")
-    ax.set_title(f"{_plural(n_nets, 'network')} (width {width}) after "
-                 f"{_plural(steps, 'GD step')}")
+    ax.set_title(f"{_plural(len(r.outputs), 'network')} (width {r.width}) after "
+                 f"{_plural(r.steps, 'GD step')}")
     ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
 
@@ -305,23 +264,11 @@ def trained_functions(arch: Any = None, x_train: Any = None, y_train: Any = None
 # weights during training
 # =========================================================================================
 
-def _square_param(net, width):
-    for name, p in net.named_parameters():
-        if p.ndim == 2 and p.shape[0] == width and p.shape[1] == width:
-            return name
-    for name, p in net.named_parameters():
-        if p.ndim == 2:
-            return name
-    raise ValueError("the network has no 2-D weight matrix to draw")
-
-
 _FAINT = 0.15      # a panel whose largest entry is under 15% of the colour scale looks blank
 
 
-def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
-                    widths: Sequence[int] = (10, 100, 1000), steps: int = 300,
-                    n_frames: int = 4, learning_rate: Any = "auto", seed: int = 0,
-                    path: Optional[str] = None, gif_path: Optional[str] = None):
+def weight_matrices(result, *, n_frames: int = 4, path: Optional[str] = None,
+                    gif_path: Optional[str] = None):
     """A hidden-to-hidden weight matrix during training, at several widths: the change
     ``W_t - W_0`` in units of the initial entries' standard deviation, one shared colour scale.
     Narrow networks visibly rewire; at width 1000 the matrix barely moves (lazy training).
@@ -330,39 +277,20 @@ def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
     for a missing picture.
 
     Args:
-      arch: architecture with at least two hidden layers (default: 2 hidden erf layers) on
-        ``x`` (default: 8 1-D points of ``sin``).
-      widths: networks to train (full-batch GD, :func:`ntkit.diagnostics.train`).
+      result: what :func:`ntkit._dynamics_demo.weight_changes` returns (per width the final
+        relative weight change and the matrix's change at every record).
       n_frames: columns (times) in the figure; gif_path: also write a GIF over all records.
 
-    Example: ``weight_matrices(widths=(10, 100, 1000), path='weights.png')``.
+    Example: ``weight_matrices(weight_changes(widths=(10, 100, 1000)), path='weights.png')``.
     """
-    from . import layers as nl
-    from .diagnostics import train
-    if arch is None:
-        arch = nl.serial(nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(),
-                         nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(), nl.Dense(1, W_std=1.5))
-    if x is None:
-        x = torch.linspace(-2, 2, 8, dtype=_F64)[:, None]
-        y = torch.sin(2 * x)
     _check_count(n_frames, "n_frames", 2)
-    _check_count(steps, "steps")
-    every = max(1, steps // 24)
-    runs = []
-    for w in widths:
-        net = arch.module(in_shape=tuple(torch.as_tensor(x).shape[1:]), width=int(w), seed=seed)
-        name = _square_param(net, int(w))
-        rec = train(net, x, y, steps=steps, learning_rate=learning_rate, record_every=every,
-                    linearization=False, measure_kernel_drift=False, snapshot=name)
-        w0 = rec.snapshots[0]
-        sd0 = float(w0.std()) or 1.0
-        runs.append((int(w), rec, {s: (v - w0) / sd0 for s, v in rec.snapshots.items()}))
+    runs = result.runs
     rec_steps = list(runs[0][2])
     cols = [rec_steps[round(i * (len(rec_steps) - 1) / (n_frames - 1))] for i in range(n_frames)]
     vmax = max(float(d[rec_steps[-1]].abs().max()) for _, _, d in runs) or 1.0
     fig, axes = _figure(n_frames, len(runs), size=(2.2, 2.2))
     ims = []
-    for r, (w, rec, d) in enumerate(runs):
+    for r, (w, rel, d) in enumerate(runs):
         row = []
         for c, s in enumerate(cols):
             ax = axes[r, c]
@@ -373,7 +301,7 @@ def weight_matrices(arch: Any = None, x: Any = None, y: Any = None, *,
             if r == 0:
                 ax.set_title(f"step {s}", fontsize=_FS["title"])
             if c == 0:
-                ax.set_ylabel(f"width {w}\n|Δθ|/|θ0|={float(rec.rel_weight_change[-1]):.2g}",
+                ax.set_ylabel(f"width {w}\n|Δθ|/|θ0|={rel:.2g}",
                               fontsize=_FS["label"])
             peak = float(d[s].abs().max())
             if peak < _FAINT * vmax:           # would look empty: say what is there
@@ -581,70 +509,26 @@ def _ellipse_xy(center, K, scale, n=100):
     return pts[0].numpy(), pts[1].numpy()
 
 
-def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
-                alphas: Sequence[float] = (0.1, 1.0, 32.0), width: int = 16, steps: int = 400,
-                n_ellipses: int = 6, lr_fraction: float = 0.3, seed: int = 0,
-                path: Optional[str] = None, gif_path: Optional[str] = None):
+def ntk_ellipse(result, *, n_ellipses: int = 6, path: Optional[str] = None,
+                gif_path: Optional[str] = None):
     """The empirical NTK on two training points, a 2x2 matrix drawn as an ellipse, evolving while
     ``alpha (f - f_0)`` is trained on them by GD (loss divided by ``alpha^2``), one panel per
     ``alpha``. The ellipse ``{y + c Theta_t^(1/2) u : |u| = 1}`` is centered on the target, scaled
     so the initial output lies on the first one; the output trajectory (red) runs inside it,
-    next to the path of the linearized model, which keeps ``Theta_0`` (dashed, exact discrete-GD
-    solution from :func:`ntkit.predict.gradient_descent_mse_discrete`). Each panel's title gives
-    the kernel's relative change ``|Theta_T - Theta_0| / |Theta_0|`` (Frobenius) and the largest
-    distance between the two paths. Lazy (large alpha): the ellipses coincide and the path is
-    the linear one; small alpha: the kernel rotates and stretches and the path departs from it.
+    next to the path of the linearized model, which keeps ``Theta_0`` (dashed). Each panel's
+    title gives the kernel's relative change ``|Theta_T - Theta_0| / |Theta_0|`` (Frobenius)
+    and the largest distance between the two paths. Lazy (large alpha): the ellipses coincide
+    and the path is the linear one; small alpha: the kernel rotates and stretches and the path
+    departs from it.
 
-    Returns the figure; ``fig.ntk_changes`` holds ``(alpha, relative kernel change, max path
-    gap)`` per panel. Example: ``ntk_ellipse(alphas=(0.1, 1, 32), path='ellipse.png')``.
+    ``result``: what :func:`ntkit._dynamics_demo.ntk_ellipse` returns. Returns the figure;
+    ``fig.ntk_changes`` holds ``(alpha, relative kernel change, max path gap)`` per panel.
+    Example: ``ntk_ellipse(_dynamics_demo.ntk_ellipse(alphas=(0.1, 1, 32)), path='e.png')``.
     """
-    from . import layers as nl
-    from .empirical import centered, empirical_ntk, scaled
-    from .predict import gradient_descent_mse_discrete
-    if arch is None:
-        arch = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
-    if x2 is None:
-        x2 = torch.tensor([[1.0, 0.2], [0.7, 0.7]], dtype=_F64)     # correlated inputs: an
-        y2 = torch.tensor([[1.0], [-0.3]], dtype=_F64)              # elongated NTK ellipse
-    x2 = torch.as_tensor(x2, dtype=_F64)
-    y2 = torch.as_tensor(y2, dtype=_F64)
-    if x2.shape[0] != 2 or y2.shape != (2, 1):
-        raise ValueError(f"`x2` must hold 2 points and `y2` be (2, 1), got {tuple(x2.shape)}, "
-                         f"{tuple(y2.shape)}")
-    _check_count(steps, "steps")
     _check_count(n_ellipses, "n_ellipses", 2)
-    runs = []
-    for a in alphas:
-        a = float(a)
-        if not a > 0:
-            raise ValueError(f"`alphas` must be positive, got {a}")
-        base = arch.module(in_shape=tuple(x2.shape[1:]), width=width, seed=seed)
-        net = scaled(centered(base), a)
-        k0 = empirical_ntk(net, x2, dtype=_F64)
-        lr = lr_fraction * 2 * 2 / (float(torch.linalg.eigvalsh(k0)[-1]) / a ** 2)
-        opt = torch.optim.SGD(base.parameters(), lr=lr)
-        traj, kernels = [], []
-        rec_every = max(1, steps // 20)
-        for s in range(steps + 1):
-            with torch.no_grad():
-                traj.append(net(x2)[:, 0].clone())
-            if s % rec_every == 0 or s == steps:
-                kernels.append((s, empirical_ntk(net, x2, dtype=_F64) / a ** 2))
-            if s == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            (0.5 * ((net(x2) - y2) ** 2).mean() / a ** 2).backward()
-            opt.step()
-        traj = torch.stack(traj)
-        # the linearized model: same loss, same steps, kernel frozen at Theta_0 (in the scaled
-        # coordinates the model's NTK is a^2 Theta_0 and its loss is divided by a^2)
-        lin = gradient_descent_mse_discrete(kernels[0][1], y2, learning_rate=lr)(
-            torch.arange(steps + 1, dtype=_F64), traj[0][:, None])[:, :, 0]
-        change = float((kernels[-1][1] - kernels[0][1]).norm() / kernels[0][1].norm())
-        gap = float((traj - lin).norm(dim=1).max())
-        runs.append((a, traj, kernels, lin, change, gap))
+    runs = result.runs
     fig, axes = _figure(len(runs), size=(3.5, 3.6))
-    target = y2[:, 0]
+    target = result.target
     for ax, (a, traj, kernels, lin, change, gap) in zip(axes[0], runs):
         K0 = kernels[0][1]
         r0 = traj[0] - target
@@ -776,17 +660,14 @@ def dynamics_comparison(result, *, path: Optional[str] = None):
     """Distance between trained networks and the kernel prediction vs width (log-log), one line
     per step count, from :func:`ntkit._dynamics_demo.train_and_compare`, with the theory slope
     ``-1/2``. Example: ``dynamics_comparison(train_and_compare(arch, ...), path='dist.png')``."""
-    from .diagnostics import fit_slope
     w = result.widths.numpy()
     fig, axes = _figure(2, size=(4.2, 3.4))
     colors = _cmap(len(result.steps))
-    for ax, data, name in ((axes[0, 0], result.train_rms, "train"),
-                           (axes[0, 1], result.test_rms, "test")):
+    for ax, data, slopes, name in ((axes[0, 0], result.train_rms, result.slopes_train, "train"),
+                                   (axes[0, 1], result.test_rms, result.slopes_test, "test")):
         for j, s in enumerate(result.steps.tolist()):
-            col = data[:, j]
-            fit = fit_slope(w.tolist(), col.tolist())
-            ax.loglog(w, col.numpy(), "o-", color=colors[j], lw=1.4,
-                      label=f"step {int(s)}: slope {fit.slope:+.2f}")
+            ax.loglog(w, data[:, j].numpy(), "o-", color=colors[j], lw=1.4,
+                      label=f"step {int(s)}: slope {float(slopes[j]):+.2f}")
         ref = data[0, -1] * (result.widths / result.widths[0]) ** -0.5
         ax.loglog(w, ref.numpy(), "k--", lw=1.0, label="width^-1/2")
         _log_ticks(ax, w.tolist())
@@ -799,60 +680,22 @@ def dynamics_comparison(result, *, path: Optional[str] = None):
     return save(fig, path)
 
 
-def trajectories(arch: Any, x_train: Any, y_train: Any, x_test: Any, *,
-                 widths: Sequence[int] = (64, 512, 4096), steps: int = 200,
-                 lr_fraction: float = 0.5, example: int = 0, output: int = 0,
-                 seed: int = 0, path: Optional[str] = None):
+def trajectories(result, *, path: Optional[str] = None):
     """Output of one test example during full-batch GD for networks of several widths (solid)
     next to the NTK prediction for that very network (same initial outputs, same steps: dashed,
     :func:`ntkit.predict.gradient_descent_mse_discrete`). The curves merge as width grows.
 
-    Example: ``trajectories(arch, x_tr, y_tr, x_te, widths=(64, 1024), path='traj.png')``.
+    ``result``: what :func:`ntkit._dynamics_demo.trajectories` returns.
+    Example: ``trajectories(_dynamics_demo.trajectories(arch, x, y, xt), path='traj.png')``.
     """
-    from . import predict
-    x_tr = torch.as_tensor(x_train, dtype=_F64)
-    x_te = torch.as_tensor(x_test, dtype=_F64)
-    y = torch.as_tensor(y_train, dtype=_F64)
-    if y.ndim != 2 or y.shape[0] != x_tr.shape[0]:
-        raise ValueError(f"`y_train` must be (n_train, k), got {tuple(y.shape)}")
-    if not 0 <= example < x_te.shape[0] or not 0 <= output < y.shape[1]:
-        raise ValueError(f"`example` must be < {x_te.shape[0]} and `output` < {y.shape[1]}")
-    _check_count(steps, "steps")
-    k_dd = arch.kernel(x_tr, get="ntk")
-    k_td = arch.kernel(x_te, x_tr, get="ntk")
-    lr = lr_fraction * predict.max_learning_rate(k_dd, y.numel())
-    pf = predict.gradient_descent_mse_discrete(k_dd, y, learning_rate=lr)
-    every = max(1, steps // 40)
-    rec = list(range(0, steps + 1, every))
-    if rec[-1] != steps:
-        rec.append(steps)
-    fig, axes = _figure(len(widths), size=(3.3, 3.1), sharey=True)
-    for ax, w in zip(axes[0], widths):
-        net = arch.module(in_shape=tuple(x_tr.shape[1:]), width=int(w), seed=seed)
-        with torch.no_grad():
-            f0, g0 = net(x_tr), net(x_te)
-        # step 0 is f_0 by definition; predict is asked for steps >= 1 only (its step-0 value
-        # is not finite when a mode's GD factor 1 - lr lambda / N is exactly 0, as at half the
-        # stable rate, the default)
-        _, pred = pf(torch.tensor(rec[1:], dtype=_F64), f0, g0, k_td)
-        pred = torch.cat([g0.to(_F64)[None], pred])
-        opt = torch.optim.SGD(net.parameters(), lr=lr)
-        actual = []
-        for s in range(steps + 1):
-            if s in rec:
-                with torch.no_grad():
-                    actual.append(float(net(x_te[example:example + 1])[0, output]))
-            if s == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            (0.5 * ((net(x_tr) - y) ** 2).mean()).backward()
-            opt.step()
-        ax.plot(rec, actual, color="tab:blue", lw=2, label="network")
-        ax.plot(rec, pred[:, example, output].numpy(), color="k", ls="--", lw=1.3,
-                label="NTK prediction")
-        gap = max(abs(a - float(p)) for a, p in zip(actual, pred[:, example, output]))
+    r = result
+    fig, axes = _figure(len(r.runs), size=(3.3, 3.1), sharey=True)
+    for ax, (w, actual, pred) in zip(axes[0], r.runs):
+        ax.plot(r.steps, actual, color="tab:blue", lw=2, label="network")
+        ax.plot(r.steps, pred, color="k", ls="--", lw=1.3, label="NTK prediction")
+        gap = max(abs(a - p) for a, p in zip(actual, pred))
         ax.set_title(f"width {w}: max gap {gap:.2g}", fontsize=_FS["title"])
         ax.set_xlabel("GD step")
-    axes[0, 0].set_ylabel(f"f(x_test[{example}])[{output}]")
+    axes[0, 0].set_ylabel(f"f(x_test[{r.example}])[{r.output}]")
     axes[0, 0].legend(fontsize=_FS["legend"])
     return save(fig, path)

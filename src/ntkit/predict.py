@@ -40,18 +40,20 @@ Example::
     >>> f_train_t, f_test_t = predict_fn(t=torch.tensor([1., 10., 100.]), fx_train_0=0.,
     ...                                  fx_test_0=0., k_test_train=ntk_td)   # (3, n, k), (3, m, k)
     >>> ens = predict.gradient_descent_mse_ensemble(arch, x_train, y_train)
-    >>> mean, cov = ens(x_test, t=100., get='ntk', compute_cov=True)        # (m, k), (m, m)
+    >>> mean, cov = ens(t=100., x_test=x_test, get='ntk', compute_cov=True)  # (m, k), (m, m)
 """
 from __future__ import annotations
 
 import collections
+import inspect
 import math
+import weakref
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ._linalg import factorize
+from ._linalg import factorize, null_eps
 from ._validation import check_int as _check_int
 from ._validation import check_positive as _positive
 
@@ -706,7 +708,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
     outputs at time ``t`` are Gaussian (Lee et al. 2019, eqs. 15-16)::
 
         mean_t(x) = Th_x,d Th^-1 (I - e^{-Th t/N}) y
-        cov_t(x, x') = K_xx' + Q_x K Q_x'^T - (Q_x K_d,x' + transpose),  Q_x = Th_x,d Th^-1 (I - e^{-Th t/N})
+        cov_t(x, x') = K_xx' + Q_x K Q_x'^T - (Q_x K_d,x' + transpose),
+        where Q_x = Th_x,d Th^-1 (I - e^{-Th t/N})
 
     with neural-tangents' conventions (``N = y_train.numel()``, ``t`` in units of
     ``learning_rate``, ridge ``diag_reg`` relative to the mean diagonal of the train kernel).
@@ -719,17 +722,24 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
       **kernel_fn_kwargs: passed to every kernel call.
 
     Returns:
-      ``predict_fn(x_test=None, t=None, get=None, compute_cov=False)``. ``x_test=None`` predicts on
-      the training inputs; ``t`` scalar or array (``None``: ``t = inf``); ``get`` ``'ntk'``,
-      ``'nngp'`` or a tuple (``None``: both, as a namedtuple). Returns the mean
-      ``t.shape + (m, k)`` or ``Gaussian(mean, covariance t.shape + (m, m))``. NOTE: the argument
-      order is ``(x_test, t)``; neural-tangents' is ``(t, x_test)`` — pass keywords to port code.
-      The train kernels, their factorizations, and per-test-set projections are cached.
+      ``predict_fn(t=None, x_test=None, get=None, compute_cov=False)``, neural-tangents' order:
+      ``t`` scalar or array (``None``: ``t = inf``); ``x_test=None`` predicts on the training
+      inputs; ``get`` ``'ntk'``, ``'nngp'`` or a tuple (``None``: both, as a namedtuple). Returns
+      the mean ``t.shape + (m, k)`` or ``Gaussian(mean, covariance t.shape + (m, m))``. A call in
+      ntkit's old ``(x_test, t)`` order (inputs passed as ``t``, or times as ``x_test``) raises
+      ``TypeError`` saying how to call it. The train kernels, their factorizations and the
+      NNGP in the NTK's eigenbasis are cached.
+
+    Cost: one eigendecomposition of the train kernel per ``get``, shared by every ``t`` and by
+    mean and covariance; the ``T`` times go through single large products (``T m n^2`` flops for
+    the NTK covariance). At ``t = inf`` with a test set, when every eigenvalue is provably above
+    the numerical-null cutoff (so ``K^+ = K^-1``), Cholesky solves give the same numbers
+    without any eigendecomposition; otherwise the eigendecomposition decides (null modes).
 
     Example::
 
         >>> ens = gradient_descent_mse_ensemble(arch, x_train, y_train, diag_reg=1e-4)
-        >>> mean, cov = ens(x_test, t=torch.logspace(0, 3, 10), get='ntk', compute_cov=True)
+        >>> mean, cov = ens(t=torch.logspace(0, 3, 10), x_test=x_test, get='ntk', compute_cov=True)
     """
     kfn = _as_kernel_fn(kernel_fn, kernel_fn_kwargs)
     lr = _positive(learning_rate, "learning_rate")
@@ -754,13 +764,9 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
 
     basis_cache: Dict[str, Any] = {}
 
-    def predict_fn(x_test: Any = None, t: Any = None, get: Union[str, Sequence[str], None] = None,
-                   compute_cov: bool = False):
-        if (isinstance(x_test, (int, float)) or (isinstance(x_test, torch.Tensor)
-                                                 and x_test.ndim <= 1)) and \
-                (isinstance(t, (torch.Tensor, np.ndarray)) and np.ndim(t) >= 2):
-            raise TypeError("predict_fn takes (x_test, t, ...) in that order (neural-tangents "
-                            "uses (t, x_test)); call it with keywords: x_test=..., t=...")
+    def _predict(t: Any = None, x_test: Any = None, get: Union[str, Sequence[str], None] = None,
+                 compute_cov: bool = False):
+        _check_ensemble_order(t, x_test, x_train)
         keys, single = _parse_get(get, _GETS)
         need = set(keys) | ({"nngp"} if compute_cov else set())
         kdd = train_kernels(tuple(g for g in _GETS if g in need))
@@ -787,51 +793,213 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                 if tuple(nngp_tt.shape) != (m, m):
                     raise ValueError(f"`kernel_fn(x_test).nngp` must be ({m}, {m}), got "
                                      f"{tuple(nngp_tt.shape)}")
+        all_inf = bool(torch.isinf(times).all())
+        size = float(y.numel())
 
         out = {}
-        dev = None
         for g in keys:
             f = fac(g)
             dev = f.matrix.device
-            evals, V, live = f.spectrum()
-            size = float(y.numel())
-            em1, quot, ex = _mode_factors(evals, live, times * lr, size)          # (T, n)
             y_d = y.to(device=dev, dtype=_F64)
-            p = -(V.T @ y_d)                                    # residual modes, f_0 = 0 mean
-            if k_td is None:
-                mean = _train_outputs(V, em1, ex, p, torch.zeros_like(y_d), y_d, times)
-            else:
-                A = k_td[g].to(device=dev, dtype=_F64) @ V                      # (m, n)
-                mean = torch.matmul(A, quot[:, :, None] * p)                    # (T, m, k)
+            f64 = lambda z, dev=dev: z.to(device=dev, dtype=_F64)  # noqa: E731
+            K_tt = None if nngp_tt is None else f64(nngp_tt)
+            res = None
+            if k_td is not None and all_inf:
+                # t = inf with all modes provably live (K^+ = K^-1): the same numbers as the
+                # eigen path below, by Cholesky solves (no eigendecomposition)
+                res = _ensemble_inf_direct(f, g, y_d, {h: f64(v) for h, v in k_td.items()},
+                                           kdd, K_tt, compute_cov, times.numel())
+            if res is None:
+                res = _ensemble_eigen(f, g, y_d, None if k_td is None else
+                                      {h: f64(v) for h, v in k_td.items()}, kdd, K_tt,
+                                      compute_cov, times * lr, times, size, basis_cache)
+            mean, cov = res
             mean = _finite(mean.reshape(t_shape + mean.shape[1:]).to(dt), f"{g} means")
             if not compute_cov:
                 out[g] = mean
                 continue
-            if k_td is None:
-                if g == "nngp":
-                    w = evals[None, :] * ex * ex                                # lam e^{-2 lam t}
-                    cov = torch.matmul(V * w[:, None, :], V.T)
-                else:
-                    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)
-                    cov = torch.matmul(V, torch.matmul(ex[:, :, None] * B * ex[:, None, :], V.T))
-            else:
-                K_tt = nngp_tt.to(device=dev, dtype=_F64)
-                if g == "nngp":
-                    _, quot2, _ = _mode_factors(evals, live, 2 * times * lr, size)
-                    cov = K_tt - torch.matmul(A * (-quot2)[:, None, :], A.T)
-                else:
-                    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)        # V^T K V
-                    C = V.T @ k_td["nngp"].to(device=dev, dtype=_F64).T          # (n, m)
-                    P = A * (-quot)[:, None, :]                                # (T, m, n)
-                    PC = torch.matmul(P, C)                                      # (T, m, m)
-                    cov = torch.matmul(torch.matmul(P, B), P.transpose(1, 2))
-                    cov = cov - PC - PC.transpose(1, 2) + K_tt
             cov = 0.5 * (cov + cov.transpose(-1, -2))
             cov = _finite(cov.reshape(t_shape + cov.shape[1:]).to(dt), f"{g} covariances")
             out[g] = Gaussian(mean, cov)
         return _pack(out, keys, single)
 
+    sig = inspect.signature(_predict)
+
+    def predict_fn(*args, **kwargs):
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:          # e.g. predict_fn(x_test, t=...): the old order
+            raise TypeError(f"{e}: {_ORDER_HINT}") from None
+        return _predict(*bound.args, **bound.kwargs)
+
+    predict_fn.__signature__ = sig      # type: ignore[attr-defined]
+    predict_fn.__doc__ = ("predict_fn(t=None, x_test=None, get=None, compute_cov=False): see "
+                          "gradient_descent_mse_ensemble.")
     return predict_fn
+
+
+_ORDER_HINT = ("the ensemble's predict_fn takes (t=None, x_test=None, get=None, "
+               "compute_cov=False) in that order, as neural-tangents; ntkit's old order was "
+               "(x_test, t). Call it with keywords, e.g. predict_fn(t=..., x_test=x_test, "
+               "get='ntk', compute_cov=True)")
+
+
+def _check_ensemble_order(t: Any, x_test: Any, x_train: Any) -> None:
+    """Refuse calls written for the old ``predict_fn(x_test, t, ...)`` order (clear TypeError)."""
+    how = _ORDER_HINT
+    tr_shape = tuple(getattr(x_train, "shape", ()))
+    if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim >= 2 and len(tr_shape) >= 2 and \
+            tuple(t.shape[1:]) == tr_shape[1:]:
+        raise TypeError(f"`t` received an array of inputs of shape {tuple(t.shape)} (x_train is "
+                        f"{tr_shape}); {how}")
+    if x_test is None or len(tr_shape) < 2:
+        return
+    if isinstance(x_test, (bool, int, float, np.number)) or (
+            isinstance(x_test, (torch.Tensor, np.ndarray)) and x_test.ndim < 2):
+        shape = "" if not hasattr(x_test, "shape") else f" of shape {tuple(x_test.shape)}"
+        raise TypeError(f"`x_test` received times ({type(x_test).__name__}{shape}), not inputs "
+                        f"like x_train {tr_shape}; {how}")
+
+
+_CERT_CACHE: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+
+
+def _certified_cholesky(f) -> Optional[torch.Tensor]:
+    """The Cholesky factor ``L`` of the regularized kernel, only when **every** eigenvalue is
+    provably above the numerical-null cutoff of :meth:`ntkit._linalg.Factorization.spectrum`
+    (then ``K^+ = K^-1`` and the eigen path keeps all modes: Cholesky solves give its numbers,
+    to rounding); ``None`` otherwise (the eigendecomposition decides, as before).
+
+    Certificate: ``K - c I`` with ``c = 1.5 n eps(dtype) ||K||_inf`` (``||K||_inf >=
+    lambda_max``, so ``c`` is above the cutoff ``n eps lambda_max``) has a Cholesky factor, i.e.
+    is positive definite, so ``lambda_min(K) > c``; rounding in that float64 factorization is
+    ``~n eps64 ||K||``, far below ``c``. Costs two Cholesky factorizations (``n^3 / 3`` flops
+    each), a fraction of one ``eigh``. Cached per factorization."""
+    global _CERT_CACHE
+    import weakref
+    if _CERT_CACHE is None:
+        _CERT_CACHE = weakref.WeakKeyDictionary()
+    try:
+        hit = _CERT_CACHE.get(f)
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        hit = None
+    if hit is not None:
+        return hit[0]
+    L = None
+    if f.n and f._eigh is None:           # an eigendecomposition already made is simply reused
+        L = f.cholesky()
+    if L is not None:
+        c = 1.5 * f.n * null_eps(f.input_dtype) * float(f.matrix.abs().sum(1).max())
+        shifted = f.matrix - c * torch.eye(f.n, dtype=f.matrix.dtype, device=f.matrix.device)
+        Ls, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) != 0 or not bool(torch.isfinite(Ls).all()):
+            L = None
+    try:
+        _CERT_CACHE[f] = (L,)
+    except TypeError:  # pragma: no cover
+        pass
+    return L
+
+
+def _ensemble_inf_direct(f, g: str, y_d: torch.Tensor, k_td: Dict[str, torch.Tensor],
+                         kdd: Dict[str, torch.Tensor], K_tt: Optional[torch.Tensor],
+                         compute_cov: bool, T: int):
+    """Mean and covariance at ``t = inf`` by Cholesky solves, or ``None`` (not certified).
+
+    mean ``= k_td K^-1 y``; cov ('nngp') ``= K_tt - k_td K^-1 k_dt``; cov ('ntk')
+    ``= K_tt + Q K Q^T - (Q K_dt + transpose)``, ``Q = Th_td Th^-1`` (the eigen path's
+    ``t = inf`` formulas with every mode live). Shapes ``(T, m, k)``, ``(T, m, m)``."""
+    L = _certified_cholesky(f)
+    if L is None:
+        return None
+    ktd = k_td[g]
+    mean = ktd @ torch.cholesky_solve(y_d, L)
+    cov = None
+    if compute_cov:
+        if g == "nngp":
+            Z = torch.linalg.solve_triangular(L, ktd.T, upper=False)     # (n, m)
+            cov = K_tt - Z.T @ Z
+        else:
+            Qt = torch.cholesky_solve(ktd.T.contiguous(), L)                 # Th^-1 Th_dt
+            K = _as_array(kdd["nngp"], "nngp").to(device=L.device, dtype=_F64)
+            QKd = Qt.T @ k_td["nngp"].T                                      # (m, m)
+            cov = (Qt.T @ (K @ Qt)) - QKd - QKd.T + K_tt
+        cov = cov.expand((T,) + cov.shape)
+    return mean.expand((T,) + mean.shape), cov
+
+
+def _ensemble_eigen(f, g: str, y_d: torch.Tensor, k_td: Optional[Dict[str, torch.Tensor]],
+                    kdd: Dict[str, torch.Tensor], K_tt: Optional[torch.Tensor],
+                    compute_cov: bool, abs_times: torch.Tensor, times: torch.Tensor,
+                    size: float, basis_cache: Dict[str, Any]):
+    """Mean ``(T, m, k)`` and covariance ``(T, m, m)`` (or ``None``) from one eigendecomposition
+    of the regularized kernel shared by every ``t`` and by mean and covariance; the ``T`` times
+    go through single large matrix products."""
+    evals, V, live = f.spectrum()
+    dev = V.device
+    em1, quot, ex = _mode_factors(evals, live, abs_times, size)                  # (T, n)
+    p = -(V.T @ y_d)                                      # residual modes, f_0 = 0 mean
+    if k_td is None:
+        mean = _train_outputs(V, em1, ex, p, torch.zeros_like(y_d), y_d, times)
+        if not compute_cov:
+            return mean, None
+        if g == "nngp":
+            w = evals[None, :] * ex * ex                                        # lam e^{-2 lam t}
+            cov = torch.matmul(V * w[:, None, :], V.T)
+        else:
+            B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)
+            cov = torch.matmul(V, torch.matmul(ex[:, :, None] * B * ex[:, None, :], V.T))
+        return mean, cov
+    ktd = k_td[g]
+    if not compute_cov:
+        # k_td (V (quot * p)): two thin products instead of forming k_td V (m x n x n)
+        return torch.matmul(ktd, torch.matmul(V, quot[:, :, None] * p)), None
+    A = ktd @ V                                                                  # (m, n)
+    mean = torch.matmul(A, quot[:, :, None] * p)                                 # (T, m, k)
+    T, m = quot.shape[0], A.shape[0]
+    if g == "nngp":
+        _, quot2, _ = _mode_factors(evals, live, 2 * abs_times, size)
+        cov = K_tt - torch.matmul(A * (-quot2)[:, None, :], A.T)
+        return mean, cov
+    P = A[None] * (-quot)[:, None, :]                                            # (T, m, n)
+    fac = _basis_factor(basis_cache, V, kdd["nngp"], k_td["nngp"], K_tt, dev)
+    if fac is not None:
+        # K = L L^T, R = V^T L, Z = L^-1 K_dt: cov_t = (K_tt - Z^T Z) + (P_t R - Z^T)(...)^T
+        R, Zt, S = fac
+        E = (P.reshape(T * m, -1) @ R).reshape(T, m, -1) - Zt                    # (T, m, n)
+        cov = torch.matmul(E, E.transpose(1, 2)) + S
+        return mean, cov
+    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)                         # V^T K V
+    C = V.T @ k_td["nngp"].T                                                     # (n, m)
+    PC = torch.matmul(P, C)                                                      # (T, m, m)
+    cov = torch.matmul((P.reshape(T * m, -1) @ B).reshape(T, m, -1), P.transpose(1, 2))
+    return mean, cov - PC - PC.transpose(1, 2) + K_tt
+
+
+def _basis_factor(cache: Dict[str, Any], V: torch.Tensor, nngp_dd: Any, nngp_td: torch.Tensor,
+                  K_tt: torch.Tensor, dev):
+    """``(R, Z^T, K_tt - Z^T Z)`` with ``K = L L^T`` (train NNGP), ``R = V^T L`` and
+    ``Z = L^-1 K_dt``, or ``None`` when the NNGP's Cholesky is ill-conditioned (pivot ratio
+    below 1e-8, i.e. cond(L) > 1e4, where ``L^-1`` would amplify rounding): then the
+    ``V^T K V`` form is used. Half the flops of ``V^T K V`` per eigenbasis, and the per-time
+    covariance becomes one product ``E_t E_t^T`` instead of three."""
+    key = ("factor", id(nngp_dd))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not V or hit[1] is not nngp_dd:
+        K = _as_array(nngp_dd, "nngp").to(device=dev, dtype=_F64)
+        L, info = torch.linalg.cholesky_ex(0.5 * (K + K.T))
+        val = None
+        if int(info) == 0 and bool(torch.isfinite(L).all()) and K.shape[0]:
+            d = torch.diagonal(L)
+            if float(d.min()) > 0 and float(d.min() / d.max()) ** 2 > 1e-8:
+                val = (L, V.T @ L)
+        hit = (V, nngp_dd, val)
+        cache[key] = hit
+    if hit[2] is None:
+        return None
+    L, R = hit[2]
+    Z = torch.linalg.solve_triangular(L, nngp_td.T, upper=False)                 # (n, m)
+    return R, Z.T, K_tt - Z.T @ Z
 
 
 def _basis_nngp(cache: Dict[str, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor, dev

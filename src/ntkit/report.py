@@ -19,7 +19,7 @@ Example::
     >>> rep = Report("Lazy training on digits")
     >>> rep.heading("Scaling with width"); rep.text("kappa falls like 1/width ...")
     >>> rep.table([{"width": 64, "kappa": 0.1}, {"width": 256, "kappa": 0.03}])
-    >>> rep.figure(sweep.plot(), "fitted log-log slopes")
+    >>> rep.figure(plots.plot_scaling(sweep), "fitted log-log slopes")
     >>> rep.save("report.html")
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ class Report:
         An existing ``path`` is replaced only if it is an ntkit report
         (:func:`is_ntkit_report`) or ``overwrite=True``; a folder, link or special file never.
         """
-        from ._cli_io import write_atomic
+        from ._files import write_atomic
         path = os.fspath(path)
         if not isinstance(path, str) or not path.strip():
             raise ValueError("`path` is empty; name an .html file")

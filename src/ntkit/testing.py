@@ -16,10 +16,13 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .layers._base import Layer
 
 __all__ = ["bivariate_expectation", "mc_error_slope", "KernelTestCase"]
 
@@ -37,27 +40,29 @@ def bivariate_expectation(f: Callable[[float], float], g: Callable[[float], floa
     s1, s2 = math.sqrt(v1), math.sqrt(v2)
     rho = max(-1.0, min(1.0, c / (s1 * s2)))
     r = math.sqrt(max(0.0, 1 - rho * rho))
-    phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    opts = dict(limit=400, epsabs=tol, epsrel=tol)
+    def phi(z: float) -> float:
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    opts: Any = dict(limit=400, epsabs=tol, epsrel=tol)
 
     if r < 1e-12:  # degenerate: v = sign(rho) s2 z1
         pts = sorted({k / s1 for k in kinks if abs(k / s1) < lim}
                      | {k / (s2 * rho) for k in kinks if abs(k / (s2 * rho)) < lim})
-        return integrate.quad(lambda z: f(s1 * z) * g(s2 * rho * z) * phi(z), -lim, lim,
-                              points=pts or None, **opts)[0]
+        return float(integrate.quad(lambda z: f(s1 * z) * g(s2 * rho * z) * phi(z), -lim, lim,
+                                    points=pts or None, **opts)[0])
 
-    def inner(z1):
+    def inner(z1: float) -> float:
         pts = [(k / s2 - rho * z1) / r for k in kinks]
         pts = [p for p in pts if abs(p) < lim]
-        return integrate.quad(lambda z2: g(s2 * (rho * z1 + r * z2)) * phi(z2), -lim, lim,
-                              points=pts or None, **opts)[0]
+        return float(integrate.quad(lambda z2: g(s2 * (rho * z1 + r * z2)) * phi(z2), -lim, lim,
+                                    points=pts or None, **opts)[0])
 
     pts = [k / s1 for k in kinks if abs(k / s1) < lim]
-    return integrate.quad(lambda z1: f(s1 * z1) * inner(z1) * phi(z1), -lim, lim,
-                          points=pts or None, **opts)[0]
+    return float(integrate.quad(lambda z1: f(s1 * z1) * inner(z1) * phi(z1), -lim, lim,
+                                points=pts or None, **opts)[0])
 
 
-def mc_error_slope(arch, x: torch.Tensor, widths: Sequence[int], get: str = "ntk",
+def mc_error_slope(arch: Layer, x: torch.Tensor, widths: Sequence[int], get: str = "ntk",
                    n_samples: int = 4, seeds: int = 1) -> Tuple[float, np.ndarray]:
     """Slope of ``log(relative Frobenius error)`` vs ``log(width)`` of Monte Carlo estimates.
 
@@ -67,7 +72,7 @@ def mc_error_slope(arch, x: torch.Tensor, widths: Sequence[int], get: str = "ntk
     from .monte_carlo import monte_carlo_kernel
 
     exact = arch.kernel(x, get=get)
-    errs = []
+    errs: List[float] = []
     for w in widths:
         e = 0.0
         for s in range(seeds):
@@ -75,9 +80,9 @@ def mc_error_slope(arch, x: torch.Tensor, widths: Sequence[int], get: str = "ntk
                                      seed=1000 * s + w)
             e += float(torch.linalg.norm(est - exact) / torch.linalg.norm(exact)) ** 2
         errs.append(math.sqrt(e / seeds))
-    errs = np.array(errs)
-    slope = np.polyfit(np.log(np.asarray(widths, float)), np.log(errs), 1)[0]
-    return float(slope), errs
+    errs_a = np.array(errs)
+    slope = np.polyfit(np.log(np.asarray(widths, float)), np.log(errs_a), 1)[0]
+    return float(slope), errs_a
 
 
 class KernelTestCase:
@@ -89,7 +94,7 @@ class KernelTestCase:
     slope_tol: float = 0.2
     rtol_ref: float = 1e-10
 
-    def build(self):  # pragma: no cover - abstract
+    def build(self) -> Layer:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def inputs(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +102,13 @@ class KernelTestCase:
         return (torch.randn(5, 3, generator=g, dtype=torch.float64),
                 torch.randn(4, 3, generator=g, dtype=torch.float64))
 
-    def reference(self, x1, x2) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def reference(self, x1: torch.Tensor, x2: torch.Tensor
+                  ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(nngp, ntk)`` derived independently, or ``None``."""
         return None
 
     # -- the battery ---------------------------------------------------------------------
-    def test_symmetric_matches_explicit(self):
+    def test_symmetric_matches_explicit(self) -> None:
         arch = self.build()
         x1, _ = self.inputs()
         ks, kx = arch.kernel(x1), arch.kernel(x1, x1)
@@ -110,7 +116,7 @@ class KernelTestCase:
             assert torch.allclose(a, a.transpose(0, 1), rtol=0, atol=0)
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
 
-    def test_cross_blocks_and_tiles(self):
+    def test_cross_blocks_and_tiles(self) -> None:
         arch = self.build()
         x1, x2 = self.inputs()
         full = arch.kernel(torch.cat([x1, x2]))
@@ -122,7 +128,7 @@ class KernelTestCase:
         torch.testing.assert_close(tiled.nngp, full.nngp, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(tiled.ntk, full.ntk, rtol=1e-12, atol=1e-12)
 
-    def test_get_single_and_float32(self):
+    def test_get_single_and_float32(self) -> None:
         arch = self.build()
         x1, _ = self.inputs()
         k64 = arch.kernel(x1)
@@ -137,7 +143,7 @@ class KernelTestCase:
         d64 = torch.diagonal(k64.nngp, dim1=0, dim2=1)
         assert float(((d32 - d64).abs() / d64.abs().clamp_min(1e-30)).max()) < 1e-5
 
-    def test_reference(self):
+    def test_reference(self) -> None:
         arch = self.build()
         x1, x2 = self.inputs()
         ref = self.reference(x1, x2)
@@ -147,7 +153,7 @@ class KernelTestCase:
         torch.testing.assert_close(k.nngp, ref[0], rtol=self.rtol_ref, atol=self.rtol_ref)
         torch.testing.assert_close(k.ntk, ref[1], rtol=self.rtol_ref, atol=self.rtol_ref)
 
-    def test_monte_carlo_converges(self):
+    def test_monte_carlo_converges(self) -> None:
         arch = self.build()
         x = torch.cat(self.inputs())
         for get in ("nngp", "ntk"):

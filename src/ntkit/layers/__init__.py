@@ -16,9 +16,14 @@ from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, G
 from .combinators import (FanInConcat, FanInProd, FanInSum, FanOut, Identity, parallel, repeat,
                           serial)
 from .conv import Conv
+from .conv_variants import ConvLocal, ConvTranspose, ImageResize
 from .dense import Dense
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
+from .attention import GlobalSelfAttention
+from .graph import Aggregate
+from .activations import ExpNormalized, Gabor
+from .misc import DotGeneral, Dropout, Index, Slice
 from ._parse import parse_arch
 from ._from_torch import from_torch
 
@@ -26,8 +31,11 @@ __all__ = [
     "Layer", "serial", "parallel", "repeat", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
     "Identity",
     "Dense", "LayerNorm", "Conv", "AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool",
-    "Flatten",
+    "Flatten", "Aggregate",
     "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
     "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Polynomial", "Hermite",
     "Elementwise", "Activation", "parse_arch", "from_torch",
+    "Gabor", "ExpNormalized", "Dropout", "Index", "Slice", "DotGeneral",
+    "ConvTranspose", "ConvLocal", "ImageResize",
+    "GlobalSelfAttention",
 ]

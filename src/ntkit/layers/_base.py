@@ -9,41 +9,166 @@ A layer knows three things, all derived from one definition:
 
 Any layer is an architecture: ``layer.kernel(x1, x2)`` evaluates the kernel tile by tile
 (upper triangle only when ``x2`` is ``None``) and ``layer.module(in_shape)`` builds the network.
+
+Call-time arguments (neural-tangents' ``kernel_fn(x1, x2, get, **kwargs)`` /
+``apply_fn(params, x, **kwargs)``, e.g. the graph ``pattern`` of :class:`~ntkit.layers.Aggregate`):
+a layer lists the names it reads in ``call_args``; ``arch.kernel(x1, x2, pattern=(p1, p2))`` and
+``net(x, pattern=p)`` accept exactly the names some layer of the architecture reads. The values
+are per-example arrays (leading axis = batch), sliced with ``x1`` / ``x2`` tile by tile, and a
+layer reads the current ``(value for x1 block, value for x2 block or None)`` with
+:func:`call_arg` inside ``kernel_map`` / its module's ``forward``. Other layers never see them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Tuple, TypeVar, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from .._system import available_memory  # re-exported: ntkit.layers._base.available_memory
 from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
 from ..kernel import Kernel
 
-__all__ = ["Layer", "BuildContext", "KernelLike", "available_memory", "DEFAULT_DTYPE"]
+__all__ = ["Layer", "BuildContext", "KernelLike", "available_memory", "DEFAULT_DTYPE",
+           "call_arg", "accepted_call_args"]
 
 DEFAULT_DTYPE = torch.float64
 KernelLike = Union[Kernel, Tuple[Kernel, ...]]
 Shape = Tuple[int, ...]
 
 
-def available_memory() -> int:
-    """Bytes of RAM available now (``MemAvailable``), or 4 GiB if it cannot be read."""
+# ---- call-time arguments ----------------------------------------------------------------
+# name -> (value for the x1 block, value for the x2 block or None when x2 is x1)
+_CALL_ARGS: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar(
+    "ntkit_call_args", default=None)
+
+
+def call_arg(name: str) -> Optional[Tuple[Any, Any]]:
+    """The call-time argument ``name`` of the kernel evaluation or forward pass in progress:
+    ``(a1, a2)`` with ``a1`` the rows for the current ``x1`` block and ``a2`` those for the
+    ``x2`` block (``None`` when the tile is symmetric, ``x2`` is ``x1``, or in a forward pass),
+    or ``None`` when the argument was not given."""
+    args = _CALL_ARGS.get()
+    return None if args is None else args.get(name)
+
+
+@contextlib.contextmanager
+def using_call_args(args: Optional[dict]):
+    """Make ``args`` (``name -> (a1, a2)``) visible to :func:`call_arg` while the block runs."""
+    if not args:
+        yield
+        return
+    token = _CALL_ARGS.set(args)
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        yield
+    finally:
+        _CALL_ARGS.reset(token)
+
+
+def accepted_call_args(layer: "Layer") -> Tuple[str, ...]:
+    """Sorted names of the call-time arguments read by ``layer`` or any layer inside it."""
+    return tuple(sorted({name for sub in layer.walk() for name in sub.call_args}))
+
+
+def _per_example(v: Any, name: str, n: int, what: str):
+    """``v`` as a tensor whose leading (batch) axis has ``n`` rows."""
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(np.ascontiguousarray(v))
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array with the batch on its "
+                        f"leading axis, got {type(v).__name__}")
+    if v.ndim == 0 or v.shape[0] != n:
+        raise ValueError(f"`{name}` has shape {tuple(v.shape)} but {what} has {n} examples; its "
+                         f"leading axis must be the batch ({n} rows, one per example)")
+    return v
+
+
+def _unexpected(name: str, accepted: Tuple[str, ...], where: str) -> TypeError:
+    return TypeError(f"{where} got an unexpected keyword argument {name!r}; the architecture's "
+                     f"layers read the call-time arguments "
+                     f"{', '.join(repr(a) for a in accepted) if accepted else '(none)'}")
+
+
+def prepare_call_args(layer: "Layer", kwargs: dict, n1: int, n2: Optional[int]) -> dict:
+    """Validate ``arch.kernel(..., **kwargs)``: ``name -> (a1, a2 or None)``. A value is one
+    array (``x2`` must be ``None``) or a pair ``(a1, a2)``; ``a2`` must be ``None`` or equal to
+    ``a1`` when ``x2`` is ``None``."""
+    accepted = accepted_call_args(layer)
+    out = {}
+    for name, v in kwargs.items():
+        if name not in accepted:
+            raise _unexpected(name, accepted, "kernel()")
+        if v is None:
+            raise ValueError(f"`{name}=None`: pass the arrays ({name}=p when x2 is None, "
+                             f"{name}=({name}1, {name}2) otherwise)")
+        if isinstance(v, (tuple, list)):
+            if len(v) != 2:
+                raise ValueError(f"`{name}` must be one array or a pair ({name}1, {name}2) for "
+                                 f"(x1, x2), got a {type(v).__name__} of length {len(v)}")
+            a1, a2 = v
+        elif n2 is None:
+            a1, a2 = v, None
+        else:
+            raise ValueError(f"x2 is given, so `{name}` must be a pair ({name}1, {name}2): one "
+                             f"array for x1 and one for x2")
+        a1 = _per_example(a1, f"{name}[0]", n1, "x1")
+        if n2 is None:
+            if a2 is not None:
+                a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
+                if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
+                    raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
+                                     f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
+            a2 = None
+        else:
+            if a2 is None:
+                raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
+            a2 = _per_example(a2, f"{name}[1]", n2, "x2")
+        out[name] = (a1, a2)
+    return out
+
+
+def slice_call_args(args: Optional[dict], rows, cols=None) -> Optional[dict]:
+    """The call-time arguments of the tile ``(x1[rows], x2[cols])``; ``cols=None``: the
+    symmetric tile ``(x1[rows], x1[rows])``."""
+    if not args:
+        return None
+    out = {}
+    for name, (a1, a2) in args.items():
+        out[name] = (a1[rows], None if cols is None else (a1 if a2 is None else a2)[cols])
+    return out
+
+
+class CallArgsModule(nn.Module):
+    """The finite network of an architecture with call-time arguments: ``net(x, **kwargs)``
+    makes them visible to the layers' modules (:func:`call_arg`) during the forward pass.
+
+    ``net.net`` is the network itself (an ``nn.Sequential`` for ``serial``)."""
+
+    def __init__(self, net: nn.Module, names: Tuple[str, ...]):
+        super().__init__()
+        self.net = net
+        self.call_args = tuple(names)
+
+    def forward(self, x, **kwargs):
+        args = {}
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else None
+        for name, v in kwargs.items():
+            if name not in self.call_args:
+                raise _unexpected(name, self.call_args, "forward()")
+            if v is None:
+                continue
+            args[name] = (v if n is None else _per_example(v, name, n, "x"), None)
+        with using_call_args(args):
+            return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"call_args={self.call_args}"
 
 
 @dataclass
@@ -56,6 +181,9 @@ class BuildContext:
 
 class Layer:
     """Base class of architecture nodes (immutable; subclasses are frozen dataclasses)."""
+
+    #: names of the call-time keyword arguments this layer reads (see :func:`call_arg`)
+    call_args: Tuple[str, ...] = ()
 
     # ---- to be provided by subclasses -------------------------------------------------
     def kernel_map(self, k: KernelLike) -> KernelLike:  # pragma: no cover - abstract
@@ -81,7 +209,7 @@ class Layer:
     def kernel(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"),
                *, dtype: Optional[torch.dtype] = None,
                memory_budget: Union[int, float, str, None] = None,
-               progress: bool = False, tile: Optional[int] = None):
+               progress: bool = False, tile: Optional[int] = None, **kwargs):
         """Exact infinite-width kernels of this architecture between ``x1`` and ``x2``.
 
         Args:
@@ -97,6 +225,10 @@ class Layer:
             positive number of bytes or a string with a unit, ``'512MB'``, ``'2GiB'``.
           progress: show a progress bar over tiles.
           tile: override the tile edge (examples per block); chosen automatically otherwise.
+          **kwargs: call-time arguments read by layers of the architecture (neural-tangents'
+            ``kernel_fn(..., **kwargs)``), e.g. ``pattern=(pattern1, pattern2)`` for
+            :class:`~ntkit.layers.Aggregate`: per-example arrays, batch on the leading axis;
+            ``pattern=p`` when ``x2`` is ``None``. A name no layer reads is a ``TypeError``.
 
         Returns ``(n1, n2)`` kernels (empty when ``x1`` or ``x2`` has no rows). Raises
         ``ValueError`` when the architecture's output keeps spatial axes (add ``Flatten()``),
@@ -126,9 +258,11 @@ class Layer:
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
             raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                              f"{tuple(x1.shape[1:])}; both must be (n, *feature_shape)")
+        call_args = prepare_call_args(self, kwargs, x1.shape[0],
+                                      None if x2 is None else x2.shape[0]) if kwargs else None
         from ._tiling import evaluate
         return evaluate(self, x1, x2, keys, single, memory_budget=memory_budget,
-                        progress=progress, tile=tile)
+                        progress=progress, tile=tile, call_args=call_args)
 
     def features(self, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk",
                  **kwargs):
@@ -157,6 +291,9 @@ class Layer:
             standard parameterization).
           dtype: parameter dtype.
 
+        When layers read call-time arguments (``Aggregate``'s ``pattern``), the network is
+        wrapped so that ``net(x, pattern=p)`` passes them on (the network itself is ``net.net``).
+
         Example::
 
             >>> net = serial(Dense(512), Relu(), Dense(1)).module(3, width=2048, seed=0)
@@ -174,7 +311,47 @@ class Layer:
         gen = torch.Generator()
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         mod, _ = self.build(in_shape, BuildContext(width, gen, dtype), followed=False)
-        return mod
+        names = accepted_call_args(self)
+        return CallArgsModule(mod, names) if names else mod
+
+    # ---- structure ------------------------------------------------------------------
+    def children(self) -> Tuple["Layer", ...]:
+        """The layers directly inside this one (``serial``/``parallel``'s ``layers``), in order.
+
+        Read from the declared dataclass fields: a field holding a :class:`Layer`, or a tuple /
+        list of them. A leaf layer (``Dense``, ``Relu``, ...) has none.
+
+        Example: ``serial(Dense(8), Relu()).children() == (Dense(8), Relu())``.
+        """
+        if not dataclasses.is_dataclass(self):
+            return ()
+        out = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name, None)
+            if isinstance(v, Layer):
+                out.append(v)
+            elif isinstance(v, (tuple, list)):
+                out.extend(s for s in v if isinstance(s, Layer))
+        return tuple(out)
+
+    def walk(self) -> Iterator["Layer"]:
+        """This layer and every layer inside it, depth-first in definition order (pre-order:
+        a combinator comes before its children).
+
+        Why: code that asks "does any layer ...?" (dropout noise, parameterization, call-time
+        arguments, fully-connected) walks the architecture through this one method instead
+        of guessing attribute names.
+
+        Example::
+
+            >>> [type(l).__name__ for l in serial(Dense(8), parallel(Erf(), Dense(2))).walk()]
+            ['Serial', 'Dense', 'Parallel', 'Erf', 'Dense']
+        """
+        stack = [self]
+        while stack:
+            layer = stack.pop()
+            yield layer
+            stack.extend(reversed(layer.children()))
 
     # ---- conveniences ----------------------------------------------------------------
     def __rshift__(self, other: "Layer") -> "Layer":
@@ -182,6 +359,16 @@ class Layer:
         return serial(self, other)
 
 
-def frozen_layer(cls):
+if TYPE_CHECKING:   # so type checkers see a @frozen_layer class's dataclass __init__
+    from typing_extensions import dataclass_transform
+else:
+    def dataclass_transform(**_kwargs: Any) -> Callable[[Any], Any]:
+        return lambda f: f
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, eq_default=True)
+def frozen_layer(cls: type[_T]) -> type[_T]:
     """Decorator: make a Layer subclass an immutable dataclass with value equality."""
     return dataclass(frozen=True, repr=True, eq=True)(cls)

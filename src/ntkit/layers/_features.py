@@ -30,13 +30,15 @@ a feature rule.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._system import available_memory
 from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
-from ._base import Layer, available_memory
+from ._base import Layer
 from .activations import Activation
 from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
 from .conv import Conv
@@ -375,6 +377,136 @@ def _count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
     return out.index_add_(1, idx, v * sign)
 
 
+class _JacobianMap:
+    """``method='jacobian'``: the sketched Jacobian of one random finite network of the
+    architecture (width ``dim``, NTK parameterization), ``phi(x) = S d f_0(x) / d theta``.
+
+    ``phi(x) . phi(x')`` is then an unbiased estimate (over the sketch ``S``) of the network's
+    empirical NTK, whose mean over initializations is the exact NTK up to ``O(1/dim)``. Unlike
+    ``'rf'`` (whose NTK features have ``2 dim`` columns after global pooling), its rank is not
+    tied to the width: a conv layer contributes the ``dim x (C k^2)`` matrix
+    ``sum_p delta_p (x) patch_p`` per example (the pixel-pair structure of the CNTK), built with
+    one batched product per layer and compressed by a CountSketch to ``out_dim`` columns. Cost:
+    a forward and a backward pass of the width-``dim`` network plus one product of the same
+    size per layer. NNGP features are the readout layer's gradient (``W_std/sqrt(fan_in) h``
+    and ``b_std``), exact given the hidden layers."""
+
+    def __init__(self, arch: Layer, in_shape, dim: int, seed: int, dtype, device):
+        from .conv import ConvModule
+        from .dense import AffineModule
+        self.net = arch.module(tuple(in_shape), width=dim, seed=seed, dtype=dtype).to(device)
+        self.net.requires_grad_(True)
+        self.mods = [m for m in self.net.modules() if isinstance(m, (ConvModule, AffineModule))]
+        self.conv_t = ConvModule
+        own = {id(p) for m in self.mods for p in m.parameters(recurse=False)}
+        other = [n for n, p in self.net.named_parameters() if id(p) not in own]
+        if other:
+            raise NotImplementedError(
+                f"features(method='jacobian') handles the parameters of Dense and Conv layers; "
+                f"this architecture also has {other[:3]} (e.g. attention or a per-unit affine "
+                f"map): use method='rf' where it applies, or ntkit.empirical_ntk")
+        self.seed = seed
+        self.sizes = [m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+                      for m in self.mods]
+
+    def _grads(self, m, inp: Tensor, delta: Tensor) -> List[Tensor]:
+        """Per-example gradients ``(n, *param)`` flattened, of the weight (and bias)."""
+        n = inp.shape[0]
+        if isinstance(m, self.conv_t):
+            # sum_p delta_p (x) patch_p, one batched product per filter offset (F.unfold's
+            # im2col is ~20x slower on CPU than these strided views)
+            x = st.pad_input(inp, m.pads, m.circular)
+            out_sp = tuple(delta.shape[2:])
+            d = delta.reshape(n, delta.shape[1], -1)
+            gw = x.new_empty((n, delta.shape[1], x.shape[1]) + tuple(m.filt))
+            for off in itertools.product(*(range(f) for f in m.filt)):
+                sl = tuple(slice(o, o + s_ * (k - 1) + 1, s_)
+                           for o, s_, k in zip(off, m.strides, out_sp))
+                xs = x[(slice(None), slice(None)) + sl].reshape(n, x.shape[1], -1)
+                gw[(Ellipsis,) + off] = torch.bmm(d, xs.transpose(1, 2))
+            gw = gw.reshape(n, -1).mul_(m.w_scale)
+        else:
+            d = delta.reshape(n, delta.shape[1], -1)
+            a = inp.reshape(n, inp.shape[1], -1)
+            gw = torch.bmm(d, a.transpose(1, 2)).reshape(n, -1).mul_(m.w_scale)
+        out = [gw]
+        if m.bias is not None:
+            out.append(d.sum(2).mul_(m.b_scale))
+        return out
+
+    def __call__(self, xb: Tensor, keys, out_dim: Optional[int]) -> Dict[str, Tensor]:
+        recs: List[Tuple[Any, Tensor, Tensor]] = []
+
+        def hook(mod, inputs, output):
+            recs.append((mod, inputs[0].detach(), output))
+        handles = [m.register_forward_hook(hook) for m in self.mods]
+        try:
+            with torch.enable_grad():
+                y = self.net(xb)
+                outs = [r[2] for r in recs]
+                if len(recs) != len(self.mods) or len({id(r[0]) for r in recs}) != len(recs):
+                    raise NotImplementedError(
+                        "features(method='jacobian') needs every Dense/Conv layer to run once "
+                        "per forward pass (no shared or skipped layers)")
+                deltas = torch.autograd.grad(y.reshape(y.shape[0], -1)[:, 0].sum(), outs,
+                                             allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        res: Dict[str, Tensor] = {}
+        last, last_out = recs[-1][0], recs[-1][2]
+        if "nngp" in keys:
+            if isinstance(last, self.conv_t) or last_out.shape != y.shape or not bool(
+                    (last_out == y).all()):
+                raise ValueError("features(method='jacobian', get='nngp') needs an architecture "
+                                 "ending in a Dense readout; use method='rf'")
+            res["nngp"] = self._sketch(torch.cat(self._grads(last, recs[-1][1],
+                                                             deltas[-1]), 1), out_dim, 10 ** 6)
+        if "ntk" in keys:
+            total = sum(self.sizes)
+            n = xb.shape[0]
+            if out_dim is None or out_dim >= total:
+                parts = []
+                for (m, inp, _), d in zip(recs, deltas):
+                    parts += (self._grads(m, inp, d) if d is not None else
+                              [xb.new_zeros((n, self.sizes[self.mods.index(m)]))])
+                res["ntk"] = torch.cat(parts, 1)
+            else:
+                acc = xb.new_zeros((n, out_dim))
+                for i, ((m, inp, _), d) in enumerate(zip(recs, deltas)):
+                    if d is None:
+                        continue
+                    for j, g in enumerate(self._grads(m, inp, d)):
+                        acc += _count_sketch(g, out_dim, self.seed * 7919 + 2 * i + j)
+                res["ntk"] = acc
+        return res
+
+    def _sketch(self, g: Tensor, out_dim: Optional[int], part: int) -> Tensor:
+        if out_dim is None or out_dim >= g.shape[1]:
+            return g
+        return _count_sketch(g, out_dim, self.seed * 7919 + part)
+
+
+def _refuse_standard(layer: Layer) -> None:
+    """The width-``dim`` network's NTK matches the architecture's only in NTK parameterization
+    (in standard parameterization the kernel depends on the widths written in the spec)."""
+    for sub in layer.walk():
+        if getattr(sub, "parameterization", "ntk") != "ntk":
+            raise NotImplementedError(
+                f"features: {type(sub).__name__}(parameterization={sub.parameterization!r}) is "
+                f"not supported; feature maps are implemented for the NTK parameterization (the "
+                f"default of ntkit.layers; for a converted torch module use from_torch(net, "
+                f"parameterization='ntk'), its infinite-width limit)")
+
+
+def _check_finite(t: Tensor, key: str, xb: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"the {key} features overflow {xb.dtype} (non-finite values): the kernel grows too "
+            f"fast with the input scale or depth; rescale `x`, lower W_std, or use "
+            f"dtype=torch.float64")
+
+
 def _parse_budget(memory_budget) -> int:
     budget = parse_memory_budget(memory_budget)
     return available_memory() // 2 if budget is None else int(budget)
@@ -397,7 +529,10 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
       dim: width of the random network (features per layer and pixel).
       get: ``'nngp'`` or ``'ntk'`` (a tensor), or a tuple of both (a dict of tensors).
       seed: the random weights; the same seed gives the same map for every call and chunk.
-      method: ``'rf'`` (random features of the network and its tangent; the only method).
+      method: ``'rf'`` (random features of the width-``dim`` network and its tangent: ``2 dim``
+        NTK columns per pixel) or ``'jacobian'`` (the gradient of one random width-``dim``
+        network, sketched to ``out_dim`` columns: its rank is not tied to ``dim``, which is
+        what large data sets need after global pooling; Dense and Conv parameters).
       out_dim: compress the result to this many columns by an unbiased CountSketch
         (useful after Flatten, where the natural size is ``dim * pixels``).
       dtype: ``torch.float32`` (default) or ``torch.float64``.
@@ -417,8 +552,10 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     """
     if not isinstance(arch, Layer):
         raise TypeError(f"`arch` must be an ntkit.layers architecture, got {type(arch).__name__}")
-    if method != "rf":
-        raise ValueError(f"`method` must be 'rf' (random features), got {method!r}")
+    if method not in ("rf", "jacobian"):
+        raise ValueError(f"`method` must be 'rf' (random features of the network and its "
+                         f"tangent) or 'jacobian' (sketched Jacobian of a random finite "
+                         f"network), got {method!r}")
     check_int(dim, "dim")
     if out_dim is not None:
         check_int(out_dim, "out_dim")
@@ -436,7 +573,17 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     budget = _parse_budget(memory_budget)
     want_ntk = "ntk" in keys
     ctx = _Ctx(dim, seed, want_ntk)
-    op, out_shape = _compile(arch, tuple(x.shape[1:]), ctx, False)
+    jac = op = None
+    if method == "rf":
+        op, out_shape = _compile(arch, tuple(x.shape[1:]), ctx, False)
+    else:
+        _refuse_standard(arch)
+        out_shape = arch.out_shape(tuple(x.shape[1:]))
+        jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device)
+        if out_dim is None and "ntk" in keys and sum(jac.sizes) > 1 << 20:
+            raise ValueError(f"features(method='jacobian') has {sum(jac.sizes)} raw columns "
+                             f"(one per parameter of the width-{dim} network): pass `out_dim` "
+                             f"(e.g. out_dim=8192) to sketch them")
     if isinstance(out_shape, tuple) and out_shape and isinstance(out_shape[0], tuple):
         raise ValueError("the architecture ends in several branches; merge them with FanInSum() "
                          "or FanInConcat()")
@@ -446,6 +593,11 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
                          f"GlobalAvgPool() (and a Dense readout)")
 
     def run(xb):
+        if jac is not None:
+            res = jac(xb, keys, out_dim)
+            for key, t in res.items():
+                _check_finite(t, key, xb)
+            return res
         with torch.no_grad():
             c = xb.shape[1]
             f = op(_F(xb / math.sqrt(c), None, False)).normed()
@@ -455,11 +607,7 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
             if t is None:   # an NTK that is identically zero (no trainable layer)
                 t = torch.zeros((xb.shape[0], 1), dtype=xb.dtype, device=xb.device)
             t = t.reshape(xb.shape[0], -1)
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(
-                    f"the {key} features overflow {xb.dtype} (non-finite values): the kernel "
-                    f"grows too fast with the input scale or depth; rescale `x`, lower W_std, "
-                    f"or use dtype=torch.float64")
+            _check_finite(t, key, xb)
             if out_dim is not None and out_dim < t.shape[1]:
                 t = _count_sketch(t, out_dim, seed)
             res[key] = t
@@ -471,6 +619,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         width = max(dim, x.shape[1])
         per_example = 12 * width * st.prod(x.shape[2:]) * item + 4 * sum(
             v.shape[1] for v in first.values()) * item
+        if jac is not None:   # the autograd graph and one layer's per-example gradient
+            per_example = 3 * per_example + 2 * max(jac.sizes) * item
         chunk = int(max(1, min(x.shape[0], budget // max(per_example, 1))))
     outs: Dict[str, List[Tensor]] = {k: [] for k in keys}
     starts = range(0, x.shape[0], chunk)

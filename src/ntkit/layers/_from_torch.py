@@ -54,13 +54,22 @@ Conversion table: ``Linear`` -> ``Dense``; ``Conv1d/2d/3d`` (stride, int/tuple/'
 padding, ``padding_mode`` 'zeros'/'circular', ``groups=1``, ``dilation=1``) -> ``Conv``;
 ``ReLU``/``LeakyReLU``/``GELU`` -> closed forms; ``Tanh``, ``Sigmoid``, ``SiLU``, ``ELU``,
 ``CELU``, ``SELU``, ``Softplus``, ``Mish``, ``Softsign``, ``Hardtanh``, ``ReLU6``, tanh-``GELU``
--> ``Elementwise`` (Gauss-Hermite quadrature, ~1e-10 for smooth functions, only algebraic
-accuracy at kinks: ``Hardtanh``/``ReLU6``/``ELU(alpha != 1)``); ``AvgPool1d/2d/3d``
+-> ``Elementwise`` (quadrature to ``rtol`` (default 1e-10) chosen from the variances; kinked
+functions (``Hardtanh``/``ReLU6``/``ELU(alpha != 1)``) converge slowly and warn once); ``AvgPool1d/2d/3d``
 (``ceil_mode=False``, padding counted) -> ``AvgPool``; ``AdaptiveAvgPool*d(1)`` ->
 ``GlobalAvgPool`` (must be followed by ``Flatten``); ``Flatten()`` -> ``Flatten``;
-``LayerNorm(d)`` on features ``(N, d)`` -> ``LayerNorm`` (over channels); ``Identity`` and
-``Dropout`` in eval mode are dropped. Anything else raises ``ValueError`` naming the module class
-and its position (e.g. ``'features.3'``).
+``LayerNorm(d)`` on features ``(N, d)`` -> ``LayerNorm`` (over channels);
+``ConvTranspose1d/2d/3d`` (``groups=1``, ``dilation=1``, ``padding <= kernel_size - 1``) ->
+``ConvTranspose`` with explicit pads ``(k-1-p, k-1-p+output_padding)`` (PyTorch initializes its
+weight ``(in, out, *k)`` with ``fan_in = out_channels * area``, so the default ``W_std`` is
+``sqrt(in_channels / (3 out_channels))`` and the bias std ``1/sqrt(3 out_channels area)``);
+``Upsample`` (``UpsamplingNearest2d``) with ``mode`` 'nearest' / 'nearest-exact' /
+'linear' / 'bilinear' / 'trilinear' (``align_corners=False``) -> ``ImageResize`` where PyTorch's
+sampling is exactly ``jax.image.resize``'s (linear: ``antialias=False``): integer
+``scale_factor``, or ``size`` / ``recompute_scale_factor=True`` except for legacy 'nearest'
+(``floor(o * in / out)`` differs from the half-pixel rule; use 'nearest-exact');
+``Identity`` and ``Dropout`` in eval mode are dropped. Anything else raises ``ValueError`` naming
+the module class and its position (e.g. ``'features.3'``).
 
 Example::
 
@@ -84,6 +93,7 @@ from ._base import BuildContext, Layer, frozen_layer
 from .activations import Elementwise, Gelu, LeakyRelu, Relu
 from .combinators import Serial, serial
 from .conv import Conv
+from .conv_variants import ConvTranspose, ImageResize
 from .dense import Dense, check_parameterization
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
@@ -308,6 +318,86 @@ def _conv(m, path, state, W_std, b_std, param) -> Conv:
                 parameterization=param, padding_mode=mode)
 
 
+_CONV_T = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+
+
+def _conv_transpose(m, path, state, W_std: Optional[float], b_std, param) -> ConvTranspose:
+    """``nn.ConvTranspose{1,2,3}d`` -> ``ConvTranspose`` with explicit pads of the dilated input
+    ``(k-1-p, k-1-p+output_padding)`` (the same output, pixel for pixel). ``W_std=None``:
+    PyTorch's default init, ``Var(W) = 1/(3 out_channels area)`` (torch's fan_in of the
+    ``(in, out, *k)`` weight), i.e. ``W_std = sqrt(in / (3 out))`` against ntkit's ``fan_in = in
+    area``."""
+    nd = _CONV_T[type(m)]
+    if m.groups != 1:
+        raise _error(m, path, f"groups={m.groups} is not supported; use groups=1")
+    if any(d != 1 for d in _sizes(m.dilation, nd)):
+        raise _error(m, path, f"dilation={m.dilation} is not supported; use dilation=1")
+    if m.padding_mode != "zeros":
+        raise _error(m, path, f"padding_mode={m.padding_mode!r} is not supported; use 'zeros'")
+    if state["flat"]:
+        raise _error(m, path, "a transposed convolution after Flatten/global pooling needs "
+                              "(N, C, *spatial) inputs")
+    if state["nd"] not in (None, nd):
+        raise _error(m, path, f"{nd}-D convolution after {state['nd']}-D layers")
+    state["nd"] = nd
+    ks = _sizes(m.kernel_size, nd)
+    ps = _sizes(m.padding, nd)
+    ops = _sizes(m.output_padding, nd)
+    if any(p > k - 1 for p, k in zip(ps, ks)):
+        raise _error(m, path, f"padding={m.padding} larger than kernel_size - 1 is not supported "
+                              f"(it crops more than the filter adds)")
+    pads = tuple((k - 1 - p, k - 1 - p + q) for k, p, q in zip(ks, ps, ops))
+    area = math.prod(ks)
+    w_std = math.sqrt(m.in_channels / (3.0 * m.out_channels)) if W_std is None else W_std
+    return ConvTranspose(int(m.out_channels), ks, strides=_sizes(m.stride, nd), padding=pads,
+                         W_std=w_std,
+                         b_std=_bias_std(m, state, int(m.out_channels) * area, b_std, param),
+                         parameterization=param)
+
+
+_UP_MODES = {"nearest": "nearest", "nearest-exact": "nearest", "linear": "linear",
+             "bilinear": "linear", "trilinear": "linear"}
+_UP_ND = {"linear": 1, "bilinear": 2, "trilinear": 3}
+
+
+def _upsample(m, path, state) -> ImageResize:
+    """``nn.Upsample`` -> ``ImageResize`` where torch samples exactly like ``jax.image.resize``:
+    half-pixel centers with ratio ``in / out``; linear modes without antialiasing."""
+    mode = m.mode
+    if mode not in _UP_MODES:
+        raise _error(m, path, f"mode={mode!r} has no exact ImageResize equivalent (bicubic uses "
+                              f"a different cubic kernel); use 'nearest-exact' or 'bilinear'")
+    if m.align_corners:
+        raise _error(m, path, "align_corners=True samples differently from jax.image.resize; "
+                              "use align_corners=False")
+    if state["flat"]:
+        raise _error(m, path, "upsampling after Flatten/global pooling needs (N, C, *spatial) "
+                              "inputs")
+    nd = _UP_ND.get(mode)
+    if nd is not None:
+        if state["nd"] not in (None, nd):
+            raise _error(m, path, f"mode={mode!r} ({nd}-D) after {state['nd']}-D layers")
+        state["nd"] = nd
+    method = _UP_MODES[mode]
+    if m.size is not None:
+        if mode == "nearest":
+            raise _error(m, path, "mode='nearest' with `size` takes pixel floor(o * in / out), "
+                                  "not jax.image.resize's half-pixel floor((o + 0.5) in / out); "
+                                  "use mode='nearest-exact'")
+        size = m.size if isinstance(m.size, int) else tuple(int(v) for v in m.size)
+        return ImageResize(shape=size, method=method, antialias=False)
+    sf = m.scale_factor
+    sfs = (sf,) if isinstance(sf, (int, float)) else tuple(sf)
+    integer = all(float(v).is_integer() and v >= 1 for v in sfs)
+    if not integer and not (m.recompute_scale_factor and mode != "nearest"):
+        raise _error(m, path, f"scale_factor={sf} is not an integer: torch then samples at "
+                              f"o / scale_factor, not at jax.image.resize's o * in / out; use an "
+                              f"integer scale_factor, `size`, or recompute_scale_factor=True "
+                              f"(with a mode other than legacy 'nearest')")
+    return ImageResize(scale_factor=float(sf) if isinstance(sf, (int, float))
+                       else tuple(float(v) for v in sfs), method=method, antialias=False)
+
+
 def _bias_std(m, state, fan_in: int, b_std: Optional[float],
               param: str) -> Optional[float]:
     """PyTorch's default bias std ``1/sqrt(3 fan_in)`` at the module's own ``fan_in`` ('standard':
@@ -339,7 +429,8 @@ def _avgpool(m, path, state) -> AvgPool:
     return AvgPool(win, stride, "VALID" if not any(pads) else pads)
 
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d,
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+              nn.ConvTranspose3d, nn.Upsample, nn.AvgPool1d, nn.AvgPool2d,
               nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
               nn.Flatten, nn.LayerNorm, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
               nn.SiLU, nn.Mish, nn.Softsign, nn.SELU, nn.ELU, nn.CELU, nn.Softplus, nn.Hardtanh)
@@ -359,7 +450,8 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
         ``'ntk'``: the NTK-parameterization infinite-width limit (hidden widths -> infinity;
         its NTK is about ``width`` times smaller than the PyTorch network's).
       W_std: weight standard deviation (``Var(W) = W_std^2 / fan_in``) of every Linear/Conv;
-        default ``1/sqrt(3)``, PyTorch's default initialization.
+        default ``1/sqrt(3)``, PyTorch's default initialization (for ``ConvTranspose*d``:
+        ``sqrt(in_channels / (3 out_channels))``, see the module docstring).
       b_std: bias standard deviation of every Linear/Conv that has a bias; default PyTorch's
         ``1/sqrt(3 fan_in)`` at each module's own ``fan_in`` (``'standard'``), or for the first
         linear map only and 0 (its infinite-width limit) after (``'ntk'``).
@@ -383,6 +475,7 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
         raise TypeError(f"`module` must be a torch.nn.Module (an nn.Sequential), got "
                         f"{type(module).__name__}")
     check_parameterization(parameterization)
+    W_std_given = W_std
     if W_std is None:
         W_std = _DEFAULT_W_STD
     if not (isinstance(W_std, (int, float)) and W_std > 0):
@@ -390,6 +483,7 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
     if b_std is not None and not (isinstance(b_std, (int, float)) and b_std >= 0):
         raise ValueError(f"`b_std` must be a non-negative number or None, got {b_std!r}")
     W_std = float(W_std)
+    user_W_std = None if W_std_given is None else W_std
 
     state = {"seen_linear": False, "flat": False, "nd": None, "gap": None, "ln": None,
              "expect": None}
@@ -409,13 +503,14 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
                                   f"a Linear follows it; use elementwise_affine=False or put the "
                                   f"Linear right after it")
         if state["expect"] is None and t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                             nn.LayerNorm):
+                                             nn.LayerNorm) + tuple(_CONV_T):
             if t is nn.LayerNorm:  # LayerNorm(d) is converted on (N, d) features only
                 chans, nd = int(m.normalized_shape[-1]), 0
             elif t is nn.Linear:  # on (N, d) features (after Flatten if there is one)
                 chans, nd = int(m.in_features), 0
             else:
-                chans, nd = int(m.in_channels), {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[t]
+                chans, nd = int(m.in_channels), {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
+                                                 **_CONV_T}[t]
             state["expect"] = (chans, nd, len(layers), f"{type(m).__name__} at '{path}'")
         if t is nn.Linear:
             state["ln"] = None
@@ -429,6 +524,10 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
                                 parameterization))
         elif t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             layers.append(_conv(m, path, state, W_std, b_std, parameterization))
+        elif t in _CONV_T:
+            layers.append(_conv_transpose(m, path, state, user_W_std, b_std, parameterization))
+        elif t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+            layers.append(_upsample(m, path, state))
         elif t in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
             layers.append(_avgpool(m, path, state))
         elif t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):

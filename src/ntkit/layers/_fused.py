@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ def _padded_source(t: Tensor, h: int, w: int, src: np.ndarray):
     return tp, mg + n + mg
 
 
-_MASKS = {}
+_MASKS: Dict[Tuple[Any, ...], np.ndarray] = {}
 
 
 def _col_masks(npix: int, w: int, lo2: int, f2: int, dtype) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -24,7 +24,7 @@ def _pow2_scale(*xs: Optional[Tensor]) -> float:
     return math.ldexp(1.0, math.frexp(m)[1])
 
 
-_HASH_W = {}
+_HASH_W: Dict[Any, Tensor] = {}
 
 
 def row_keys(x: Tensor) -> Tensor:
@@ -449,8 +449,8 @@ class SelfMemo:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._d = {}
-        self._held = set()  # ids of tensors the memo keeps alive
+        self._d: Dict[Any, Any] = {}
+        self._held: Set[int] = set()  # ids of tensors the memo keeps alive
 
     def lookup(self, key, cov: Tensor, fn, keep_input: bool = True):
         """``fn(cov)`` from the cache, or computed and cached while it fits.

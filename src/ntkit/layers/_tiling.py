@@ -13,9 +13,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._settings import settings
+from .._system import available_memory
 from .._validation import parse_memory_budget
 from ..kernel import Kernel
-from ._base import available_memory
+from ._base import slice_call_args, using_call_args
 from ._ops import first_occurrence, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
@@ -44,13 +46,10 @@ SPATIAL_TILE_BYTES = {"full": 1 << 20, "diag": 2 << 20}
 MEMO_SHARE = 0.25
 
 
-# Benchmark hook (private): stop after this many tiles and raise TileLimitReached, so a huge
-# kernel's total time can be extrapolated from its first tiles under the real plan.
-_TILE_LIMIT: Optional[int] = None
-
-
 class TileLimitReached(Exception):
-    """Raised by :func:`evaluate` when ``_TILE_LIMIT`` tiles are done (benchmarks only)."""
+    """Raised by :func:`evaluate` when ``ntkit.settings.tile_limit`` tiles are done
+    (benchmarks: a huge kernel's total time is extrapolated from its first tiles under the
+    real plan)."""
 
     def __init__(self, done: int, total: int, seconds: float, tile: int, times=(), pairs=()):
         super().__init__(f"stopped after {done} of {total} tiles ({seconds:.1f} s)")
@@ -64,13 +63,15 @@ def _gb(b: float) -> str:
 
 def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bool,
                 full_spatial: bool, cov_a: Optional[torch.Tensor] = None,
-                cov_b: Optional[torch.Tensor] = None) -> Kernel:
+                cov_b: Optional[torch.Tensor] = None, call_args: Optional[dict] = None) -> Kernel:
     """Kernel of one tile; ``xb=None`` means the symmetric tile ``(xa, xa)``.
 
     ``cov_a`` / ``cov_b``: precomputed input self-covariances of the blocks (see
-    :func:`ntkit.layers._ops.input_kernel`)."""
+    :func:`ntkit.layers._ops.input_kernel`). ``call_args``: the call-time arguments of this
+    tile's blocks (:func:`ntkit.layers._base.slice_call_args`)."""
     k = input_kernel(xa, xb, want_ntk, full_spatial, cov_a, cov_b)
-    k = arch.kernel_map(k)
+    with using_call_args(call_args):
+        k = arch.kernel_map(k)
     if isinstance(k, tuple):
         raise ValueError("the architecture ends in several branches; merge them with FanInSum() or "
                          "FanInConcat() before the end")
@@ -190,8 +191,11 @@ def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor
 
 def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str, ...],
              single: bool, memory_budget: Optional[int] = None, progress: bool = False,
-             tile: Optional[int] = None):
+             tile: Optional[int] = None, call_args: Optional[dict] = None):
     """Evaluate ``arch``'s kernel between ``x1`` and ``x2`` (see ``Layer.kernel``).
+
+    ``call_args``: ``name -> (a1, a2 or None)`` per-example call-time arguments (see
+    :func:`ntkit.layers._base.prepare_call_args`), sliced with the tiles' rows and columns.
 
     Plan: the output (``n1 n2`` entries x output tail x keys) plus one tile's working set
     (:func:`per_entry_bytes` per entry, plus the blocks' self-covariances) must fit the
@@ -208,7 +212,7 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     budget = parse_memory_budget(memory_budget)
     budget = budget if budget is not None else available_memory() // 2
     if n1 == 0 or n2 == 0:
-        return _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape)
+        return _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape, call_args)
 
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
@@ -220,8 +224,11 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     big_arrays = bool(ns) and itemsize * (pix * pix if full else pix) >= 1 << 20
     with _direct_mmap(big_arrays):
         k = _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
-                      self_bytes)
-    _dedupe(k, keys, x1, x2)
+                      self_bytes, call_args)
+    # Equal inputs with different call-time arguments (graphs) may differ, and under per-pass
+    # noise (train-mode Dropout) two copies of an input in one batch are different examples.
+    if not call_args and not _per_pass_noise(arch):
+        _dedupe(k, keys, x1, x2)
     check_representable(k, keys, x1)
     return _finish(k, keys, single)
 
@@ -235,17 +242,14 @@ def _is_fully_connected(layer) -> bool:
     global _FC_TYPES
     if _FC_TYPES is None:
         from .activations import Activation
-        from .combinators import FanInConcat, FanInSum, FanOut, Identity
+        from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
         from .dense import Dense
         from .combinators import FanInProd
         from .normalization import LayerNorm, LayerNormAxes
         from ._from_torch import PerUnitAffine
         _FC_TYPES = (Activation, Dense, LayerNorm, LayerNormAxes, Identity, FanOut, FanInSum,
-                     FanInConcat, FanInProd, PerUnitAffine)
-    sub = getattr(layer, "layers", None)
-    if isinstance(sub, tuple):
-        return all(_is_fully_connected(l) for l in sub)
-    return isinstance(layer, _FC_TYPES)
+                     FanInConcat, FanInProd, PerUnitAffine, Serial, Parallel)
+    return all(isinstance(sub, _FC_TYPES) for sub in layer.walk())
 
 
 def check_output_shape(arch, in_shape: Tuple[int, ...]):
@@ -271,7 +275,7 @@ def check_output_shape(arch, in_shape: Tuple[int, ...]):
         return None
 
 
-def _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape):
+def _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape, call_args=None):
     """The kernel between ``x1`` and ``x2`` when either has no rows: empty ``(n1, n2)``
     arrays (``(n1, n2, *S)`` for per-pixel kernels). The architecture is still run on one
     example when one is available, so one that does not fit the data fails as with rows."""
@@ -280,7 +284,10 @@ def _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape):
     probe_x = x1 if n1 or x2 is None else x2
     like = dict(dtype=x1.dtype, device=x1.device)
     if probe_x.shape[0]:
-        probe = kernel_tile(arch, probe_x[:1], None, want_ntk, full)
+        if call_args and probe_x is not x1:  # x1 is empty: probe with x2's arguments
+            call_args = {n: (a2, None) for n, (_, a2) in call_args.items()}
+        probe = kernel_tile(arch, probe_x[:1], None, want_ntk, full,
+                            call_args=slice_call_args(call_args, slice(0, 1)))
         shape, tail = probe.shape1, tuple(probe.nngp.shape[2:])
         cov_tail = tuple(probe.cov1.shape[1:])
     else:
@@ -294,6 +301,11 @@ def _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape):
                cov2=None if x2 is None else torch.empty((n2,) + cov_tail, **like),
                shape1=shape, shape2=shape, want_ntk=want_ntk)
     return _finish(k, keys, single)
+
+
+def _per_pass_noise(layer) -> bool:
+    """Whether any layer's kernel depends on which examples share a forward pass."""
+    return any(getattr(sub, "per_pass_noise", False) for sub in layer.walk())
 
 
 def _dedupe(k: Kernel, keys, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> None:
@@ -354,13 +366,14 @@ def check_representable(k: Kernel, keys, x: torch.Tensor) -> None:
 
 
 def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
-              self_bytes) -> Kernel:
+              self_bytes, call_args=None) -> Kernel:
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
-    probe = kernel_tile(arch, x1[:1], None, want_ntk, full)
+    probe = kernel_tile(arch, x1[:1], None, want_ntk, full,
+                        call_args=slice_call_args(call_args, slice(0, 1)))
     out_tail = tuple(probe.nngp.shape[2:])
     out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
     cap = cache_cap(pix, full, itemsize) if ns else None
@@ -368,7 +381,8 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
                   self_bytes=self_bytes)
 
     if b >= n1 and b >= n2:
-        k = kernel_tile(arch, x1, x2, want_ntk, full)
+        k = kernel_tile(arch, x1, x2, want_ntk, full, call_args=slice_call_args(
+            call_args, slice(None), None if x2 is None else slice(None)))
         if x2 is None:
             k = k.replace(**{key: _symmetric(getattr(k, key), len(k.shape1) - 1,
                                              k.diagonal_spatial) for key in keys})
@@ -387,7 +401,7 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
     diag_sp = probe.diagonal_spatial
     out_ns = len(probe.shape1) - 1
     xb_all = x1 if x2 is None else x2
-    limit = _TILE_LIMIT
+    limit = settings.tile_limit
     t0 = time.perf_counter()
     stamps = []
     with self_memo(max(0, int(room * MEMO_SHARE)) if ns else 0) as memo:
@@ -408,11 +422,13 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
             I, J = rows[i], cols[j]
             ca = in_cov(0, i, x1[I]) if ns else None
             if x2 is None and i == j:
-                kt = kernel_tile(arch, x1[I], None, want_ntk, full, ca)
+                kt = kernel_tile(arch, x1[I], None, want_ntk, full, ca,
+                                 call_args=slice_call_args(call_args, I))
                 cov1[I] = kt.cov1
             else:
                 cb = in_cov(0 if x2 is None else 1, j, xb_all[J]) if ns else None
-                kt = kernel_tile(arch, x1[I], xb_all[J], want_ntk, full, ca, cb)
+                kt = kernel_tile(arch, x1[I], xb_all[J], want_ntk, full, ca, cb,
+                                 call_args=slice_call_args(call_args, I, J))
                 if x2 is not None:
                     if j == 0:
                         cov1[I] = kt.cov1

@@ -14,14 +14,14 @@ independence condition.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, List, Tuple
 
 import torch
 from torch import nn
 
 from .._validation import check_int
 from ..kernel import Kernel
-from ._base import BuildContext, Layer, frozen_layer
+from ._base import BuildContext, KernelLike, Layer, frozen_layer
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Identity",
            "repeat", "Serial", "Parallel"]
@@ -38,12 +38,12 @@ class Serial(Layer):
     """Layers applied one after another (built with :func:`serial`)."""
     layers: Tuple[Layer, ...]
 
-    def kernel_map(self, k):
+    def kernel_map(self, k: KernelLike) -> KernelLike:
         for layer in self.layers:
             k = layer.kernel_map(k)
         return k
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         for layer in self.layers:
             in_shape = layer.out_shape(in_shape)
         return in_shape
@@ -57,7 +57,7 @@ class Serial(Layer):
             above = layer.needs_full_spatial(above)
         return above
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         mods = []
         for i, layer in enumerate(self.layers):
             after = followed or any(l.has_linear for l in self.layers[i + 1:])
@@ -70,7 +70,7 @@ def serial(*layers: Layer) -> Serial:
     """Compose layers in sequence: ``serial(Dense(512), Relu(), Dense(1))``."""
     if not layers:
         raise ValueError("serial() needs at least one layer")
-    flat = []
+    flat: List[Layer] = []
     for layer in layers:
         _check_layer(layer, "serial()")
         flat.extend(layer.layers if isinstance(layer, Serial) else (layer,))
@@ -99,10 +99,10 @@ class Parallel(Layer):
                              f"inputs; put FanOut({len(self.layers)}) before it")
         return k
 
-    def kernel_map(self, k):
+    def kernel_map(self, k: KernelLike) -> KernelLike:
         return tuple(layer.kernel_map(ki) for layer, ki in zip(self.layers, self._split(k)))
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return tuple(layer.out_shape(s) for layer, s in zip(self.layers, in_shape))
 
     @property
@@ -112,7 +112,7 @@ class Parallel(Layer):
     def needs_full_spatial(self, above: bool) -> bool:
         return any(layer.needs_full_spatial(above) for layer in self.layers)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         self._split(tuple(in_shape) if isinstance(in_shape, tuple) and in_shape
                     and isinstance(in_shape[0], tuple) else in_shape)
         built = [layer.build(s, ctx, followed) for layer, s in zip(self.layers, in_shape)]
@@ -143,15 +143,15 @@ class FanOut(Layer):
     def __post_init__(self):
         check_int(self.n, "n")
 
-    def kernel_map(self, k):
+    def kernel_map(self, k: KernelLike) -> KernelLike:
         if isinstance(k, tuple):
             raise ValueError("FanOut received several branches already")
         return (k,) * self.n
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (tuple(in_shape),) * self.n
 
-    def build(self, in_shape, ctx, followed):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return _FanOutModule(self.n), (tuple(in_shape),) * self.n
 
 
@@ -195,7 +195,7 @@ class _FanInSumModule(nn.Module):
 class FanInSum(Layer):
     """Sum the branches (their kernels add; branches must have equal shapes)."""
 
-    def kernel_map(self, ks):
+    def kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _equal_branches(ks, "FanInSum")
         k0 = ks[0]
         return k0.replace(
@@ -205,12 +205,12 @@ class FanInSum(Layer):
             cov2=None if k0.cov2 is None else _sum_opt([k.cov2 for k in ks]),
             is_gaussian=all(k.is_gaussian for k in ks))
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         if len({tuple(s) for s in in_shape}) > 1:
             raise ValueError(f"FanInSum needs branches of equal shape, got {in_shape}")
         return tuple(in_shape[0])
 
-    def build(self, in_shape, ctx, followed):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return _FanInSumModule(), self.out_shape(in_shape)
 
 
@@ -234,7 +234,7 @@ def _wsum(ts, ws):
 class FanInConcat(Layer):
     """Concatenate the branches along the channel axis (kernels average, weighted by width)."""
 
-    def kernel_map(self, ks):
+    def kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _need_branches(ks, "FanInConcat")
         if len({k.shape1[1:] for k in ks}) > 1:
             raise ValueError("FanInConcat needs branches with equal spatial shapes")
@@ -249,10 +249,10 @@ class FanInConcat(Layer):
             cov2=None if k0.cov2 is None else _wsum([k.cov2 for k in ks], w),
             shape1=shape1, shape2=shape2, is_gaussian=all(k.is_gaussian for k in ks))
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (sum(s[0] for s in in_shape),) + tuple(in_shape[0][1:])
 
-    def build(self, in_shape, ctx, followed):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return _FanInConcatModule(), self.out_shape(in_shape)
 
 
@@ -284,7 +284,7 @@ class FanInProd(Layer):
     (a quadratic network).
     """
 
-    def kernel_map(self, ks):
+    def kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _equal_branches(ks, "FanInProd")
         k0 = ks[0]
         nngp = _prod_opt([k.nngp for k in ks])
@@ -300,12 +300,12 @@ class FanInProd(Layer):
             nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
         return k0.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         if len({tuple(s) for s in in_shape}) > 1:
             raise ValueError(f"FanInProd needs branches of equal shape, got {in_shape}")
         return tuple(in_shape[0])
 
-    def build(self, in_shape, ctx, followed):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return _FanInProdModule(), self.out_shape(in_shape)
 
 
@@ -325,8 +325,8 @@ def repeat(layer: Layer, n: int) -> Layer:
 class Identity(Layer):
     """Pass the input through unchanged."""
 
-    def kernel_map(self, k):
+    def kernel_map(self, k: KernelLike) -> KernelLike:
         return k
 
-    def build(self, in_shape, ctx, followed):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return nn.Identity(), in_shape

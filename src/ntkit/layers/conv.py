@@ -37,7 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -153,7 +153,7 @@ class Conv(Layer):
     def has_linear(self) -> bool:
         return True
 
-    def geometry(self, spatial: Tuple[int, ...]):
+    def geometry(self, spatial: Tuple[int, ...]) -> Tuple[Any, ...]:
         """``(filter, strides, pads, circular, out_spatial)`` for an input of this spatial shape."""
         ns = len(spatial)
         filt = st.as_tuple(self.filter_shape, ns, "filter_shape")
@@ -162,7 +162,7 @@ class Conv(Layer):
         out = st.out_spatial(spatial, filt, strides, pads, "filter")
         return filt, strides, pads, circ, out
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         if len(in_shape) < 2:
             raise ValueError(f"Conv needs inputs of shape (C, *spatial), got {tuple(in_shape)}")
         return (self.out_chan,) + self.geometry(tuple(in_shape[1:]))[4]
@@ -200,7 +200,7 @@ class Conv(Layer):
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape1=shape1, shape2=shape2,
                          is_gaussian=True)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         if len(in_shape) < 2:
             raise ValueError(f"Conv needs inputs of shape (C, *spatial), got {tuple(in_shape)}")
         out = self.out_chan if (ctx.width is None or not followed) else ctx.width

@@ -13,7 +13,7 @@ Cost: one fused multiply-add per kernel entry.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class Dense(Layer):
     def has_linear(self) -> bool:
         return True
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (self.out_dim,) + tuple(in_shape[1:])
 
     def _affine(self, t):
@@ -124,7 +124,7 @@ class Dense(Layer):
                          cov2=self._affine(k.cov2), shape1=shape1, shape2=shape2,
                          is_gaussian=True)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         out = self.out_dim if (ctx.width is None or not followed) else ctx.width
         mod = AffineModule(in_shape[0], out, self.W_std, self.b_std, self.parameterization, ctx)
         return mod, (out,) + tuple(in_shape[1:])

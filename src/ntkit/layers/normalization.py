@@ -13,7 +13,7 @@ usual place for LayerNorm. Cost: one multiply per kernel entry.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Any, Tuple, Union
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class _LayerNormBase(Layer):
         """Normalized spatial axes as indices into the spatial dims (0-based)."""
         return tuple(a - 2 for a in _canonical_axes(self.axis, 1 + n_features_axes) if a >= 2)
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         _canonical_axes(self.axis, 1 + len(in_shape))
         return in_shape
 
@@ -151,7 +151,7 @@ class _LayerNormBase(Layer):
             nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         dims = _canonical_axes(self.axis, 1 + len(in_shape))
         return LayerNormModule(self.eps, dims), in_shape
 

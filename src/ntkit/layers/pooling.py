@@ -24,7 +24,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -90,14 +90,14 @@ class _Pool(Layer):
     def needs_full_spatial(self, above: bool) -> bool:
         return True
 
-    def geometry(self, spatial):
+    def geometry(self, spatial: Tuple[int, ...]) -> Tuple[Any, ...]:
         ns = len(spatial)
         win = st.as_tuple(self.window_shape, ns, "window_shape")
         strides = st.as_tuple(1 if self.strides is None else self.strides, ns, "strides")
         pads, circ = st.resolve(self.padding, "zeros", spatial, win, strides)
         return win, strides, pads, circ, st.out_spatial(spatial, win, strides, pads, "window")
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (in_shape[0],) + self.geometry(tuple(in_shape[1:]))[4]
 
     def kernel_map(self, k: Kernel) -> Kernel:
@@ -121,7 +121,7 @@ class _Pool(Layer):
         return k.replace(nngp=nngp, ntk=pool(k.ntk, 2), cov1=cov1, cov2=cov2,
                          shape1=(k.shape1[0],) + out_sp, shape2=(k.shape2[0],) + out_sp)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         win, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))
         return PoolModule(win, strides, pads, circ, self._sum), (in_shape[0],) + out_sp
 
@@ -162,7 +162,7 @@ class _GlobalPool(Layer):
     def needs_full_spatial(self, above: bool) -> bool:
         return True
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (in_shape[0],)
 
     def kernel_map(self, k: Kernel) -> Kernel:
@@ -184,7 +184,7 @@ class _GlobalPool(Layer):
         return k.replace(nngp=nngp, ntk=red(k.ntk, 2), cov1=cov1, cov2=cov2,
                          shape1=(k.shape1[0],), shape2=(k.shape2[0],), diagonal_spatial=True)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         if len(in_shape) < 2:
             raise ValueError(f"{type(self).__name__} needs inputs (C, *spatial), got {in_shape}")
         return GlobalPoolModule(self._sum), (in_shape[0],)
@@ -216,7 +216,7 @@ class Flatten(Layer):
     def needs_full_spatial(self, above: bool) -> bool:
         return False
 
-    def out_shape(self, in_shape):
+    def out_shape(self, in_shape: Any) -> Any:
         return (st.prod(in_shape),)
 
     def kernel_map(self, k: Kernel) -> Kernel:
@@ -243,5 +243,5 @@ class Flatten(Layer):
                          shape1=(st.prod(k.shape1),), shape2=(st.prod(k.shape2),),
                          is_gaussian=False, diagonal_spatial=True)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return FlattenModule(), (st.prod(in_shape),)

@@ -18,12 +18,12 @@ import hashlib
 import math
 import os
 import threading
-import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .._system import available_cores
 from ._store import (KernelStore, StoreLock, check_store_path, create_store, hint, n_tiles,
                      refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
 
@@ -66,6 +66,12 @@ def _is_layer(obj) -> bool:
     return isinstance(obj, Layer)
 
 
+def _has_kernel(obj) -> bool:
+    """A kernel source with a ``.kernel(x1, x2, get)`` method (``ntkit._typing.HasKernel``)
+    that is not an ntkit architecture, e.g. :class:`ntkit.estimators.ReluNTKFix`."""
+    return not _is_layer(obj) and callable(getattr(obj, "kernel", None))
+
+
 def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
                  single_fn_output: bool) -> Dict[str, np.ndarray]:
     """One tile ``K(xa, xb)`` (``diag``: the symmetric tile ``K(xa, xa)``) as numpy arrays.
@@ -79,6 +85,9 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
             k = fn.kernel(xa, None if diag else xb, get=keys, dtype=dtype,
                           tile=max(xa.shape[0], xb.shape[0]))
             out = {key: getattr(k, key) for key in keys}
+        elif _has_kernel(fn):  # another kernel source, e.g. ReluNTKFix
+            from .._typing import as_kernel_fn
+            out = as_kernel_fn(fn, "arch_or_fn")(xa, None if diag else xb, keys)
         else:
             r = fn(xa, xb)
             if isinstance(r, dict):
@@ -113,7 +122,7 @@ def _describe_fn(fn) -> str:
     """What determines the numbers: a content hash of the architecture / function (its code,
     constants, closure values and parameters; see ``_fingerprint``), with a readable label."""
     from ._fingerprint import fingerprint
-    if _is_layer(fn):
+    if _is_layer(fn) or _has_kernel(fn):
         label = repr(fn)
         label = "architecture " + (label if len(label) <= 160 else label[:157] + "...")
     else:
@@ -158,11 +167,11 @@ def _is_dask_client(ex) -> bool:
 def _workers(ex) -> int:
     if _is_dask_client(ex):
         return max(1, sum(ex.nthreads().values()))
-    return int(getattr(ex, "_max_workers", 0) or os.cpu_count() or 1)
+    return int(getattr(ex, "_max_workers", 0) or available_cores())
 
 
 def _default_workers() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(torch.get_num_threads(), available_cores()))
 
 
 # ---- tiling ---------------------------------------------------------------------------
@@ -196,12 +205,13 @@ def _count(k: int, n1: int, n2: int) -> int:
 def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
                    get: Union[str, Sequence[str], None] = None, store: Any = "k.zarr",
                    tile: Optional[int] = None, executor: Any = None,
-                   memory_budget: Optional[int] = None, progress: bool = True,
+                   memory_budget: Union[int, float, str, None] = None, progress: bool = True,
                    dtype: torch.dtype = torch.float64, overwrite: bool = False) -> KernelStore:
     """Compute a kernel matrix tile by tile into a Zarr store; resumable, executor-agnostic.
 
     Args:
-      arch_or_fn: an ``ntkit.layers`` architecture (its exact NNGP/NTK are computed), or a
+      arch_or_fn: an ``ntkit.layers`` architecture (its exact NNGP/NTK are computed), another
+        object with ``.kernel(x1, x2, get)`` (e.g. :class:`ntkit.estimators.ReluNTKFix`), or a
         function ``fn(x1_block, x2_block) -> tensor (b1, b2, ...)`` or ``dict`` of them (must be
         picklable, e.g. module-level, for process/Dask executors).
       x1: ``(n1, *feature_shape)`` inputs; x2: ``(n2, *feature_shape)`` or ``None`` for ``x2 =
@@ -222,7 +232,8 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         single-threaded process per core); clients/clusters made here are closed at the end.
         Tip: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes
         tiles ~2x slower; ``ntkit.scale.local_cluster(n)`` starts a cluster without it.
-      memory_budget: bytes for the tiles in flight (default: half the available RAM).
+      memory_budget: bytes for the tiles in flight (default: half the available RAM), or a
+        string with a unit such as ``'2GB'`` / ``'512MiB'``.
       progress: tqdm progress bar over tiles.
       dtype: ``torch.float64`` (default) or ``torch.float32``.
       overwrite: discard an existing store at ``store`` instead of resuming it (only a store
@@ -250,11 +261,12 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         >>> from dask.distributed import Client
         >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr', executor=Client())
     """
-    from .._validation import as_tensor, GET_KEYS
-    from ..layers._base import available_memory
-    is_arch = _is_layer(arch_or_fn)
+    from .._system import available_memory
+    from .._validation import GET_KEYS, as_tensor, parse_memory_budget
+    is_arch = _is_layer(arch_or_fn) or _has_kernel(arch_or_fn)
     if not is_arch and not callable(arch_or_fn):
-        raise TypeError(f"`arch_or_fn` must be an ntkit.layers architecture or a function "
+        raise TypeError(f"`arch_or_fn` must be an ntkit.layers architecture, an object with a "
+                        f".kernel(x1, x2, get) method (e.g. ReluNTKFix), or a function "
                         f"fn(x1_block, x2_block) -> tensor, got {type(arch_or_fn).__name__}")
     if get is None:
         get = ("nngp", "ntk") if is_arch else "kernel"
@@ -288,18 +300,9 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         raise ValueError(f"`x1`/`x2` must hold at least one example, got {n1} and {n2}")
     if x1[0].numel() == 0:
         raise ValueError(f"`x1` has no features per example (shape {tuple(x1.shape)})")
-    if memory_budget is None:
+    budget = parse_memory_budget(memory_budget)
+    if budget is None:
         budget = available_memory() // 2
-    else:
-        try:
-            mb = float(memory_budget)
-        except (TypeError, ValueError):
-            raise TypeError(f"`memory_budget` must be a number of bytes, got "
-                            f"{memory_budget!r}") from None
-        if not math.isfinite(mb) or mb <= 0:
-            raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
-                             f"{memory_budget!r}")
-        budget = int(mb)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
                              or tile < 1):
         raise ValueError(f"`tile` must be a positive integer, got {tile!r}")

@@ -1,7 +1,8 @@
 """Content fingerprints of what determines a kernel's numbers (architecture or kernel function).
 
-Why not ``repr``: every ``Elementwise(lambda ...)`` prints ``Elementwise(<lambda>, deg=96)``, so a
-store computed for ``tanh`` would be resumed for ``sin``. Instead the object is walked and its
+Why not ``repr``: every ``Elementwise(lambda ...)`` prints
+``Elementwise(<lambda>, rtol=1e-10)``, so a store computed for ``tanh`` would be resumed for
+``sin``. Instead the object is walked and its
 *content* hashed (sha256):
 
 * numbers, strings, bytes, ``None``, tuples/lists/dicts/sets, dtypes, enums: by value;

@@ -14,7 +14,8 @@
   - ``'pivoted_cholesky'``: greedy pivoted Cholesky ``K ~ L L^T`` of rank ``rank`` (pivots chosen
     among a random pool of candidate columns when ``K`` is a store -- gathering arbitrary columns
     one at a time would cost a pass each), plus the remainder's mean diagonal:
-    ``P = L L^T + (tr(K - L L^T) / n + ridge) I``, applied in ``O(n rank)`` with the Woodbury identity.
+    ``P = L L^T + (tr(K - L L^T) / n + ridge) I``, applied in ``O(n rank)`` with the Woodbury
+    identity.
   - ``'nystrom'``: randomized Nystrom preconditioner (Frangella, Tropp & Udell 2023): ``K Omega``
     with a Gaussian ``Omega`` gives ``K ~ U diag(lam) U^T``, and
     ``P^-1 = U diag((lam_r + ridge) / (lam + ridge)) U^T + (I - U U^T)``.
@@ -312,7 +313,7 @@ def _dense(op, y: torch.Tensor, diag_reg: float):
 def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
           diag_reg: float = 0.0, tol: float = 1e-6, maxiter: Optional[int] = None,
           preconditioner: Optional[str] = "pivoted_cholesky", rank: Optional[int] = None,
-          memory_budget: Optional[int] = None, progress: bool = True, seed: int = 0,
+          memory_budget: Union[int, float, str, None] = None, progress: bool = True, seed: int = 0,
           return_info: bool = False, on_nonconvergence: str = "raise"
           ) -> Union[torch.Tensor, Tuple[torch.Tensor, SolveInfo]]:
     """Solve the kernel regression system ``(K + ridge I) alpha = y`` in float64.
@@ -331,7 +332,8 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
       maxiter: CG passes over ``K`` (default ``min(max(10 n, 100), 2000)``).
       preconditioner: ``'pivoted_cholesky'`` (default), ``'nystrom'`` or ``None``.
       rank: preconditioner rank (default ``min(n, 200)``).
-      memory_budget: bytes (default: half the available RAM).
+      memory_budget: bytes (default: half the available RAM), or a string with a unit such as
+        ``'2GB'`` / ``'512MiB'``.
       progress: tqdm bar over CG iterations.
       seed: seed of the preconditioner's random choices (pivot pool / Gaussian sketch).
       return_info: also return a :class:`SolveInfo`.
@@ -349,7 +351,8 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr')
         >>> alpha = ntkit.scale.solve(h, y, diag_reg=1e-4, method='cg', tol=1e-8)
     """
-    from ..layers._base import available_memory
+    from .._system import available_memory
+    from .._validation import parse_memory_budget
     t0 = time.perf_counter()
     if method not in ("auto", "cholesky", "cg"):
         raise ValueError(f"`method` must be 'auto', 'cholesky' or 'cg', got {method!r}")
@@ -375,7 +378,8 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
                          f"{tuple(torch.as_tensor(y).shape)}")
     if not torch.isfinite(yt).all():
         raise ValueError("`y` contains NaN/Inf values")
-    budget = available_memory() // 2 if memory_budget is None else int(memory_budget)
+    budget = parse_memory_budget(memory_budget)
+    budget = available_memory() // 2 if budget is None else budget
     if method == "auto":
         method = "cholesky" if (isinstance(op, _DenseOp) or DENSE_BYTES * n * n <= budget) \
             else "cg"

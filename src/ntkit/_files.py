@@ -1,22 +1,19 @@
-"""Files in and out of the command line, with errors that name the flag.
-
-Reading: :func:`load_matrix` reads a numeric array from a ``.npy`` or ``.npz`` file and says
-what is wrong (missing, unreadable, empty, not a NumPy file, damaged, object data, wrong entry,
-NaN/Inf) in terms of the flag that named the file.
+"""Writing files without losing the user's: the output rules of the command line and of
+:meth:`ntkit.report.Report.save`.
 
 Writing never loses a file ntkit did not write: :func:`check_out_file` refuses, before any work
 is done, a wrong suffix (ntkit writes exactly the path named, in the format its suffix says), a
 missing or read-only folder, a folder or special file, and an existing file that does not carry
-ntkit's marker unless ``--force``; :func:`write_atomic` writes to a temporary file next to the
+ntkit's marker unless ``force``; :func:`write_atomic` writes to a temporary file next to the
 target and moves it into place, so a failure leaves no partial file. :class:`OutFolder` does the
 same for a folder of outputs, recording what it wrote (name and SHA-256) in a manifest: a later
-run replaces a file only if it is still exactly what ntkit wrote.
+run replaces a file only if it is still exactly what ntkit wrote. Messages name ``flag`` (the
+CLI flag, or the Python argument in backticks).
 
 Example::
 
-    >>> k = load_matrix("k.npz", "--k-train-train", "ntk", key_flag="--key")   # (n, n)
-    >>> check_out_file("p.npz", "--out", (".npz",), force=False)
-    >>> write_atomic("p.npz", "--out", lambda f: np.savez(f, t=t))
+    >>> path = check_out_file("p.npz", "--out", (".npz",), force=False)   # before any work
+    >>> write_atomic(path, "--out", lambda f: np.savez(f, t=t))           # after it
 """
 from __future__ import annotations
 
@@ -26,116 +23,13 @@ import os
 import secrets
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["load_matrix", "parse_floats", "check_out_file", "write_atomic", "OutFolder",
-           "sha256_file"]
-
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+__all__ = ["check_out_file", "write_atomic", "OutFolder", "sha256_file"]
 
 
 def _reason(e: OSError) -> str:
     return (e.strerror or str(e) or type(e).__name__).lower()
 
 
-def load_matrix(path: str, what: str, key: str = "ntk", *, key_flag: Optional[str] = None,
-                finite: bool = True):
-    """Read a numeric array from ``.npy`` (or ``.npz``: entry ``key``, or its only entry).
-
-    Args:
-      path: the file. what: the flag (or metavar) that named it, used in every message.
-      key: the ``.npz`` entry to read. key_flag: the flag choosing ``key``, named when the entry
-        is missing (``None``: ``key`` is fixed, the message says how to name the array).
-      finite: refuse NaN/Inf values.
-
-    Returns a non-empty real ``numpy.ndarray``. Raises ``ValueError`` (``FileNotFoundError`` for
-    a missing file) whose message starts with ``what``.
-    """
-    import numpy as np
-    if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"{what} is empty; name a .npy or .npz file")
-    if os.path.isdir(path):
-        raise ValueError(f"{what}: {path} is a folder; expected a .npy or .npz file")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise ValueError(f"{what}: cannot read {path}: {_reason(e)}") from None
-    if not head:
-        raise ValueError(f"{what}: {path} is empty (0 bytes), not a .npy/.npz file; save the "
-                         f"array with numpy.save")
-    if head.startswith(_NPY_MAGIC):
-        kind = ".npy"
-    elif head[:4] in _ZIP_MAGICS:
-        kind = ".npz"
-    else:
-        raise ValueError(f"{what}: {path} is not a valid .npy or .npz file (no NumPy or zip "
-                         f"signature at its start); save the array with numpy.save or "
-                         f"numpy.savez")
-    try:
-        obj = np.load(path, allow_pickle=False)
-        if kind == ".npz":
-            with obj:
-                names = list(obj.files)
-                if key in names:
-                    entry = key
-                elif len(names) == 1:
-                    entry = names[0]
-                elif not names:
-                    raise _Refused(f"{what}: {path} holds no arrays")
-                else:
-                    fix = (f"choose one with {key_flag}" if key_flag else
-                           f"name the array {key!r} or save it alone with numpy.save")
-                    raise _Refused(f"{what}: {path} holds the entries {', '.join(names)} but "
-                                   f"none named {key!r}; {fix}")
-                arr = obj[entry]
-            where = f"{path} (entry {entry!r})"
-        else:
-            arr, where = obj, path
-    except _Refused as e:
-        raise ValueError(str(e)) from None
-    except MemoryError:
-        raise MemoryError(f"{what}: {path} does not fit in memory") from None
-    except Exception as e:          # anything the parser trips on: the file is not readable
-        text = str(e)
-        if "allow_pickle" in text or "pickle" in text.lower():
-            raise ValueError(f"{what}: {path} holds Python objects (an object array), which "
-                             f"ntkit does not load because that can run code; save a numeric "
-                             f"array") from None
-        raise ValueError(f"{what}: {path} is a damaged {kind} file ({type(e).__name__}: "
-                         f"{text}); save the array again") from None
-    if arr.dtype.kind == "c":
-        raise ValueError(f"{what}: {where} holds complex values; ntkit needs real numbers")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{what}: {where} is not numeric (dtype {arr.dtype}); save a float or "
-                         f"integer array")
-    if arr.size == 0:
-        raise ValueError(f"{what}: {where} holds an empty array of shape {arr.shape}")
-    if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise ValueError(f"{what}: {where} contains {bad} NaN/Inf value(s); clean or impute "
-                         f"them first")
-    return arr
-
-
-class _Refused(Exception):
-    pass
-
-
-def parse_floats(text: str, name: str) -> List[float]:
-    """``'0,10,1e3,inf'`` -> floats; errors name the option."""
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated numbers (e.g. 0,10,100,inf), got "
-                         f"{text!r}") from None
-    if not vals:
-        raise ValueError(f"{name} is empty")
-    return vals
-
-
-# ---- output files -----------------------------------------------------------------------
 def _check_folder(folder: str, flag: str, path: str) -> None:
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: folder does not exist: {folder}")

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import math
 
-from ._cli_io import check_out_file, load_matrix, parse_floats, write_atomic
+from .._files import check_out_file, write_atomic
+from ._io import load_matrix, parse_floats
 
-__all__ = ["register", "run", "load_matrix", "parse_floats"]
+__all__ = ["register", "run"]
 
 _MARKER = "created_by"          # entry that marks an .npz as written by `ntkit predict`
 _MARK = "ntkit predict"
@@ -60,8 +61,8 @@ def _initial(arr, shape, flag: str):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from . import predict
-    from ._linalg import factorize
+    from .. import predict
+    from .._linalg import factorize
     # everything the user typed is checked before any file is read or any work is done
     lr = _number(args.learning_rate, "--learning-rate", 0.0, strict=True)
     diag_reg = _number(args.diag_reg, "--diag-reg", 0.0, strict=False)

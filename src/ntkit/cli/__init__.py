@@ -1,9 +1,12 @@
-"""The ``ntkit`` command line.
+"""The ``ntkit`` command line: one module per subcommand in this package.
 
-Subcommands live next to what they run; each module in :data:`COMMANDS` exposes
-``register(subparsers)`` which adds its parser(s) with ``set_defaults(func=...)``;
-``func(args)`` returns an exit code. Only the module of the command being run is imported, so
-``ntkit --help`` and ``ntkit predict --help`` do not pay for torch.
+``demo``, ``kernel``, ``solve``, ``predict`` and ``lazy`` each live in the module of that name;
+what they share (reading arrays, checking output paths, :func:`print_written`) is in ``_io``.
+Each command module exposes ``register(subparsers)``, which adds its parser with
+``set_defaults(func=...)``; ``func(args)`` returns an exit code. Command modules never import
+this one (imports point from here to them, see CONTRIBUTING.md), and only the module of the
+command being run is imported, so ``ntkit --help`` and ``ntkit predict --help`` do not pay for
+torch.
 
 Errors: a user error (``ValueError``, ``TypeError``, ``OSError``, ``MemoryError`` raised while
 running a command, or a bad flag caught by argparse) prints one paragraph
@@ -21,11 +24,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
 from typing import Dict, Iterable, List, Optional
+
+from ._io import CLIError, print_written
 
 __all__ = ["main", "build_parser", "print_written", "CLIError"]
 
@@ -33,15 +37,15 @@ __all__ = ["main", "build_parser", "print_written", "CLIError"]
 # help text repeats the module's own (a test keeps them equal) so that the top-level help needs
 # no import at all.
 COMMANDS = (
-    ("demo", "ntkit._demo",
+    ("demo", "ntkit.cli.demo",
      "main job: kernels vs networks on the embedded digits data, HTML report"),
-    ("kernel", "ntkit.scale._cli",
+    ("kernel", "ntkit.cli.kernel",
      "exact NNGP/NTK of an architecture on data (.npy/.npz or a Zarr store)"),
-    ("solve", "ntkit.scale._cli",
+    ("solve", "ntkit.cli.solve",
      "kernel regression weights alpha = (K + ridge)^-1 y from a kernel store"),
-    ("predict", "ntkit._cli_predict",
+    ("predict", "ntkit.cli.predict",
      "outputs of a network trained by GD, from its NTK (.npy files)"),
-    ("lazy", "ntkit._cli_lazy",
+    ("lazy", "ntkit.cli.lazy",
      "lazy-training sweeps over width and output scale, with figures"),
 )
 COMMAND_MODULES = tuple(dict.fromkeys(m for _, m, _ in COMMANDS))
@@ -49,25 +53,28 @@ COMMAND_MODULES = tuple(dict.fromkeys(m for _, m, _ in COMMANDS))
 _USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 
 
-class CLIError(Exception):
-    """A user error: printed as one paragraph, exit code 2."""
-
-
-def print_written(paths) -> None:
-    """End of a subcommand: the absolute paths of the files it wrote, one per line."""
-    print("wrote:")
-    for p in paths:
-        print(f"  {os.path.abspath(p)}")
-
-
 def _import_command_module(name: str):
-    """The module, or ``None`` when that part of ntkit is not installed."""
+    """The module ``name`` of :data:`COMMANDS`, or ``None`` when that part of ntkit is not
+    installed. The imports are spelled out (not built from the string) so that the import
+    graph checked by tests/test_imports.py sees them."""
     try:
-        return importlib.import_module(name)
+        if name == "ntkit.cli.demo":
+            import ntkit.cli.demo as module
+        elif name == "ntkit.cli.kernel":
+            import ntkit.cli.kernel as module
+        elif name == "ntkit.cli.solve":
+            import ntkit.cli.solve as module
+        elif name == "ntkit.cli.predict":
+            import ntkit.cli.predict as module
+        elif name == "ntkit.cli.lazy":
+            import ntkit.cli.lazy as module
+        else:
+            raise ValueError(f"{name!r} is not a command module of ntkit.cli.COMMANDS")
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             return None
         raise
+    return module
 
 
 def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
@@ -77,7 +84,7 @@ def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentP
     collection of names builds only those in full (the others are listed, with their help, but
     take no arguments), which is what :func:`main` does to stay fast.
     """
-    from . import __version__
+    from .. import __version__
     parser = argparse.ArgumentParser(
         prog="ntkit", description="Neural Tangent Kernels in PyTorch: exact kernels, training "
         "dynamics and lazy-training diagnostics. Errors exit with code 2 and a message naming "
@@ -226,6 +233,3 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

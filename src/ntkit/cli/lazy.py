@@ -36,6 +36,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from ._io import print_written
+
 __all__ = ["register", "run"]
 
 # Python argument names in messages from ntkit.diagnostics -> this command's flags
@@ -59,13 +61,32 @@ def _at_least(v, flag: str, minimum: int) -> None:
         raise ValueError(f"{flag} must be >= {minimum}, got {v}")
 
 
+class _torch_threads:
+    """``with _torch_threads(n):`` runs the block with ``torch.set_num_threads(n)``, then
+    restores the previous count (small networks train fastest on one thread)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        torch.set_num_threads(self.old)
+        return False
+
+
 def _first_linear(arch):
     """The first Dense/Conv layer data meets (walking ``serial`` from the input), or None."""
     layer = arch
     for _ in range(100):
         sub = getattr(layer, "layers", None)
         if type(layer).__name__ == "Serial" and isinstance(sub, tuple):
-            nxt = next((l for l in sub if l.has_linear), None)
+            nxt = next((s for s in sub if s.has_linear), None)
             if nxt is None:
                 return None
             layer = nxt
@@ -75,7 +96,7 @@ def _first_linear(arch):
 
 
 def _starts_with_conv(arch) -> bool:
-    from .layers.conv import Conv
+    from ..layers import Conv
     return isinstance(_first_linear(arch), Conv)
 
 
@@ -100,8 +121,8 @@ def _image_shape(args, arch) -> Tuple[Optional[Tuple[int, ...]], str]:
     if args.data is None and _starts_with_conv(arch):
         filt = _first_linear(arch).filter_shape
         ns = len(filt) if isinstance(filt, (tuple, list)) else 2
-        return (3,) + (8,) * ns, (f" (the architecture starts with Conv: default image shape; "
-                                  f"set it with --image-shape)")
+        return (3,) + (8,) * ns, (" (the architecture starts with Conv: default image shape; "
+                                  "set it with --image-shape)")
     return None, ""
 
 
@@ -109,7 +130,8 @@ def _load_xy(args, image_shape=None):
     """Inputs, targets, a one-line description and the record of the data for run.json."""
     import numpy as np
     import torch
-    from ._cli_io import load_matrix, sha256_file
+    from .._files import sha256_file
+    from ._io import load_matrix
     if args.data is None:
         if args.targets is not None:
             raise ValueError("--targets needs --data (the inputs the targets belong to)")
@@ -178,7 +200,7 @@ def _check_fits(arch, x, width: int, seed: int, data_flag: str) -> Tuple[int, ..
 def _stable_limit(arch, x, width: int, seed: int) -> float:
     """Largest stable full-batch GD rate ``2 N / lambda_max`` of the network at init."""
     import torch
-    from . import diagnostics as dg
+    from .. import diagnostics as dg
     net = arch.module(in_shape=tuple(x.shape[1:]), width=width, seed=seed, dtype=torch.float64)
     return dg._auto_lr(net, x, 1.0, 1.0)
 
@@ -205,9 +227,9 @@ def _check_converging(sweep, arch, x, lr, lr_text: str, label: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from ._cli_io import OutFolder, parse_floats
-    from .layers import parse_arch
+    from .._files import OutFolder
+    from ..layers import parse_arch
+    from ._io import parse_floats
     widths = _ints(args.widths, "--widths")
     seeds = _ints(args.seeds, "--seeds")
     if len(set(widths)) < 2 or min(widths) < 1:
@@ -257,13 +279,12 @@ def run(args: argparse.Namespace) -> int:
                          f"examples")
     data_flag = ("--data" if args.data is not None else
                  "--image-shape" if image_shape is not None else "--dim")
-    from ._demo import _threads
-    with _threads(args.threads):
+    with _torch_threads(args.threads):
         out_shape = _check_fits(arch, x, min(widths), seeds[0], data_flag)
     record = _record(args, arch, widths, seeds, alphas, x, out_shape, data_rec)
     print(f"ntkit lazy: {arch!r}\n  data: {desc}{note}\n  widths {widths}, seeds {seeds}, "
           f"{args.steps} steps, lr {lr}, {'GD' if args.batch_size is None else 'SGD'}")
-    with _threads(args.threads):
+    with _torch_threads(args.threads):
         if lr != "auto" and args.steps > 0 and args.batch_size is None:
             aw = args.alpha_width or widths[len(widths) // 2]
             for w in sorted(set(widths + ([aw] if alphas is not None else []))):
@@ -281,8 +302,8 @@ def _record(args, arch, widths, seeds, alphas, x, out_shape, data_rec) -> Dict[s
     """What this run used (written to run.json; its head also opens summary.txt)."""
     import platform
     import torch
-    from . import __version__
-    from . import diagnostics as dg
+    from .. import __version__
+    from .. import diagnostics as dg
     aw = None if alphas is None else (args.alpha_width or widths[len(widths) // 2])
     return dict(
         command="ntkit lazy", ntkit_version=__version__, torch_version=torch.__version__,
@@ -331,7 +352,7 @@ def _runs(sweep) -> List[Dict[str, Any]]:
 
 def _run(args, arch, widths, seeds, lr, alphas, x, y, out, record) -> int:
     import json
-    from . import diagnostics as dg, plots
+    from .. import diagnostics as dg, plots
     ext = args.format
     sw = dg.width_sweep(arch, x, y, widths, seeds=seeds, steps=args.steps, learning_rate=lr,
                         batch_size=args.batch_size, progress=not args.no_progress,
@@ -370,7 +391,6 @@ def _run(args, arch, widths, seeds, lr, alphas, x, y, out, record) -> int:
         out.discard()
         raise
     print(text)
-    from .cli import print_written
     print_written(written)
     return 0
 
