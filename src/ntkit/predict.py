@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ._linalg import factorize, null_eps
+from ._validation import as_array as _as_array
 from ._validation import check_int as _check_int
 from ._validation import check_positive as _positive
 
@@ -82,26 +83,6 @@ class Gaussian(NamedTuple):
 # =========================================================================================
 # input handling
 # =========================================================================================
-
-def _as_array(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    elif isinstance(x, (np.ndarray, list, tuple)) or isinstance(x, (int, float, np.number)):
-        try:
-            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"`{name}` could not be converted to a numeric array: {e}") from None
-    else:
-        raise TypeError(f"`{name}` must be a torch.Tensor, numpy array or number, got "
-                        f"{type(x).__name__}")
-    if t.is_complex():
-        raise TypeError(f"`{name}` must be real, got dtype {t.dtype}")
-    if not t.is_floating_point():
-        t = t.to(_F64)
-    if t.numel() and not torch.isfinite(t).all():
-        raise ValueError(f"`{name}` contains NaN/Inf values")
-    return t
-
 
 def _targets(y: Any, n: int) -> torch.Tensor:
     y = _as_array(y, "y_train")
