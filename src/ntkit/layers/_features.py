@@ -327,12 +327,6 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
             op, in_shape = _compile(sub, in_shape, ctx, act_next)
             ops.append(op)
         return _Seq(ops), in_shape
-    if getattr(layer, "parameterization", "ntk") != "ntk":
-        raise NotImplementedError(
-            f"features: {name}(parameterization={layer.parameterization!r}) is not supported; "
-            f"random features are implemented for the NTK parameterization (the default of "
-            f"ntkit.layers; for a converted torch module use from_torch(net, "
-            f"parameterization='ntk'), its infinite-width limit)")
     out_shape = layer.out_shape(in_shape)
     if isinstance(layer, Dense):
         return _DenseOp(layer, ctx, followed_by_act), out_shape
@@ -574,10 +568,10 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     want_ntk = "ntk" in keys
     ctx = _Ctx(dim, seed, want_ntk)
     jac = op = None
+    _refuse_standard(arch)   # both maps: the layer-wise random network is NTK-parameterized
     if method == "rf":
         op, out_shape = _compile(arch, tuple(x.shape[1:]), ctx, False)
     else:
-        _refuse_standard(arch)
         out_shape = arch.out_shape(tuple(x.shape[1:]))
         jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device)
         if out_dim is None and "ntk" in keys and sum(jac.sizes) > 1 << 20:

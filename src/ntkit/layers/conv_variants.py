@@ -49,7 +49,7 @@ from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
-from .conv import Sizes, _spatial_kernel
+from .conv import Conv, Sizes, _spatial_kernel
 from .dense import check_parameterization
 
 __all__ = ["ConvTranspose", "ConvLocal", "ImageResize"]
@@ -419,13 +419,8 @@ class ConvLocal(Layer):
     def has_linear(self) -> bool:
         return True
 
-    def geometry(self, spatial: Tuple[int, ...]) -> Tuple[Any, ...]:
-        """``(filter, strides, pads, circular, out_spatial)`` as :meth:`Conv.geometry`."""
-        ns = len(spatial)
-        filt = st.as_tuple(self.filter_shape, ns, "filter_shape")
-        strides = st.as_tuple(self.strides, ns, "strides")
-        pads, circ = st.resolve(self.padding, self.padding_mode, spatial, filt, strides)
-        return filt, strides, pads, circ, st.out_spatial(spatial, filt, strides, pads, "filter")
+    # ``(filter, strides, pads, circular, out_spatial)``: the same geometry as Conv's
+    geometry = Conv.geometry
 
     def out_shape(self, in_shape: Any) -> Any:
         _need_spatial_shape(in_shape, "ConvLocal")
