@@ -85,7 +85,16 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf"):
+def save_features(path, phi, ytr, yte):
+    """Write ``phi`` (train rows, then test rows) and the labels to a new ``.npz``; an existing
+    file is never overwritten."""
+    if os.path.exists(path):
+        raise SystemExit(f"--save-features: {path} exists; choose a new file name")
+    with open(path, "xb") as fh:                 # 'x': fails rather than replace a file
+        np.savez(fh, phi=phi.numpy(), y_train=ytr.numpy(), y_test=yte.numpy())
+
+
+def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None):
     """Features of train+test, then primal ridge: the ridge is chosen on a held-out tenth of
     the training set (one eigendecomposition of its normal equations for every value) and the
     final model solves the full normal equations (sum of the two parts) by Cholesky."""
@@ -93,23 +102,26 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf"):
     phi = nf.features(a, torch.cat([xtr, xte]), dim, get="ntk", seed=seed, out_dim=out_dim,
                       progress=True, chunk=chunk, method=method)
     t_feat = time.time() - t0
+    if save:
+        save_features(save, phi, ytr, yte)
     ptr, pte = phi[:len(xtr)], phi[len(xtr):]
     nv = max(len(xtr) // 10, 1)
     y = onehot(ytr).double()
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     a_val, b_val, _, _ = nf.normal_equations(ptr[:nv], y[:nv])
     scale = float(torch.diagonal(a_fit).mean())
-    lam, vec = torch.linalg.eigh(0.5 * (a_fit + a_fit.T))
+    lam, vec = torch.linalg.eigh(a_fit)          # reads the lower triangle: no symmetrized copy
     vb, pv = vec.T @ b_fit, ptr[:nv].double() @ vec
     scores = {}
     for r in [10.0 ** (e / 2) for e in range(-14, 3)]:
         scores[r] = acc(pv @ (vb / (lam.clamp_min(0) + r * scale)[:, None]), ytr[:nv])
     del lam, vec, pv
     rel = max(scores, key=lambda r: (scores[r], r))
-    a_all, b_all = a_fit + a_val, b_fit + b_val
+    a_all, b_all = a_fit.add_(a_val), b_fit + b_val           # in place: one D x D copy less
+    del a_val
     ridge_abs = rel * scale * len(xtr) / (len(xtr) - nv)   # same ridge per training example
     a_all.diagonal().add_(ridge_abs)
-    w = torch.cholesky_solve(b_all, torch.linalg.cholesky(0.5 * (a_all + a_all.T)))
+    w = torch.cholesky_solve(b_all, torch.linalg.cholesky(a_all))   # lower triangle only
     pred = torch.cat([pte[i:i + 8192].double() @ w for i in range(0, len(pte), 8192)])
     return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
                 feature_dim=phi.shape[1], ridge_rel=rel, val_accuracy=scores[rel],
@@ -185,6 +197,8 @@ def main(argv=None):
     p.add_argument("--small-n", type=int, default=400)
     p.add_argument("--small-dim", type=int, default=512,
                    help="feature width for the small-subset comparison with the exact kernel")
+    p.add_argument("--small-out-dim", type=int, default=16384,
+                   help="sketch columns of the small-subset features with --method jacobian")
     p.add_argument("--cnn-n", type=int, default=5000)
     p.add_argument("--cnn-width", type=int, default=64)
     p.add_argument("--cnn-epochs", type=int, default=10)
@@ -192,6 +206,9 @@ def main(argv=None):
                    help="SGD step on the NTK-parameterized weights (~ lr * W_std^2 / fan_in "
                         "in standard parameterization)")
     p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--save-features", metavar="DIR", default=None,
+                   help="also write the CNTK-GAP features and labels to DIR (a new .npz per "
+                        "depth; existing files are never replaced), to try other solvers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
@@ -201,6 +218,14 @@ def main(argv=None):
         args.small_dim = 64
     depths = [int(d) for d in args.depths.split(",")]
     rows = args.rows.split(",")
+    if args.save_features:                   # refuse before hours of compute, not after
+        if not os.path.isdir(args.save_features):
+            raise SystemExit(f"--save-features: {args.save_features} is not a folder")
+        for d in depths:
+            fn = os.path.join(args.save_features,
+                              f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz")
+            if os.path.exists(fn):
+                raise SystemExit(f"--save-features: {fn} exists; choose another folder")
     xtr, ytr, xte, yte = load(args.data, args.seed)
     xtr, ytr = xtr[:args.n_train], ytr[:args.n_train]
     xte, yte = xte[:args.n_test], yte[:args.n_test]
@@ -236,11 +261,14 @@ def main(argv=None):
         if "gap-features" in rows:
             emit("gap-features", "CNTK-GAP", d, len(xtr), len(xte),
                  features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
-                              args.seed, args.chunk, args.method))
+                              args.seed, args.chunk, args.method,
+                              args.save_features and os.path.join(
+                                  args.save_features,
+                                  f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz")))
         if "v-features" in rows:
             emit("v-features", "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,
-                              args.v_out_dim, args.seed, args.chunk))
+                              args.v_out_dim, args.seed, args.chunk, args.method))
         if "v-exact" in rows:
             n, m = args.exact_n, args.exact_test
             emit("v-exact", "CNTK-V", d, n, m,
@@ -253,7 +281,8 @@ def main(argv=None):
                  exact_row(a, down(xtr[:n]), ytr[:n], down(xte[:m]), yte[:m]))
             emit("gap-features-small(16x16)", "CNTK-GAP", d, n, m,
                  features_row(a, down(xtr[:n]), ytr[:n], down(xte[:m]), yte[:m],
-                              args.small_dim, None, args.seed, args.chunk))
+                              args.small_dim, args.small_out_dim if args.method == "jacobian"
+                              else None, args.seed, args.chunk, args.method))
         for top, name in (("gap", "cnn-gap"), ("flatten", "cnn-v")):
             if name in rows:
                 n = args.cnn_n

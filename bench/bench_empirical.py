@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from ntkit.empirical import _costs, _prepare, empirical_ntk
-from ntkit._empirical_structured import make_plan
+from ntkit.empirical import empirical_ntk
+from ntkit.empirical._ntk import _costs, _prepare
+from ntkit.empirical._structured import make_plan
 
 NT_REPORTED = {torch.float32: 0.056, torch.float64: 0.097}  # s, reference README, same CPU
 

@@ -1,7 +1,8 @@
 """Fixtures shared by the test files (pytest finds them by name; no import needed).
 
 * ``randn64``: ``randn64(*shape, seed=0)`` -> a float64 standard normal tensor from its own
-  generator (reproducible, independent of the global RNG); the ``_x`` helper many files define.
+  generator (reproducible, independent of the global RNG): ``tests._helpers.randn64``, which
+  test modules import directly (with ``randn64_pair`` for ``(x1, x2)`` batches).
 * ``small_fc_arch``: a small fully-connected ReLU architecture with biases (fast exact kernels).
 * ``one_thread``: run the test with one torch thread (restored afterwards), for timings and
   bitwise-determinism checks on a shared machine.
@@ -11,9 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-def _randn64(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from tests._helpers import randn64 as _randn64
 
 
 @pytest.fixture

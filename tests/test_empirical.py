@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntkit
-import ntkit._empirical_structured as structured
-from ntkit._empirical_common import make_setup, select_params
-from ntkit.empirical import (_choose_implementation, _prepare, centered, empirical_nngp,
-                             empirical_ntk, linearize, scaled, taylor_expand)
+import ntkit.empirical._structured as structured
+from ntkit.empirical import (centered, empirical_nngp, empirical_ntk, linearize, scaled,
+                             taylor_expand)
+from ntkit.empirical._common import make_setup, select_params
+from ntkit.empirical._ntk import _choose_implementation, _prepare
 
 DT = torch.float64
 
@@ -304,7 +305,7 @@ def test_memory_budget_blocking_gives_same_kernel(impl):
 
 
 def test_parameter_chunks_respect_budget():
-    from ntkit._empirical_common import chunk_names
+    from ntkit.empirical._common import chunk_names
     model, shape = MODELS["mlp"]
     setup = make_setup(model, [n for n, _ in model.named_parameters()], None)
     chunks = chunk_names(setup, setup.names, 100)

@@ -20,6 +20,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from ntkit import layers as nl  # noqa: E402
 from ntkit._uci_ntk import iter_ntk_fix, ntk_fix  # noqa: E402
+import ntkit  # noqa: E402
 import ntkit.estimators as est_mod  # noqa: E402
 from ntkit.estimators import (NTKClassifier, NTKGPKernel, NTKRegressor, ReluNTKFix,  # noqa: E402
                               default_family, kernel_callable, loo_kernel_ridge)
@@ -224,7 +225,7 @@ def test_gp_kernel_composes_and_recovers_prior_scale_and_noise():
     scale, noise = 2.0, 0.05
     L = np.linalg.cholesky(scale * K + noise * np.eye(200))
     ests = []
-    for s in range(3):
+    for _s in range(3):
         y = L @ rng.standard_normal(200)
         gpr = GaussianProcessRegressor(ConstantKernel() * NTKGPKernel(SMALL) + WhiteKernel(),
                                        random_state=0).fit(X, y)
@@ -507,11 +508,11 @@ def test_best_params_reproduce_and_fixed_config_bypasses_selection(monkeypatch):
 def test_subsampled_selection_scores_heldout_rows(monkeypatch):
     """Beyond the cost budget, LOO on m rows + held-out predictions for the rest."""
     monkeypatch.setattr(est_mod, "_COST_FLOOR_S", 0.0)
-    monkeypatch.setattr(est_mod, "_COST_BUDGET", 1.2)
     rng = np.random.default_rng(4)
     X = rng.standard_normal((120, 3))
     y = (X[:, 0] * X[:, 1] > 0).astype(int)
-    clf = NTKClassifier(random_state=3).fit(X, y)
+    with ntkit.settings(selection_budget=1.2):
+        clf = NTKClassifier(random_state=3).fit(X, y)
     m = clf.selection_size_
     assert 10 <= m < 120
     assert clf.score(X, y) > 0.8
@@ -555,6 +556,118 @@ def test_selection_plan_respects_cost_model():
     assert est_mod._selection_plan(250, 30, 2, 15, 100, min_rows=300) == (250, 0)
 
 
+def _modelled_selection_ratio(n, c_scored, min_rows, c_out, n_kernels=30, n_ridges=15):
+    """Selection + final fit over one single fit, from the cost model's terms (stage 1: every
+    kernel's eigh + held-out rows on ``m`` rows; stage 2: ``n_full`` kernels on all rows)."""
+    k = est_mod._COST
+    m, n_full = est_mod._selection_plan(n, n_kernels, 2, n_ridges, c_scored, min_rows, c_out)
+
+    def per_kernel(mm):
+        rest = min(n - mm, mm)
+        return (k["P"] + k["E2"] * mm ** 2 + k["E3"] * mm ** 3
+                + k["FLOP"] * (mm * mm * n_ridges * (c_scored - 2) + mm * mm * rest
+                               + rest * mm * n_ridges * c_scored + (mm + rest) * mm * c_out))
+    single = k["F"] + k["A"] * n * n + k["B"] * n ** 3
+    sel = n_kernels * per_kernel(m) + 2 * k["A"] * m * n + n_full * (per_kernel(n)
+                                                                      + k["A"] * n * n)
+    return m, n_full, (sel + k["F"] + k["A"] * n * n) / single
+
+
+def test_selection_plan_within_budget_for_100_classes():
+    """100 classes: with the targets projected on 16 directions the plan fits 3 single fits
+    from n = 1600 on (3 rows per class); with all 100 columns it cannot, and at n = 1200
+    (plant-shape's training folds, where the 3-rows floor binds) projection still cuts the
+    modelled cost by more than a third."""
+    c, k = 100, est_mod._PROJ_CLASSES
+    floor = est_mod._MIN_ROWS_PROJ * c
+    for n in (1600, 3000):
+        m, n_full, ratio = _modelled_selection_ratio(n, k, floor, c)
+        assert floor <= m < n and n_full >= 1
+        assert ratio <= est_mod._COST_BUDGET * (1 + 1e-9), (n, m, ratio)
+    assert _modelled_selection_ratio(1600, c, floor, 0)[2] > 4.0
+    assert (_modelled_selection_ratio(1200, k, floor, c)[2]
+            < 0.65 * _modelled_selection_ratio(1200, c, floor, 0)[2])
+    # the budget is ntkit.settings.selection_budget when set
+    with ntkit.settings(selection_budget=6.0):
+        m6, _, ratio6 = _modelled_selection_ratio(3000, k, floor, c)
+        assert ratio6 <= 6.0 * (1 + 1e-9)
+    assert m6 > _modelled_selection_ratio(3000, k, floor, c)[0]
+    with pytest.raises(ValueError, match="selection_budget"):
+        with ntkit.settings(selection_budget=0):
+            pass
+
+
+def test_class_projection_is_unbiased_for_the_summed_squared_error():
+    """E |E Q'|^2 = |E|^2 over the draw, for residuals with centred rows (Monte Carlo)."""
+    rng = np.random.default_rng(0)
+    c, k = 12, 4
+    E = rng.standard_normal((7, c))
+    E -= E.mean(1, keepdims=True)                    # rows of one-hot residuals sum to 0
+    vals = np.array([np.sum((E @ est_mod._class_projection(c, k, s).numpy()) ** 2)
+                     for s in range(3000)])
+    target = np.sum(E ** 2)
+    assert abs(vals.mean() - target) < 4 * vals.std() / math.sqrt(len(vals))
+    Q = est_mod._class_projection(c, k, 5).numpy()
+    np.testing.assert_allclose(Q.sum(0), 0.0, atol=1e-12)                  # centred directions
+    np.testing.assert_allclose(Q.T @ Q, (c - 1) / k * np.eye(k), atol=1e-12)
+
+
+def _many_class_problem(n=150, c=20, seed=0):
+    """``c`` Gaussian blobs of ``n / c`` rows each (centres further apart than the noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    X = 1.5 * rng.standard_normal((c, 6))[y] + rng.standard_normal((n, 6))
+    return X, y
+
+
+def test_projected_selection_agrees_with_exhaustive_loo(monkeypatch):
+    """More than _PROJ_CLASSES classes: the selection scores projected targets (no
+    'accuracy' column, the MSE an unbiased estimate) and picks the same kernel as exhaustive
+    LOO on all classes; the winner's held-out outputs (temperature) are its exact LOO outputs
+    for all classes."""
+    X, y = _many_class_problem()
+    c = len(np.unique(y))
+    assert c > est_mod._PROJ_CLASSES
+    cands = [ReluNTKFix(0, 0), ReluNTKFix(3, 3), ReluNTKFix(1, 0)]
+    ridges = [1e-3, 1e-2, 1e-1, 1.0]
+    proj = NTKClassifier(arch=cands, diag_reg=ridges).fit(X, y)
+    assert "accuracy" not in proj.loo_scores_
+    monkeypatch.setattr(est_mod, "_PROJ_CLASSES", 10 ** 6)
+    exact = NTKClassifier(arch=cands, diag_reg=ridges).fit(X, y)
+    assert "accuracy" in exact.loo_scores_
+    assert proj.best_params_["arch"] == exact.best_params_["arch"]
+    # per-kernel best scores: same ranking, each estimate close to the exact value
+    def best_per_arch(tab):
+        out = {}
+        for p, v in zip(tab["params"], tab["mse"]):
+            out[repr(p["arch"])] = min(out.get(repr(p["arch"]), np.inf), v)
+        return out
+    bp, be = best_per_arch(proj.loo_scores_), best_per_arch(exact.loo_scores_)
+    assert sorted(bp, key=bp.get) == sorted(be, key=be.get)
+    for a in be:
+        assert bp[a] == pytest.approx(be[a], rel=0.25)
+    # temperature from the selection = that of the fixed model (exact LOO via the inverse)
+    fixed = NTKClassifier(**proj.best_params_).fit(X, y)
+    assert fixed.temperature_ == pytest.approx(proj.temperature_, rel=1e-6)
+
+
+def test_projected_two_stage_selection_keeps_two_rows_per_class(monkeypatch):
+    """Two-stage selection with many classes: the screening has at least 3 rows per class,
+    the refined (all-row) scores are projected too, and the temperature's outputs are the exact
+    all-class LOO outputs of the winner."""
+    monkeypatch.setattr(est_mod, "_COST_FLOOR_S", 0.0)
+    X, y = _many_class_problem(n=240, seed=1)
+    c = len(np.unique(y))
+    with ntkit.settings(selection_budget=1.0):
+        clf = NTKClassifier(arch=[ReluNTKFix(0, 0), ReluNTKFix(2, 0), ReluNTKFix(2, 2)],
+                            diag_reg=[1e-2, 1e-1]).fit(X, y)
+    assert est_mod._MIN_ROWS_PROJ * c <= clf.selection_size_ < len(y)
+    assert "refined" in clf.loo_scores_ and "accuracy" not in clf.loo_scores_["refined"]
+    fixed = NTKClassifier(**clf.best_params_).fit(X, y)
+    assert fixed.temperature_ == pytest.approx(clf.temperature_, rel=1e-6)
+    np.testing.assert_array_equal(clf.predict(X), fixed.predict(X))
+
+
 def test_selection_order_is_stratified():
     y = np.repeat(np.arange(4), [50, 30, 15, 5])
     rng = np.random.default_rng(0)
@@ -576,11 +689,11 @@ def test_two_stage_selection_rescores_top_kernels_on_all_rows(monkeypatch):
     kernels; the winner and its ridge come from the full-n scores, and its held-out outputs
     (temperature) are the exact full-n LOO outputs."""
     monkeypatch.setattr(est_mod, "_COST_FLOOR_S", 0.0)
-    monkeypatch.setattr(est_mod, "_COST_BUDGET", 1.2)
     rng = np.random.default_rng(5)
     X = rng.standard_normal((120, 3))
     y = (X[:, 0] * X[:, 1] + 0.3 * rng.standard_normal(120) > 0).astype(int)
-    clf = NTKClassifier().fit(X, y)
+    with ntkit.settings(selection_budget=1.2):
+        clf = NTKClassifier().fit(X, y)
     assert clf.selection_size_ < 120
     ref = clf.loo_scores_["refined"]
     n_full = len(ref["mse"]) // len(est_mod.DEFAULT_RIDGES)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ntkit import layers as nl
+from ntkit import _linalg
 from ntkit import predict as P
 
 F64 = torch.float64
@@ -56,12 +57,12 @@ def test_old_order_raises_a_clear_type_error(setup, call):
 
 def _eigh_counter(monkeypatch):
     calls = []
-    orig = torch.linalg.eigh
+    orig = _linalg.sym_eigh                  # every eigendecomposition goes through it
 
     def counting(*a, **k):
-        calls.append(a[0].shape)
+        calls.append(a[0].dtype)
         return orig(*a, **k)
-    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    monkeypatch.setattr(_linalg, "sym_eigh", counting)
     return calls
 
 
@@ -103,7 +104,9 @@ def test_t_inf_with_a_mode_under_the_cutoff_keeps_the_eigen_path(monkeypatch):
         return {"nngp": a @ b.T, "ntk": a @ b.T}
     calls = _eigh_counter(monkeypatch)
     got = P.gradient_descent_mse_ensemble(kfn, phi_tr, y)(None, phi_te, "ntk")
-    assert len(calls) == 1                                          # certificate refused
+    # certificate refused; the float32 eigendecomposition is tried first and rejected by its
+    # conditioning check (lam_min < 1e-4 lam_max), the float64 one decides
+    assert calls == [torch.float32, torch.float64]
     K = phi_tr.double() @ phi_tr.double().T
     ref = P.gp_inference(K.float(), y)("ntk", (phi_te.double() @ phi_tr.double().T).float())
     assert torch.allclose(got.double(), ref.double(), rtol=1e-4, atol=1e-4)

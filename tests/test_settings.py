@@ -12,8 +12,10 @@ def test_override_is_scoped_and_restored_on_error():
     with ntkit.settings(empirical_method="A"):
         assert ntkit.settings.empirical_method == "A"
         with ntkit.settings(empirical_method="B", tile_limit=2):
-            assert ntkit.settings.as_dict() == {"tile_limit": 2, "empirical_method": "B"}
-        assert ntkit.settings.as_dict() == {"tile_limit": None, "empirical_method": "A"}
+            assert ntkit.settings.as_dict() == {"tile_limit": 2, "empirical_method": "B",
+                                                "selection_budget": None}
+        assert ntkit.settings.as_dict() == {"tile_limit": None, "empirical_method": "A",
+                                            "selection_budget": None}
     with pytest.raises(RuntimeError):
         with ntkit.settings(tile_limit=3):
             raise RuntimeError
@@ -47,7 +49,7 @@ def test_tile_limit_stops_the_kernel_after_that_many_tiles(randn64):
 
 
 def test_empirical_method_forces_the_structured_contraction(monkeypatch):
-    from ntkit import _empirical_structured as st
+    from ntkit.empirical import _structured as st
     chosen = []
     orig = st.Plan.choose
 
@@ -65,3 +67,18 @@ def test_empirical_method_forces_the_structured_contraction(monkeypatch):
             got = ntkit.empirical_ntk(net, x, implementation="structured")
         assert chosen and set(chosen) == {method}
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_selection_budget_sets_the_estimators_cost_budget():
+    from ntkit import estimators as est
+    assert ntkit.settings.selection_budget is None
+    default = est._selection_plan(2000, 30, 2, 15, 3)
+    with ntkit.settings(selection_budget=1.5):
+        assert ntkit.settings.selection_budget == 1.5
+        tight = est._selection_plan(2000, 30, 2, 15, 3)
+    assert tight[0] < default[0]                     # less budget: a smaller screening
+    assert est._selection_plan(2000, 30, 2, 15, 3) == default
+    for bad, err in ((0, ValueError), (-1.0, ValueError), ("3", TypeError), (True, TypeError)):
+        with pytest.raises(err, match="selection_budget"):
+            with ntkit.settings(selection_budget=bad):
+                pass

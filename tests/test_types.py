@@ -30,9 +30,7 @@ IMPOSSIBLE = {
 # added; their names are skipped. Remove a module once it is annotated: the test fails on an
 # entry that is no longer needed.
 PENDING = {
-    "ntkit.layers._base", "ntkit.estimators", "ntkit.empirical", "ntkit.monte_carlo",
-    "ntkit.predict", "ntkit.scale._store", "ntkit.scale._cluster", "ntkit.diagnostics._norms",
-    "ntkit.diagnostics._sweeps",
+    "ntkit.layers._base", "ntkit.estimators", "ntkit.predict",
     "ntkit.layers._features", "ntkit.layers._parse", "ntkit.layers.activations",
 }
 

@@ -17,6 +17,11 @@ Switches (all default ``None``, meaning "ntkit decides"):
   extrapolate a huge kernel's time from its first tiles under the real tiling plan.
 * ``empirical_method``: ``'A'`` or ``'B'`` forces the per-layer contraction method of
   ``empirical_ntk(..., implementation='structured')`` (normally chosen by cost).
+* ``selection_budget``: a positive number ``B``; the default estimators
+  (``ntkit.NTKClassifier()`` / ``NTKRegressor()``) plan their model selection so that selection
+  plus final fit cost at most ``B`` single fits at the largest depth in their cost model
+  (``None``: ``ntkit.estimators._COST_BUDGET`` = 3). Smaller values make the selection
+  two-stage (screening on a subset) on smaller data sets.
 
 The values are process-wide (not per thread): an override is seen by every thread while the
 block runs, as the old module globals were. Unknown names and invalid values raise
@@ -28,11 +33,12 @@ import contextlib
 import threading
 from typing import Any, Dict, Iterator
 
-from ._validation import check_int
+from ._validation import check_int, check_positive
 
 __all__ = ["settings"]
 
-_DEFAULTS: Dict[str, Any] = {"tile_limit": None, "empirical_method": None}
+_DEFAULTS: Dict[str, Any] = {"tile_limit": None, "empirical_method": None,
+                             "selection_budget": None}
 
 
 def _check(name: str, value: Any) -> Any:
@@ -45,6 +51,8 @@ def _check(name: str, value: Any) -> Any:
             raise ValueError(f"`empirical_method` must be None (chosen by cost), 'A' or 'B', "
                              f"got {value!r}")
         return value
+    if name == "selection_budget":
+        return check_positive(value, "selection_budget")
     raise AssertionError(name)  # pragma: no cover - every default is checked above
 
 

@@ -68,6 +68,7 @@ def configure() -> bool:
 
 def status() -> Dict[str, object]:
     """What is in effect: wait policy, whether ntkit set it, OpenMP loaded, usable cores."""
+    cores: Optional[int]
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux

@@ -93,10 +93,10 @@ def as_kernel_fn(source: Any, name: str = "kernel_fn", **kwargs: Any) -> KernelF
     if callable(getattr(source, "kernel", None)):
         method = source.kernel
 
-        def call(x1, x2, get):
+        def call(x1: Any, x2: Any, get: Get) -> Any:
             return method(x1, x2, get=get, **kwargs)
     elif callable(source):
-        def call(x1, x2, get):
+        def call(x1: Any, x2: Any, get: Get) -> Any:
             return source(x1, x2, get, **kwargs)
     else:
         raise TypeError(f"`{name}` must be an architecture (with a `.kernel(x1, x2, get)` "
@@ -108,6 +108,7 @@ def as_kernel_fn(source: Any, name: str = "kernel_fn", **kwargs: Any) -> KernelF
         res = call(x1, x2, keys[0] if len(keys) == 1 else keys)
         out = {}
         for g in keys:
+            v: Any
             if isinstance(res, (torch.Tensor, np.ndarray)):
                 if len(keys) != 1:
                     raise TypeError(f"`{name}` returned a single matrix for get={keys}; it must "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ def parse_get(get: Union[str, Sequence[str], None]) -> Tuple[Tuple[str, ...], bo
     """Normalise ``get`` to a tuple of keys and whether a single tensor should be returned."""
     if get is None:
         return GET_KEYS, False
+    keys: Tuple[str, ...]
     if isinstance(get, str):
         keys, single = (get,), True
     else:
@@ -114,6 +115,14 @@ def check_std(value: float, name: str, allow_zero: bool = False) -> float:
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@overload
+def parse_memory_budget(value: None, name: str = ...) -> None: ...
+@overload
+def parse_memory_budget(value: Union[str, float], name: str = ...) -> int: ...
+@overload
+def parse_memory_budget(value: Any, name: str = ...) -> Optional[int]: ...
 
 
 def parse_memory_budget(value: Any, name: str = "memory_budget") -> Optional[int]:

@@ -46,6 +46,10 @@ class Kernel:
       want_ntk: whether the NTK is being computed.
       is_gaussian: whether the pre-activations are Gaussian (true after Dense/Conv).
       diagonal_spatial: spatial layout, see module docstring (irrelevant for FC).
+      mask1, mask2: boolean position masks ``(n1, *S)`` / ``(n2, *S)`` (``(n,)`` for FC)
+        when the kernel is evaluated with ``mask_constant``: ``True`` marks a masked
+        (padding) position, whose covariances are zero. ``mask1 is None``: no masking;
+        ``mask2 is None`` with ``mask1`` set: ``x2`` is ``x1`` (symmetric tile).
     """
 
     nngp: Optional[torch.Tensor]
@@ -57,6 +61,8 @@ class Kernel:
     want_ntk: bool = True
     is_gaussian: bool = False
     diagonal_spatial: bool = True
+    mask1: Optional[torch.Tensor] = None
+    mask2: Optional[torch.Tensor] = None
 
     def replace(self, **changes: Any) -> "Kernel":
         """A copy with some fields changed (the record itself is never mutated)."""

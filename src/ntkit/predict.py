@@ -53,9 +53,10 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
-from ._linalg import factorize, null_eps
+from ._linalg import factorize, matmul_lower, null_eps
 from ._validation import as_array as _as_array
 from ._validation import check_int as _check_int
+from ._validation import check_momentum as _check_momentum
 from ._validation import check_positive as _positive
 
 __all__ = [
@@ -305,9 +306,7 @@ def max_learning_rate(k_train_train: Any, y_train_size: Optional[int] = None,
         >>> lr = 0.5 * max_learning_rate(ntk_dd, y_train.numel())
     """
     fac = factorize(k_train_train, 0.0, False, "k_train_train")
-    mom = _positive(momentum, "momentum", allow_zero=True)
-    if mom >= 1:
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    mom = _check_momentum(momentum)
     size = fac.n if y_train_size is None else int(y_train_size)
     if size < 1:
         raise ValueError(f"`y_train_size` must be a positive integer, got {y_train_size!r}")
@@ -394,9 +393,7 @@ def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rat
     n = fac.n
     y = _targets(y_train, n)
     lr = _positive(learning_rate, "learning_rate")
-    mom = _positive(momentum, "momentum", allow_zero=True)
-    if mom >= 1:
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    mom = _check_momentum(momentum)
     size = float(y.numel())
     out_dtype = _result_dtype(fac.matrix.new_empty(0, dtype=fac.input_dtype), y)
     dev = fac.matrix.device
@@ -651,31 +648,25 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
 
 
 def _as_kernel_fn(kernel_fn: Any, kwargs: Dict[str, Any]) -> Callable:
-    """Normalise an architecture (``.kernel``) or ``kernel_fn(x1, x2, get)`` to a dict maker."""
-    if hasattr(kernel_fn, "kernel") and callable(kernel_fn.kernel):
-        def call(x1, x2, get):
-            return kernel_fn.kernel(x1, x2, get=get, **kwargs)
-    elif callable(kernel_fn):
-        def call(x1, x2, get):
-            return kernel_fn(x1, x2, get, **kwargs)
-    else:
-        raise TypeError("`kernel_fn` must be an architecture (with a `.kernel` method) or a "
-                        "callable kernel_fn(x1, x2, get) returning .nngp/.ntk, got "
-                        f"{type(kernel_fn).__name__}")
+    """:func:`ntkit._typing.as_kernel_fn` (the one kernel-source normalisation), forwarding
+    ``kernel_fn_kwargs``. Its own parameters are called ``source`` and ``name``, so kwargs with
+    those names are bound here first instead of colliding with them."""
+    from ._typing import as_kernel_fn
+    clash = {k: kwargs[k] for k in ("source", "name") if k in kwargs}
+    if clash:
+        src = kernel_fn
+        if callable(getattr(src, "kernel", None)):
+            meth = src.kernel
 
-    def fn(x1, x2, keys: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
-        res = call(x1, x2, keys[0] if len(keys) == 1 else keys)
-        out = {}
-        for g in keys:
-            if isinstance(res, (torch.Tensor, np.ndarray)):
-                if len(keys) != 1:
-                    raise TypeError("`kernel_fn` returned a single matrix for get="
-                                    f"{keys}; it must return an object with .nngp and .ntk")
-                out[g] = _as_array(res, f"kernel_fn(...).{g}")
-            else:
-                out[g] = _kernel_part(res, g, "kernel_fn(...)")
-        return out
-    return fn
+            class _Bound:
+                def kernel(self, x1, x2=None, get=None, **kw):
+                    return meth(x1, x2, get=get, **clash, **kw)
+            kernel_fn = _Bound()
+        elif callable(src):
+            def kernel_fn(x1, x2, get, **kw):
+                return src(x1, x2, get, **clash, **kw)
+        kwargs = {k: v for k, v in kwargs.items() if k not in clash}
+    return as_kernel_fn(kernel_fn, "kernel_fn", **kwargs)
 
 
 def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
@@ -791,9 +782,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                 res = _ensemble_inf_direct(f, g, y_d, {h: f64(v) for h, v in k_td.items()},
                                            kdd, K_tt, compute_cov, times.numel())
             if res is None:
-                res = _ensemble_eigen(f, g, y_d, None if k_td is None else
-                                      {h: f64(v) for h, v in k_td.items()}, kdd, K_tt,
-                                      compute_cov, times * lr, times, size, basis_cache)
+                res = _ensemble_eigen(f, g, y, k_td, kdd, nngp_tt, compute_cov, times * lr,
+                                      times, size, basis_cache)
             mean, cov = res
             mean = _finite(mean.reshape(t_shape + mean.shape[1:]).to(dt), f"{g} means")
             if not compute_cov:
@@ -909,63 +899,75 @@ def _ensemble_inf_direct(f, g: str, y_d: torch.Tensor, k_td: Dict[str, torch.Ten
     return mean.expand((T,) + mean.shape), cov
 
 
-def _ensemble_eigen(f, g: str, y_d: torch.Tensor, k_td: Optional[Dict[str, torch.Tensor]],
-                    kdd: Dict[str, torch.Tensor], K_tt: Optional[torch.Tensor],
+def _ensemble_eigen(f, g: str, y: torch.Tensor, k_td: Optional[Dict[str, torch.Tensor]],
+                    kdd: Dict[str, torch.Tensor], nngp_tt: Optional[torch.Tensor],
                     compute_cov: bool, abs_times: torch.Tensor, times: torch.Tensor,
                     size: float, basis_cache: Dict[str, Any]):
     """Mean ``(T, m, k)`` and covariance ``(T, m, m)`` (or ``None``) from one eigendecomposition
     of the regularized kernel shared by every ``t`` and by mean and covariance; the ``T`` times
-    go through single large matrix products."""
-    evals, V, live = f.spectrum()
-    dev = V.device
-    em1, quot, ex = _mode_factors(evals, live, abs_times, size)                  # (T, n)
+    go through single large matrix products.
+
+    Works in the dtype of :meth:`ntkit._linalg.Factorization.working_spectrum`: float64, or
+    float32 for a float32 kernel that passed its conditioning check (then every product here
+    is float32; only the per-mode factors and the NNGP's Cholesky solve are float64)."""
+    evals, V, live = f.working_spectrum()
+    wd, dev = V.dtype, V.device
+    cv = lambda z: z.to(device=dev, dtype=wd)  # noqa: E731
+    em1, quot, ex = (z.to(wd) for z in _mode_factors(evals, live, abs_times, size))   # (T, n)
+    y_d = cv(y)
     p = -(V.T @ y_d)                                      # residual modes, f_0 = 0 mean
     if k_td is None:
         mean = _train_outputs(V, em1, ex, p, torch.zeros_like(y_d), y_d, times)
         if not compute_cov:
             return mean, None
         if g == "nngp":
-            w = evals[None, :] * ex * ex                                        # lam e^{-2 lam t}
+            w = evals.to(wd)[None, :] * ex * ex                                 # lam e^{-2 lam t}
             cov = torch.matmul(V * w[:, None, :], V.T)
         else:
-            B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)
+            B = _basis_nngp(basis_cache, g, V, kdd["nngp"])
             cov = torch.matmul(V, torch.matmul(ex[:, :, None] * B * ex[:, None, :], V.T))
         return mean, cov
-    ktd = k_td[g]
+    ktd = cv(k_td[g])
     if not compute_cov:
         # k_td (V (quot * p)): two thin products instead of forming k_td V (m x n x n)
         return torch.matmul(ktd, torch.matmul(V, quot[:, :, None] * p)), None
     A = ktd @ V                                                                  # (m, n)
     mean = torch.matmul(A, quot[:, :, None] * p)                                 # (T, m, k)
     T, m = quot.shape[0], A.shape[0]
+    K_tt = cv(nngp_tt)
     if g == "nngp":
         _, quot2, _ = _mode_factors(evals, live, 2 * abs_times, size)
-        cov = K_tt - torch.matmul(A * (-quot2)[:, None, :], A.T)
+        cov = K_tt - torch.matmul(A * (-quot2.to(wd))[:, None, :], A.T)
         return mean, cov
     P = A[None] * (-quot)[:, None, :]                                            # (T, m, n)
-    fac = _basis_factor(basis_cache, V, kdd["nngp"], k_td["nngp"], K_tt, dev)
+    fac = _basis_factor(basis_cache, V, kdd["nngp"], k_td["nngp"], nngp_tt)
     if fac is not None:
         # K = L L^T, R = V^T L, Z = L^-1 K_dt: cov_t = (K_tt - Z^T Z) + (P_t R - Z^T)(...)^T
         R, Zt, S = fac
         E = (P.reshape(T * m, -1) @ R).reshape(T, m, -1) - Zt                    # (T, m, n)
         cov = torch.matmul(E, E.transpose(1, 2)) + S
         return mean, cov
-    B = _basis_nngp(basis_cache, g, V, kdd["nngp"], dev)                         # V^T K V
-    C = V.T @ k_td["nngp"].T                                                     # (n, m)
+    B = _basis_nngp(basis_cache, g, V, kdd["nngp"])                              # V^T K V
+    C = V.T @ cv(k_td["nngp"]).T                                                 # (n, m)
     PC = torch.matmul(P, C)                                                      # (T, m, m)
     cov = torch.matmul((P.reshape(T * m, -1) @ B).reshape(T, m, -1), P.transpose(1, 2))
     return mean, cov - PC - PC.transpose(1, 2) + K_tt
 
 
 def _basis_factor(cache: Dict[str, Any], V: torch.Tensor, nngp_dd: Any, nngp_td: torch.Tensor,
-                  K_tt: torch.Tensor, dev):
-    """``(R, Z^T, K_tt - Z^T Z)`` with ``K = L L^T`` (train NNGP), ``R = V^T L`` and
-    ``Z = L^-1 K_dt``, or ``None`` when the NNGP's Cholesky is ill-conditioned (pivot ratio
-    below 1e-8, i.e. cond(L) > 1e4, where ``L^-1`` would amplify rounding): then the
-    ``V^T K V`` form is used. Half the flops of ``V^T K V`` per eigenbasis, and the per-time
-    covariance becomes one product ``E_t E_t^T`` instead of three."""
+                  nngp_tt: torch.Tensor):
+    """``(R, Z^T, K_tt - Z^T Z)`` in ``V``'s dtype with ``K = L L^T`` (train NNGP),
+    ``R = V^T L`` and ``Z = L^-1 K_dt``, or ``None`` when the NNGP's Cholesky is
+    ill-conditioned (pivot ratio below 1e-8, i.e. cond(L) > 1e4, where ``L^-1`` would amplify
+    rounding): then the ``V^T K V`` form is used. Half the flops of ``V^T K V`` per
+    eigenbasis, and the per-time covariance becomes one product ``E_t E_t^T`` instead of three.
+
+    ``L``, ``Z`` and ``K_tt - Z^T Z`` (the steps that amplify rounding by ``cond(L)``, and a
+    cancellation) are always computed in float64, ``R = V^T L`` (a product with an orthogonal
+    matrix, ``trmm``) in ``V``'s dtype."""
     key = ("factor", id(nngp_dd))
     hit = cache.get(key)
+    dev, wd = V.device, V.dtype
     if hit is None or hit[0] is not V or hit[1] is not nngp_dd:
         K = _as_array(nngp_dd, "nngp").to(device=dev, dtype=_F64)
         L, info = torch.linalg.cholesky_ex(0.5 * (K + K.T))
@@ -973,21 +975,23 @@ def _basis_factor(cache: Dict[str, Any], V: torch.Tensor, nngp_dd: Any, nngp_td:
         if int(info) == 0 and bool(torch.isfinite(L).all()) and K.shape[0]:
             d = torch.diagonal(L)
             if float(d.min()) > 0 and float(d.min() / d.max()) ** 2 > 1e-8:
-                val = (L, V.T @ L)
+                val = (L, matmul_lower(V.T, L.to(wd)))
         hit = (V, nngp_dd, val)
         cache[key] = hit
     if hit[2] is None:
         return None
     L, R = hit[2]
-    Z = torch.linalg.solve_triangular(L, nngp_td.T, upper=False)                 # (n, m)
-    return R, Z.T, K_tt - Z.T @ Z
+    Z = torch.linalg.solve_triangular(L, nngp_td.to(device=dev, dtype=_F64).T, upper=False)
+    S = nngp_tt.to(device=dev, dtype=_F64) - Z.T @ Z
+    return R, Z.T.to(wd), S.to(wd)
 
 
-def _basis_nngp(cache: Dict[str, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor, dev
+def _basis_nngp(cache: Dict[str, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor
                 ) -> torch.Tensor:
-    """``V^T K_nngp V`` (cached per eigenbasis): the prior covariance in the NTK's eigenbasis."""
+    """``V^T K_nngp V`` in ``V``'s dtype (cached per eigenbasis): the prior covariance in the
+    NTK's eigenbasis."""
     if cache.get(g, (None,))[0] is not V:
-        K = _as_array(nngp_dd, "nngp").to(device=dev, dtype=_F64)
+        K = _as_array(nngp_dd, "nngp").to(device=V.device, dtype=V.dtype)
         B = V.T @ K @ V
         cache[g] = (V, 0.5 * (B + B.T))
     return cache[g][1]
@@ -1148,9 +1152,7 @@ def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: An
     max_steps = _check_int(max_steps, "max_steps")
     lam_max = float(fac.eigh()[0][-1]) if n else 0.0
     if momentum is not None:
-        mom = _positive(momentum, "momentum", allow_zero=True)
-        if mom >= 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+        mom = _check_momentum(momentum)
         time_unit, friction = math.sqrt(lr), (mom - 1.0) / math.sqrt(lr)
     else:
         time_unit, friction = lr, None

@@ -12,12 +12,9 @@ import torch
 
 from ntkit import layers as nl
 from ntkit.testing import KernelTestCase, mc_error_slope
+from tests._helpers import randn64
 
 A = nl.GlobalSelfAttention
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _res(*layers):
@@ -108,7 +105,7 @@ class _SeqCase(KernelTestCase):
     seeds = 4
 
     def inputs(self):
-        return _x(3, 2, 4), _x(2, 2, 4, seed=1)
+        return randn64(3, 2, 4), randn64(2, 2, 4, seed=1)
 
 
 class _UnboundedLogitsCase(_SeqCase):
@@ -163,7 +160,7 @@ def test_sum_embeddings_match_reference(mech, val_pe):
                        W_out_std=kw["ov"], pos_emb_type="SUM", W_pos_emb_std=kw["pe_std"],
                        val_pos_emb=val_pe),
                      nl.GlobalAvgPool(), nl.Dense(1))
-    x1, x2 = _x(3, 2, 4), _x(2, 2, 4, seed=1)
+    x1, x2 = randn64(3, 2, 4), randn64(2, 2, 4, seed=1)
     k, ref = arch.kernel(x1, x2), reference(x1, x2, **kw)
     torch.testing.assert_close(k.nngp, ref[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(k.ntk, ref[1], rtol=1e-10, atol=1e-10)
@@ -195,7 +192,7 @@ def test_softmax_on_constant_sequences_is_two_dense_layers():
     """Equal logits give uniform attention, so on constant sequences the layer is values then
     output projection: Dense(W_value_std) -> Dense(W_out_std, b_std) on the channel vector
     (NTK ``OV^2 (T + 2 K) + b^2``)."""
-    v1, v2 = _x(3, 4), _x(2, 4, seed=1)
+    v1, v2 = randn64(3, 4), randn64(2, 4, seed=1)
     seq = lambda v: v[:, :, None].expand(-1, -1, 5).contiguous()  # noqa: E731
     att = nl.serial(nl.Dense(8, 1.3, 0.2), nl.Relu(),
                     A(8, 8, 8, 2, W_value_std=1.4, W_out_std=0.8, b_std=0.3, W_key_std=2.0),
@@ -211,7 +208,7 @@ def test_identity_attention_single_example_by_hand():
     """One example, two positions, attention first: K = x^T x / C (2 x 2), logits ``qk K``,
     output covariance ``ov^2 (qk K) K (qk K)^T = ov^2 qk^2 K^3``; its NTK twice that (values
     and output weights; the input's NTK is zero)."""
-    x = _x(1, 3, 2)
+    x = randn64(1, 3, 2)
     qk, ov = 0.7, 1.3
     arch = nl.serial(A(4, 4, 4, 1, attention_mechanism="IDENTITY", W_key_std=qk, W_out_std=ov),
                      nl.GlobalSumPool(), nl.Dense(1))
@@ -223,7 +220,7 @@ def test_identity_attention_single_example_by_hand():
 
 
 def test_2d_positions_equal_flattened_sequence_without_embeddings():
-    x1, x2 = _x(3, 2, 3, 4), _x(2, 2, 3, 4, seed=1)
+    x1, x2 = randn64(3, 2, 3, 4), randn64(2, 2, 3, 4, seed=1)
     body = lambda: (A(8, 8, 8, 2, b_std=0.1), nl.Relu(),  # noqa: E731
                     A(8, 8, 8, 1, attention_mechanism="ABS"), nl.GlobalAvgPool(), nl.Dense(1))
     k2 = nl.serial(nl.Dense(8, 1.1), *body()).kernel(x1, x2)
@@ -233,7 +230,7 @@ def test_2d_positions_equal_flattened_sequence_without_embeddings():
 
 
 def test_permutation_invariance_and_decaying_embeddings_break_it():
-    x1, x2 = _x(3, 2, 6), _x(2, 2, 6, seed=1)
+    x1, x2 = randn64(3, 2, 6), randn64(2, 2, 6, seed=1)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
 
     def arch(**kw):
@@ -255,7 +252,7 @@ def test_finite_module_shapes_and_widths():
     att = net[0]
     assert att.w_key.shape == (3, 8, 5) and att.w_value.shape == (3, 8, 7)
     assert att.w_out.shape == (6, 21) and att.pos_emb.shape == (4, 5) and att.w_query is None
-    assert net(_x(2, 4, 5)).shape == (2, 2, 5)
+    assert net(randn64(2, 4, 5)).shape == (2, 2, 5)
     wide = nl.serial(layer, nl.Dense(2)).module((4, 5), width=16, seed=0)[0]
     assert (wide.d_key, wide.d_val, wide.n_heads, wide.n_out) == (16, 16, 3, 16)
     sq = A(6, 5, 7, 3, linear_scaling=False, attention_mechanism="IDENTITY")
@@ -285,7 +282,7 @@ class TestTransformerBlock(_SeqCase):
 
 def test_transformer_kernel_is_psd_and_module_runs():
     arch = _transformer()
-    x = _x(6, 3, 5)
+    x = randn64(6, 3, 5)
     k = arch.kernel(x)
     for t in (k.nngp, k.ntk):
         assert torch.equal(t, t.T)
@@ -303,8 +300,8 @@ def test_sqrt_scaling_without_closed_form_raises_but_module_exists(mech):
     arch = nl.serial(nl.Dense(4), A(4, 4, 4, 1, linear_scaling=False, attention_mechanism=mech),
                      nl.GlobalAvgPool(), nl.Dense(1))
     with pytest.raises(ValueError, match=r"linear_scaling=True.*attention_mechanism='IDENTITY'"):
-        arch.kernel(_x(2, 3, 4))
-    assert arch.module((3, 4), seed=0)(_x(2, 3, 4)).shape == (2, 1)
+        arch.kernel(randn64(2, 3, 4))
+    assert arch.module((3, 4), seed=0)(randn64(2, 3, 4)).shape == (2, 1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -331,12 +328,12 @@ def test_bad_types():
 
 
 def test_shape_errors():
-    x = _x(2, 3, 4)
+    x = randn64(2, 3, 4)
     with pytest.raises(ValueError, match=r"n_chan_pos_emb.*CONCAT"):
         nl.serial(A(4, 4, 4, 1, pos_emb_type="SUM", n_chan_pos_emb=5), nl.GlobalAvgPool()
                   ).kernel(x)
     with pytest.raises(ValueError, match=r"spatial"):
-        nl.serial(nl.Dense(4), A(4, 4, 4, 1), nl.Dense(1)).kernel(_x(2, 3))
+        nl.serial(nl.Dense(4), A(4, 4, 4, 1), nl.Dense(1)).kernel(randn64(2, 3))
     with pytest.raises(ValueError, match="positive semi-definite"):
         nl.serial(A(4, 4, 4, 1, pos_emb_type="SUM", pos_emb_decay_fn=lambda t: -t),
                   nl.GlobalAvgPool()).kernel(x)

@@ -2,14 +2,11 @@
 import torch
 
 from ntkit import layers as nl
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from tests._helpers import randn64, randn64_pair
 
 
 def test_1x1_conv_is_dense_per_pixel():
-    x1, x2 = _x(3, 4, 5, 6), _x(2, 4, 5, 6, seed=1)
+    x1, x2 = randn64(3, 4, 5, 6), randn64(2, 4, 5, 6, seed=1)
     conv = nl.serial(nl.Conv(8, 1, W_std=1.3, b_std=0.2), nl.Relu(), nl.Conv(1, 1), nl.Flatten())
     dense = nl.serial(nl.Dense(8, 1.3, 0.2), nl.Relu(), nl.Dense(1))
     k = conv.kernel(x1, x2)
@@ -24,7 +21,7 @@ def test_1x1_conv_is_dense_per_pixel():
 
 
 def test_gap_over_constant_image_is_fc_kernel():
-    v1, v2 = _x(3, 4), _x(2, 4, seed=1)
+    v1, v2 = randn64(3, 4), randn64(2, 4, seed=1)
     img = lambda v: v[:, :, None, None].expand(-1, -1, 5, 5).contiguous()  # noqa: E731
     cnn = nl.serial(nl.Conv(8, 3, padding="CIRCULAR", W_std=1.4, b_std=0.1), nl.Relu(),
                     nl.GlobalAvgPool(), nl.Dense(1, 1.1))
@@ -35,7 +32,7 @@ def test_gap_over_constant_image_is_fc_kernel():
 
 
 def test_circular_padding_is_translation_invariant():
-    x1, x2 = _x(3, 2, 6, 5), _x(2, 2, 6, 5, seed=1)
+    x1, x2 = randn64(3, 2, 6, 5), randn64(2, 2, 6, 5, seed=1)
     arch = nl.serial(nl.Conv(8, 3, padding="CIRCULAR", b_std=0.1), nl.Relu(),
                      nl.Conv(8, 3, padding="CIRCULAR"), nl.Relu(), nl.GlobalAvgPool(), nl.Dense(1))
     k = arch.kernel(x1, x2)
@@ -126,15 +123,11 @@ CASES = {
 }
 
 
-def _pair(shape, n1=3, n2=2, seed=0):
-    return _x(n1, *shape, seed=seed), _x(n2, *shape, seed=seed + 1)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_loop_reference(name):
     """Cross kernels (x1 != x2) against the explicit pixel-pair / filter-tap loops, 1e-9."""
     arch, spec, shape = CASES[name]
-    x1, x2 = _pair(shape)
+    x1, x2 = randn64_pair(shape)
     k = arch.kernel(x1, x2)
     nngp, ntk = cntk(x1.numpy(), x2.numpy(), spec)
     for got, ref in ((k.nngp, nngp), (k.ntk, ntk)):
@@ -149,7 +142,7 @@ def test_symmetric_full_spatial_diagonal_is_exact():
     arch, spec, shape = CASES["circular_avgpool_flatten"]
     arch = nl.serial(*arch.layers[:-2], nl.GlobalAvgPool(), nl.Dense(1))
     spec = spec[:-2] + [("gap",), ("dense", 1, 1.0, None)]
-    x = torch.cat(_pair(shape))
+    x = torch.cat(randn64_pair(shape))
     k = arch.kernel(x)
     nngp, ntk = cntk(x.numpy(), None, spec)
     torch.testing.assert_close(k.nngp, torch.from_numpy(nngp), rtol=1e-12, atol=1e-12)
@@ -176,7 +169,7 @@ class _ConvBattery(KernelTestCase):
 
     def inputs(self):
         shape = CASES[self.case][2] if self.case else self.shape
-        return _pair(shape)
+        return randn64_pair(shape)
 
     def test_symmetric_matches_explicit(self):
         arch = self.build()
@@ -250,7 +243,7 @@ def test_flatten_is_mean_over_pixels_of_the_diagonal_kernel():
     """Flatten's definition: K_flat = mean_p K(p, p), checked against the per-pixel kernel of the
     architecture truncated before Flatten, in both layouts (diagonal, and full forced by a
     1x1 AvgPool, whose kernel map is the identity but needs pixel pairs)."""
-    x1, x2 = _pair((2, 5, 6))
+    x1, x2 = randn64_pair((2, 5, 6))
     top = nl.serial(*_BODY, nl.Dense(8, 0.9))  # Gaussian per-pixel readout below Flatten
     flat = nl.serial(top, nl.Flatten()).kernel(x1, x2)
     diag = top.kernel(x1, x2)                          # (n1, n2, H', W')
@@ -267,7 +260,7 @@ def test_flatten_is_mean_over_pixels_of_the_diagonal_kernel():
 def test_diagonal_and_full_spatial_paths_agree(top):
     """The same Flatten network evaluated with the per-pixel diagonal layout (automatic) and with
     the full pixel-pair layout (forced by an identity AvgPool(1) before Flatten)."""
-    x1, x2 = _pair((2, 5, 6))
+    x1, x2 = randn64_pair((2, 5, 6))
     tail = (nl.Flatten(), nl.Dense(1)) if top == "flatten" else (nl.Flatten(), nl.Dense(8),
                                                                   nl.Relu(), nl.Dense(1))
     a_diag = nl.serial(*_BODY, *tail)
@@ -289,7 +282,7 @@ def test_linear_conv_net_ntk_by_hand():
     nngp = w2^2 / 2 (w1^2 / 2 G + 2 b1^2) + b2^2, and the NTK adds the first layer's gradient
     part w2^2 / 2 * (w1^2 / 2 G + 2 b1^2) (sum over t of the layer-1 NTK = its NNGP).
     """
-    x1, x2 = _x(4, 1, 3, seed=3), _x(3, 1, 3, seed=4)
+    x1, x2 = randn64(4, 1, 3, seed=3), randn64(3, 1, 3, seed=4)
     w1, b1, w2, b2 = 1.3, 0.4, 0.8, 0.3
     arch = nl.serial(nl.Conv(5, 2, W_std=w1, b_std=b1), nl.Conv(1, 2, W_std=w2, b_std=b2),
                      nl.Flatten())
@@ -307,7 +300,7 @@ def test_linear_conv_net_ntk_by_hand():
 @pytest.mark.parametrize("name", ["valid_flatten", "same_strided_gap"])
 def test_get_nngp_only_and_ntk_only_match_both(name):
     arch, _, shape = CASES[name]
-    x1, x2 = _pair(shape)
+    x1, x2 = randn64_pair(shape)
     for args in ((x1, x2), (x1,)):
         both = arch.kernel(*args)
         nngp = arch.kernel(*args, get="nngp")

@@ -12,16 +12,9 @@ from ntkit import empirical_ntk
 from ntkit import layers as nl
 from ntkit.layers._ops import input_kernel
 from ntkit.testing import KernelTestCase, mc_error_slope
+from tests._helpers import randn64, randn64_pair
 
 D = torch.float64
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
-
-
-def _pair(shape, n1=3, n2=2, seed=0):
-    return _x(n1, *shape, seed=seed), _x(n2, *shape, seed=seed + 1)
 
 
 def _close(a, b, tol=1e-12):
@@ -63,7 +56,7 @@ def _check_exact_pixel_kernels(arch, x1, x2, in_shape):
     ("VALID", (1, 2), (3, 3)), (((2, 1), (0, 3)), (3, 2), (2, 2))])
 def test_conv_transpose_single_layer_is_exact_jacobian_gram(padding, filt, strides):
     """One ConvTranspose (one output channel, bias): pixel-pair kernel == J J^T of the module."""
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     arch = nl.ConvTranspose(1, filt, strides, padding, W_std=1.3, b_std=0.4)
     _check_exact_pixel_kernels(arch, x1, x2, (2, 4, 5))
 
@@ -76,7 +69,7 @@ def test_conv_transpose_output_shapes():
             layer = nl.ConvTranspose(3, f, s, pad)
             assert layer.out_shape((2, 5)) == (3, size)
             net = layer.module((2, 5), seed=0)
-            assert net(_x(1, 2, 5)).shape == (1, 3, size)
+            assert net(randn64(1, 2, 5)).shape == (1, 3, size)
 
 
 @pytest.mark.parametrize("f", [2, 3, 4])
@@ -85,7 +78,7 @@ def test_conv_transpose_stride1_is_conv_with_mirrored_padding(f):
     (lo, hi) of the input, i.e. Conv with explicit padding (lo, hi) (the filter flip does not
     change the distribution). VALID: (f-1, f-1); SAME: (ceil((f-1)/2), floor((f-1)/2)), the
     mirror of Conv's SAME."""
-    x1, x2 = _pair((2, 5, 6))
+    x1, x2 = randn64_pair((2, 5, 6))
     body = (nl.Relu(), nl.Conv(4, 2, padding="SAME", W_std=1.2), nl.Relu(), nl.GlobalAvgPool(),
             nl.Dense(1))
     lo, hi = -(-(f - 1) // 2), (f - 1) // 2
@@ -101,7 +94,7 @@ def test_conv_transpose_module_formula():
     (pixels at non-integer or outside positions are zero), up to a flip of the filter."""
     layer = nl.ConvTranspose(2, 3, 2, ((2, 1),), W_std=1.0, parameterization="standard")
     net = layer.module((1, 4), seed=3)
-    x = _x(1, 1, 4)
+    x = randn64(1, 1, 4)
     w = net.weight.detach()[0, :, :].flip(-1)  # (out, taps) in correlation order
     y = net(x)[0]
     n_out = y.shape[-1]
@@ -127,7 +120,7 @@ class TestConvTransposeBattery(KernelTestCase):
                          nl.Dense(1))
 
     def inputs(self):
-        return _pair((2, 3, 3))
+        return randn64_pair((2, 3, 3))
 
     def reference(self, x1, x2):  # stride-1 CIRCULAR ConvTranspose f=2 == Conv CIRCULAR f=2
         ref = nl.serial(nl.ConvTranspose(8, 3, 2, "SAME", W_std=1.3, b_std=0.1), nl.Relu(),
@@ -155,7 +148,7 @@ def _mc(case):
 
 def test_conv_local_equals_conv_on_per_pixel_diagonal():
     """Without pixel mixing above (Flatten), unshared weights give Conv's kernel exactly."""
-    x1, x2 = _pair((2, 5, 6))
+    x1, x2 = randn64_pair((2, 5, 6))
 
     def arch(layer):
         return nl.serial(nl.Conv(4, 2, padding="SAME", b_std=0.1), nl.Relu(),
@@ -174,7 +167,7 @@ def test_conv_local_gap_formula_and_differs_from_conv():
     p != q are independent (covariance 0), so E[relu(u_p) relu(v_q)] = sqrt(V1_p V2_q) / (2 pi)
     (product of the means) and the NTK there is 0; at p = q the arc-cosine maps of the conv
     covariance K(p) = W^2 <patch1_p, patch2_p> / (C |F|) + b^2 (patches by F.unfold)."""
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     w, b, wo, bo = 1.3, 0.3, 0.9, 0.2
     arch = nl.serial(nl.ConvLocal(4, 3, padding="SAME", W_std=w, b_std=b), nl.Relu(),
                      nl.GlobalAvgPool(), nl.Dense(1, wo, bo))
@@ -211,7 +204,7 @@ def test_conv_local_gap_formula_and_differs_from_conv():
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME", "CIRCULAR"])
 def test_conv_local_single_layer_is_exact_jacobian_gram(padding):
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     arch = nl.ConvLocal(1, (3, 2), (1, 2), padding, W_std=1.2, b_std=0.5)
     _check_exact_pixel_kernels(arch, x1, x2, (2, 4, 5))
 
@@ -230,8 +223,8 @@ class TestConvLocalBattery(KernelTestCase):
                          nl.Dense(1))
 
     def inputs(self):
-        x1, x2 = _pair((2, 4, 4))
-        return 0.5 * x1 + _x(3, 2, 1, 1, seed=2), 0.5 * x2 + _x(2, 2, 1, 1, seed=3)
+        x1, x2 = randn64_pair((2, 4, 4))
+        return 0.5 * x1 + randn64(3, 2, 1, 1, seed=2), 0.5 * x2 + randn64(2, 2, 1, 1, seed=3)
 
     def test_monte_carlo_converges(self):
         _mc(self)
@@ -244,7 +237,7 @@ _BODY = (nl.Conv(4, 2, padding="SAME", W_std=1.3, b_std=0.1), nl.Relu(), nl.Conv
 
 
 def _resize_pair(resize):
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     k0 = _full_map(nl.serial(*_BODY), x1, x2)
     k1 = _full_map(nl.serial(*_BODY, resize), x1, x2)
     return k0, k1
@@ -303,7 +296,7 @@ def test_linear_resize_is_interpolation_matrix_on_both_sides(shape, antialias):
 
 
 def test_resize_layouts_and_output_shapes():
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     lin = nl.serial(*_BODY, nl.ImageResize((6, 6)), nl.Flatten(), nl.Dense(1))
     near = nl.serial(*_BODY, nl.ImageResize((6, 6), "nearest"), nl.Flatten(), nl.Dense(1))
     assert lin.needs_full_spatial(False) and not near.needs_full_spatial(False)
@@ -320,7 +313,7 @@ def test_resize_layouts_and_output_shapes():
 
 
 def test_resize_single_layer_is_exact_jacobian_gram():
-    x1, x2 = _pair((2, 4, 5))
+    x1, x2 = randn64_pair((2, 4, 5))
     for r in (nl.ImageResize((7, 3)), nl.ImageResize((6, 2), "nearest")):
         _check_exact_pixel_kernels(nl.serial(nl.Conv(1, 2, b_std=0.3), r), x1, x2, (2, 4, 5))
 
@@ -337,7 +330,7 @@ class TestImageResizeBattery(KernelTestCase):
                          nl.Dense(1))
 
     def inputs(self):
-        return _pair((2, 4, 4))
+        return randn64_pair((2, 4, 4))
 
     def test_monte_carlo_converges(self):
         _mc(self)
@@ -349,7 +342,7 @@ class TestImageResizeBattery(KernelTestCase):
 def test_fused_and_torch_paths_agree(monkeypatch):
     """ConvTranspose SAME stride 1 and ConvLocal SAME hit the fused stencil when numba is
     present; the torch path must give the same kernels."""
-    x1, x2 = _pair((2, 5, 5))
+    x1, x2 = randn64_pair((2, 5, 5))
     archs = [nl.serial(nl.ConvTranspose(4, 2, 1, "SAME", b_std=0.1), nl.Relu(),
                        nl.ConvTranspose(4, 3, 1, "SAME"), nl.Relu(), top, nl.Dense(1))
              for top in (nl.Flatten(), nl.GlobalAvgPool())]
@@ -380,7 +373,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="shape"):
         nl.ImageResize((4, 0))
     with pytest.raises(ValueError, match="spatial"):
-        nl.serial(nl.Dense(3), nl.ConvLocal(2, 1)).kernel(_x(2, 3))
+        nl.serial(nl.Dense(3), nl.ConvLocal(2, 1)).kernel(randn64(2, 3))
     assert nl.ConvTranspose(4, 3, strides=None).strides == 1
 
 
@@ -399,7 +392,7 @@ def test_from_torch_conv_transpose_is_the_same_map(k, s, p, op):
     with torch.no_grad():
         mod.weight.copy_(tm.weight)
         mod.bias.copy_(tm.bias)
-    x = _x(2, 2, 4, 5)
+    x = randn64(2, 2, 4, 5)
     with torch.no_grad():
         _close(net(x), tm(x))
 
@@ -410,7 +403,7 @@ def test_from_torch_conv_transpose_default_init_variance():
     torch.manual_seed(0)
     tm = nn.ConvTranspose2d(2, 6, 3, stride=2).double()
     arch = nl.from_torch(nn.Sequential(tm, nn.Flatten()))
-    x = _x(3, 2, 3, 3)
+    x = randn64(3, 2, 3, 3)
     k = arch.kernel(x, get="nngp")
     acc = torch.zeros(3, 3, dtype=D)
     n = 400
@@ -432,7 +425,7 @@ def test_from_torch_upsample_is_the_same_map(up):
     tm = nn.Upsample(**up)
     arch = nl.from_torch(nn.Sequential(nn.Conv2d(2, 3, 1), tm))
     net = arch.module((2, 4, 5), seed=0)
-    x = _x(2, 3, 4, 5)
+    x = randn64(2, 3, 4, 5)
     with torch.no_grad():
         _close(net[-1](x), tm(x))
 

@@ -5,17 +5,13 @@ import torch
 
 from ntkit import layers as nl
 from ntkit.testing import KernelTestCase, mc_error_slope
-
-
-def _x(n, *shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g, dtype=torch.float64)
+from tests._helpers import randn64
 
 
 def test_quadratic_network_closed_form():
     """f = w . (A x + a) * (B x + b): nngp_i = s_i^2 <x, x'> / d + t_i^2 = ntk_i; the readout
     gives nngp = w^2 n1 n2 and ntk = nngp + w^2 (ntk1 n2 + n1 ntk2) = 3 w^2 n1 n2."""
-    x1, x2 = _x(4, 3), _x(3, 3, seed=1)
+    x1, x2 = randn64(4, 3), randn64(3, 3, seed=1)
     arch = nl.serial(nl.FanOut(2), nl.parallel(nl.Dense(8, 1.3, 0.4), nl.Dense(8, 0.7, 0.2)),
                      nl.FanInProd(), nl.Dense(1, 1.5))
     for a, b in ((x1, x2), (x1, x1), (x1, None)):
@@ -29,7 +25,7 @@ def test_quadratic_network_closed_form():
 
 def test_product_with_parameter_free_branch():
     """Identity branch: its NTK is zero, so ntk = ntk_dense * nngp_input (product rule)."""
-    x = _x(4, 3)
+    x = randn64(4, 3)
     arch = nl.serial(nl.FanOut(2), nl.parallel(nl.Identity(), nl.Dense(3, 1.2, 0.3)),
                      nl.FanInProd(), nl.Dense(1))
     g = x @ x.T / 3
@@ -41,23 +37,23 @@ def test_product_with_parameter_free_branch():
 
 def test_fan_in_prod_errors():
     with pytest.raises(ValueError, match="FanInProd"):
-        nl.serial(nl.Dense(4), nl.FanInProd()).kernel(_x(2, 3))
+        nl.serial(nl.Dense(4), nl.FanInProd()).kernel(randn64(2, 3))
     bad = nl.serial(nl.FanOut(2), nl.parallel(nl.Dense(4), nl.Dense(5)), nl.FanInProd(),
                     nl.Dense(1))
     with pytest.raises(ValueError, match="equal shape"):
-        bad.kernel(_x(2, 3))
+        bad.kernel(randn64(2, 3))
     with pytest.raises(ValueError, match="equal shape"):
         bad.module(3)
     # the product is not Gaussian: an activation right after it is refused
     with pytest.raises(ValueError, match="Gaussian"):
         nl.serial(nl.FanOut(2), nl.parallel(nl.Dense(4), nl.Dense(4)), nl.FanInProd(),
-                  nl.Relu(), nl.Dense(1)).kernel(_x(2, 3))
+                  nl.Relu(), nl.Dense(1)).kernel(randn64(2, 3))
 
 
 def test_finite_module_multiplies():
     mod = nl.serial(nl.FanOut(2), nl.parallel(nl.Dense(4), nl.Dense(4)), nl.FanInProd()).module(
         3, seed=0)
-    x = _x(2, 3)
+    x = randn64(2, 3)
     a, b = mod[1](mod[0](x))
     torch.testing.assert_close(mod(x), a * b)
 
@@ -81,7 +77,7 @@ def test_fan_in_prod_conv_monte_carlo():
                      nl.parallel(nl.Conv(8, 2, padding="SAME", W_std=1.2, b_std=0.2),
                                  nl.Conv(8, 1, W_std=0.9)),
                      nl.FanInProd(), nl.AvgPool(2, 1), nl.Flatten(), nl.Dense(1))
-    x = torch.cat([_x(3, 2, 4, 4), _x(2, 2, 4, 4, seed=3)])
+    x = torch.cat([randn64(3, 2, 4, 4), randn64(2, 2, 4, 4, seed=3)])
     for get, widths in (("nngp", (32, 128, 512)), ("ntk", (16, 64, 256))):
         slope, errs = mc_error_slope(arch, x, widths, get=get, n_samples=2, seeds=2)
         assert -0.95 < slope < -0.25, (get, slope, errs)
@@ -89,7 +85,7 @@ def test_fan_in_prod_conv_monte_carlo():
 
 
 def test_repeat_is_serial_of_copies():
-    x = _x(4, 3)
+    x = randn64(4, 3)
     block = nl.serial(nl.Dense(6, 1.3, 0.1), nl.Relu())
     r = nl.repeat(block, 3)
     explicit = nl.serial(block, block, block)

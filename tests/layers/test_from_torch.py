@@ -11,10 +11,7 @@ from torch import nn
 import ntkit
 from ntkit import layers as nl
 from ntkit.empirical import empirical_ntk
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from tests._helpers import randn64
 
 
 def conv2d_net(w):
@@ -67,7 +64,7 @@ def test_module_has_the_same_structure_and_function(name, param):
     arch = ntkit.from_torch(net, parameterization=param, b_std=0.3)
     ours = arch.module(in_shape, seed=0)
     _load(ours, net)
-    x = _x(4, *in_shape)
+    x = randn64(4, *in_shape)
     torch.testing.assert_close(ours(x), net(x), rtol=1e-12, atol=1e-12)
     wide = arch.module(in_shape, width=9, seed=0)
     assert [p.shape for p in wide.parameters()] == [p.shape for p in make(9).parameters()]
@@ -146,7 +143,7 @@ def test_torch_module_kernels_converge_to_converted_arch(name):
     # PyTorch's init (W_std^2 = 1/3) shrinks the signal layer by layer, while hidden biases
     # (variance 1/(3 fan_in), zero in the limit) add O(1/width) offsets: inputs of scale 5
     # keep those below the O(width^-1/2) fluctuations being measured at these widths
-    x = 5 * _x(4, *in_shape, seed=1)
+    x = 5 * randn64(4, *in_shape, seed=1)
     arch = ntkit.from_torch(make(7), parameterization="ntk")
     exact = arch.kernel(x)
     widths, seeds = (32, 128, 512), 2
@@ -203,7 +200,7 @@ def test_padding_variants_match_torch():
         in_shape = (2, 6) if nd == 1 else (2, 5, 6)
         ours = arch.module(in_shape)
         _load(ours, net)
-        x = _x(2, *in_shape)
+        x = randn64(2, *in_shape)
         torch.testing.assert_close(ours(x), net(x), rtol=1e-12, atol=1e-12)
 
 
@@ -253,8 +250,8 @@ def test_bad_arguments():
     # eval-mode dropout is the identity; a single Linear converts at the root
     net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1)).eval()
     assert len(ntkit.from_torch(net).layers) == 2
-    k = ntkit.from_torch(nn.Linear(3, 2)).kernel(_x(4, 3), get="nngp")
-    torch.testing.assert_close(k, _x(4, 3) @ _x(4, 3).T / 9 + 1 / 9)
+    k = ntkit.from_torch(nn.Linear(3, 2)).kernel(randn64(4, 3), get="nngp")
+    torch.testing.assert_close(k, randn64(4, 3) @ randn64(4, 3).T / 9 + 1 / 9)
 
 
 def test_data_must_fit_the_converted_module():
@@ -262,21 +259,21 @@ def test_data_must_fit_the_converted_module():
     Linear(8, .) on 3-feature data (issue 13) and Conv2d(3, .) on 1-channel or flat data are
     refused, naming the expected size and the module."""
     arch = ntkit.from_torch(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
-    assert arch.kernel(_x(4, 8), get="ntk").shape == (4, 4)
+    assert arch.kernel(randn64(4, 8), get="ntk").shape == (4, 4)
     with pytest.raises(ValueError, match=r"expects 8 input features.*Linear at '0'.*has 3"):
-        arch.kernel(_x(4, 3))
+        arch.kernel(randn64(4, 3))
     with pytest.raises(ValueError, match="expects 8"):
         arch.module(3)
     with pytest.raises(ValueError, match=r"\(n, d\) features"):
-        arch.kernel(_x(4, 8, 2, 2))
+        arch.kernel(randn64(4, 8, 2, 2))
     conv = ntkit.from_torch(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
                                           nn.Linear(4 * 9, 1)))
-    assert conv.kernel(_x(2, 3, 5, 5), get="nngp").shape == (2, 2)
+    assert conv.kernel(randn64(2, 3, 5, 5), get="nngp").shape == (2, 2)
     with pytest.raises(ValueError, match="expects 3 input features/channels"):
-        conv.kernel(_x(2, 1, 5, 5))
+        conv.kernel(randn64(2, 1, 5, 5))
     with pytest.raises(ValueError, match="2 spatial axes"):
-        conv.kernel(_x(2, 3))
+        conv.kernel(randn64(2, 3))
     flat_first = ntkit.from_torch(nn.Sequential(nn.Flatten(), nn.Linear(12, 1)))
-    assert flat_first.kernel(_x(2, 3, 2, 2), get="nngp").shape == (2, 2)
+    assert flat_first.kernel(randn64(2, 3, 2, 2), get="nngp").shape == (2, 2)
     with pytest.raises(ValueError, match="expects 12"):
-        flat_first.kernel(_x(2, 3, 2, 3))
+        flat_first.kernel(randn64(2, 3, 2, 3))

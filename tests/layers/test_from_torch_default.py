@@ -8,10 +8,7 @@ import torch
 from torch import nn
 
 import ntkit
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from tests._helpers import randn64
 
 
 def fc_relu(w, d=8):
@@ -46,7 +43,7 @@ def test_default_fc_kernel_is_the_networks_own_ntk():
     -1/2 is slow since the per-draw relative std is ~3 width^-1/2 and saturates at small width),
     and the 8-draw average agrees with the kernel within its fluctuation at the largest width
     (measured 0.01-0.03). The old default (NTK-parameterization limit) is ~1000x off here."""
-    x = _x(6, 8)
+    x = randn64(6, 8)
     widths, seeds = (256, 1024, 4096), 8
     mean_d, avg_d = [], []
     for w in widths:
@@ -66,7 +63,7 @@ def test_default_conv_kernel_is_the_networks_own_ntk():
     PyTorch-initialized draws' empirical NTKs is within 0.15 of the default kernel (first conv
     on 3 channels: the uniform init's non-Gaussianity adds ~4%, see ``from_torch``), and each
     draw within 0.3; the NTK-parameterization limit is orders of magnitude away."""
-    x = _x(4, 3, 6, 6, seed=1)
+    x = randn64(4, 3, 6, 6, seed=1)
     dists, avg = _distances(small_cnn, x, 128, 6)
     assert max(dists) < 0.3 and avg < 0.15, (dists, avg)
     d_limit, _ = _distances(small_cnn, x, 128, 1, parameterization="ntk")
@@ -78,7 +75,7 @@ def test_default_nngp_has_pytorch_biases_at_every_layer():
     and Var(b) = 1/(3 fan_in) at each layer's own fan_in (the second bias is dropped in the
     'ntk' limit); checked against a Monte Carlo over PyTorch-initialized networks too."""
     d, w = 5, 7
-    x = _x(4, d, seed=2)
+    x = randn64(4, d, seed=2)
     net = nn.Sequential(nn.Linear(d, w), nn.Linear(w, 3))
     k1 = (x @ x.T + 1.0) / (3 * d)        # first layer: Var(W) = Var(b) = 1/(3 d)
     expect = k1 / 3 + 1.0 / (3 * w)       # second: W_std^2 = 1/3, b_std^2 = 1/(3 w)

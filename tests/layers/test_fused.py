@@ -13,12 +13,9 @@ import torch
 
 from ntkit import layers as nl
 from ntkit.layers import _fused
+from tests._helpers import randn64
 
 pytestmark = pytest.mark.skipif(not _fused.enabled(), reason="numba not installed")
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _both(monkeypatch, arch, x1, x2=None, dtype=torch.float64, **kw):
@@ -111,7 +108,7 @@ ARCHS = {
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_fused_matches_torch_path(monkeypatch, name):
-    x1, x2 = _x(3, 2, 6, 5), _x(2, 2, 6, 5, seed=1)
+    x1, x2 = randn64(3, 2, 6, 5), randn64(2, 2, 6, 5, seed=1)
     arch = ARCHS[name]()
     for args in ((x1, None), (x1, x2)):
         ref, got = _both(monkeypatch, arch, *args)
@@ -120,7 +117,7 @@ def test_fused_matches_torch_path(monkeypatch, name):
 
 
 def test_fused_one_dimensional(monkeypatch):
-    x = _x(4, 3, 11)
+    x = randn64(4, 3, 11)
     arch = nl.serial(nl.Conv(8, 3, padding="SAME", b_std=0.1), nl.Relu(),
                      nl.Conv(8, 3, padding="SAME"), nl.Relu(), nl.GlobalAvgPool(), nl.Dense(1))
     ref, got = _both(monkeypatch, arch, x)
@@ -129,7 +126,7 @@ def test_fused_one_dimensional(monkeypatch):
 
 def test_fused_float32_accuracy(monkeypatch):
     """float32 storage: within a few ulp of the float64 kernel, like the torch path."""
-    x = _x(4, 3, 8, 8)
+    x = randn64(4, 3, 8, 8)
     arch = ARCHS["same3x3_gap"]()
     monkeypatch.setenv("NTKIT_FUSED", "1")
     k64 = arch.kernel(x, dtype=torch.float64)
@@ -141,7 +138,7 @@ def test_fused_float32_accuracy(monkeypatch):
 def test_fused_exact_symmetry_and_thread_independence(monkeypatch):
     """x2=None kernels are exactly symmetric through tiles; results do not depend on threads."""
     monkeypatch.setenv("NTKIT_FUSED", "1")
-    x = _x(6, 2, 7, 7)
+    x = randn64(6, 2, 7, 7)
     arch = ARCHS["same3x3_gap"]()
     k = arch.kernel(x, tile=2)
     assert torch.equal(k.ntk, k.ntk.T) and torch.equal(k.nngp, k.nngp.T)
@@ -184,7 +181,7 @@ def test_disabled_by_env(monkeypatch):
 
 def test_fused_fully_connected(monkeypatch):
     """The FC layout (n1, n2) runs the same fused dual map, row by row."""
-    x1, x2 = _x(9, 5), _x(7, 5, seed=1)
+    x1, x2 = randn64(9, 5), randn64(7, 5, seed=1)
     arch = nl.serial(nl.Dense(64, 1.4, 0.1), nl.Relu(), nl.Dense(64, 1.3, 0.2),
                      nl.LeakyRelu(0.2), nl.Dense(64), nl.Abs(), nl.Dense(2))
     for args in ((x1, None), (x1, x2)):

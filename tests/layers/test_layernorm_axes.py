@@ -11,11 +11,7 @@ import torch
 
 from ntkit import layers as nl
 from ntkit.testing import mc_error_slope
-
-
-def _x(n, *shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g, dtype=torch.float64)
+from tests._helpers import randn64
 
 
 W1 = 1.4
@@ -35,7 +31,7 @@ def _head():
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_joint_layernorm_equals_rescaled_input(pool, eps):
-    x1, x2 = _x(3, 2, 5, 5), _x(2, 2, 5, 5, seed=1)
+    x1, x2 = randn64(3, 2, 5, 5), randn64(2, 2, 5, 5, seed=1)
     conv = nl.Conv(6, 2, W_std=W1)
     tail = (nl.AvgPool(2, 1),) if pool else ()  # pooling forces the full pixel-pair layout
     head = _head()
@@ -51,7 +47,7 @@ def test_joint_layernorm_equals_rescaled_input(pool, eps):
 
 
 def test_channel_only_axis_spellings_agree_and_joint_differs():
-    x = _x(3, 2, 4, 4)
+    x = randn64(3, 2, 4, 4)
     base = nl.serial(nl.Conv(4, 2, W_std=1.3, b_std=0.3))
 
     def ker(ln):
@@ -64,13 +60,13 @@ def test_channel_only_axis_spellings_agree_and_joint_differs():
     kj = ker(nl.LayerNorm(axis=(1, 2, 3)))
     assert float((kj.nngp - k0.nngp).abs().max()) > 1e-3
     # FC inputs: the only non-batch axis is the channel axis, -1 spells it
-    xf = _x(4, 3)
+    xf = randn64(4, 3)
     fc = lambda ln: nl.serial(nl.Dense(5, 1.2, 0.1), ln, nl.Relu(), nl.Dense(1)).kernel(xf)
     assert torch.equal(fc(nl.LayerNorm(axis=-1)).ntk, fc(nl.LayerNorm()).ntk)
 
 
 def test_finite_module_normalizes_over_the_axes():
-    x = _x(2, 3, 4, 5)
+    x = randn64(2, 3, 4, 5)
     mod = nl.LayerNorm(axis=(1, 3), eps=0.0).module((3, 4, 5))
     y = mod(x)
     torch.testing.assert_close(y.mean((1, 3)), torch.zeros(2, 4, dtype=torch.float64),
@@ -84,7 +80,7 @@ def test_finite_module_normalizes_over_the_axes():
 def test_bad_axis_raises(axis, msg):
     arch = nl.serial(nl.Conv(4, 2), nl.LayerNorm(axis=axis), nl.Flatten(), nl.Dense(1))
     with pytest.raises(ValueError, match=msg):
-        arch.kernel(_x(2, 2, 4, 4))
+        arch.kernel(randn64(2, 2, 4, 4))
     with pytest.raises(ValueError, match=msg):
         arch.module((2, 4, 4))
 
@@ -108,7 +104,7 @@ def test_monte_carlo_partial_and_joint_axes(axis):
     # pixel scales 0.04..9 in variance: a per-pixel (channel-only) normalizer is far off
     # (measured: it plateaus at 15-25% error, slope ~ -0.05, on these inputs)
     ramp = torch.tensor([0.2, 0.5, 1.5, 3.0], dtype=torch.float64)
-    x = torch.cat([_x(3, 2, 4, 4), 0.3 * _x(2, 2, 4, 4, seed=5)]) * ramp.reshape(4, 1) * ramp
+    x = torch.cat([randn64(3, 2, 4, 4), 0.3 * randn64(2, 2, 4, 4, seed=5)]) * ramp.reshape(4, 1) * ramp
     for get, widths in (("nngp", (32, 128, 512)), ("ntk", (16, 64, 256))):
         slope, errs = mc_error_slope(arch, x, widths, get=get, n_samples=2, seeds=2)
         assert -0.95 < slope < -0.25, (get, slope, errs)
@@ -126,4 +122,4 @@ def test_axes_variant_class_repr_pickle_and_features():
         assert pickle.loads(pickle.dumps(obj)) == obj
     # random features support the joint variant (tests/test_features.py checks the values)
     arch = nl.serial(nl.Conv(4, 2), j, nl.Relu(), nl.Flatten(), nl.Dense(1))
-    assert arch.features(_x(2, 2, 4, 4), dim=16).shape[0] == 2
+    assert arch.features(randn64(2, 2, 4, 4), dim=16).shape[0] == 2

@@ -14,12 +14,9 @@ import torch
 from ntkit import layers as nl
 from ntkit.layers import _fused
 from ntkit.layers._ops import SNAP_ULPS, correlation
+from tests._helpers import randn64
 
 F64, F32 = torch.float64, torch.float32
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def _rel(a, b):
@@ -60,7 +57,7 @@ CNN = nl.serial(nl.Conv(8, 3, padding="SAME", W_std=1.4), nl.Relu(), nl.Conv(8, 
 def test_homogeneous_net_is_scale_covariant(path, scale, dtype, rtol):
     """Bias-free ReLU/leaky/abs net: K(a x) = a^2 K(x) wherever a^2 K is representable (was
     inf in float32 at 1e10 and 10-40% off in float64 at 1e100: v1 v2 over/underflowed)."""
-    x = _x(5, 4)
+    x = randn64(5, 4)
     ref = RELU_FAMILY.kernel(x)
     k = RELU_FAMILY.kernel(x * scale, dtype=dtype)
     for key in ("nngp", "ntk"):
@@ -72,7 +69,7 @@ def test_homogeneous_net_is_scale_covariant(path, scale, dtype, rtol):
 @pytest.mark.parametrize("scale, dtype", [(1e10, F32), (1e-12, F32), (1e120, F64)])
 def test_conv_net_is_scale_covariant(path, scale, dtype):
     """The same on the pixel-pair layout (fused 3x3 stencils and dual map, or torch)."""
-    x = _x(3, 2, 5, 5)
+    x = randn64(3, 2, 5, 5)
     ref = CNN.kernel(x)
     k = CNN.kernel(x * scale, dtype=dtype)
     for key in ("nngp", "ntk"):
@@ -86,7 +83,7 @@ def test_erf_saturates_to_the_sign_kernel(scale, dtype, rtol):
     """erf(b u) -> sign(u) for pre-activation variance -> inf, so a bias-free Erf net at input
     scale 1e10 has the NNGP of the Sign net, (2/pi) arcsin(rho) (float32 was 47-50% off: the
     old form (1 + 2v1)(1 + 2v2) overflowed)."""
-    x = _x(5, 4)
+    x = randn64(5, 4)
     erf = nl.serial(nl.Dense(8, 1.5), nl.Erf(), nl.Dense(1))
     sign = nl.serial(nl.Dense(8, 1.5), nl.Sign(), nl.Dense(1))
     got = erf.kernel(x * scale, dtype=dtype)
@@ -98,7 +95,7 @@ def test_erf_saturates_to_the_sign_kernel(scale, dtype, rtol):
 def test_gelu_tends_to_relu_and_layernorm_removes_the_scale():
     """GELU(a z) / a -> ReLU(z) (error O(a^-3)); LayerNorm after a bias-free Dense makes the
     kernel scale-free. Both overflowed in float32 at 1e10 (NaN / an all-zero off-diagonal)."""
-    x = _x(5, 4)
+    x = randn64(5, 4)
     a = 1e10
     gelu = nl.serial(nl.Dense(8, 1.2), nl.Gelu(), nl.Dense(1))
     relu = nl.serial(nl.Dense(8, 1.2), nl.Relu(), nl.Dense(1))
@@ -123,14 +120,14 @@ def test_unrepresentable_kernels_raise(path, arch, scale, dtype, match):
     """Where the true kernel is beyond the dtype's range: a clear error, never inf, NaN or a
     number that has lost its precision in the subnormal range."""
     with pytest.raises(ValueError, match=match):
-        arch.kernel(_x(4, 3) * scale, dtype=dtype)
+        arch.kernel(randn64(4, 3) * scale, dtype=dtype)
 
 
 def test_activation_constants_must_fit_the_dtype():
     """ABRelu(0, 1e-36) has h = b^2 / 2 = 5e-73: fine in float64, zero in float32, where the
     kernel came out all zeros. Refused in float32, computed in float64."""
     arch = nl.serial(nl.Dense(4), nl.ABRelu(0.0, 1e-36), nl.Dense(1))
-    x = _x(3, 2)
+    x = randn64(3, 2)
     with pytest.raises(ValueError, match="not representable in float32"):
         arch.kernel(x, dtype=F32)
     ref = nl.serial(nl.Dense(4), nl.Relu(), nl.Dense(1)).kernel(x)
@@ -141,7 +138,7 @@ def test_biased_net_at_tiny_scale_is_fine():
     """A bias keeps the variances normal: tiny inputs are no error (the kernel is the
     bias-driven one, to float32 precision)."""
     arch = nl.serial(nl.Dense(8, 1.3, 0.1), nl.Relu(), nl.Dense(1, 1.0, 0.1))
-    x = _x(4, 3)
+    x = randn64(4, 3)
     k = arch.kernel(x * 1e-30, dtype=F32)
     assert _rel(k.nngp, arch.kernel(x * 1e-30).nngp) < 1e-6
 
@@ -149,8 +146,8 @@ def test_biased_net_at_tiny_scale_is_fine():
 def test_gaussian_with_positive_b_refuses_infinite_moments():
     arch = nl.serial(nl.Dense(8, 2.0), nl.Gaussian(b=0.5), nl.Dense(1))
     with pytest.raises(ValueError, match="infinite"):
-        arch.kernel(_x(3, 2) * 3)
-    small = arch.kernel(_x(3, 2) * 0.05)  # 4 b v < 1: finite and valid
+        arch.kernel(randn64(3, 2) * 3)
+    small = arch.kernel(randn64(3, 2) * 0.05)  # 4 b v < 1: finite and valid
     _check_valid(small.nngp, 1e-12)
 
 
@@ -177,7 +174,7 @@ def test_deep_nets_keep_identical_inputs_identical(path, act, depth, w_std, b_st
     The root cause was the rounding gap between the matrix product that gives K(x, x') and
     the sum of squares that gives K(x, x) (and between the two-point and one-point dual maps),
     which a chaotic correlation map (slope > 1 at correlation 1) amplified with depth."""
-    base = _x(4, 5)
+    base = randn64(4, 5)
     x = torch.cat([base, base[:2], base[:1] * 1.0])  # rows 4, 6 repeat 0; row 5 repeats 1
     arch = _deep(act, depth, w_std, b_std)
     k = arch.kernel(x, dtype=dtype)
@@ -214,7 +211,7 @@ def test_fused_and_torch_paths_agree_at_extreme_scales(monkeypatch):
     """The fused numba dual map uses the same normalized arithmetic as the torch path."""
     if not _fused.enabled():
         pytest.skip("numba not installed")
-    for arch, x in ((RELU_FAMILY, _x(6, 4)), (CNN, _x(3, 2, 5, 5))):
+    for arch, x in ((RELU_FAMILY, randn64(6, 4)), (CNN, randn64(3, 2, 5, 5))):
         for scale, dtype, tol in ((1e150, F64, 1e-13), (1e-150, F64, 1e-13), (1e15, F32, 1e-5)):
             out = {}
             for flag in ("0", "1"):

@@ -27,6 +27,7 @@ import argparse
 import os
 import re
 import sys
+from types import ModuleType
 from typing import Dict, Iterable, List, Optional
 
 from ._io import CLIError, print_written
@@ -53,28 +54,31 @@ COMMAND_MODULES = tuple(dict.fromkeys(m for _, m, _ in COMMANDS))
 _USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 
 
-def _import_command_module(name: str):
+def _import_command_module(name: str) -> Optional[ModuleType]:
     """The module ``name`` of :data:`COMMANDS`, or ``None`` when that part of ntkit is not
     installed. The imports are spelled out (not built from the string) so that the import
     graph checked by tests/test_imports.py sees them."""
     try:
         if name == "ntkit.cli.demo":
-            import ntkit.cli.demo as module
-        elif name == "ntkit.cli.kernel":
-            import ntkit.cli.kernel as module
-        elif name == "ntkit.cli.solve":
-            import ntkit.cli.solve as module
-        elif name == "ntkit.cli.predict":
-            import ntkit.cli.predict as module
-        elif name == "ntkit.cli.lazy":
-            import ntkit.cli.lazy as module
-        else:
-            raise ValueError(f"{name!r} is not a command module of ntkit.cli.COMMANDS")
+            import ntkit.cli.demo as demo
+            return demo
+        if name == "ntkit.cli.kernel":
+            import ntkit.cli.kernel as kernel
+            return kernel
+        if name == "ntkit.cli.solve":
+            import ntkit.cli.solve as solve
+            return solve
+        if name == "ntkit.cli.predict":
+            import ntkit.cli.predict as predict
+            return predict
+        if name == "ntkit.cli.lazy":
+            import ntkit.cli.lazy as lazy
+            return lazy
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             return None
         raise
-    return module
+    raise ValueError(f"{name!r} is not a command module of ntkit.cli.COMMANDS")
 
 
 def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:

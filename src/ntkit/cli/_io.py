@@ -149,7 +149,7 @@ def store_errors(fn):
     @functools.wraps(fn)
     def run(args):
         from ..scale import StoreBusyError, StoreDamagedError, StoreIncompleteError
-        from ..scale._store import cli_hints     # messages name flags, not Python arguments
+        from ..scale import cli_hints     # messages name flags, not Python arguments
         try:
             with cli_hints():
                 return fn(args)

@@ -139,7 +139,7 @@ def run_kernel(args: argparse.Namespace) -> int:
         if args.out is not None:
             raise ValueError("--out and --store are exclusive (a store is read with ntkit.scale."
                              "open_store or `ntkit solve --store`)")
-        from ..scale._store import check_store_path
+        from ..scale import check_store_path
         check_store_path(args.store)                 # before any work: refused paths
     arch = parse_arch(args.arch)
     x1 = _load_x(args.data, "DATA", args.data_key, args.flatten)

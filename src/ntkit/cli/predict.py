@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any, Dict
 
 from .._files import check_out_file, write_atomic
 from ._io import load_matrix, parse_floats
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"the predicted {name} is not finite at --t {bad[0]:g} (the "
                              f"dynamics diverge or overflow); lower --learning-rate or the "
                              f"times; nothing was written")
-    write_atomic(out, "--out", lambda f: np.savez(f, **result, **{_MARKER: np.array(_MARK)}))
+    payload: Dict[str, Any] = {**result, _MARKER: np.array(_MARK)}
+    write_atomic(out, "--out", lambda f: np.savez(f, **payload))
     mode = "GD steps" if args.discrete else "gradient flow"
     print(f"ntkit predict: {mode}, n={n}, k={y.shape[1]}, "
           f"{'m=' + str(k_td.shape[0]) + ', ' if k_td is not None else ''}t={times}")

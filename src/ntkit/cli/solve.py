@@ -85,7 +85,7 @@ def run_solve(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, return_info=True)
     np.save(args.out, alpha.numpy())
     extra = (f", {info.iterations} CG passes, residual {float(info.residual.max()):.2e}"
-             if info.method == "cg" else "")
+             if info.method == "cg" and info.residual is not None else "")
     print(f"ntkit solve: {info.method}, n={h.n1}, ridge {info.ridge:.3g}{extra}, "
           f"{info.seconds:.1f} s")
     written = [args.out]

@@ -34,7 +34,8 @@ def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, steps
     kmax = min(steps, dim)
     Q = torch.empty(kmax + 1, dim, dtype=_F64)         # Lanczos basis, preallocated (no copies)
     Q[0] = v / v.norm()
-    alphas, betas = [], []
+    alphas: List[float] = []
+    betas: List[float] = []
     prev = None
     theta_best, coef, basis = 0.0, torch.ones(1, dtype=_F64), Q[:1]
     for j in range(kmax):
@@ -131,9 +132,9 @@ def _hessian_norm(model: nn.Module, x: torch.Tensor, outer_iters: int, lanczos_s
         for _ in range(outer_iters):
             with torch.enable_grad():
                 out = model(x).reshape(-1)
-                g = torch.autograd.grad(out, params, grad_outputs=z / N, create_graph=True,
-                                        allow_unused=True)
-                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+                g0 = torch.autograd.grad(out, params, grad_outputs=z / N, create_graph=True,
+                                         allow_unused=True)
+                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g0, params)]
                 live = [gi.requires_grad for gi in g]
 
                 def hvp(v: torch.Tensor, g=g, live=live) -> torch.Tensor:
@@ -207,7 +208,7 @@ def lazy_scales(model: nn.Module, x: Any, y: Any = None, *, outer_iters: int = 4
                       sum(p.numel() for _, p in _trainable(model)))
 
 
-def kappa(model: nn.Module, x: Any, y: Any = None, **kwargs) -> float:
+def kappa(model: nn.Module, x: Any, y: Any = None, **kwargs: Any) -> float:
     """``kappa(w0) = ||h(w0) - y|| * ||D^2 h(w0)|| / ||D h(w0)||^2`` (see :func:`lazy_scales`).
     Example: ``kappa(scaled(centered(net), 10.0), x, y)``."""
     return lazy_scales(model, x, y, **kwargs).kappa

@@ -5,7 +5,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from ._common import _F64, _as_x, _check_int
 from ._norms import lazy_scales
 from ._slopes import Slope, fit_slope
 from ._training import _Diverged, train
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = ["METRICS", "THEORY", "LazySweep", "width_sweep", "alpha_sweep"]
 
@@ -103,7 +106,7 @@ class LazySweep:
     def to_records(self) -> List[Dict[str, Any]]:
         return [dict(r) for r in self.rows]
 
-    def to_pandas(self):
+    def to_pandas(self) -> pandas.DataFrame:
         """The rows as a ``pandas.DataFrame`` (needs pandas)."""
         try:
             import pandas as pd
@@ -153,7 +156,7 @@ def _arch_parameterization(arch) -> str:
     from ..layers import Layer
     if not isinstance(arch, Layer):
         return "unknown"
-    found = set()
+    found: Set[str] = set()
     for sub in arch.walk():
         if dataclasses.is_dataclass(sub) and any(f.name == "parameterization"
                                                  for f in dataclasses.fields(sub)):

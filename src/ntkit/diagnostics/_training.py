@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import nn
@@ -22,8 +22,21 @@ from ._common import (_F64, _as_x, _as_y, _check_int, _check_model, _f64_copy, _
 __all__ = ["relative_weight_change", "kernel_drift", "TrainingRecord", "train"]
 
 
-def relative_weight_change(params_t: Union[nn.Module, Dict[str, torch.Tensor]],
-                           params_0: Union[nn.Module, Dict[str, torch.Tensor]],
+_Params = Union[nn.Module, Dict[str, torch.Tensor]]
+
+
+@overload
+def relative_weight_change(params_t: _Params, params_0: _Params,
+                           by: Literal["total"] = "total") -> float: ...
+@overload
+def relative_weight_change(params_t: _Params, params_0: _Params,
+                           by: Literal["parameter", "layer"]) -> Dict[str, float]: ...
+@overload
+def relative_weight_change(params_t: _Params, params_0: _Params,
+                           by: str) -> Union[float, Dict[str, float]]: ...
+
+
+def relative_weight_change(params_t: _Params, params_0: _Params,
                            by: str = "total") -> Union[float, Dict[str, float]]:
     """``|theta_t - theta_0| / |theta_0|`` (Euclidean over all trainable parameters).
 
@@ -267,7 +280,7 @@ def train(model: nn.Module, x: Any, y: Any, *, steps: int = 100,
             raise diverged(s, lv, "network's")
         loss.backward()
         opt.step()
-        if lin is not None:
+        if lin is not None and opt_lin is not None:
             opt_lin.zero_grad(set_to_none=True)
             loss_lin = loss_scale * 0.5 * ((lin(xb) - yb) ** 2).mean()
             lv = float(loss_lin.detach())
@@ -281,7 +294,7 @@ def train(model: nn.Module, x: Any, y: Any, *, steps: int = 100,
                 raise diverged(s, losses[-1], "network's")
     if steps and losses[-1] > _FINAL * ref:
         raise diverged(steps, losses[-1], "final")
-    drift = kernel_drift(model, model0, xe) if measure_kernel_drift else None
+    drift = kernel_drift(model, model0, xe) if model0 is not None else None
     return TrainingRecord(
         steps=torch.tensor(rec_steps), loss=torch.tensor(losses, dtype=_F64),
         rel_weight_change=torch.tensor(rel, dtype=_F64),

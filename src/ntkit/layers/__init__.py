@@ -10,6 +10,9 @@ Vocabulary follows neural-tangents' stax::
     >>> net = arch.module(in_shape=x1.shape[1])        # the finite network they describe
 """
 from ._base import Layer
+# engine seams for monte_carlo / scale (not in __all__): the call-time argument plumbing
+from ._base import CallArgsModule as CallArgsModule
+from ._base import prepare_call_args as prepare_call_args
 from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, Gelu,
                           Hermite, LeakyRelu, Monomial, Polynomial, Rbf, RectifiedMonomial, Relu,
                           Sigmoid_like, Sign, Sin)

@@ -17,6 +17,11 @@ a layer lists the names it reads in ``call_args``; ``arch.kernel(x1, x2, pattern
 are per-example arrays (leading axis = batch), sliced with ``x1`` / ``x2`` tile by tile, and a
 layer reads the current ``(value for x1 block, value for x2 block or None)`` with
 :func:`call_arg` inside ``kernel_map`` / its module's ``forward``. Other layers never see them.
+
+Masking (neural-tangents' ``mask_constant``): ``arch.kernel(x1, x2, mask_constant=c)`` and
+``net(x, mask_constant=c)`` treat positions whose channels all equal ``c`` as padding; see
+:mod:`ntkit.layers._masking`. A layer opts in with ``supports_masking = True`` (and
+:meth:`Layer.mask_map` when it changes the positions); the others refuse masks.
 """
 from __future__ import annotations
 
@@ -144,6 +149,19 @@ def slice_call_args(args: Optional[dict], rows, cols=None) -> Optional[dict]:
     return out
 
 
+def is_masked(k: Any) -> bool:
+    """Whether a kernel record (or any branch of a tuple of them) carries masks."""
+    if isinstance(k, tuple):
+        return any(is_masked(ki) for ki in k)
+    return getattr(k, "mask1", None) is not None
+
+
+def apply_kernel_map(layer: "Layer", k: Any) -> Any:
+    """``layer``'s kernel map, through :meth:`Layer.masked_kernel_map` when ``k`` carries
+    masks (combinators call this for their children)."""
+    return layer.masked_kernel_map(k) if is_masked(k) else layer.kernel_map(k)
+
+
 class CallArgsModule(nn.Module):
     """The finite network of an architecture with call-time arguments: ``net(x, **kwargs)``
     makes them visible to the layers' modules (:func:`call_arg`) during the forward pass.
@@ -157,7 +175,9 @@ class CallArgsModule(nn.Module):
 
     def forward(self, x, **kwargs):
         args = {}
-        n = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else None
+        from ._masking import Masked
+        xv = x.value if isinstance(x, Masked) else x
+        n = xv.shape[0] if isinstance(xv, torch.Tensor) and xv.ndim else None
         for name, v in kwargs.items():
             if name not in self.call_args:
                 raise _unexpected(name, self.call_args, "forward()")
@@ -184,6 +204,9 @@ class Layer:
 
     #: names of the call-time keyword arguments this layer reads (see :func:`call_arg`)
     call_args: Tuple[str, ...] = ()
+    #: whether the layer honours ``mask_constant`` (neural-tangents' masking); the others
+    #: refuse it with a ValueError naming themselves (:mod:`ntkit.layers._masking`)
+    supports_masking: bool = False
 
     # ---- to be provided by subclasses -------------------------------------------------
     def kernel_map(self, k: KernelLike) -> KernelLike:  # pragma: no cover - abstract
@@ -205,11 +228,35 @@ class Layer:
         given whether the layers above need it (``above``). Default: pass through."""
         return above
 
+    # ---- masking (mask_constant) --------------------------------------------------------
+    def mask_map(self, mask: Any, in_shape: Any) -> Any:
+        """Output position mask ``(n, *S_out)`` (``(n,)`` when FC) from the input one
+        ``(n, *S_in)`` (neural-tangents' ``mask_fn``); default: unchanged (position-wise
+        layers). Only called when :attr:`supports_masking`."""
+        return mask
+
+    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
+        """``kernel_map`` of a kernel that carries masks (``k.mask1`` set): the layer's own
+        map (layers that pool / attend read ``k.mask1`` / ``k.mask2`` there), then the output
+        masks (:meth:`mask_map`) and the covariances of masked positions set to zero (every
+        layer's input is zeroed at masked positions). Refuses layers without mask support."""
+        from ._masking import refusal, remask
+        if not self.supports_masking:
+            raise refusal(self)
+        if isinstance(k, tuple):
+            return self.kernel_map(k)  # the layer reports that it needs one branch
+        out = self.kernel_map(k)
+        assert isinstance(out, Kernel)  # one branch in, one out (tuples handled above)
+        m1 = self.mask_map(k.mask1, k.shape1)
+        m2 = None if k.mask2 is None else self.mask_map(k.mask2, k.shape2)
+        return remask(out.replace(mask1=m1, mask2=m2), key=(self, tuple(out.shape1)))
+
     # ---- architecture API ------------------------------------------------------------
     def kernel(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"),
                *, dtype: Optional[torch.dtype] = None,
                memory_budget: Union[int, float, str, None] = None,
-               progress: bool = False, tile: Optional[int] = None, **kwargs):
+               progress: bool = False, tile: Optional[int] = None,
+               mask_constant: Optional[float] = None, **kwargs):
         """Exact infinite-width kernels of this architecture between ``x1`` and ``x2``.
 
         Args:
@@ -229,6 +276,18 @@ class Layer:
             ``kernel_fn(..., **kwargs)``), e.g. ``pattern=(pattern1, pattern2)`` for
             :class:`~ntkit.layers.Aggregate`: per-example arrays, batch on the leading axis;
             ``pattern=p`` when ``x2`` is ``None``. A name no layer reads is a ``TypeError``.
+          mask_constant: neural-tangents' masking for variable-length inputs: a position of
+            ``x1`` / ``x2`` (``x[n, :, p]``; a whole example for FC inputs ``(n, d)``) whose
+            channels all equal ``mask_constant`` (``float('nan')`` matches NaN) is padding:
+            its entries are zeroed, every layer sees it as zero, ``GlobalAvgPool`` averages
+            over the other positions only, ``GlobalSelfAttention`` does not attend to it and
+            ``LayerNorm`` over spatial axes ignores it; ``Conv`` / pooling mask an output when
+            its window's centre is masked; ``Flatten`` and ``AvgPool`` count masked positions
+            as zeros. So a per-position network followed by ``GlobalAvgPool`` gives the
+            kernel of the unpadded sequences. ``net(x, mask_constant=c)`` runs the finite
+            network the same way. Layers without these semantics (``ConvTranspose``,
+            ``Index``, ``Dropout``, ...) raise ``ValueError`` naming themselves. See
+            :mod:`ntkit.layers._masking`.
 
         Returns ``(n1, n2)`` kernels (empty when ``x1`` or ``x2`` has no rows). Raises
         ``ValueError`` when the architecture's output keeps spatial axes (add ``Flatten()``),
@@ -249,6 +308,18 @@ class Layer:
         dtype = DEFAULT_DTYPE if dtype is None else dtype
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+        masks: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+        if mask_constant is not None:
+            from ._masking import (check_mask_constant, check_supported, collapses_channels,
+                                   input_masks)
+            mask_constant = check_mask_constant(mask_constant)
+            check_supported(self)
+            collapse = collapses_channels(self)
+            x1, m1 = input_masks(collapse, x1, mask_constant, "x1")
+            m2: Optional[torch.Tensor] = None
+            if x2 is not None:
+                x2, m2 = input_masks(collapse, x2, mask_constant, "x2")
+            masks = (m1, m2)
         x1 = as_tensor(x1, "x1", dtype)
         x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
         if 0 in x1.shape[1:]:
@@ -260,6 +331,12 @@ class Layer:
                              f"{tuple(x1.shape[1:])}; both must be (n, *feature_shape)")
         call_args = prepare_call_args(self, kwargs, x1.shape[0],
                                       None if x2 is None else x2.shape[0]) if kwargs else None
+        if mask_constant is not None:
+            from ._masking import MASK_ARG
+            ma, mb = masks
+            assert ma is not None
+            call_args = dict(call_args or {})
+            call_args[MASK_ARG] = (ma.to(x1.device), None if mb is None else mb.to(x1.device))
         from ._tiling import evaluate
         return evaluate(self, x1, x2, keys, single, memory_budget=memory_budget,
                         progress=progress, tile=tile, call_args=call_args)
@@ -293,6 +370,8 @@ class Layer:
 
         When layers read call-time arguments (``Aggregate``'s ``pattern``), the network is
         wrapped so that ``net(x, pattern=p)`` passes them on (the network itself is ``net.net``).
+        ``net(x, mask_constant=c)`` masks padded positions as :meth:`kernel` does (the output
+        is zero at masked positions); layers without mask support refuse it.
 
         Example::
 
@@ -312,7 +391,13 @@ class Layer:
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         mod, _ = self.build(in_shape, BuildContext(width, gen, dtype), followed=False)
         names = accepted_call_args(self)
-        return CallArgsModule(mod, names) if names else mod
+        top = CallArgsModule(mod, names) if names else mod
+        from ._masking import mask_post_hook, mask_pre_hook
+        from ._masking import module_info
+        top.__dict__["_ntkit_mask_info"] = module_info(self)  # read by the hooks
+        top.register_forward_pre_hook(mask_pre_hook, with_kwargs=True)
+        top.register_forward_hook(mask_post_hook, with_kwargs=True)
+        return top
 
     # ---- structure ------------------------------------------------------------------
     def children(self) -> Tuple["Layer", ...]:

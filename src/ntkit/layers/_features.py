@@ -38,7 +38,7 @@ import torch
 
 from .._system import available_memory
 from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
-from ._base import Layer
+from ._base import Layer, prepare_call_args
 from .activations import Activation
 from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
 from .conv import Conv
@@ -428,7 +428,10 @@ class _JacobianMap:
             out.append(d.sum(2).mul_(m.b_scale))
         return out
 
-    def __call__(self, xb: Tensor, keys, out_dim: Optional[int]) -> Dict[str, Tensor]:
+    def __call__(self, xb: Tensor, keys, out_dim: Optional[int],
+                 call_args: Optional[Dict[str, Any]] = None) -> Dict[str, Tensor]:
+        """Features of the examples ``xb``; ``call_args``: their call-time arguments
+        (``name -> per-example rows``), passed to the network as ``net(xb, **call_args)``."""
         recs: List[Tuple[Any, Tensor, Tensor]] = []
 
         def hook(mod, inputs, output):
@@ -436,7 +439,7 @@ class _JacobianMap:
         handles = [m.register_forward_hook(hook) for m in self.mods]
         try:
             with torch.enable_grad():
-                y = self.net(xb)
+                y = self.net(xb, **(call_args or {}))
                 outs = [r[2] for r in recs]
                 if len(recs) != len(self.mods) or len({id(r[0]) for r in recs}) != len(recs):
                     raise NotImplementedError(
@@ -509,7 +512,7 @@ def _parse_budget(memory_budget) -> int:
 def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
              seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
-             chunk: Optional[int] = None, progress: bool = False):
+             chunk: Optional[int] = None, progress: bool = False, **call_args: Any):
     """Random features whose inner products approximate the exact kernel of ``arch``.
 
     ``phi = features(arch, x, dim)`` gives ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2, get)``
@@ -534,6 +537,11 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         string such as ``'2GB'``.
       chunk: examples per chunk (default: from ``memory_budget``).
       progress: show a progress bar over chunks.
+      **call_args: call-time arguments of the architecture, as in ``arch.kernel`` (e.g. the
+        graph ``pattern=p`` of :class:`~ntkit.layers.Aggregate`, one per example of ``x``).
+        ``method='jacobian'`` runs the finite network on each chunk with the chunk's rows
+        (``net(x[i:j], pattern=p[i:j])``); ``method='rf'`` has no random-feature rule for the
+        layers that read them and refuses them (``NotImplementedError`` naming the layers).
 
     Returns:
       ``(n, D)`` tensor (``D`` = :func:`feature_dim`, or ``out_dim``) on ``x``'s device.
@@ -564,6 +572,15 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     if x.shape[0] == 0 or any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"`x` must have at least one example and one feature, got shape "
                          f"{tuple(x.shape)}")
+    args = {name: a1 for name, (a1, _) in
+            prepare_call_args(arch, call_args, x.shape[0], None).items()} if call_args else {}
+    if args and method == "rf":
+        readers = sorted({type(sub).__name__ for sub in arch.walk()
+                          if set(sub.call_args) & set(args)})
+        raise NotImplementedError(
+            f"features(method='rf') has no random-feature rule for {', '.join(readers)} (which "
+            f"read the call-time arguments {sorted(args)}); use method='jacobian' (the sketched "
+            f"Jacobian of a finite network run as net(x, {', '.join(f'{n}=...' for n in args)}))")
     budget = _parse_budget(memory_budget)
     want_ntk = "ntk" in keys
     ctx = _Ctx(dim, seed, want_ntk)
@@ -586,9 +603,9 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
                          f"has per-example shape {out_shape}: end it with Flatten() or "
                          f"GlobalAvgPool() (and a Dense readout)")
 
-    def run(xb):
+    def run(xb, rows: slice):
         if jac is not None:
-            res = jac(xb, keys, out_dim)
+            res = jac(xb, keys, out_dim, {name: a[rows] for name, a in args.items()})
             for key, t in res.items():
                 _check_finite(t, key, xb)
             return res
@@ -607,7 +624,7 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
             res[key] = t
         return res
 
-    first = run(x[:1])
+    first = run(x[:1], slice(0, 1))
     if chunk is None:
         item = x.element_size()
         width = max(dim, x.shape[1])
@@ -622,7 +639,7 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="features", unit="chunk")
     for s in starts:
-        r = run(x[s:s + chunk])
+        r = run(x[s:s + chunk], slice(s, s + chunk))
         for k in keys:
             outs[k].append(r[k])
     res = {k: torch.cat(v, 0) for k, v in outs.items()}

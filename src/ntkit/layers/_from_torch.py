@@ -165,6 +165,8 @@ class TorchArchitecture(Serial):
     expect_at: int = 0
     expect_source: str = ""
 
+    supports_masking = False  # converted torch modules: no mask_constant semantics
+
     def _check(self, shape) -> None:
         if self.expect_channels is None or not isinstance(shape, tuple) or not shape \
                 or not all(isinstance(s, int) for s in shape):

@@ -17,7 +17,7 @@ from .._settings import settings
 from .._system import available_memory
 from .._validation import parse_memory_budget
 from ..kernel import Kernel
-from ._base import slice_call_args, using_call_args
+from ._base import apply_kernel_map, slice_call_args, using_call_args
 from ._ops import first_occurrence, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
@@ -70,8 +70,13 @@ def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bo
     :func:`ntkit.layers._ops.input_kernel`). ``call_args``: the call-time arguments of this
     tile's blocks (:func:`ntkit.layers._base.slice_call_args`)."""
     k = input_kernel(xa, xb, want_ntk, full_spatial, cov_a, cov_b)
+    if call_args:
+        from ._masking import MASK_ARG
+        masks = call_args.get(MASK_ARG)
+        if masks is not None:  # mask_constant: position masks of the two blocks
+            k = k.replace(mask1=masks[0], mask2=None if xb is None else masks[1])
     with using_call_args(call_args):
-        k = arch.kernel_map(k)
+        k = apply_kernel_map(arch, k)
     if isinstance(k, tuple):
         raise ValueError("the architecture ends in several branches; merge them with FanInSum() or "
                          "FanInConcat() before the end")

@@ -34,6 +34,7 @@ from torch import nn
 from .._validation import check_int, check_positive, check_real
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import unwrap, wrap
 from ._ops import apply_elementwise, normalized_cross, safe_sqrt
 
 __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
@@ -52,7 +53,8 @@ class ActivationModule(nn.Module):
         self.fn, self.name = fn, name
 
     def forward(self, x):
-        return self.fn(x)
+        x, m = unwrap(x)
+        return wrap(self.fn(x), m)
 
     def extra_repr(self):
         return self.name
@@ -84,6 +86,7 @@ class Activation(Layer):
     define ``cross(c, v1, v2, need_dot)`` instead (the covariance form); then it is called with
     ``c = rho sqrt(v1) sqrt(v2)``.
     """
+    supports_masking = True
 
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -61,6 +61,7 @@ from torch import nn
 from .._validation import check_int, check_positive, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from .conv import _spatial_kernel
 from .dense import check_parameterization
@@ -82,8 +83,18 @@ def _choice(value, allowed, name: str) -> str:
     return v.upper()
 
 
-def _mechanism(name: str, g: torch.Tensor) -> torch.Tensor:
-    """Attention weights from logits ``g (..., P, P)`` (softmax over the last axis)."""
+def _mechanism(name: str, g: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """Attention weights from logits ``g (..., P, P)`` (softmax over the last axis).
+
+    ``key_mask`` (broadcasting against ``g``, ``True`` = masked key): masked keys get no
+    weight (softmax logit at the lowest float, as neural-tangents' ``-1e20``; weight 0 for the
+    other mechanisms). A row whose keys are all masked gets uniform softmax weights (its
+    values are zero)."""
+    if key_mask is not None and bool(key_mask.any()):
+        if name == "SOFTMAX":
+            return torch.softmax(g.masked_fill(key_mask, torch.finfo(g.dtype).min), dim=-1)
+        return _mechanism(name, g).masked_fill(key_mask, 0)
     if name == "SOFTMAX":
         return torch.softmax(g, dim=-1)
     if name == "IDENTITY":
@@ -189,6 +200,12 @@ class SelfAttentionModule(nn.Module):
                 self.pos_emb_factor = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, m = unwrap(x)
+        return wrap(self._forward(x, m), m)
+
+    def _forward(self, x: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        """``m``: position mask ``(n, *spatial)`` or ``None``: masked positions get no
+        positional embedding and are not attended to (neural-tangents)."""
         if tuple(x.shape[2:]) != self.spatial:
             raise ValueError(f"{_NAME} module was built for positions {self.spatial}, got "
                              f"inputs of shape {tuple(x.shape)}")
@@ -200,10 +217,12 @@ class SelfAttentionModule(nn.Module):
             if self.pos_emb_factor is not None:
                 pe = pe @ self.pos_emb_factor.T
             pe = pe * self.W_pos_emb_std
+            if m is not None:  # (n, C_pe, P): no embedding at masked positions
+                pe = pe.unsqueeze(0) * (~m.reshape(n, 1, -1)).to(pe.dtype)
             if self.pos_emb_type == "SUM":
                 xk = xf + pe
             else:
-                xk = torch.cat([xf, pe.expand(n, -1, -1)], 1)
+                xk = torch.cat([xf, pe.expand(n, -1, -1) if pe.ndim == 2 else pe], 1)
             if self.val_pos_emb:
                 xv = xk
         keys = torch.einsum("ncp,hcd->nhpd", xk, self.w_key)
@@ -211,7 +230,8 @@ class SelfAttentionModule(nn.Module):
                                                                  self.w_query)
         norm = self.c_key * (self.d_key if self.linear_scaling else math.sqrt(self.d_key))
         logits = queries @ keys.transpose(-1, -2) * (self.qk_std / norm)
-        weights = _mechanism(self.mechanism, logits)        # (n, H, P, P)
+        mk = None if m is None else m.reshape(n, 1, 1, -1)  # masked keys
+        weights = _mechanism(self.mechanism, logits, mk)    # (n, H, P, P)
         values = torch.einsum("ncp,hcv->nhpv", xv, self.w_value)
         heads = (weights @ values).permute(0, 2, 1, 3).reshape(n, xf.shape[2], -1)
         out = heads @ self.w_out.T * (self.ov_std / math.sqrt(self.d_val * self.n_heads *
@@ -290,6 +310,8 @@ class GlobalSelfAttention(Layer):
     W_pos_emb_std: float = 1.0
     val_pos_emb: bool = False
     parameterization: str = "ntk"
+
+    supports_masking = True  # masked keys get no attention, no positional embedding (NT)
 
     def __post_init__(self):
         for name in ("n_chan_out", "n_chan_key", "n_chan_val", "n_heads"):
@@ -376,19 +398,34 @@ class GlobalSelfAttention(Layer):
         r = pos_emb_cov(self.pos_emb_decay_fn, float(self.pos_emb_p_norm), sp).to(**like) \
             if use_pe else None
 
-        def interp(t):  # keys' covariance: inputs mixed with the embeddings
+        # position masks (n, P) of the two blocks (None: no masking)
+        m1 = None if k.mask1 is None else k.mask1.reshape(k.mask1.shape[0], npos)
+        m2 = m1 if k.mask2 is None or m1 is None else k.mask2.reshape(k.mask2.shape[0], npos)
+
+        def interp(t, ma=None, mb=None):
+            """Keys' covariance: inputs mixed with the embeddings; with masks ``ma`` (rows)
+            and ``mb`` (columns; ``None``: a self-covariance, ``mb = ma``) the embeddings are
+            zero at masked positions."""
             if not use_pe:
                 return t
-            return w_pe * r if t is None else (w_in * t).add_(r, alpha=w_pe)
+            rr = r
+            if ma is not None:
+                if mb is None:
+                    rr = r.masked_fill(ma[:, :, None] | ma[:, None, :], 0)
+                else:
+                    rr = r.masked_fill(ma[:, None, :, None] | mb[None, :, None, :], 0)
+            if t is None:
+                return w_pe * rr
+            return (w_in * t).add_(rr, alpha=w_pe) if rr is r else w_in * t + w_pe * rr
 
         def pairs(t, batch_ndim):  # (batch, *S, *S) -> (batch, P, P)
             return None if t is None else t.reshape(t.shape[:batch_ndim] + (npos, npos))
 
         key = ("attention", self, tuple(k.shape1))
         if self.linear_scaling:
-            out = self._linear_map(k, pairs, interp, key)
+            out = self._linear_map(k, pairs, interp, key, m1, m2)
         else:
-            out = self._identity_sqrt_map(k, pairs, interp, key)
+            out = self._identity_sqrt_map(k, pairs, interp, key, m1, m2)
         nngp, ntk, cov1, cov2 = out
         tail = sp + sp
         nngp = nngp.reshape(nngp.shape[:2] + tail)
@@ -401,21 +438,24 @@ class GlobalSelfAttention(Layer):
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape1=shape,
                          shape2=(self.n_chan_out,) + tuple(k.shape2[1:]), is_gaussian=True)
 
-    def _linear_map(self, k, pairs, interp, key):
+    def _linear_map(self, k, pairs, interp, key, m1=None, m2=None):
         qk, ov2 = self.W_query_std * self.W_key_std, (self.W_out_std * self.W_value_std) ** 2
         b2 = (self.b_std or 0.0) ** 2
         val_pe = self.val_pos_emb
 
-        def self_map(cov):  # -> (attention weights (n, P, P), output self-covariance)
-            c = pairs(cov, 1)
-            ci = interp(c)
-            a = _mechanism(self.attention_mechanism, ci * qk)
-            cv = ci if val_pe else c
-            out = (a @ cv @ a.transpose(-1, -2)).mul_(ov2)
-            return a, out.add_(b2) if b2 else out
+        def self_map_for(m):
+            def self_map(cov):  # -> (attention weights (n, P, P), output self-covariance)
+                c = pairs(cov, 1)
+                ci = interp(c, m)
+                a = _mechanism(self.attention_mechanism, ci * qk,
+                               None if m is None else m[:, None, :])
+                cv = ci if val_pe else c
+                out = (a @ cv @ a.transpose(-1, -2)).mul_(ov2)
+                return a, out.add_(b2) if b2 else out
+            return self_map
 
-        a1, cov1 = memo_self(key, k.cov1, self_map)
-        a2, cov2 = (a1, None) if k.cov2 is None else memo_self(key, k.cov2, self_map)
+        a1, cov1 = memo_self(key, k.cov1, self_map_for(m1))
+        a2, cov2 = (a1, None) if k.cov2 is None else memo_self(key, k.cov2, self_map_for(m2))
         a1e, a2t = a1.unsqueeze(1), a2.transpose(-1, -2).unsqueeze(0)
 
         def weigh(m):  # ov2 * A_i m_ij A_j^T + b2
@@ -424,37 +464,39 @@ class GlobalSelfAttention(Layer):
 
         kv = pairs(k.nngp, 2)
         if val_pe:
-            kv = interp(kv)
+            kv = interp(kv, m1, m2)
         nngp = weigh(kv)
         ntk = None
         if k.want_ntk:
             t = pairs(k.ntk, 2)
             if val_pe:  # the embeddings' own gradients reach the output through the values
-                t = interp(t)
+                t = interp(t, m1, m2)
             s = kv * 2 if t is None else t + 2 * kv
             ntk = weigh(s)
         return nngp, ntk, cov1, cov2
 
-    def _identity_sqrt_map(self, k, pairs, interp, key):
+    def _identity_sqrt_map(self, k, pairs, interp, key, m1=None, m2=None):
         std2 = (self.W_query_std * self.W_key_std * self.W_out_std * self.W_value_std) ** 2
         b2 = (self.b_std or 0.0) ** 2
         val_pe = self.val_pos_emb
 
-        def both(t):  # (keys' covariance, values' covariance)
-            ti = interp(t)
+        def both(t, ma=None, mb=None):  # (keys' covariance, values' covariance)
+            ti = interp(t, ma, mb)
             return ti, (ti if val_pe else t)
 
         def dot(a, b):  # sum over all position pairs, kept as (..., 1, 1)
             return (a * b).sum((-2, -1), keepdim=True)
 
-        def self_map(cov):
-            ci, cv = both(pairs(cov, 1))
-            out = (dot(ci, cv) * ci).mul_(std2)
-            return out.add_(b2) if b2 else out
+        def self_map_for(m):
+            def self_map(cov):
+                ci, cv = both(pairs(cov, 1), m)
+                out = (dot(ci, cv) * ci).mul_(std2)
+                return out.add_(b2) if b2 else out
+            return self_map
 
-        cov1 = memo_self(key, k.cov1, self_map)
-        cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map)
-        ki, kv = both(pairs(k.nngp, 2))
+        cov1 = memo_self(key, k.cov1, self_map_for(m1))
+        cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map_for(m2))
+        ki, kv = both(pairs(k.nngp, 2), m1, m2)
         d12 = dot(ki, kv)
         nngp = (d12 * ki).mul_(std2)
         if b2:
@@ -462,7 +504,7 @@ class GlobalSelfAttention(Layer):
         ntk = None
         if k.want_ntk:
             t = pairs(k.ntk, 2)
-            ti = interp(t)             # keys' NTK (None: zero)
+            ti = interp(t, m1, m2)     # keys' NTK (None: zero)
             tv = ti if val_pe else t   # values' NTK
             cross = 0.0
             if tv is not None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .._validation import check_int
 from ..kernel import Kernel
-from ._base import BuildContext, KernelLike, Layer, frozen_layer
+from ._base import BuildContext, KernelLike, Layer, apply_kernel_map, frozen_layer
+from ._masking import unwrap, wrap
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Identity",
            "repeat", "Serial", "Parallel"]
@@ -37,11 +38,15 @@ def _check_layer(layer, where: str):
 class Serial(Layer):
     """Layers applied one after another (built with :func:`serial`)."""
     layers: Tuple[Layer, ...]
+    supports_masking = True
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
         for layer in self.layers:
-            k = layer.kernel_map(k)
+            k = apply_kernel_map(layer, k)
         return k
+
+    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
+        return self.kernel_map(k)  # each child masks (or refuses) itself
 
     def out_shape(self, in_shape: Any) -> Any:
         for layer in self.layers:
@@ -92,6 +97,7 @@ class _ParallelModule(nn.Module):
 class Parallel(Layer):
     """Branch ``i`` applied to input ``i`` of a tuple (built with :func:`parallel`)."""
     layers: Tuple[Layer, ...]
+    supports_masking = True
 
     def _split(self, k):
         if not isinstance(k, tuple) or len(k) != len(self.layers):
@@ -100,7 +106,10 @@ class Parallel(Layer):
         return k
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
-        return tuple(layer.kernel_map(ki) for layer, ki in zip(self.layers, self._split(k)))
+        return tuple(apply_kernel_map(layer, ki) for layer, ki in zip(self.layers, self._split(k)))
+
+    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
+        return self.kernel_map(k)
 
     def out_shape(self, in_shape: Any) -> Any:
         return tuple(layer.out_shape(s) for layer, s in zip(self.layers, in_shape))
@@ -139,6 +148,7 @@ class _FanOutModule(nn.Module):
 class FanOut(Layer):
     """Copy the input into ``n`` branches."""
     n: int
+    supports_masking = True
 
     def __post_init__(self):
         check_int(self.n, "n")
@@ -147,6 +157,9 @@ class FanOut(Layer):
         if isinstance(k, tuple):
             raise ValueError("FanOut received several branches already")
         return (k,) * self.n
+
+    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
+        return self.kernel_map(k)  # the branches share the masks
 
     def out_shape(self, in_shape: Any) -> Any:
         return (tuple(in_shape),) * self.n
@@ -183,17 +196,62 @@ def _sum_opt(ts):
     return out
 
 
+def _branch_masks(ks, name):
+    ks = _need_branches(ks, name)
+    if any(k.mask1 is None for k in ks):  # pragma: no cover - FanOut copies the masks
+        raise ValueError(f"{name}: some branches carry masks and others do not")
+    return ks
+
+
+def _and_masks(ms):
+    out = ms[0]
+    for m in ms[1:]:
+        if m.shape != out.shape:
+            return None
+        out = out & m
+    return out
+
+
+def _equal_masks(ms, name):
+    for m in ms[1:]:
+        if m.shape != ms[0].shape or not torch.equal(m, ms[0]):
+            raise ValueError(
+                f"{name} with mask_constant: the branches have different masks (e.g. a Conv "
+                f"or pooling on one branch moved the masked positions); concatenating "
+                f"differently masked channels is not supported (neither in neural-tangents, "
+                f"whose layers refuse per-channel masks). Use FanInSum, or keep the branches' "
+                f"positions aligned (SAME padding, stride 1)")
+    return ms[0]
+
+
+def _unwrap_all(xs):
+    vals, masks = zip(*(unwrap(x) for x in xs))
+    if any(m is None for m in masks):
+        return list(vals), None
+    return list(vals), list(masks)
+
+
 class _FanInSumModule(nn.Module):
     def forward(self, xs):
+        xs, ms = _unwrap_all(xs)
         out = xs[0]
         for x in xs[1:]:
             out = out + x
-        return out
+        return wrap(out, None if ms is None else _and_masks(ms))
 
 
 @frozen_layer
 class FanInSum(Layer):
-    """Sum the branches (their kernels add; branches must have equal shapes)."""
+    """Sum the branches (their kernels add; branches must have equal shapes). With
+    ``mask_constant`` a position is masked where all branches mask it (neural-tangents)."""
+    supports_masking = True
+
+    def masked_kernel_map(self, ks: KernelLike) -> KernelLike:
+        ks = _branch_masks(ks, "FanInSum")
+        out = self.kernel_map(ks)  # each branch is zero at its own masked positions
+        m1 = _and_masks([k.mask1 for k in ks])
+        m2 = None if ks[0].mask2 is None else _and_masks([k.mask2 for k in ks])
+        return out.replace(mask1=m1, mask2=m2)
 
     def kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _equal_branches(ks, "FanInSum")
@@ -216,7 +274,8 @@ class FanInSum(Layer):
 
 class _FanInConcatModule(nn.Module):
     def forward(self, xs):
-        return torch.cat(xs, dim=1)
+        xs, ms = _unwrap_all(xs)
+        return wrap(torch.cat(xs, dim=1), None if ms is None else _equal_masks(ms, "FanInConcat"))
 
 
 def _wsum(ts, ws):
@@ -232,7 +291,15 @@ def _wsum(ts, ws):
 
 @frozen_layer
 class FanInConcat(Layer):
-    """Concatenate the branches along the channel axis (kernels average, weighted by width)."""
+    """Concatenate the branches along the channel axis (kernels average, weighted by width).
+    With ``mask_constant`` the branches must have equal masks."""
+    supports_masking = True
+
+    def masked_kernel_map(self, ks: KernelLike) -> KernelLike:
+        ks = _branch_masks(ks, "FanInConcat")
+        m1 = _equal_masks([k.mask1 for k in ks], "FanInConcat")
+        m2 = None if ks[0].mask2 is None else _equal_masks([k.mask2 for k in ks], "FanInConcat")
+        return self.kernel_map(ks).replace(mask1=m1, mask2=m2)
 
     def kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _need_branches(ks, "FanInConcat")
@@ -324,6 +391,7 @@ def repeat(layer: Layer, n: int) -> Layer:
 @frozen_layer
 class Identity(Layer):
     """Pass the input through unchanged."""
+    supports_masking = True
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
         return k

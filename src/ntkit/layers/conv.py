@@ -45,6 +45,7 @@ from torch import nn
 from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import centre_mask, unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
 from .dense import check_parameterization
@@ -97,8 +98,13 @@ class ConvModule(nn.Module):
         w = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
         b = None if self.bias is None else (
             self.bias * self.b_scale if self.b_scale != 1.0 else self.bias)
+        x, m = unwrap(x)
         x = st.pad_input(x, self.pads, self.circular)
-        return self._conv(x, w, b, stride=self.strides)
+        y = self._conv(x, w, b, stride=self.strides)
+        if m is None:
+            return y
+        return wrap(y, centre_mask(m, self.filt, self.strides, self.pads, self.circular,
+                                   tuple(y.shape[2:])))
 
     def extra_repr(self) -> str:
         return (f"{self.in_chan} -> {self.out_chan}, filter={self.filt}, strides={self.strides}, "
@@ -132,6 +138,12 @@ class Conv(Layer):
     b_std: Optional[float] = None
     parameterization: str = "ntk"
     padding_mode: str = "zeros"
+
+    supports_masking = True  # an output is masked when its filter's centre input is (NT)
+
+    def mask_map(self, mask: Any, in_shape: Any) -> Any:
+        filt, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))
+        return centre_mask(mask, filt, strides, pads, circ, out_sp)
 
     def __post_init__(self):
         check_int(self.out_chan, "out_chan")

@@ -21,6 +21,7 @@ from torch import nn
 from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import unwrap, wrap
 
 __all__ = ["Dense", "check_parameterization"]
 
@@ -53,13 +54,14 @@ class AffineModule(nn.Module):
         self.bias = None if b is None else nn.Parameter(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, m = unwrap(x)
         w = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
         b = None if self.bias is None else (
             self.bias * self.b_scale if self.b_scale != 1.0 else self.bias)
         if x.ndim == 2:
-            return nn.functional.linear(x, w, b)
+            return wrap(nn.functional.linear(x, w, b), m)
         y = nn.functional.linear(x.movedim(1, -1), w, b)
-        return y.movedim(-1, 1)
+        return wrap(y.movedim(-1, 1), m)
 
     def extra_repr(self) -> str:
         return (f"{self.in_dim} -> {self.out_dim}, W_std={self.W_std}, b_std={self.b_std}, "
@@ -78,6 +80,8 @@ class Dense(Layer):
     W_std: float = 1.0
     b_std: Optional[float] = None
     parameterization: str = "ntk"
+
+    supports_masking = True
 
     def __post_init__(self):
         check_int(self.out_dim, "out_dim")

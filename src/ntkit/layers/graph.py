@@ -50,6 +50,7 @@ from torch import nn
 
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, call_arg, frozen_layer
+from ._masking import unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 
 __all__ = ["Aggregate"]
@@ -258,6 +259,10 @@ class AggregateModule(nn.Module):
         self.layer, self.geo = layer, geo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, m = unwrap(x)  # masked nodes send nothing (their features are zeroed)
+        return wrap(self._forward(x), m)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         arg = call_arg("pattern")
         if arg is None:
             raise ValueError("Aggregate needs the graph: call the network as net(x, pattern=p) "
@@ -310,6 +315,7 @@ class Aggregate(Layer):
     implementation: str = "DENSE"
 
     call_args = ("pattern",)
+    supports_masking = True  # masked nodes: zero features in, zero covariances out (NT)
 
     def __post_init__(self):
         object.__setattr__(self, "aggregate_axis", _check_axis_arg(self.aggregate_axis))

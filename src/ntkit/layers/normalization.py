@@ -21,6 +21,7 @@ from torch import nn
 from .._validation import check_positive
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import unwrap, wrap
 from ._ops import outer_vars, self_outer_vars, variances
 
 __all__ = ["LayerNorm", "LayerNormAxes"]
@@ -32,9 +33,20 @@ class LayerNormModule(nn.Module):
         self.eps, self.dims = eps, tuple(dims)
 
     def forward(self, x):
-        mean = x.mean(self.dims, keepdim=True)
-        var = x.var(self.dims, keepdim=True, unbiased=False)
-        return (x - mean) / torch.sqrt(var + self.eps)
+        x, m = unwrap(x)
+        if m is None:
+            mean = x.mean(self.dims, keepdim=True)
+            var = x.var(self.dims, keepdim=True, unbiased=False)
+            return (x - mean) / torch.sqrt(var + self.eps)
+        # mean and variance over the unmasked entries only (masked positions are zero and
+        # stay out of both; a fully masked group gives 0, not 0 / 0)
+        valid = (~m).unsqueeze(1).to(x.dtype).expand_as(x)
+        count = valid.sum(self.dims, keepdim=True).clamp_min(1)
+        mean = x.sum(self.dims, keepdim=True) / count
+        var = ((x - mean) * valid).pow(2).sum(self.dims, keepdim=True) / count
+        den = torch.sqrt(var + self.eps)
+        den = torch.where(den > 0, den, torch.ones_like(den))
+        return wrap((x - mean) * valid / den, m)
 
     def extra_repr(self):
         return f"dims={self.dims}, eps={self.eps}"
@@ -71,7 +83,12 @@ def _channel_only_request(args, kwargs) -> bool:
 
 
 class _LayerNormBase(Layer):
-    """Kernel map and module shared by :class:`LayerNorm` and :class:`LayerNormAxes`."""
+    """Kernel map and module shared by :class:`LayerNorm` and :class:`LayerNormAxes`.
+
+    With ``mask_constant``, normalizing over spatial axes averages the variances over the
+    unmasked positions only (neural-tangents' masked ``mean_and_var``)."""
+
+    supports_masking = True
 
     def __post_init__(self):
         check_positive(self.eps, "eps", allow_zero=True)
@@ -124,13 +141,18 @@ class _LayerNormBase(Layer):
         eps, ns = self.eps, k.n_spatial
         full = not k.diagonal_spatial
 
-        def inv_norm(cov):  # (n, *S): 1 / sqrt(m + eps), constant along the normalized axes
+        def inv_norm(cov, mask):  # (n, *S): 1 / sqrt(m + eps), constant on normalized axes
             v = variances(cov, k)
-            m = v.mean(dim=tuple(1 + a for a in sp), keepdim=True)
+            dims = tuple(1 + a for a in sp)
+            if mask is None:
+                m = v.mean(dim=dims, keepdim=True)
+            else:  # masked positions have zero variance; average over the others
+                cnt = (~mask).sum(dim=dims, keepdim=True).clamp_min(1).to(v.dtype)
+                m = v.sum(dim=dims, keepdim=True) / cnt
             return (m + eps).rsqrt().expand(v.shape)
 
-        r1 = inv_norm(k.cov1)
-        r2 = r1 if k.cov2 is None else inv_norm(k.cov2)
+        r1 = inv_norm(k.cov1, k.mask1)
+        r2 = r1 if k.cov2 is None else inv_norm(k.cov2, k.mask2)
         one = (1,) * ns
         if full:
             a = r1.reshape(r1.shape[:1] + (1,) + r1.shape[1:] + one)

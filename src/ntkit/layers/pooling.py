@@ -31,6 +31,7 @@ from torch import nn
 
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
+from ._masking import all_positions, centre_mask, unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
 from .conv import Sizes, _spatial_kernel
@@ -63,9 +64,14 @@ class PoolModule(nn.Module):
                       nn.functional.avg_pool3d)[len(window) - 1]
 
     def forward(self, x):
+        x, m = unwrap(x)
         x = st.pad_input(x, self.pads, self.circular)
         y = self._pool(x, self.window, self.strides)
-        return y * st.prod(self.window) if self.sum_ else y
+        y = y * st.prod(self.window) if self.sum_ else y
+        if m is None:
+            return y
+        return wrap(y, centre_mask(m, self.window, self.strides, self.pads, self.circular,
+                                   tuple(y.shape[2:])))
 
     def extra_repr(self):
         return (f"{'sum' if self.sum_ else 'avg'}, window={self.window}, strides={self.strides}, "
@@ -79,6 +85,11 @@ class _Pool(Layer):
     padding: Union[str, int, tuple] = "VALID"
 
     _sum = False
+    supports_masking = True  # masked positions count as zeros; centre-of-window output mask
+
+    def mask_map(self, mask: Any, in_shape: Any) -> Any:
+        win, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))
+        return centre_mask(mask, win, strides, pads, circ, out_sp)
 
     def __post_init__(self):
         object.__setattr__(self, "window_shape", st.check_sizes(self.window_shape,
@@ -151,13 +162,24 @@ class GlobalPoolModule(nn.Module):
         self.sum_ = sum_
 
     def forward(self, x):
+        x, m = unwrap(x)
         dims = tuple(range(2, x.ndim))
-        return x.sum(dims) if self.sum_ else x.mean(dims)
+        if m is None:
+            return x.sum(dims) if self.sum_ else x.mean(dims)
+        s = x.sum(dims)
+        if not self.sum_:  # mean over the unmasked positions (masked ones are zero)
+            cnt = (~m).reshape(m.shape[0], -1).sum(1).clamp_min(1).to(x.dtype)
+            s = s / cnt[:, None]
+        return wrap(s, all_positions(m))
 
 
 @frozen_layer
 class _GlobalPool(Layer):
     _sum = False
+    supports_masking = True  # GlobalAvgPool: mean over the unmasked positions only
+
+    def mask_map(self, mask: Any, in_shape: Any) -> Any:
+        return all_positions(mask)
 
     def needs_full_spatial(self, above: bool) -> bool:
         return True
@@ -170,18 +192,27 @@ class _GlobalPool(Layer):
         k = _spatial_kernel(k, name)
         _need_full(k, name)
 
-        def red(t, batch_ndim):
+        def red(t, batch_ndim, ca=None, cb=None):
             if t is None:
                 return None
             dims = tuple(range(batch_ndim, t.ndim))
+            if ca is not None:  # masked: sum (masked entries are zero) / unmasked pairs
+                den = (ca[:, None] * cb[None, :]) if batch_ndim == 2 else ca * ca
+                return t.sum(dims) / den
             return t.sum(dims) if self._sum else t.mean(dims)
 
+        c1 = c2 = None
+        if k.mask1 is not None and not self._sum:  # numbers of unmasked positions
+            def count(m):
+                return (~m).reshape(m.shape[0], -1).sum(1).clamp_min(1).to(k.nngp.dtype)
+            c1 = count(k.mask1)
+            c2 = c1 if k.mask2 is None else count(k.mask2)
         key = ("gpool", self, tuple(k.shape1))
-        nngp = red(k.nngp, 2)
-        cov1 = memo_self(key, k.cov1, lambda c: red(c, 1))
-        cov2 = memo_self(key, k.cov2, lambda c: red(c, 1))
+        nngp = red(k.nngp, 2, c1, c2)
+        cov1 = memo_self(key, k.cov1, lambda c: red(c, 1, c1, c1))
+        cov2 = memo_self(key, k.cov2, lambda c: red(c, 1, c2, c2))
         _fix_diag(k, nngp, cov1)
-        return k.replace(nngp=nngp, ntk=red(k.ntk, 2), cov1=cov1, cov2=cov2,
+        return k.replace(nngp=nngp, ntk=red(k.ntk, 2, c1, c2), cov1=cov1, cov2=cov2,
                          shape1=(k.shape1[0],), shape2=(k.shape2[0],), diagonal_spatial=True)
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
@@ -205,13 +236,19 @@ class GlobalSumPool(_GlobalPool):
 
 class FlattenModule(nn.Module):
     def forward(self, x):
-        return x.flatten(1)
+        x, m = unwrap(x)
+        return wrap(x.flatten(1), None if m is None else all_positions(m))
 
 
 @frozen_layer
 class Flatten(Layer):
     """``Flatten()``: ``(N, C, *S) -> (N, C * prod(S))`` (channel-major, like
-    ``torch.flatten(x, 1)``). Kernel: mean over pixels of the per-pixel covariance."""
+    ``torch.flatten(x, 1)``). Kernel: mean over pixels of the per-pixel covariance (with
+    ``mask_constant``: masked pixels count as zeros, as in neural-tangents)."""
+    supports_masking = True
+
+    def mask_map(self, mask: Any, in_shape: Any) -> Any:
+        return all_positions(mask)
 
     def needs_full_spatial(self, above: bool) -> bool:
         return False

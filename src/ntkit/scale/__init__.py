@@ -33,6 +33,8 @@ if TYPE_CHECKING:       # what type checkers and the API docs see; at run time: 
     from ._solve import SolveInfo, solve
     from ._store import (KernelStore, StoreBusyError, StoreDamagedError, StoreIncompleteError,
                          StoreStatus, TiledMatrix, VerifyReport, open_store, verify_store)
+    from ._store import check_store_path as check_store_path   # for ntkit.cli, not __all__
+    from ._store import cli_hints as cli_hints
 
 # public name -> private module (imported on first use: `ntkit kernel --help` stays fast)
 _EXPORTS = {
@@ -41,6 +43,9 @@ _EXPORTS = {
     "VerifyReport": "_store", "StoreDamagedError": "_store", "StoreBusyError": "_store",
     "StoreIncompleteError": "_store", "solve": "_solve", "SolveInfo": "_solve",
     "local_cluster": "_cluster",
+    # for the `ntkit` command (not in __all__): refuse a --store path before any work, and
+    # word the store's messages with flags instead of Python arguments
+    "check_store_path": "_store", "cli_hints": "_store",
 }
 
 __all__ = ["compute_kernel", "KernelStore", "TiledMatrix", "StoreStatus", "open_store", "solve",

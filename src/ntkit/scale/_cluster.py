@@ -1,10 +1,15 @@
 """A local Dask cluster tuned for kernel tiles."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
+
 __all__ = ["local_cluster"]
 
 
-def local_cluster(n_workers: int):
+def local_cluster(n_workers: int) -> LocalCluster:
     """A Dask ``LocalCluster`` of ``n_workers`` single-threaded worker processes, started without
     the ``MALLOC_TRIM_THRESHOLD_=65536`` Dask's nanny sets by default: that setting turns off
     glibc's adaptive mmap threshold, so every multi-MB temporary of a kernel tile becomes a fresh

@@ -72,9 +72,26 @@ def _has_kernel(obj) -> bool:
     return not _is_layer(obj) and callable(getattr(obj, "kernel", None))
 
 
+def _tile_call_args(args_a: Optional[Dict[str, Any]], args_b: Optional[Dict[str, Any]],
+                    diag: bool) -> Dict[str, Any]:
+    """``arch.kernel`` keyword arguments of a tile from the call-time arguments of its row
+    block (``args_a``) and column block (``args_b``): ``name=a`` for a symmetric tile, else
+    ``name=(a, b)``."""
+    if not args_a:
+        return {}
+    if diag:
+        return dict(args_a)
+    if args_b is None:
+        raise ValueError("internal error: call-time arguments of the column block are missing")
+    return {name: (a, args_b[name]) for name, a in args_a.items()}
+
+
 def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
-                 single_fn_output: bool) -> Dict[str, np.ndarray]:
+                 single_fn_output: bool, args_a: Optional[Dict[str, Any]] = None,
+                 args_b: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
     """One tile ``K(xa, xb)`` (``diag``: the symmetric tile ``K(xa, xa)``) as numpy arrays.
+    ``args_a`` / ``args_b``: the call-time arguments (``name -> per-example rows``) of the row
+    and column blocks (architectures only).
 
     Runs on the worker; deterministic: fresh contiguous inputs, one torch thread."""
     dtype = getattr(torch, dtype_name)
@@ -83,7 +100,8 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
     with _one_thread(), torch.no_grad():
         if _is_layer(fn):
             k = fn.kernel(xa, None if diag else xb, get=keys, dtype=dtype,
-                          tile=max(xa.shape[0], xb.shape[0]))
+                          tile=max(xa.shape[0], xb.shape[0]),
+                          **_tile_call_args(args_a, args_b, diag))
             out = {key: getattr(k, key) for key in keys}
         elif _has_kernel(fn):  # another kernel source, e.g. ReluNTKFix
             from .._typing import as_kernel_fn
@@ -112,9 +130,11 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
     return res
 
 
-def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, single):
+def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, single,
+                      args_a=None, args_b=None):
     """Worker entry point when inputs were scattered as lists of blocks (Dask)."""
-    return compute_tile(fn, keys, blocks_a, None if diag else blocks_b, diag, dtype_name, single)
+    return compute_tile(fn, keys, blocks_a, None if diag else blocks_b, diag, dtype_name, single,
+                        args_a, None if diag else args_b)
 
 
 # ---- fingerprint -------------------------------------------------------------------------
@@ -138,20 +158,52 @@ def _describe_x(x: Optional[torch.Tensor]) -> str:
     if x is None:
         return "None (x2 = x1, symmetric)"
     a = np.ascontiguousarray(x.detach().cpu().to(torch.float64).numpy())
-    h = hashlib.sha256(a.view(np.uint8).reshape(-1)).hexdigest()
+    h = hashlib.sha256(a.view(np.uint8).reshape(-1).data).hexdigest()
     return f"shape {tuple(x.shape)} sha256 {h[:32]}"
 
 
-def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None) -> Dict[str, str]:
+def _describe_arg(a: torch.Tensor) -> str:
+    """Shape and sha256 of one per-example call-time argument, floating values in float64 and
+    integers in int64 (the kernel depends on the values, not on their storage dtype)."""
+    t = a.detach().cpu()
+    if t.is_complex():
+        t = t.to(torch.complex128)
+    elif t.is_floating_point():
+        t = t.to(torch.float64)
+    else:
+        t = t.to(torch.int64)
+    arr = np.ascontiguousarray(t.numpy())
+    h = hashlib.sha256(arr.view(np.uint8).reshape(-1).data).hexdigest()
+    return f"{'complex' if t.is_complex() else 'real' if t.is_floating_point() else 'int'} " \
+           f"shape {tuple(a.shape)} sha256 {h[:32]}"
+
+
+def _describe_call_args(args: Dict[str, Tuple[Any, Any]]) -> str:
+    """The call-time arguments of a kernel (``pattern=...``): a store computed with other
+    values (another graph) must never be resumed."""
+    parts = []
+    for name in sorted(args):
+        a1, a2 = args[name]
+        parts.append(f"{name}: x1 {_describe_arg(a1)}; x2 "
+                     f"{'= x1' if a2 is None else _describe_arg(a2)}")
+    return " | ".join(parts)
+
+
+def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None,
+                 call_args: Optional[Dict[str, Tuple[Any, Any]]] = None) -> Dict[str, str]:
     from .. import __version__
-    return {"function": _describe_fn(fn) if fn_desc is None else fn_desc,
-            "x1": _describe_x(x1), "x2": _describe_x(x2),
-            "dtype": str(dtype).replace("torch.", ""), "tile": str(tile),
-            "get": ",".join(keys), "ntkit_version": __version__}
+    fp = {"function": _describe_fn(fn) if fn_desc is None else fn_desc,
+          "x1": _describe_x(x1), "x2": _describe_x(x2),
+          "dtype": str(dtype).replace("torch.", ""), "tile": str(tile),
+          "get": ",".join(keys), "ntkit_version": __version__}
+    if call_args:   # only when given: stores written without them keep their fingerprint
+        fp["call_args"] = _describe_call_args(call_args)
+    return fp
 
 
 def _mismatch_message(path, stored: Dict[str, str], now: Dict[str, str]) -> str:
-    diffs = [f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in now
+    diffs = [f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}"
+             for k in list(now) + [k for k in stored if k not in now]
              if stored.get(k) != now.get(k)]
     return (f"kernel store {path!r} was written by a different computation, so it cannot be "
             f"resumed; differing: " + "; ".join(diffs) + ". " +
@@ -206,7 +258,8 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
                    get: Union[str, Sequence[str], None] = None, store: Any = "k.zarr",
                    tile: Optional[int] = None, executor: Any = None,
                    memory_budget: Union[int, float, str, None] = None, progress: bool = True,
-                   dtype: torch.dtype = torch.float64, overwrite: bool = False) -> KernelStore:
+                   dtype: torch.dtype = torch.float64, overwrite: bool = False,
+                   **call_args: Any) -> KernelStore:
     """Compute a kernel matrix tile by tile into a Zarr store; resumable, executor-agnostic.
 
     Args:
@@ -238,6 +291,12 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
       dtype: ``torch.float64`` (default) or ``torch.float32``.
       overwrite: discard an existing store at ``store`` instead of resuming it (only a store
         ntkit created is ever deleted, and only the entries its marker lists).
+      **call_args: call-time arguments of an architecture, as in ``arch.kernel`` (e.g.
+        ``pattern=(p1, p2)`` for :class:`~ntkit.layers.Aggregate`, ``pattern=p`` when ``x2`` is
+        ``None``): per-example arrays; each tile gets the rows of its blocks. They are part of
+        the store's fingerprint (values hashed), so a store computed with other values is
+        never resumed. Refused (``TypeError``) for kernel functions and other kernel sources,
+        which receive input blocks only.
 
     Returns:
       a :class:`KernelStore`: ``h['ntk'][i0:i1, j0:j1]`` reads lazily, ``h.load('ntk')`` is the
@@ -247,7 +306,8 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     result is bitwise identical to an uninterrupted run; the rerun also re-reads every finished
     tile, checks its CRC-32 and recomputes exactly the damaged ones (with a warning). A store
     written by a different computation (the content of the architecture or function -- code,
-    constants, closure values --, inputs, dtype, tiling, get or ntkit version) is refused with a
+    constants, closure values --, inputs, call-time arguments, dtype, tiling, get or ntkit
+    version) is refused with a
     message naming what differs; a function whose content cannot be hashed (e.g. it closes over
     an opaque object) is refused unless ``overwrite=True``. While it runs the call holds the
     store's lock file: a second writer gets :class:`~ntkit.scale.StoreBusyError`. Tiles with
@@ -271,7 +331,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     if get is None:
         get = ("nngp", "ntk") if is_arch else "kernel"
     single = isinstance(get, str)
-    keys = (get,) if single else tuple(get)
+    keys = (get,) if isinstance(get, str) else tuple(get)
     if not keys or len(set(keys)) != len(keys) or not all(isinstance(k, str) and k
                                                           for k in keys):
         raise ValueError(f"`get` must be a kernel name or a tuple of distinct names, got {get!r}")
@@ -300,6 +360,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         raise ValueError(f"`x1`/`x2` must hold at least one example, got {n1} and {n2}")
     if x1[0].numel() == 0:
         raise ValueError(f"`x1` has no features per example (shape {tuple(x1.shape)})")
+    args = _prepare_call_args(arch_or_fn, call_args, n1, None if x2 is None else n2)
     budget = parse_memory_budget(memory_budget)
     if budget is None:
         budget = available_memory() // 2
@@ -330,9 +391,9 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         workers = _default_workers() if executor is None else _workers(executor)
         in_flight = 2 * workers
         handle = _open_or_create(arch_or_fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
-                                 store, real, overwrite, budget, in_flight)
+                                 store, real, overwrite, budget, in_flight, args)
         _run(handle, arch_or_fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-             progress)
+             progress, args)
     finally:
         if handle is not None:
             handle._release_lock()
@@ -341,6 +402,33 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         if own_cluster is not None:
             own_cluster.close()
     return handle
+
+
+def _prepare_call_args(fn, call_args: Dict[str, Any], n1: int,
+                       n2: Optional[int]) -> Dict[str, Tuple[Any, Any]]:
+    """``name -> (a1, a2 or None)`` CPU tensors of the call-time arguments (checked as
+    ``arch.kernel`` checks them), ``{}`` when none were given."""
+    if not call_args:
+        return {}
+    if not _is_layer(fn):
+        raise TypeError(f"compute_kernel got call-time arguments {sorted(call_args)}, which "
+                        f"only ntkit.layers architectures take (arch.kernel(..., name=...)); a "
+                        f"kernel function or other kernel source receives input blocks only: "
+                        f"close over its extra data instead")
+    from ..layers import prepare_call_args
+    args = prepare_call_args(fn, call_args, n1, n2)
+    return {name: (a1.detach().cpu(), None if a2 is None else a2.detach().cpu())
+            for name, (a1, a2) in args.items()}
+
+
+def _block_args(args: Dict[str, Tuple[Any, Any]], side: int, rows: slice
+                ) -> Optional[Dict[str, Any]]:
+    """The call-time arguments of rows ``rows`` of x1 (side 1) or x2 (side 2; x1's rows when
+    x2 is x1)."""
+    if not args:
+        return None
+    return {name: (a1 if side == 1 or a2 is None else a2)[rows].contiguous()
+            for name, (a1, a2) in args.items()}
 
 
 def _fn_description(fn, need: bool) -> str:
@@ -362,7 +450,7 @@ def _fn_description(fn, need: bool) -> str:
 
 
 def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, real,
-                    overwrite, budget, in_flight) -> KernelStore:
+                    overwrite, budget, in_flight, args=None) -> KernelStore:
     """Resume our store at ``real`` or create a new one (in memory when ``real`` is None).
 
     Order, for a path: refuse a folder that is not ours (nothing touched); create the folder if
@@ -374,7 +462,8 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
     if real is None:
         return create_store(zarr.storage.MemoryStore(), real=None,
                             **_geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
-                                        budget, in_flight, fn_desc=_fn_description(fn, False)))
+                                        budget, in_flight, fn_desc=_fn_description(fn, False),
+                                        args=args))
     state = store_state(real)
     if state in ("foreign", "legacy"):
         refuse_foreign(store, state)
@@ -394,13 +483,14 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
         if state in ("foreign", "legacy"):
             refuse_foreign(store, state)
         if state == "ours" and not overwrite:
-            h = _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real)
+            h = _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real, args)
             if h is not None:
                 h._lock = lock
                 return h
             # our folder, but its creation was interrupted (nothing computed): recreate it
         geometry = _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget,
-                             in_flight, fn_desc=_fn_description(fn, need=not overwrite))
+                             in_flight, fn_desc=_fn_description(fn, need=not overwrite),
+                             args=args)
         if state == "ours":
             remove_store_contents(real)            # only what the marker says is ours
         h = create_store(store, real=real, **geometry)
@@ -419,28 +509,31 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
 
 
 def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_flight,
-              fn_desc) -> Dict[str, Any]:
+              fn_desc, args=None) -> Dict[str, Any]:
     """Tile edge, per-entry shape and fingerprint of a new store; probes one 1 x 1 tile (the
     per-entry shape of conv kernels) so a failing function fails before anything is written."""
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     t = int(tile) if tile is not None else _auto_tile(fn, x1, n1, n2, len(keys), budget,
                                                       in_flight)
-    probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single)
+    first = _block_args(args or {}, 1, slice(0, 1))
+    probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single,
+                         first)
     _check_finite(probe, "the first diagonal entry")
     tail = tuple(probe[keys[0]].shape[2:])
     mirror = tuple(range(len(tail)))
     if _is_layer(fn) and tail:
-        kk = fn.kernel(x1[:1], get=keys, dtype=dtype)
+        kk = fn.kernel(x1[:1], get=keys, dtype=dtype, **(first or {}))
         ns = len(kk.shape1) - 1
         if ns and not kk.diagonal_spatial and len(tail) == 2 * ns:
             mirror = tuple(list(range(ns, 2 * ns)) + list(range(ns)))
-    fp = _fingerprint(fn, x1_in, x2_in, dtype, t, keys, fn_desc=fn_desc)
+    fp = _fingerprint(fn, x1_in, x2_in, dtype, t, keys, fn_desc=fn_desc, call_args=args)
     return dict(n1=n1, n2=n2, tile=t, keys=keys, symmetric=x2 is None, tail=tail,
                 mirror=mirror, dtype=probe[keys[0]].dtype, fingerprint=fp)
 
 
-def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real) -> Optional[KernelStore]:
+def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real,
+                args=None) -> Optional[KernelStore]:
     """Open our store for writing (repairing a damaged ledger) and check it holds this
     computation; ``None`` when its creation never finished (nothing computed in it)."""
     try:
@@ -455,7 +548,7 @@ def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real) -> Optional[Ke
     h.path = store
     t = h.tile if tile is None else int(tile)
     now = _fingerprint(fn, x1_in, x2_in, dtype, t, keys,
-                       fn_desc=_fn_description(fn, need=True))
+                       fn_desc=_fn_description(fn, need=True), call_args=args)
     if h.fingerprint != now:
         raise ValueError(_mismatch_message(store, h.fingerprint, now))
     return h
@@ -471,7 +564,7 @@ def _check_finite(blocks: Dict[str, np.ndarray], where: str) -> None:
 
 
 def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-         progress) -> None:
+         progress, args=None) -> None:
     todo = h.missing()
     # tiles flagged done are re-read and checked: damaged ones are recomputed, not trusted
     rep = h.verify(progress=progress)
@@ -506,10 +599,17 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
             rows_f = executor.scatter([xa_all[h.rows(i)] for i in range(nb1)])
             cols_f = rows_f if x2 is None else executor.scatter(
                 [xb_all[h.cols(j)] for j in range(nb2)])
+            rargs_f = cargs_f = [None] * max(nb1, nb2)
+            if args:
+                rargs_f = executor.scatter([_block_args(args, 1, h.rows(i))
+                                            for i in range(nb1)])
+                cargs_f = rargs_f if x2 is None else executor.scatter(
+                    [_block_args(args, 2, h.cols(j)) for j in range(nb2)])
 
             def submit(i, j):
                 return executor.submit(_tile_from_blocks, fn, keys, rows_f[i], cols_f[j], i, j,
-                                       x2 is None and i == j, dname, single, pure=False)
+                                       x2 is None and i == j, dname, single, rargs_f[i],
+                                       cargs_f[j], pure=False)
             ac = dask_completed()
         else:
             import concurrent.futures as cf
@@ -517,7 +617,9 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
             def submit(i, j):
                 diag = x2 is None and i == j
                 return executor.submit(compute_tile, fn, keys, xa_all[h.rows(i)],
-                                       None if diag else xb_all[h.cols(j)], diag, dname, single)
+                                       None if diag else xb_all[h.cols(j)], diag, dname, single,
+                                       _block_args(args or {}, 1, h.rows(i)),
+                                       None if diag else _block_args(args or {}, 2, h.cols(j)))
         pending = list(reversed(todo))
         live: Dict[Any, Tuple[int, int]] = {}
         if dask:

@@ -67,7 +67,7 @@ def _library(module) -> bool:
 
 
 class _Hasher:
-    def __init__(self):
+    def __init__(self) -> None:
         self.h = hashlib.sha256()
         self.stack: List[int] = []          # ids being walked (recursion guard)
         self.memo: Dict[int, str] = {}      # digests of globals already walked (shared DAGs)

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -89,17 +89,17 @@ class _StoreOp:
 
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
         """``K[:, idx]`` in one pass over the stored tiles."""
-        idx = np.asarray(idx)
-        out = np.zeros((self.n, len(idx)))
+        ix = np.asarray(idx)
+        out = np.zeros((self.n, len(ix)))
         s = self.tm.store
         for I, J, blk in self.tm.iter_tiles():
-            m = (idx >= J.start) & (idx < J.stop)
+            m = (ix >= J.start) & (ix < J.stop)
             if m.any():
-                out[I, np.nonzero(m)[0]] = blk[:, idx[m] - J.start]
+                out[I, np.nonzero(m)[0]] = blk[:, ix[m] - J.start]
             if s.symmetric and I != J:
-                m = (idx >= I.start) & (idx < I.stop)
+                m = (ix >= I.start) & (ix < I.stop)
                 if m.any():
-                    out[J, np.nonzero(m)[0]] = blk[idx[m] - I.start, :].T
+                    out[J, np.nonzero(m)[0]] = blk[ix[m] - I.start, :].T
         return torch.from_numpy(out)
 
     def dense(self) -> torch.Tensor:
@@ -178,7 +178,7 @@ def _pivoted_cholesky(op, rank: int, ridge: float, pool: Optional[int], gen) -> 
         i = int(cand[k])
         if float(d[i]) <= 1e-14 * max(dmax, 1e-300):
             break
-        col = cols[:, i] if cols is not None else colmat[:, pos[i]]
+        col = cols[:, i] if cols is not None else cast(torch.Tensor, colmat)[:, pos[i]]
         lv = (col - L[:, :m] @ L[i, :m]) / math.sqrt(float(d[i]))
         L[:, m] = lv
         d = (d - lv * lv).clamp_min(0.0)

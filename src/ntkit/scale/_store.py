@@ -45,7 +45,7 @@ import time
 import uuid
 import warnings
 import zlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ def tile_pairs(n1: int, n2: int, tile: int, symmetric: bool) -> List[Tuple[int, 
 
 def checksum(blk: np.ndarray) -> int:
     """CRC-32 of a tile's bytes (C order)."""
-    return zlib.crc32(np.ascontiguousarray(blk).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+    return zlib.crc32(np.ascontiguousarray(blk).view(np.uint8).reshape(-1).data) & 0xFFFFFFFF
 
 
 # ---- paths: what may be written / removed ---------------------------------------------------
@@ -434,7 +434,7 @@ class TiledMatrix:
         return tuple(self._arr.shape)
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return self._arr.dtype
 
     def __len__(self) -> int:
@@ -517,16 +517,18 @@ class TiledMatrix:
             for i, j in pairs:
                 yield s.rows(i), s.cols(j), s._read_block(self.key, i, j)
             return
+        if not pairs:
+            return
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(1) as ex:
-            nxt = ex.submit(s._read_block, self.key, *pairs[0]) if pairs else None
+            nxt = ex.submit(s._read_block, self.key, *pairs[0])
             for k, (i, j) in enumerate(pairs):
                 blk = nxt.result()
                 if k + 1 < len(pairs):
                     nxt = ex.submit(s._read_block, self.key, *pairs[k + 1])
                 yield s.rows(i), s.cols(j), blk
 
-    def matmul(self, v, progress: bool = False) -> torch.Tensor:
+    def matmul(self, v: Any, progress: bool = False) -> torch.Tensor:
         """``K @ v`` for ``v`` of shape ``(n2,)`` or ``(n2, k)``, in one pass over the stored tiles
         (float64). For a symmetric store each upper tile is used twice (``K_ij v_j`` and
         ``K_ij^T v_i``)."""
@@ -567,7 +569,7 @@ class KernelStore:
         >>> h.verify().ok                  # True unless a tile was damaged on disk
     """
 
-    def __init__(self, path, mode: str = "r", *, repair: bool = False):
+    def __init__(self, path: Any, mode: str = "r", *, repair: bool = False) -> None:
         zarr = _zarr()
         self._lock: Optional[StoreLock] = None
         self.path = path if isinstance(path, str) else getattr(path, "path", repr(path))
@@ -610,7 +612,7 @@ class KernelStore:
         self._valid = np.zeros(self._grid, dtype=bool)
         for p in self.pairs():
             self._valid[p] = True
-        self._arrays: Dict[str, object] = {}
+        self._arrays: Dict[str, Any] = {}        # zarr arrays
         self.problems: List[str] = []
         for key in self.keys + ("sums", "done"):
             try:
@@ -766,7 +768,7 @@ class KernelStore:
         """A done tile, verified against its checksum."""
         self._check_intact()
         blk, err = self._block_error(key, i, j)
-        if err is not None:
+        if blk is None:                      # damaged: `err` says how
             raise StoreDamagedError(f"tile ({i}, {j}) of {key!r} in kernel store {self.path!r} "
                                     f"is damaged ({err}); " + _rerun_hint(self.path))
         return blk
@@ -888,7 +890,7 @@ def create_store(target, *, real: Optional[str], n1: int, n2: int, tile: int,
     return KernelStore(real if real is not None else g.store, mode="r+")
 
 
-def open_store(path) -> KernelStore:
+def open_store(path: Union[str, "os.PathLike[str]"]) -> KernelStore:
     """Open an existing kernel store read-only (for reading and :func:`ntkit.scale.solve`).
 
     Example::
@@ -900,7 +902,7 @@ def open_store(path) -> KernelStore:
     return KernelStore(path, mode="r")
 
 
-def verify_store(path, progress: bool = False) -> VerifyReport:
+def verify_store(path: Union[str, "os.PathLike[str]"], progress: bool = False) -> VerifyReport:
     """Re-read every computed tile of the store at ``path`` and check it against its checksum.
 
     Returns a :class:`VerifyReport`: ``report.ok`` is ``True`` when no tile is damaged,

@@ -1,38 +1,19 @@
-"""Empirical NTK/NNGP of any PyTorch model, linearization, Taylor expansion, lazy-training scales.
-
-The empirical NTK of a finite network ``f(x; theta)`` with ``k`` outputs is
-``Theta(x, x')[a, b] = sum_p df_a(x)/dtheta_p * df_b(x')/dtheta_p``. It is the kernel the
-network's gradient-descent training follows to first order; as the width grows it converges to
-the infinite-width NTK of ``arch.kernel``.
-
-Output conventions (those of neural-tangents' ``empirical_ntk_fn``):
-
-* ``output='full'``: ``(n1, n2, k, k)``, every output pair (``trace_axes=()``);
-* ``output='diagonal'``: ``(n1, n2, k)``, ``Theta[..., a, a]`` (``diagonal_axes=(-1,)``);
-* ``output='trace'`` (default): ``(n1, n2)``, the **mean** over outputs of the diagonal,
-  ``(1/k) sum_a Theta[..., a, a]``. neural-tangents divides its traced kernels by the number of
-  traced entries (``trace_axes=(-1,)``), and the mean is what converges to the single-output
-  infinite-width NTK. Multiply by ``k`` for the sum.
-
-Model outputs of shape ``(batch, *out)`` are flattened to ``k = prod(out)`` outputs.
+"""The empirical NTK and NNGP kernels of any ``nn.Module``: argument preparation, the cost model
+that picks an implementation, and the two public kernels. Private: the public surface is
+:mod:`ntkit.empirical` (output conventions there).
 """
 from __future__ import annotations
 
-import copy
-import math
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
-from torch.utils._pytree import tree_map
 
-from ._empirical_common import (IMPLEMENTATIONS, OUTPUTS, ParamFilter, as_batch, cast_input,
-                                check_independent, check_model, empty_kernel, jacobian_kernel,
-                                jvp_any, make_setup, ntk_vp_kernel, parse_budget, select_params)
+from ._common import (IMPLEMENTATIONS, OUTPUTS, ParamFilter, as_batch, cast_call_args,
+                      cast_input, check_independent, check_model, empty_kernel, jacobian_kernel,
+                      make_setup, ntk_vp_kernel, parse_budget, prepare_call_args, select_params)
 
-__all__ = ["empirical_ntk", "empirical_nngp", "linearize", "taylor_expand", "centered", "scaled",
-           "Linearized", "TaylorExpanded", "Centered", "Scaled"]
+__all__ = ["empirical_ntk", "empirical_nngp"]
 
 # relative flop efficiency of the paths (GEMMs run near peak; vmap'd per-example autograd and
 # forward-mode jvps do not). Measured on a 2-core CPU with the benchmark MLP; only their order
@@ -40,27 +21,30 @@ __all__ = ["empirical_ntk", "empirical_nngp", "linearize", "taylor_expand", "cen
 _EFFICIENCY = {"jacobian": 0.25, "ntk_vp": 0.2, "structured": 1.0}
 
 
-def _prepare(model, x1, x2, params, dtype):
+def _prepare(model, x1, x2, params, dtype, call_args=None):
     model = check_model(model)
     check_independent(model)
     x1 = as_batch(x1, "x1")
     x2 = None if x2 is None else as_batch(x2, "x2")
+    args = prepare_call_args(model, call_args, x1.shape[0],
+                             None if x2 is None else x2.shape[0]) if call_args else {}
     names = select_params(model, params)
     setup = make_setup(model, names, dtype)
     x1 = cast_input(x1, setup.dtype)
+    setup.call_args = cast_call_args(args, setup.dtype, x1.device)
     if x2 is not None:
         x2 = cast_input(x2, setup.dtype)
         if x2.device != x1.device:
             raise ValueError(f"`x1` is on {x1.device} but `x2` on {x2.device}; move them together")
     with torch.no_grad():
-        out1 = setup.call(x1[:1])
+        out1 = setup.call(x1[:1], kwargs=setup.kwargs(1, slice(0, 1)))
         if out1.ndim == 0 or out1.shape[0] != 1:
             raise ValueError(f"`model` must return (batch, ...) outputs; for a batch of 1 it "
                              f"returned shape {tuple(out1.shape)}")
         setup.out_shape = tuple(out1.shape[1:])
         setup.k = max(1, out1[0].numel())
         if x2 is not None:
-            out2 = setup.call(x2[:1])
+            out2 = setup.call(x2[:1], kwargs=setup.kwargs(2, slice(0, 1)))
             if tuple(out2.shape[1:]) != setup.out_shape:
                 raise ValueError(f"`model` gives outputs {setup.out_shape} on `x1` but "
                                  f"{tuple(out2.shape[1:])} on `x2`; both must match")
@@ -96,13 +80,13 @@ def _costs(setup, plan, n1: int, n2: int, sym: bool, output: str) -> Dict[str, f
 
 def _choose_implementation(setup, plan, n1, n2, sym, output) -> str:
     costs = _costs(setup, plan, n1, n2, sym, output)
-    return min(costs, key=costs.get)
+    return min(costs, key=costs.__getitem__)
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
                   output: str = "trace", implementation: str = "auto",
                   params: ParamFilter = None, memory_budget: Union[int, float, str, None] = None,
-                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, **call_args: Any) -> torch.Tensor:
     """Empirical NTK ``J(x1) J(x2)^T`` of ``model`` at its current parameters.
 
     Args:
@@ -124,6 +108,17 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         not counted, and a single parameter tensor for one example is the smallest block.
       dtype: compute dtype (e.g. ``torch.float64``); default the model's parameter dtype.
         Parameters, floating buffers and floating inputs are cast; the model is not modified.
+      **call_args: keyword arguments of ``model``'s forward, e.g. the graph of the finite
+        network of an architecture with :class:`~ntkit.layers.Aggregate`:
+        ``empirical_ntk(net, x1, x2, pattern=(p1, p2))`` (``pattern=p`` when ``x2`` is
+        ``None``), as in ``arch.kernel``. Arrays are per-example (batch on the leading axis)
+        and every call of the model gets the rows of the examples it runs on; other values (a
+        number, a string) are passed unchanged. A model with a ``call_args`` attribute (ntkit's
+        finite networks) refuses names it does not read (``TypeError``). Every implementation
+        takes them; the per-example Jacobians of ``'jacobian'`` (and of the x2 rows of
+        ``'ntk_vp'``) are computed one example at a time when ``vmap`` cannot trace the model
+        on a batched argument (e.g. ``Aggregate`` checking its pattern): the same numbers,
+        slower than the vectorized path.
 
     Returns:
       Tensor (n1, n2), (n1, n2, k) or (n1, n2, k, k), on x1's device.
@@ -142,8 +137,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got "
                          f"{implementation!r}")
     budget = parse_budget(memory_budget)
-    setup, x1, x2 = _prepare(model, x1, x2, params, dtype)
-    from ._empirical_structured import Plan, make_plan, structured_kernel
+    setup, x1, x2 = _prepare(model, x1, x2, params, dtype, call_args)
+    from ._structured import Plan, make_plan, structured_kernel
 
     try:
         plan = make_plan(setup, x1)
@@ -177,7 +172,7 @@ def _is_readout(m: nn.Module) -> bool:
 
 def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
                    readout: Union[None, str, nn.Module] = None,
-                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                   dtype: Optional[torch.dtype] = None, **call_args: Any) -> torch.Tensor:
     """Empirical NNGP kernel from the readout-layer features: ``phi(x1) phi(x2)^T / width``.
 
     ``phi`` is the input of the readout layer (by default the last ``nn.Linear`` or ntkit
@@ -186,6 +181,9 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
     ``width`` its number of entries. For an NTK-parameterized readout ``W_std/sqrt(width) W phi +
     b_std b`` with ``W, b ~ N(0, 1)``, the output NNGP is ``W_std**2 * K + b_std**2``, and ``K``
     converges to the infinite-width kernel of the layers below the readout.
+
+    ``**call_args``: keyword arguments of the model's forward (per-example arrays, e.g. the
+    graph ``pattern=(p1, p2)``), as in :func:`empirical_ntk`.
 
     Returns (n1, n2). Example::
 
@@ -213,15 +211,18 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         if not isinstance(readout, nn.Module):
             raise TypeError("`readout` must be None, a submodule or its name")
         mods = [readout]
+    args = prepare_call_args(model, call_args, x1.shape[0],
+                             None if x2 is None else x2.shape[0]) if call_args else {}
     setup = make_setup(model, [n for n, _ in model.named_parameters()], dtype)
+    setup.call_args = cast_call_args(args, setup.dtype, x1.device)
     captured: List[tuple] = []
     handles = [m.register_forward_hook(
         lambda mod, inp, out: captured.append((id(mod), inp[0].detach()))) for m in mods]
 
-    def feats(x):
+    def feats(x, side):
         captured.clear()
         with torch.no_grad():
-            setup.call(cast_input(x, setup.dtype))
+            setup.call(cast_input(x, setup.dtype), kwargs=setup.kwargs(side, slice(None)))
         if not captured:
             raise ValueError("the readout module was not called in the forward pass; pass "
                              "`readout=` explicitly")
@@ -232,175 +233,9 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         return phi.reshape(x.shape[0], -1)
 
     try:
-        p1 = feats(x1)
-        p2 = p1 if x2 is None else feats(x2)
+        p1 = feats(x1, 1)
+        p2 = p1 if x2 is None else feats(x2, 2)
     finally:
         for h in handles:
             h.remove()
     return p1 @ p2.T / p1.shape[1]
-
-
-# ------------------------------------------------------------------------ linearization & Taylor
-def _attr(module: nn.Module, dotted: str):
-    obj = module
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-class TaylorExpanded(nn.Module):
-    """``sum_{m<=degree} D^m f(theta0)[theta - theta0]^m / m!`` with trainable ``theta``.
-
-    ``self.model`` is a private copy of the model whose selected parameters are ``theta`` (start:
-    ``theta0``, stored as buffers). Derivatives are nested ``torch.func.jvp`` (cost ~2^degree
-    forward passes); no Jacobian is stored. Parameters not selected stay frozen at ``theta0``.
-    """
-
-    def __init__(self, model: nn.Module, degree: int, params: ParamFilter = None):
-        super().__init__()
-        check_model(model)
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-            raise ValueError(f"`degree` must be an integer >= 0, got {degree!r}")
-        names = select_params(model, params)
-        self.degree = degree
-        self.model = copy.deepcopy(model)
-        self._names = names
-        sel = set(names)
-        for n, p in self.model.named_parameters():
-            if n in sel:
-                p.requires_grad_(True)
-            else:
-                p.requires_grad_(False)
-        for i, n in enumerate(names):
-            self.register_buffer(f"theta0_{i}", _attr(self.model, n).detach().clone())
-
-    def theta0(self) -> Dict[str, torch.Tensor]:
-        return {n: getattr(self, f"theta0_{i}") for i, n in enumerate(self._names)}
-
-    def forward(self, *args, **kwargs):
-        theta0 = self.theta0()
-        # by attribute path: under an outer functional_call these are plain tensors
-        delta = {n: _attr(self.model, n) - theta0[n] for n in self._names}
-
-        def f(p):
-            return functional_call(self.model, p, args, kwargs)
-
-        if self.degree == 0:
-            with torch.no_grad():
-                return f(theta0)
-        if self.degree == 1:
-            out, dout = jvp_any(f, theta0, delta)
-            return tree_map(lambda a, b: a + b, out, dout) if not isinstance(out, torch.Tensor) \
-                else out + dout
-
-        def terms(p, m):
-            if m == 0:
-                return (f(p),)
-            prim, tang = jvp(lambda q: terms(q, m - 1), (p,), (delta,))
-            return tuple(prim) + (tang[-1],)
-
-        ts = terms(theta0, self.degree)
-        total = ts[0]
-        for m in range(1, self.degree + 1):
-            c = 1.0 / math.factorial(m)
-            if isinstance(total, torch.Tensor):
-                total = total + c * ts[m]
-            else:
-                total = tree_map(lambda a, b: a + c * b, total, ts[m])  # noqa: B023 (run now)
-        return total
-
-    def extra_repr(self) -> str:
-        return f"degree={self.degree}, params={len(self._names)} tensors"
-
-
-class Linearized(TaylorExpanded):
-    """``f(theta0) + J(theta0) (theta - theta0)`` via one ``torch.func.jvp`` per forward."""
-
-    def __init__(self, model: nn.Module, params: ParamFilter = None):
-        super().__init__(model, 1, params)
-
-
-def linearize(model: nn.Module, params: ParamFilter = None) -> Linearized:
-    """First-order Taylor model ``f_lin(x; theta) = f(x; theta0) + J(x; theta0)(theta - theta0)``.
-
-    Returns a module holding a copy of ``model`` whose (selected) parameters ``theta`` are
-    trainable and start at ``theta0``; each forward costs one jvp (about 2-3 forward passes) and
-    stores no Jacobian. Training it with gradient descent follows the empirical-NTK dynamics
-    exactly. Example::
-
-        >>> lin = linearize(net)
-        >>> opt = torch.optim.SGD(lin.parameters(), lr=0.1)   # trains theta, f stays linear in it
-    """
-    return Linearized(model, params)
-
-
-def taylor_expand(model: nn.Module, degree: int, params: ParamFilter = None) -> TaylorExpanded:
-    """Degree-``degree`` Taylor expansion of ``model`` in its parameters around their current
-    values (``degree=1`` is :func:`linearize`; ``0`` is the frozen function at init)."""
-    return TaylorExpanded(model, degree, params)
-
-
-# ------------------------------------------------------------------------ lazy-training scales
-class Centered(nn.Module):
-    """``f(x; theta) - f(x; theta0)``: zero output at init, same NTK (``theta0`` is frozen)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = check_model(model)
-        self._init_names = []
-        for i, (n, t) in enumerate(list(model.named_parameters()) + list(model.named_buffers())):
-            self._init_names.append(n)
-            self.register_buffer(f"init_{i}", t.detach().clone())
-
-    def forward(self, *args, **kwargs):
-        init = {n: getattr(self, f"init_{i}") for i, n in enumerate(self._init_names)}
-        with torch.no_grad():
-            f0 = functional_call(self.model, init, args, kwargs)
-        out = self.model(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return out - f0
-        return tree_map(lambda a, b: a - b, out, f0)
-
-
-class Scaled(nn.Module):
-    """``alpha * f(x)`` (Chizat & Bach's lazy-training scale)."""
-
-    def __init__(self, model: nn.Module, alpha: float):
-        super().__init__()
-        self.model = check_model(model)
-        try:
-            a = float(alpha)
-        except (TypeError, ValueError):
-            raise TypeError(f"`alpha` must be a real number, got {alpha!r}") from None
-        if not math.isfinite(a) or a == 0:
-            raise ValueError(f"`alpha` must be finite and non-zero, got {alpha!r}")
-        self.alpha = a
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return self.alpha * out
-        return tree_map(lambda t: self.alpha * t, out)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha:g}"
-
-
-def centered(model: nn.Module) -> Centered:
-    """Wrap ``model`` as ``f - f_init`` (a frozen copy of the initial parameters and buffers is
-    kept; ``model`` itself stays trainable and shared). Output is exactly 0 at init, the NTK is
-    unchanged. Use with :func:`scaled` for lazy training: ``scaled(centered(net), alpha)``."""
-    return Centered(model)
-
-
-def scaled(model: nn.Module, alpha: float) -> Scaled:
-    """Wrap ``model`` as ``alpha * f``. Its NTK is ``alpha**2`` times ``model``'s. Training
-    ``scaled(centered(net), alpha)`` with the loss divided by ``alpha**2`` (same learning rate)
-    keeps the problem comparable across ``alpha``: the function moves at an ``alpha``-independent
-    speed while parameters move ``O(1/alpha)``, so large ``alpha`` approaches the linearized
-    (lazy) dynamics. Example::
-
-        >>> lazy = scaled(centered(net), alpha=100.0)
-        >>> loss = ((lazy(x) - y) ** 2).mean() / 100.0 ** 2
-    """
-    return Scaled(model, alpha)

@@ -19,7 +19,7 @@ Jacobians. That detection runs once on a 2-example probe under a ``TorchFunction
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._empirical_common import Setup, contract, schedule
-from ._settings import settings
+from ._common import Setup, contract, schedule
+from .._settings import settings
 
 __all__: List[str] = []
 
@@ -50,16 +50,17 @@ def _kind(m: nn.Module) -> Optional[str]:
     t = type(m)
     if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear"
+    affine: Optional[type] = None
     try:  # ntkit's own NTK-parameterized Dense module: w_scale * W x + b_scale * b over axis 1
-        from .layers.dense import AffineModule
+        from ..layers.dense import AffineModule
+        affine = AffineModule
     except Exception:  # pragma: no cover - core layers unavailable
-        AffineModule = None
-    if AffineModule is not None and t is AffineModule and hasattr(m, "w_scale") \
-            and hasattr(m, "b_scale"):
+        pass
+    if affine is not None and t is affine and hasattr(m, "w_scale") and hasattr(m, "b_scale"):
         return "affine"
     for cls, name in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d")):
         if (isinstance(m, cls) and t.forward is cls.forward
-                and t._conv_forward is cls._conv_forward):
+                and getattr(t, "_conv_forward", None) is cls._conv_forward):
             return name
     return None
 
@@ -67,7 +68,7 @@ def _kind(m: nn.Module) -> Optional[str]:
 @dataclass
 class _Layer:
     name: str                 # module name
-    module: nn.Module
+    module: Any               # nn.Linear, Conv1d/2d or AffineModule (per `kind`)
     kind: str
     wname: Optional[str]      # selected weight param name (None if not selected)
     bname: Optional[str]      # selected bias param name
@@ -91,7 +92,8 @@ class _UsageMode(TorchFunctionMode):
 
     def __init__(self, watch: Dict[int, str], stack: List[str]):
         super().__init__()
-        self.watch, self.stack, self.bad = watch, stack, set()
+        self.watch, self.stack = watch, stack
+        self.bad: Set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -104,7 +106,7 @@ class _UsageMode(TorchFunctionMode):
 
 
 # ------------------------------------------------------------------------------ patches/deltas
-def _conv_geometry(m: nn.Module, kind: str):
+def _conv_geometry(m: Any, kind: str):
     """(kernel, stride, dilation, pads) as 2-D tuples; pads = (left, right, top, bottom)."""
     if kind == "conv1d":
         kk, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
@@ -259,7 +261,9 @@ def make_plan(setup: Setup, x: torch.Tensor) -> Plan:
         handles.append(lay.module.register_forward_hook(post))
 
     n = x.shape[0]
-    probe = [x[:1], x[[0, min(1, n - 1)]]]
+    two = [0, min(1, n - 1)]
+    probe = [x[:1], x[two]]
+    probe_kw = [setup.kwargs(1, slice(0, 1)), setup.kwargs(1, two)]
     watch = {}
     for mname, lay in candidates.items():
         for pn in (lay.wname, lay.bname):
@@ -269,12 +273,12 @@ def make_plan(setup: Setup, x: torch.Tensor) -> Plan:
     fwd_flops = bwd_flops = 0.0
     try:
         with torch.enable_grad():
-            setup.call(probe[0], grad_tensors)
+            setup.call(probe[0], grad_tensors, kwargs=probe_kw[0])
         with torch.no_grad():
             state["run"], state["tensors"] = 1, tensors
             stack.clear()
             with mode:
-                setup.call(probe[1])
+                setup.call(probe[1], kwargs=probe_kw[1])
     finally:
         for h in handles:
             h.remove()
@@ -305,37 +309,37 @@ def make_plan(setup: Setup, x: torch.Tensor) -> Plan:
             if ok and lay.kind != "linear" and bdim != 0:
                 ok = False
         # FLOPs of the forward pass (all candidate modules, selected or not)
-        m = lay.module
+        mod = lay.module
         for (i1, o1), needs in zip(r1, needs_input_grad[mname] + [True] * len(r1)):
             if i1 is None:
                 continue
             if lay.kind == "linear":
-                fl = 2.0 * o1.numel() * m.in_features
+                fl = 2.0 * o1.numel() * mod.in_features
             elif lay.kind == "affine":
-                fl = 2.0 * o1.numel() * m.in_dim
+                fl = 2.0 * o1.numel() * mod.in_dim
             else:
-                fl = 2.0 * o1.numel() * m.weight[0].numel()
+                fl = 2.0 * o1.numel() * mod.weight[0].numel()
             fwd_flops += fl
             bwd_flops += fl if needs else 0.0   # input-gradient GEMM of the backward pass
             act_numel += i1.numel() + o1.numel()
-        if not ok or (lay.wname is None and lay.bname is None):
+        if not ok or bdim is None or (lay.wname is None and lay.bname is None):
             continue
         if {lay.wname, lay.bname} & shared:
             continue
         lay.bdim = bdim
-        lay.groups = m.groups if lay.kind.startswith("conv") else 1
+        lay.groups = mod.groups if lay.kind.startswith("conv") else 1
         if lay.kind == "linear":
-            lay.L = sum(i1.numel() // i1[bdim] // m.in_features for i1, _ in r1)
-            lay.c, lay.o = m.in_features, m.out_features
+            lay.L = sum(i1.numel() // i1[bdim] // mod.in_features for i1, _ in r1)
+            lay.c, lay.o = mod.in_features, mod.out_features
         elif lay.kind == "affine":
-            lay.L = sum(i1.numel() // i1[0] // m.in_dim for i1, _ in r1)
-            lay.c, lay.o = m.in_dim, m.out_dim
-            lay.wscale, lay.bscale = float(m.w_scale), float(m.b_scale)
+            lay.L = sum(i1.numel() // i1[0] // mod.in_dim for i1, _ in r1)
+            lay.c, lay.o = mod.in_dim, mod.out_dim
+            lay.wscale, lay.bscale = float(mod.w_scale), float(mod.b_scale)
         else:
             spatial = sum(o1[2:].numel() for _, o1 in r1)
             lay.L = spatial
-            lay.c = m.weight[0].numel()
-            lay.o = m.out_channels // m.groups
+            lay.c = mod.weight[0].numel()
+            lay.o = mod.out_channels // mod.groups
         if lay.wname is None:
             lay.c = 0
         if lay.bname is not None:
@@ -359,8 +363,10 @@ def _uses_ours(mod: nn.Module, lay: _Layer, tensors: Dict[str, torch.Tensor]) ->
 
 
 # ----------------------------------------------------------------------------------- features
-def _features(setup: Setup, plan: Plan, x: torch.Tensor) -> List[torch.Tensor]:
-    """Per-layer features of rows ``x``: A-layers give (b, k, P); B-layers give (acts, deltas)."""
+def _features(setup: Setup, plan: Plan, x: torch.Tensor,
+              kwargs: Optional[Dict[str, Any]] = None) -> List[torch.Tensor]:
+    """Per-layer features of rows ``x`` (``kwargs``: their call-time arguments): A-layers give
+    (b, k, P); B-layers give (acts, deltas)."""
     layers = plan.layers
     handles = []
     tensors = {n: p.detach().requires_grad_(True) for n, p in setup.params.items()}
@@ -373,7 +379,7 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor) -> List[torch.Tensor]:
         handles.append(lay.module.register_forward_hook(hook))
     try:
         with torch.enable_grad():
-            out = setup.flat_call(x, tensors)
+            out = setup.flat_call(x, tensors, kwargs=kwargs)
         outs = [o for lay in layers for (_, o) in lay.calls]
     finally:
         for h in handles:
@@ -393,7 +399,8 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor) -> List[torch.Tensor]:
     pos = 0
     with torch.no_grad():
         for lay in layers:
-            acts, dels = [], []
+            acts: List[Any] = []        # all None when only the bias is selected
+            dels: List[torch.Tensor] = []
             if not lay.calls:
                 raise RuntimeError(
                     f"module {lay.name!r} ran in the probe but not on this batch (input-dependent "
@@ -491,8 +498,9 @@ def structured_kernel(setup: Setup, plan: Plan, x1: torch.Tensor, x2: Optional[t
     row_bytes = row * setup.itemsize
 
     def feats(side, a, b):
-        xs = x1 if (side == 1 or x2 is None) else x2
-        return _features(setup, plan, xs[a:b])
+        s = 1 if (side == 1 or x2 is None) else 2
+        xs = x1 if s == 1 else x2
+        return _features(setup, plan, xs[a:b], setup.kwargs(s, slice(a, b)))
 
     def contract_fn(f1, f2):
         total = None

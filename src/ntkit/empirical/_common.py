@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from ._validation import check_model, parse_memory_budget  # noqa: F401  check_model re-exported
+# check_model is re-exported for the other modules of the package
+from .._validation import check_model, parse_memory_budget  # noqa: F401
 
 OUTPUTS = ("trace", "full", "diagonal")
 IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
@@ -91,6 +93,86 @@ def as_batch(x: Any, name: str) -> torch.Tensor:
     return x.detach()
 
 
+# ---------------------------------------------------------------------------- call-time arguments
+# name -> (value for x1, value for x2 or None when x2 is x1, per-example?)
+CallArgs = Dict[str, Tuple[Any, Any, bool]]
+
+
+def _per_example(v: Any, name: str, n: int, what: str) -> torch.Tensor:
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(np.ascontiguousarray(v))
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array with the batch on its "
+                        f"leading axis, got {type(v).__name__}")
+    if v.ndim == 0 or v.shape[0] != n:
+        raise ValueError(f"`{name}` has shape {tuple(v.shape)} but {what} has {n} examples; its "
+                         f"leading axis must be the batch ({n} rows, one per example)")
+    return v.detach()
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, np.ndarray))
+
+
+def prepare_call_args(model: nn.Module, kwargs: Dict[str, Any], n1: int,
+                      n2: Optional[int]) -> CallArgs:
+    """Validate the call-time keyword arguments of ``model`` for a kernel between ``x1`` (``n1``
+    examples) and ``x2`` (``n2``, ``None`` when ``x2`` is ``x1``).
+
+    Arrays (tensors, numpy arrays) are per-example, batch on the leading axis, and are sliced
+    with the rows of ``x1`` / ``x2``: one array when ``x2`` is ``None`` (or the pair ``(a, None)``
+    / ``(a, a)``), the pair ``(a1, a2)`` otherwise. Any other value (a number, a string, ``None``)
+    is passed unchanged to every call. A model that declares its names in ``model.call_args``
+    (the finite networks of :mod:`ntkit.layers`) refuses the others with a ``TypeError``."""
+    accepted = getattr(model, "call_args", None)
+    out: CallArgs = {}
+    for name, v in kwargs.items():
+        if isinstance(accepted, tuple) and name not in accepted:
+            raise TypeError(f"got an unexpected keyword argument {name!r}: the model reads the "
+                            f"call-time arguments "
+                            f"{', '.join(repr(a) for a in accepted) if accepted else '(none)'}")
+        if isinstance(v, (tuple, list)) and any(_is_array(a) for a in v):
+            if len(v) != 2:
+                raise ValueError(f"`{name}` must be one array or a pair ({name}1, {name}2) for "
+                                 f"(x1, x2), got a {type(v).__name__} of length {len(v)}")
+            a1, a2 = v
+        elif _is_array(v):
+            if n2 is not None:
+                raise ValueError(f"x2 is given, so `{name}` must be a pair ({name}1, {name}2): "
+                                 f"one array for x1 and one for x2")
+            a1, a2 = v, None
+        else:
+            out[name] = (v, v, False)
+            continue
+        a1 = _per_example(a1, f"{name}[0]", n1, "x1")
+        if n2 is None:
+            if a2 is not None:
+                a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
+                if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
+                    raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
+                                     f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
+            a2 = None
+        else:
+            if a2 is None:
+                raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
+            a2 = _per_example(a2, f"{name}[1]", n2, "x2")
+        out[name] = (a1, a2, True)
+    return out
+
+
+def call_kwargs(args: CallArgs, side: int, rows: Any) -> Dict[str, Any]:
+    """The keyword arguments of a call on rows ``rows`` (a slice or an index list) of ``x1``
+    (``side`` 1) or ``x2`` (``side`` 2; the rows of ``x1`` when ``x2`` is ``x1``)."""
+    out: Dict[str, Any] = {}
+    for name, (a1, a2, per_example) in args.items():
+        if not per_example:
+            out[name] = a1
+            continue
+        a = a1 if (side == 1 or a2 is None) else a2
+        out[name] = a[rows]
+    return out
+
+
 # ------------------------------------------------------------------------------------ the setup
 @dataclass
 class Setup:
@@ -103,6 +185,7 @@ class Setup:
     k: int = 1                             # flattened output size per example
     out_shape: Tuple[int, ...] = ()
     extra: Dict[str, Any] = field(default_factory=dict)
+    call_args: CallArgs = field(default_factory=dict)   # see prepare_call_args
 
     @property
     def itemsize(self) -> int:
@@ -112,21 +195,32 @@ class Setup:
         names = self.names if names is None else names
         return sum(self.params[n].numel() for n in names)
 
+    def kwargs(self, side: int, rows: Any) -> Dict[str, Any]:
+        """Call-time arguments of rows ``rows`` of ``x1`` (side 1) or ``x2`` (side 2)."""
+        return call_kwargs(self.call_args, side, rows) if self.call_args else {}
+
+    @property
+    def per_example_args(self) -> bool:
+        return any(pe for _, _, pe in self.call_args.values())
+
     def call(self, x: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None,
-             names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """f(x) with the selected parameters replaced by ``params`` (only ``names`` of them)."""
+             names: Optional[Sequence[str]] = None,
+             kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        """f(x, **kwargs) with the selected parameters replaced by ``params`` (only ``names`` of
+        them); ``kwargs``: the call-time arguments of these rows (:meth:`kwargs`)."""
         tensors = dict(self.consts)
         tensors.update(self.params)
         if params is not None:
             tensors.update(params)
-        out = functional_call(self.model, tensors, (x,))
+        out = functional_call(self.model, tensors, (x,), kwargs or {})
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"`model` must return one tensor of shape (batch, ...), got "
                             f"{type(out).__name__}; wrap it to select the output")
         return out
 
-    def flat_call(self, x: torch.Tensor, params=None) -> torch.Tensor:
-        out = self.call(x, params)
+    def flat_call(self, x: torch.Tensor, params=None,
+                  kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        out = self.call(x, params, kwargs=kwargs)
         if out.ndim == 0 or out.shape[0] != x.shape[0]:
             raise ValueError(f"`model` output has shape {tuple(out.shape)} but the batch has "
                              f"{x.shape[0]} examples; the output must be (batch, ...)")
@@ -146,7 +240,8 @@ def make_setup(model: nn.Module, names: List[str], dtype: Optional[torch.dtype])
         return t.to(dtype) if t.is_floating_point() else t
 
     sel = set(names)
-    params, consts = {}, {}
+    params: Dict[str, torch.Tensor] = {}
+    consts: Dict[str, torch.Tensor] = {}
     for n, p in model.named_parameters():
         (params if n in sel else consts)[n] = cast(p)
     for n, b in model.named_buffers():
@@ -156,6 +251,15 @@ def make_setup(model: nn.Module, names: List[str], dtype: Optional[torch.dtype])
 
 def cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
+
+
+def cast_call_args(args: CallArgs, dtype: torch.dtype, device: torch.device) -> CallArgs:
+    """Per-example call-time arguments on the inputs' device, floating ones in ``dtype`` (like
+    the inputs)."""
+    def cast(a: Any) -> Any:
+        return None if a is None else cast_input(a, dtype).to(device)
+    return {name: ((cast(a1), cast(a2), True) if pe else (a1, a2, False))
+            for name, (a1, a2, pe) in args.items()}
 
 
 # -------------------------------------------------------------------------- kernel from features
@@ -287,15 +391,44 @@ def chunk_names(setup: Setup, names: Sequence[str], max_numel: int) -> List[List
     return chunks
 
 
-def jacobian_features(setup: Setup, names: Sequence[str], x: torch.Tensor) -> torch.Tensor:
-    """Per-example Jacobian (b, k, P_names) by ``vmap(jacrev)`` over single examples."""
+def _is_vmap_gap(e: Exception) -> bool:
+    """vmap cannot trace this model on batched call-time arguments (data-dependent control
+    flow or ``.item()`` on them, e.g. a layer validating its graph pattern)."""
+    return isinstance(e, RuntimeError) and "vmap" in str(e)
+
+
+def jacobian_features(setup: Setup, names: Sequence[str], x: torch.Tensor,
+                      kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    """Per-example Jacobian (b, k, P_names) by ``vmap(jacrev)`` over single examples.
+
+    ``kwargs``: the call-time arguments of these rows (per-example arrays are mapped over with
+    the examples). When vmap cannot trace the model called with them (data-dependent checks of
+    an argument, e.g. ``Aggregate`` validating its pattern, or of the masks ``mask_constant``
+    selects), the examples are differentiated one at a time (``jacrev`` per example: the same
+    numbers, a Python loop)."""
     sub = {n: setup.params[n] for n in names}
+    kwargs = kwargs or {}
+    per = {k: v for k, v in kwargs.items() if k in setup.call_args and setup.call_args[k][2]}
+    const = {k: v for k, v in kwargs.items() if k not in per}
 
-    def f_single(p, xi):
-        return setup.flat_call(xi.unsqueeze(0), p).reshape(-1)
+    def f_single(p, xi, ai):
+        kw = dict(const)
+        kw.update({k: v.unsqueeze(0) for k, v in ai.items()})
+        return setup.flat_call(xi.unsqueeze(0), p, kwargs=kw).reshape(-1)
 
-    jac = vmap(jacrev(f_single), in_dims=(None, 0))(sub, x)
     b = x.shape[0]
+    jac = None
+    if not setup.extra.get("loop_call_args", False):
+        try:
+            jac = vmap(jacrev(f_single), in_dims=(None, 0, 0))(sub, x, per)
+        except RuntimeError as e:
+            if not (kwargs and _is_vmap_gap(e)):
+                raise
+            setup.extra["loop_call_args"] = True   # remembered for the other blocks
+    if jac is None:
+        rows = [jacrev(f_single)(sub, x[i], {k: v[i] for k, v in per.items()})
+                for i in range(b)]
+        jac = {n: torch.stack([r[n] for r in rows]) for n in names}
     return torch.cat([jac[n].reshape(b, setup.k, -1) for n in names], dim=2)
 
 
@@ -315,8 +448,9 @@ def jacobian_kernel(setup: Setup, names: Sequence[str], x1: torch.Tensor,
         row_bytes = setup.k * setup.itemsize * (2 * pc + act)
 
         def feats(side, a, b, chunk=chunk):
-            xs = x1 if (side == 1 or x2 is None) else x2
-            return jacobian_features(setup, chunk, xs[a:b])
+            s = 1 if (side == 1 or x2 is None) else 2
+            xs = x1 if s == 1 else x2
+            return jacobian_features(setup, chunk, xs[a:b], setup.kwargs(s, slice(a, b)))
 
         schedule(out, n1, n2, x2 is None, row_bytes, budget, feats,
                  lambda f1, f2: contract(f1, f2, output), output)
@@ -338,9 +472,10 @@ def ntk_vp_kernel(setup: Setup, names: Sequence[str], x1: torch.Tensor,
     cols = max(1, int(budget // max(per_col, 1)))
     ex_per_block = max(1, cols // k)
     primals = {n: setup.params[n] for n in names}
+    kw1 = setup.kwargs(1, slice(None))
 
     def f_x1(p):
-        return setup.flat_call(x1, p)
+        return setup.flat_call(x1, p, kwargs=kw1)
 
     def one_column(t):
         return jvp(f_x1, (primals,), (t,))[1]           # (n1, k)
@@ -352,7 +487,8 @@ def ntk_vp_kernel(setup: Setup, names: Sequence[str], x1: torch.Tensor,
         j1 = min(n2, j0 + ex_per_block)
         J2 = {}
         b = j1 - j0
-        jac = jacobian_features(setup, names, xs2[j0:j1])    # (b, k, P)
+        jac = jacobian_features(setup, names, xs2[j0:j1],
+                                setup.kwargs(1 if x2 is None else 2, slice(j0, j1)))  # (b,k,P)
         off = 0
         for n in names:
             m = setup.params[n].numel()
