@@ -14,6 +14,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 # check_model is re-exported for the other modules of the package
 from .._validation import check_model, parse_memory_budget  # noqa: F401
+from ..layers import check_call_arg_pair
 
 OUTPUTS = ("trace", "full", "diagonal")
 IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
@@ -98,18 +99,6 @@ def as_batch(x: Any, name: str) -> torch.Tensor:
 CallArgs = Dict[str, Tuple[Any, Any, bool]]
 
 
-def _per_example(v: Any, name: str, n: int, what: str) -> torch.Tensor:
-    if isinstance(v, np.ndarray):
-        v = torch.from_numpy(np.ascontiguousarray(v))
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array with the batch on its "
-                        f"leading axis, got {type(v).__name__}")
-    if v.ndim == 0 or v.shape[0] != n:
-        raise ValueError(f"`{name}` has shape {tuple(v.shape)} but {what} has {n} examples; its "
-                         f"leading axis must be the batch ({n} rows, one per example)")
-    return v.detach()
-
-
 def _is_array(v: Any) -> bool:
     return isinstance(v, (torch.Tensor, np.ndarray))
 
@@ -144,19 +133,8 @@ def prepare_call_args(model: nn.Module, kwargs: Dict[str, Any], n1: int,
         else:
             out[name] = (v, v, False)
             continue
-        a1 = _per_example(a1, f"{name}[0]", n1, "x1")
-        if n2 is None:
-            if a2 is not None:
-                a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
-                if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
-                    raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
-                                     f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
-            a2 = None
-        else:
-            if a2 is None:
-                raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
-            a2 = _per_example(a2, f"{name}[1]", n2, "x2")
-        out[name] = (a1, a2, True)
+        a1, a2 = check_call_arg_pair(name, a1, a2, n1, n2)
+        out[name] = (a1.detach(), None if a2 is None else a2.detach(), True)
     return out
 
 

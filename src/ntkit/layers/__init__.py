@@ -12,6 +12,7 @@ Vocabulary follows neural-tangents' stax::
 from ._base import Layer
 # engine seams for monte_carlo / scale (not in __all__): the call-time argument plumbing
 from ._base import CallArgsModule as CallArgsModule
+from ._base import check_call_arg_pair as check_call_arg_pair
 from ._base import prepare_call_args as prepare_call_args
 from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, Gelu,
                           Hermite, LeakyRelu, Monomial, Polynomial, Rbf, RectifiedMonomial, Relu,

@@ -122,20 +122,26 @@ def prepare_call_args(layer: "Layer", kwargs: dict, n1: int, n2: Optional[int]) 
         else:
             raise ValueError(f"x2 is given, so `{name}` must be a pair ({name}1, {name}2): one "
                              f"array for x1 and one for x2")
-        a1 = _per_example(a1, f"{name}[0]", n1, "x1")
-        if n2 is None:
-            if a2 is not None:
-                a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
-                if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
-                    raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
-                                     f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
-            a2 = None
-        else:
-            if a2 is None:
-                raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
-            a2 = _per_example(a2, f"{name}[1]", n2, "x2")
-        out[name] = (a1, a2)
+        out[name] = check_call_arg_pair(name, a1, a2, n1, n2)
     return out
+
+
+def check_call_arg_pair(name: str, a1: Any, a2: Any, n1: int, n2: Optional[int]
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The per-example arrays ``(a1, a2)`` of call argument ``name`` for ``x1`` (``n1`` rows)
+    and ``x2`` (``n2``; ``None`` when ``x2`` is ``x1``, then ``a2`` must be ``None`` or equal
+    ``a1`` and comes back ``None``). Shared by ``arch.kernel`` and ``ntkit.empirical``."""
+    a1 = _per_example(a1, f"{name}[0]", n1, "x1")
+    if n2 is None:
+        if a2 is not None:
+            a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
+            if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
+                raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
+                                 f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
+        return a1, None
+    if a2 is None:
+        raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
+    return a1, _per_example(a2, f"{name}[1]", n2, "x2")
 
 
 def slice_call_args(args: Optional[dict], rows, cols=None) -> Optional[dict]:
