@@ -73,6 +73,28 @@ def load(path: str, seed: int = 0):
             (xte - mean) / std, torch.from_numpy(yte.astype(np.int64)))
 
 
+def zca_whiten(xtr, xte, eps):
+    """ZCA whitening as in Shankar et al. (2020) and Lee et al. (2020): each image centred and
+    scaled to unit mean square over its pixels, then ``W = U (L + eps mean(L))^-1/2 U^T`` from
+    the training images' pixel covariance (3072 x 3072), the output rescaled to unit mean
+    square. ``eps`` regularizes: large ``eps`` leaves the images nearly unchanged."""
+    def flat(x):
+        f = x.reshape(len(x), -1).double()
+        f = f - f.mean(1, keepdim=True)
+        return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12) * f.shape[1] ** 0.5
+    ftr, fte = flat(xtr), flat(xte)
+    mu = ftr.mean(0)
+    c = torch.zeros(ftr.shape[1], ftr.shape[1], dtype=torch.float64)
+    for i in range(0, len(ftr), 10000):
+        b = ftr[i:i + 10000] - mu
+        c += b.T @ b
+    lam, u = torch.linalg.eigh(c / len(ftr))
+    w = (u * (lam.clamp_min(0) + eps * lam.clamp_min(0).mean()) ** -0.5) @ u.T
+    out = [((f - mu) @ w).float().reshape(x.shape) for f, x in ((ftr, xtr), (fte, xte))]
+    s = out[0].pow(2).mean().sqrt()
+    return out[0] / s, out[1] / s
+
+
 def onehot(y):
     return torch.nn.functional.one_hot(y, 10).double() - 0.1
 
@@ -94,19 +116,53 @@ def save_features(path, phi, ytr, yte):
         np.savez(fh, phi=phi.numpy(), y_train=ytr.numpy(), y_test=yte.numpy())
 
 
-def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None):
-    """Features of train+test, then primal ridge: the ridge is chosen on a held-out tenth of
-    the training set (one eigendecomposition of its normal equations for every value) and the
-    final model solves the full normal equations (sum of the two parts) by Cholesky."""
+def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096):
+    """``(phi(x) + phi(flip(x))) / sqrt(2)``, ``flip`` the horizontal mirror: inner products are
+    ``K(x, x') + K(x, flip(x'))`` for a mirror-equivariant architecture (SAME padding), the
+    kernel of the net averaged over horizontal flips -- what training on flipped copies tends
+    to, at the cost of two feature passes and with no more rows."""
+    from tqdm.auto import tqdm
+    phi = None
+    for i in tqdm(range(0, len(x), block), desc="flip-averaged features"):
+        xb = x[i:i + block]
+        fb = nf.features(a, xb, dim, get="ntk", seed=seed, out_dim=out_dim, chunk=chunk,
+                         method=method)
+        fb += nf.features(a, xb.flip(-1), dim, get="ntk", seed=seed, out_dim=out_dim,
+                          chunk=chunk, method=method)
+        if phi is None:
+            phi = fb.new_empty((len(x), fb.shape[1]))
+        phi[i:i + block] = fb.mul_(0.5 ** 0.5)
+    return phi
+
+
+def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None,
+                 flip=False):
+    """Features of train+test (``flip``: averaged over horizontal flips), then primal ridge:
+    the ridge is chosen on a held-out tenth of the training set (one eigendecomposition of its
+    normal equations for every value) and the final model solves the full normal equations
+    (sum of the two parts) by Cholesky."""
     t0 = time.time()
-    phi = nf.features(a, torch.cat([xtr, xte]), dim, get="ntk", seed=seed, out_dim=out_dim,
-                      progress=True, chunk=chunk, method=method)
+    if flip:
+        phi = flip_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, method)
+    else:
+        phi = nf.features(a, torch.cat([xtr, xte]), dim, get="ntk", seed=seed, out_dim=out_dim,
+                          progress=True, chunk=chunk, method=method)
     t_feat = time.time() - t0
     if save:
         save_features(save, phi, ytr, yte)
     ptr, pte = phi[:len(xtr)], phi[len(xtr):]
     nv = max(len(xtr) // 10, 1)
     y = onehot(ytr).double()
+    if len(xtr) < phi.shape[1]:        # fewer rows than columns: the dual (n x n) solve
+        grid = [10.0 ** (e / 2) for e in range(-14, 3)]
+        fit = nf.ridge(ptr[nv:], y[nv:], grid, phi_val=ptr[:nv], y_val=y[:nv],
+                       score="accuracy")
+        rel = max(fit.scores, key=lambda r: (fit.scores[r], r))
+        final = nf.ridge(ptr, y, rel)     # relative ridge: the same ridge per training row
+        return dict(accuracy=acc(final.predict(pte), yte), seconds=time.time() - t0,
+                    feature_seconds=t_feat, feature_dim=phi.shape[1], ridge_rel=rel,
+                    val_accuracy=fit.scores[rel] * 100, method=method, flip=flip,
+                    solver="dual")
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     a_val, b_val, _, _ = nf.normal_equations(ptr[:nv], y[:nv])
     scale = float(torch.diagonal(a_fit).mean())
@@ -125,7 +181,7 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", 
     pred = torch.cat([pte[i:i + 8192].double() @ w for i in range(0, len(pte), 8192)])
     return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
                 feature_dim=phi.shape[1], ridge_rel=rel, val_accuracy=scores[rel],
-                method=method)
+                method=method, flip=flip)
 
 
 def exact_row(a, xtr, ytr, xte, yte):
@@ -210,6 +266,12 @@ def main(argv=None):
                    help="also write the CNTK-GAP features and labels to DIR (a new .npz per "
                         "depth; existing files are never replaced), to try other solvers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip", action="store_true",
+                   help="feature rows: average the features over horizontal flips (kernel "
+                        "K(x,x') + K(x,flip x'); two feature passes; not in the published table)")
+    p.add_argument("--zca", type=float, default=None, metavar="EPS",
+                   help="ZCA-whiten the images (regularization EPS times the mean eigenvalue, "
+                        "e.g. 0.1; not in the published table)")
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
     if args.quick:
@@ -229,6 +291,8 @@ def main(argv=None):
     xtr, ytr, xte, yte = load(args.data, args.seed)
     xtr, ytr = xtr[:args.n_train], ytr[:args.n_train]
     xte, yte = xte[:args.n_test], yte[:args.n_test]
+    if args.zca is not None:
+        xtr, xte = zca_whiten(xtr, xte, args.zca)
     load1 = os.getloadavg()[0]
     new = not os.path.exists(args.out)
     f = open(args.out, "a", newline="")
@@ -252,23 +316,26 @@ def main(argv=None):
                    seconds=round(res.pop("seconds"), 1), peak_rss_gb=round(peak_rss_gb(), 2),
                    feature_dim=res.pop("feature_dim", ""),
                    detail=json.dumps(dict(res, load_avg=load1, threads=torch.get_num_threads(),
-                                          dim=args.dim)))
+                                          dim=args.dim, zca=args.zca)))
         w.writerow(out)
         f.flush()
         print(json.dumps(out), flush=True)
 
+    tag = ("+flip" if args.flip else "") + ("+zca" if args.zca is not None else "")
     for d in depths:
         if "gap-features" in rows:
-            emit("gap-features", "CNTK-GAP", d, len(xtr), len(xte),
+            emit("gap-features" + tag, "CNTK-GAP", d, len(xtr), len(xte),
                  features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
                               args.seed, args.chunk, args.method,
                               args.save_features and os.path.join(
                                   args.save_features,
-                                  f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz")))
+                                  f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz"),
+                              flip=args.flip))
         if "v-features" in rows:
-            emit("v-features", "CNTK-V", d, len(xtr), len(xte),
+            emit("v-features" + tag, "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,
-                              args.v_out_dim, args.seed, args.chunk, args.method))
+                              args.v_out_dim, args.seed, args.chunk, args.method,
+                              flip=args.flip))
         if "v-exact" in rows:
             n, m = args.exact_n, args.exact_test
             emit("v-exact", "CNTK-V", d, n, m,

@@ -228,6 +228,36 @@ def test_ridge_matches_the_closed_form_and_picks_the_best_validation_score():
     assert fit.ridge == pytest.approx(min(brute, key=brute.get) * scale)
 
 
+def test_dual_ridge_equals_the_primal_and_interpolates_at_zero():
+    """n < D: the dual (n x n) solve gives the primal's weights, validation scores and chosen
+    ridge (w = phi^T (phi phi^T + r)^-1 y = (phi^T phi + r)^-1 phi^T y for r > 0), with and
+    without an intercept; at ridge 0 it is the minimum-norm interpolant (phi w = y, w in the
+    row space of phi), where the primal system is singular."""
+    g = torch.Generator().manual_seed(11)
+    phi = torch.randn(30, 80, generator=g, dtype=F64)
+    y = torch.randn(30, 2, generator=g, dtype=F64)
+    pv, yv = torch.randn(10, 80, generator=g, dtype=F64), torch.randn(10, 2, generator=g,
+                                                                       dtype=F64)
+    grid = [1e-3, 1e-1, 10.0]
+    for fi in (False, True):
+        kw = dict(phi_val=pv, y_val=yv, fit_intercept=fi)
+        fp = nf.ridge(phi + 2.0, y, grid, solver="primal", **kw)
+        fd = nf.ridge(phi + 2.0, y, grid, solver="dual", **kw)
+        fa = nf.ridge(phi + 2.0, y, grid, **kw)          # auto: n < D -> dual
+        torch.testing.assert_close(fd.weights, fp.weights, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(fd.intercept, fp.intercept, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(fa.weights, fd.weights, rtol=0, atol=0)
+        assert fd.ridge == pytest.approx(fp.ridge, rel=1e-12)
+        for r in grid:
+            assert fd.scores[r] == pytest.approx(fp.scores[r], rel=1e-9)
+    fit = nf.ridge(phi, y, 0.0, relative=False, solver="dual")
+    torch.testing.assert_close(phi @ fit.weights, y, rtol=1e-8, atol=1e-8)
+    w_min = torch.linalg.pinv(phi) @ y
+    torch.testing.assert_close(fit.weights, w_min, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="solver"):
+        nf.ridge(phi, y, solver="qr")
+
+
 def test_ridge_refuses_bad_input():
     phi, y = torch.randn(10, 3), torch.randn(10)
     with pytest.raises(ValueError, match="validation"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 from .report import _plural
 
@@ -301,8 +301,8 @@ def _lecun_factory(d: int):
         net = nn.Sequential(nn.Linear(d, width, bias=False), nn.Tanh(),
                             nn.Linear(width, 1, bias=False))
         with torch.no_grad():
-            net[0].weight.normal_(0.0, d ** -0.5)        # LeCun: variance 1 / fan_in
-            net[2].weight.normal_(0.0, width ** -0.5)
+            cast(nn.Linear, net[0]).weight.normal_(0.0, d ** -0.5)  # LeCun: variance 1 / fan_in
+            cast(nn.Linear, net[2]).weight.normal_(0.0, width ** -0.5)
         return net.double()
     return make
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -399,6 +399,11 @@ _MAX_PER_TENSOR = 4
 _CACHE_LOCK = threading.RLock()
 
 
+def _forgetter(key: int) -> Callable[[Any], None]:
+    """The weakref callback that drops ``key``'s cache entries when its tensor dies."""
+    return lambda _r: _forget(key)
+
+
 def _forget(key: int) -> None:
     with _CACHE_LOCK:
         _CACHE.pop(key, None)
@@ -429,7 +434,7 @@ def factorize(k: Any, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = Fal
         ref = _REFS.get(key)
         if ref is None or ref() is not k:
             try:
-                _REFS[key] = weakref.ref(k, lambda _r, key=key: _forget(key))
+                _REFS[key] = weakref.ref(k, _forgetter(key))
             except TypeError:  # pragma: no cover - tensors support weakrefs
                 return f
             _CACHE[key] = []

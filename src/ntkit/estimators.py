@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -654,7 +654,7 @@ class _NTKBase(BaseEstimator):
         rs = self.random_state
         if rs is None:
             seed = 0
-        elif isinstance(rs, numbers.Integral) and not isinstance(rs, bool) and rs >= 0:
+        elif isinstance(rs, numbers.Integral) and not isinstance(rs, bool) and int(rs) >= 0:
             seed = int(rs)
         else:
             raise ValueError(f"`random_state` must be None or an int >= 0, got {rs!r}")
@@ -673,6 +673,7 @@ class _NTKBase(BaseEstimator):
         kind, t, cands, ridges, std, seed = self._plan(d)
         if not need_ridge and len(cands) == 1:
             ridges = ridges[:1]       # the ridge is not used (solver='svm'): no selection
+        self.scaler_: Optional[Tuple[torch.Tensor, torch.Tensor]]
         if std:
             mean = torch.tensor(X.mean(0))
             sd = torch.tensor(X.std(0))
@@ -682,7 +683,7 @@ class _NTKBase(BaseEstimator):
         Xt = self._transform(X)
         Yt = torch.tensor(np.asarray(Y, dtype=np.float64))
         self.y_fit_ = Yt
-        self._loo_best = None
+        self._loo_best: Any = None
         if self.features is not None:
             return self._fit_features(cands, ridges, Xt, Yt, y_idx, kind, seed)
         crit = _CLASSIFIER_CRITERION
@@ -1134,7 +1135,7 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
             splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed)
                           .split(np.zeros(n), y_idx))
             accs = []
-            best = None
+            best: Optional[Tuple[float, Any, np.ndarray]] = None
             for C in Cs:
                 F = np.empty((n, c))
                 for tr, va in splits:
@@ -1146,6 +1147,7 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
                 if best is None or acc > best[0]:      # ties: the smallest C (listed first)
                     best = (acc, C, F)
             self.cv_scores_ = {"C": np.array(Cs), "accuracy": np.array(accs)}
+            assert best is not None  # Cs is not empty
             _, C, oof = best
         else:
             C = Cs[0]

@@ -85,12 +85,15 @@ def _score(pred: Tensor, y: Tensor, name: str) -> float:
 
 def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = None, *,
           phi_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
-          score: str = "mse", relative: bool = True, fit_intercept: bool = False) -> RidgeFit:
-    """Ridge regression on features, in the primal (``D x D``), for ``n >> D``.
+          score: str = "mse", relative: bool = True, fit_intercept: bool = False,
+          solver: str = "auto") -> RidgeFit:
+    """Ridge regression on features: in the primal (``D x D``) for ``n >= D``, in the dual
+    (``n x n``) for ``n < D``.
 
     Solves ``min_w |phi w - y|^2 + r |w|^2`` for every ridge value ``r`` from one float64
-    eigendecomposition of ``phi^T phi`` (cost ``n D^2 + D^3``), and keeps the value with the best
-    validation score.
+    eigendecomposition -- of ``phi^T phi`` (primal, cost ``n D^2 + D^3``) or of ``phi phi^T``
+    (dual, cost ``n^2 D + n^3``; ``w = phi^T (phi phi^T + r)^-1 y``, the same weights for
+    ``r > 0``) -- and keeps the value with the best validation score.
 
     Args:
       phi: ``(n, D)`` training features; y: ``(n,)`` or ``(n, k)`` targets (e.g. one-hot).
@@ -100,6 +103,8 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
       score: ``'mse'`` (lower is better) or ``'accuracy'`` (argmax over columns, higher is better).
       relative: ridge values are relative to ``trace(phi^T phi) / D`` (default) or absolute.
       fit_intercept: centre features and targets (an unpenalized intercept).
+      solver: ``'auto'`` (dual when ``n < D``), ``'primal'`` or ``'dual'``. At ``ridge=0`` the
+        dual gives the minimum-norm interpolant where the primal system is singular.
 
     Returns:
       :class:`RidgeFit` with ``weights (D, k)``, ``intercept (k,)``, the chosen ``ridge`` and
@@ -115,6 +120,8 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
                          f"{tuple(y.shape)}")
     if score not in ("mse", "accuracy"):
         raise ValueError(f"`score` must be 'mse' or 'accuracy', got {score!r}")
+    if solver not in ("auto", "primal", "dual"):
+        raise ValueError(f"`solver` must be 'auto', 'primal' or 'dual', got {solver!r}")
     if (phi_val is None) != (y_val is None):
         raise ValueError("pass both `phi_val` and `y_val` (the validation split), or neither")
     if ridge is None:
@@ -128,20 +135,38 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
     if len(ridges) > 1 and phi_val is None:
         raise ValueError("several `ridge` values need a validation split to choose from: pass "
                          "`phi_val` and `y_val`")
-    a, b, mx, my = normal_equations(phi, y2)
-    n = phi.shape[0]
-    if fit_intercept:   # centred normal equations
-        a = a - n * torch.outer(mx, mx)
-        b = b - n * torch.outer(mx, my)
+    n, d = phi.shape
+    dual = solver == "dual" or (solver == "auto" and n < d)
+    if dual:
+        # phi (centred if fit_intercept) as float64 rows; w = phi^T U (L + r)^-1 U^T y
+        mx = phi.to(torch.float64).mean(0) if fit_intercept else None
+        my = y2.to(device=phi.device, dtype=torch.float64).mean(0)
+        p64 = phi.to(torch.float64) - (mx if mx is not None else 0.0)
+        yc = y2.to(device=phi.device, dtype=torch.float64) - (my if fit_intercept else 0.0)
+        a = p64 @ p64.T                                 # (n, n) Gram
+        b = yc
+        if mx is None:
+            mx = torch.zeros(d, dtype=torch.float64, device=phi.device)
+    else:
+        a, b, mx, my = normal_equations(phi, y2)
+        if fit_intercept:   # centred normal equations
+            a = a - n * torch.outer(mx, mx)
+            b = b - n * torch.outer(mx, my)
     a = 0.5 * (a + a.T)
-    scale = float(torch.diagonal(a).mean()) if relative else 1.0
+    # the same relative scale either way: trace(phi^T phi) / D
+    scale = float(torch.diagonal(a).sum()) / d if relative else 1.0
     if not math.isfinite(scale):
         raise ValueError("`phi` gives non-finite normal equations; check the features")
     if scale <= 0:
         scale = 1.0
     lam, vec = torch.linalg.eigh(a)
     lam = lam.clamp_min(0)
-    vb = vec.T @ b                                      # (D, k)
+    vb = vec.T @ b                                      # (D, k) primal, (n, k) dual
+    if dual:
+        # map back to feature space once: weights(r) = (phi^T U) (vb / (lam + r)); phi^T U is
+        # (D, n)
+        vec = p64.T @ vec
+        del p64
 
     def weights(r: float) -> Tensor:
         den = lam + r * scale

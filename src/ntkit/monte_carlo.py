@@ -30,13 +30,26 @@ if TYPE_CHECKING:
 __all__ = ["monte_carlo_kernel"]
 
 
+def _masked_zero(out: torch.Tensor, v: torch.Tensor, m1: Optional[torch.Tensor],
+                 m2: Optional[torch.Tensor]) -> None:
+    """In place: the estimate is zero for examples masked as a whole (every position padding),
+    as the network's output is there (``net(x, mask_constant=c)`` zeroes masked outputs)."""
+    if m1 is not None and bool(m1.any()):
+        out[m1] = 0
+        v[m1] = 0
+    if m2 is not None and bool(m2.any()):
+        out[:, m2] = 0
+
+
 def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
-                   kw1: Optional[Dict[str, Any]] = None, kw2: Optional[Dict[str, Any]] = None
+                   kw1: Optional[Dict[str, Any]] = None, kw2: Optional[Dict[str, Any]] = None,
+                   mask_constant: Optional[float] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """One network's NNGP estimate ``(k12, var1, var2)``: the ``(n1, n2)`` matrix and the
     per-example variances of ``x1`` and ``x2`` (``var2`` is ``None`` when ``x2`` is ``None``;
     ``var1`` is then the diagonal of ``k12``). ``kw1`` / ``kw2``: the call-time arguments of
-    ``x1`` / ``x2`` (``net(x1, **kw1)``).
+    ``x1`` / ``x2`` (``net(x1, **kw1)``); ``mask_constant``: every call is
+    ``net(x, mask_constant=c, ...)``.
 
     If the readout is a Dense layer acting on ``(n, C)`` features ``h``, its weights are
     integrated out exactly (``W_std^2 h1.h2 / C + b_std^2``): the error is then the
@@ -44,7 +57,9 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
     output sample. Otherwise ``f(x1) f(x2)^T / k``."""
     from .layers import CallArgsModule
     from .layers.dense import AffineModule
-    kw1, kw2 = kw1 or {}, kw2 or {}
+    kw1, kw2 = dict(kw1 or {}), dict(kw2 or {})
+    if mask_constant is not None:
+        kw1["mask_constant"] = kw2["mask_constant"] = mask_constant
     inner = net.net if isinstance(net, CallArgsModule) else net
     seq = inner if isinstance(inner, nn.Sequential) else None
     last = seq[-1] if seq is not None and len(seq) else None
@@ -53,14 +68,24 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
             body: nn.Module = seq[:-1]
             if isinstance(net, CallArgsModule):   # the body reads the same call-time arguments
                 body = CallArgsModule(body, net.call_args)
-            h1 = body(x1, **kw1)
+            if mask_constant is not None:
+                # the body's output keeps its mask (a Masked value): the readout is applied
+                # here, and examples masked as a whole have a zero output in the network
+                from .layers import mask_pre_hook
+                body.__dict__["_ntkit_mask_info"] = net.__dict__["_ntkit_mask_info"]
+                body.register_forward_pre_hook(mask_pre_hook, with_kwargs=True)
+            from .layers import unwrap
+            h1, m1 = unwrap(body(x1, **kw1))
             if h1.ndim == 2:
-                h2 = h1 if x2 is None else body(x2, **kw2)
+                h2, m2 = (h1, None) if x2 is None else unwrap(body(x2, **kw2))
                 scale = last.W_std ** 2 / h1.shape[1]
                 bias = 0.0 if last.b_std is None else last.b_std ** 2
                 out = (h1 @ h2.T) * scale + bias
                 v1 = (h1 * h1).sum(1) * scale + bias
                 v2 = None if x2 is None else (h2 * h2).sum(1) * scale + bias
+                _masked_zero(out, v1, m1, m1 if x2 is None else m2)
+                if v2 is not None and m2 is not None:
+                    v2[m2] = 0
                 return out, v1, v2
         f1 = net(x1, **kw1).reshape(x1.shape[0], -1)
         f2 = f1 if x2 is None else net(x2, **kw2).reshape(x2.shape[0], -1)
@@ -69,10 +94,27 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
     return f1 @ f2.T / k, (f1 * f1).sum(1) / k, v2
 
 
+class _WithMask(nn.Module):
+    """``net`` declaring ``mask_constant`` among its call-time arguments: ``empirical_ntk``
+    passes a network with declared ``call_args`` only the names it declares, and passes a
+    non-array argument (the scalar ``mask_constant``) unchanged to every call, never split
+    into ``x1`` / ``x2`` parts."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.call_args = tuple(getattr(net, "call_args", ())) + ("mask_constant",)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out: torch.Tensor = self.net(x, **kwargs)
+        return out
+
+
 def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[int] = None,
                        n_samples: int = 16, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
                        seed: int = 0, dtype: torch.dtype = torch.float64,
                        memory_budget: MemoryBudget = None,
+                       mask_constant: Optional[float] = None,
                        **call_args: Any) -> Union[torch.Tensor, Kernel]:
     """Estimate ``arch``'s NNGP/NTK from ``n_samples`` finite networks of hidden width ``width``.
 
@@ -83,6 +125,12 @@ def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[
       n_samples: number of independently initialized networks (seeds ``seed + i``).
       get: like ``arch.kernel``.
       memory_budget: bytes for each network's empirical NTK (see ``ntkit.empirical_ntk``).
+      mask_constant: neural-tangents' masking, as in ``arch.kernel(..., mask_constant=c)``:
+        every network runs as ``net(x, mask_constant=c)`` (positions whose channels all equal
+        ``c`` are padding), so the estimate converges to ``arch.kernel(x1, x2,
+        mask_constant=c)``. One number shared by ``x1`` and ``x2`` (not a per-example call
+        argument); architectures with a layer that cannot honour masks raise ``ValueError``
+        naming it.
       **call_args: the call-time arguments of ``arch.kernel`` (names some layer of ``arch``
         reads, e.g. ``pattern=(p1, p2)`` for :class:`~ntkit.layers.Aggregate`; ``pattern=p``
         when ``x2`` is ``None``): every network runs as ``net(x1, pattern=p1)`` and
@@ -94,8 +142,20 @@ def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[
     """
     keys, single = parse_get(get)
     check_int(n_samples, "n_samples")
-    x1 = as_tensor(x1, "x1", dtype)
-    x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
+    if mask_constant is None:
+        x1 = as_tensor(x1, "x1", dtype)
+        x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
+    else:   # the padding as arch.kernel finds it: compared in the inputs' own dtype
+        from .layers import finite_stand_in, masked_input
+        from .layers import check_mask_constant, check_supported
+        mask_constant = check_mask_constant(mask_constant)
+        check_supported(arch)     # refuse before any network is built
+        x1 = masked_input(x1, "x1", dtype, mask_constant)
+        x2 = None if x2 is None else masked_input(x2, "x2", dtype, mask_constant)
+        # NaN / inf padding: the same entries marked by a finite constant (empirical_ntk
+        # refuses non-finite inputs; the networks mask exactly the same positions)
+        (x1, x2), mask_constant = finite_stand_in([x1, x2], mask_constant)
+        assert x1 is not None
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                          f"{tuple(x1.shape[1:])}")
@@ -115,14 +175,19 @@ def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[
     for s in range(n_samples):
         net = arch.module(in_shape, width=width, seed=seed + s, dtype=dtype)
         if "nngp" in keys or not single:
-            t, v1, v2 = _nngp_estimate(net, x1, x2, kw1, kw2)
+            t, v1, v2 = _nngp_estimate(net, x1, x2, kw1, kw2, mask_constant)
             nngp = t if nngp is None else nngp + t
             var1 = v1 if var1 is None else var1 + v1
             if v2 is not None:
                 var2 = v2 if var2 is None else var2 + v2
         if "ntk" in keys:
-            t = empirical_ntk(net, x1, x2, output="trace", memory_budget=memory_budget,
-                              **pairs)
+            if mask_constant is None:
+                t = empirical_ntk(net, x1, x2, output="trace", memory_budget=memory_budget,
+                                  **pairs)
+            else:   # a scalar shared by both inputs: bound to the network, never split
+                t = empirical_ntk(_WithMask(net), x1, x2, output="trace",
+                                  memory_budget=memory_budget, mask_constant=mask_constant,
+                                  **pairs)
             ntk = t if ntk is None else ntk + t
 
     def mean(total: Optional[torch.Tensor], what: str) -> torch.Tensor:

@@ -468,9 +468,9 @@ def tangent_model(alphas: Sequence[float] = (1.0, 2.0, 4.0, 16.0), *,
     if not al or min(al) <= 0:
         raise ValueError(f"`alphas` must be positive numbers, got {list(alphas)}")
     w0t = torch.tensor(w0, dtype=_F64, requires_grad=True)
-    h0 = h(w0t)
-    (slope,) = torch.autograd.grad(h0, w0t)
-    slope, h0 = float(slope), float(h0.detach())
+    h0t = h(w0t)
+    (dh,) = torch.autograd.grad(h0t, w0t)
+    slope, h0 = float(dh), float(h0t.detach())
     if slope == 0:
         raise ValueError("h'(w0) = 0: the tangent model is constant; pick another w0")
     s_star = target / slope

@@ -48,7 +48,8 @@ import collections
 import inspect
 import math
 import weakref
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union,
+                    overload)
 
 import numpy as np
 import torch
@@ -191,6 +192,18 @@ def _train_outputs(V: torch.Tensor, em1: torch.Tensor, ex: torch.Tensor, p: torc
     return fin
 
 
+@overload
+def _finite(z: torch.Tensor, what: str) -> torch.Tensor: ...
+
+
+@overload
+def _finite(z: None, what: str) -> None: ...
+
+
+@overload
+def _finite(z: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]: ...
+
+
 def _finite(z: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
     """Raise instead of returning NaN/Inf (overflow in a product of huge kernels/targets)."""
     if z is not None and z.numel() and not bool(torch.isfinite(z).all()):
@@ -278,6 +291,7 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
         if want_train:
             fx_train = _train_outputs(evecs, em1, ex, p, f0, y64, times)   # (T, n, k)
         if want_test:
+            assert k_td is not None and g0 is not None  # set above when want_test
             a = k_td @ evecs                                          # (m, n)
             fx_test = g0 + torch.matmul(a, quot[:, :, None] * p)
         shp = lambda z: None if z is None else z.reshape(t_shape + z.shape[1:])  # noqa: E731
@@ -468,10 +482,9 @@ def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rat
 # 2. GP inference and the infinite ensemble
 # =========================================================================================
 
-def _kernel_part(k: Any, g: str, name: str) -> Optional[torch.Tensor]:
-    """``k.nngp`` / ``k['ntk']`` / ``k`` itself (a bare matrix stands for any ``get``)."""
-    if k is None:
-        return None
+def _kernel_part(k: Any, g: str, name: str) -> torch.Tensor:
+    """``k.nngp`` / ``k['ntk']`` / ``k`` itself (a bare matrix stands for any ``get``); a ``k``
+    without that kernel (``None`` included) is a ValueError naming ``name``."""
     if isinstance(k, (torch.Tensor, np.ndarray)):
         return _as_array(k, name)
     if isinstance(k, dict):
@@ -493,6 +506,7 @@ def _parse_get(get: Union[str, Sequence[str], None], allowed: Tuple[str, ...]
                ) -> Tuple[Tuple[str, ...], bool]:
     if get is None:
         return ("nngp", "ntk"), False
+    keys: Tuple[str, ...]
     if isinstance(get, str):
         keys, single = (get,), True
     else:
@@ -581,7 +595,7 @@ def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
     def predict_fn(get: Union[str, Sequence[str], None] = None, k_test_train: Any = None,
                    k_test_test: Any = None):
         keys, single = _parse_get(get, ("nngp", "ntk", "ntkgp"))
-        out = {}
+        out: Dict[str, Any] = {}
         for g in keys:
             kk = "ntk" if g == "ntkgp" else g
             want_cov = k_test_test is not None
@@ -734,7 +748,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
         return factorize(train_kernels((g,))[g], diag_reg, diag_reg_absolute_scale,
                          f"kernel_fn(x_train).{g}")
 
-    basis_cache: Dict[str, Any] = {}
+    basis_cache: Dict[Any, Any] = {}
 
     def _predict(t: Any = None, x_test: Any = None, get: Union[str, Sequence[str], None] = None,
                  compute_cov: bool = False):
@@ -768,7 +782,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
         all_inf = bool(torch.isinf(times).all())
         size = float(y.numel())
 
-        out = {}
+        out: Dict[str, Any] = {}
         for g in keys:
             f = fac(g)
             dev = f.matrix.device
@@ -887,6 +901,7 @@ def _ensemble_inf_direct(f, g: str, y_d: torch.Tensor, k_td: Dict[str, torch.Ten
     mean = ktd @ torch.cholesky_solve(y_d, L)
     cov = None
     if compute_cov:
+        assert K_tt is not None  # the caller computes it with the covariance
         if g == "nngp":
             Z = torch.linalg.solve_triangular(L, ktd.T, upper=False)     # (n, m)
             cov = K_tt - Z.T @ Z
@@ -902,7 +917,7 @@ def _ensemble_inf_direct(f, g: str, y_d: torch.Tensor, k_td: Dict[str, torch.Ten
 def _ensemble_eigen(f, g: str, y: torch.Tensor, k_td: Optional[Dict[str, torch.Tensor]],
                     kdd: Dict[str, torch.Tensor], nngp_tt: Optional[torch.Tensor],
                     compute_cov: bool, abs_times: torch.Tensor, times: torch.Tensor,
-                    size: float, basis_cache: Dict[str, Any]):
+                    size: float, basis_cache: Dict[Any, Any]):
     """Mean ``(T, m, k)`` and covariance ``(T, m, m)`` (or ``None``) from one eigendecomposition
     of the regularized kernel shared by every ``t`` and by mean and covariance; the ``T`` times
     go through single large matrix products.
@@ -934,6 +949,7 @@ def _ensemble_eigen(f, g: str, y: torch.Tensor, k_td: Optional[Dict[str, torch.T
     A = ktd @ V                                                                  # (m, n)
     mean = torch.matmul(A, quot[:, :, None] * p)                                 # (T, m, k)
     T, m = quot.shape[0], A.shape[0]
+    assert nngp_tt is not None  # computed with the covariance when there are test inputs
     K_tt = cv(nngp_tt)
     if g == "nngp":
         _, quot2, _ = _mode_factors(evals, live, 2 * abs_times, size)
@@ -954,7 +970,7 @@ def _ensemble_eigen(f, g: str, y: torch.Tensor, k_td: Optional[Dict[str, torch.T
     return mean, cov - PC - PC.transpose(1, 2) + K_tt
 
 
-def _basis_factor(cache: Dict[str, Any], V: torch.Tensor, nngp_dd: Any, nngp_td: torch.Tensor,
+def _basis_factor(cache: Dict[Any, Any], V: torch.Tensor, nngp_dd: Any, nngp_td: torch.Tensor,
                   nngp_tt: torch.Tensor):
     """``(R, Z^T, K_tt - Z^T Z)`` in ``V``'s dtype with ``K = L L^T`` (train NNGP),
     ``R = V^T L`` and ``Z = L^-1 K_dt``, or ``None`` when the NNGP's Cholesky is
@@ -986,7 +1002,7 @@ def _basis_factor(cache: Dict[str, Any], V: torch.Tensor, nngp_dd: Any, nngp_td:
     return R, Z.T.to(wd), S.to(wd)
 
 
-def _basis_nngp(cache: Dict[str, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor
+def _basis_nngp(cache: Dict[Any, Any], g: str, V: torch.Tensor, nngp_dd: torch.Tensor
                 ) -> torch.Tensor:
     """``V^T K_nngp V`` in ``V``'s dtype (cached per eigenbasis): the prior covariance in the
     NTK's eigenbasis."""
@@ -1188,7 +1204,7 @@ def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: An
             state0 = torch.cat([f0, g0])
         else:
             state0 = f0.clone()
-        Kall = torch.cat([K, k_td]) if want_test else K            # (n + m, n)
+        Kall = torch.cat([K, k_td]) if k_td is not None else K     # (n + m, n); k_td: want_test
         if friction is not None:
             state0 = torch.cat([state0, torch.zeros_like(state0)])
         nf = n + m

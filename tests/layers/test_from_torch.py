@@ -208,7 +208,7 @@ def test_padding_variants_match_torch():
     (nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4))), "1.1",
      "BatchNorm1d"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)), "1", "MaxPool2d"),
-    (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)), "1", "eval()"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout2d(0.5)), "1", "eval()"),  # nn.Dropout converts
     (nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)), "1", "MultiheadAttention"),
     (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "0", "groups=2"),
     (nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2)), "0", "dilation"),

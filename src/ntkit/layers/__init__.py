@@ -14,6 +14,15 @@ from ._base import Layer
 from ._base import CallArgsModule as CallArgsModule
 from ._base import check_call_arg_pair as check_call_arg_pair
 from ._base import prepare_call_args as prepare_call_args
+# ... and the masking plumbing (mask_constant) for the same callers
+from ._mask_inputs import finite_stand_in as finite_stand_in
+from ._mask_inputs import masked_input as masked_input
+from ._masking import check_mask_constant as check_mask_constant
+from ._masking import check_supported as check_supported
+from ._masking import collapses_channels as collapses_channels
+from ._masking import input_masks as input_masks
+from ._masking import mask_pre_hook as mask_pre_hook
+from ._masking import unwrap as unwrap
 from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, Gelu,
                           Hermite, LeakyRelu, Monomial, Polynomial, Rbf, RectifiedMonomial, Relu,
                           Sigmoid_like, Sign, Sin)

@@ -19,8 +19,9 @@ layer reads the current ``(value for x1 block, value for x2 block or None)`` wit
 :func:`call_arg` inside ``kernel_map`` / its module's ``forward``. Other layers never see them.
 
 Masking (neural-tangents' ``mask_constant``): ``arch.kernel(x1, x2, mask_constant=c)`` and
-``net(x, mask_constant=c)`` treat positions whose channels all equal ``c`` as padding; see
-:mod:`ntkit.layers._masking`. A layer opts in with ``supports_masking = True`` (and
+``net(x, mask_constant=c)`` treat positions whose channels all equal ``c`` as padding (so do
+``ntkit.monte_carlo_kernel``, ``ntkit.features(method='jacobian')`` and
+``ntkit.scale.compute_kernel``); see :mod:`ntkit.layers._masking`. A layer opts in with ``supports_masking = True`` (and
 :meth:`Layer.mask_map` when it changes the positions); the others refuse masks.
 """
 from __future__ import annotations

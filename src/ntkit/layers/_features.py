@@ -429,17 +429,31 @@ class _JacobianMap:
         return out
 
     def __call__(self, xb: Tensor, keys, out_dim: Optional[int],
-                 call_args: Optional[Dict[str, Any]] = None) -> Dict[str, Tensor]:
+                 call_args: Optional[Dict[str, Any]] = None,
+                 mask_constant: Optional[float] = None) -> Dict[str, Tensor]:
         """Features of the examples ``xb``; ``call_args``: their call-time arguments
-        (``name -> per-example rows``), passed to the network as ``net(xb, **call_args)``."""
+        (``name -> per-example rows``), passed to the network as ``net(xb, **call_args)``;
+        ``mask_constant``: the network runs as ``net(xb, mask_constant=c)``."""
+        from ._masking import Masked, unwrap
         recs: List[Tuple[Any, Tensor, Tensor]] = []
+        final: List[Any] = []   # the last module's output as the network returns it
 
         def hook(mod, inputs, output):
-            recs.append((mod, inputs[0].detach(), output))
-        handles = [m.register_forward_hook(hook) for m in self.mods]
+            # with masks the modules pass Masked values: the layer's input is its value zeroed
+            # at masked positions (what the weights multiply) and its output the value (whose
+            # masked positions the next layer zeroes, so their gradient is zero)
+            inp, _ = unwrap(inputs[0])
+            out = output.value if isinstance(output, Masked) else output
+            recs.append((mod, inp.detach(), out))
+            final[:] = [unwrap(output)[0]]
+        # prepend: run before the top module's mask hook turns its output into a plain tensor
+        handles = [m.register_forward_hook(hook, prepend=True) for m in self.mods]
         try:
             with torch.enable_grad():
-                y = self.net(xb, **(call_args or {}))
+                kw = dict(call_args or {})
+                if mask_constant is not None:
+                    kw["mask_constant"] = mask_constant
+                y = self.net(xb, **kw)
                 outs = [r[2] for r in recs]
                 if len(recs) != len(self.mods) or len({id(r[0]) for r in recs}) != len(recs):
                     raise NotImplementedError(
@@ -451,7 +465,7 @@ class _JacobianMap:
             for h in handles:
                 h.remove()
         res: Dict[str, Tensor] = {}
-        last, last_out = recs[-1][0], recs[-1][2]
+        last, last_out = recs[-1][0], final[0]
         if "nngp" in keys:
             if isinstance(last, self.conv_t) or last_out.shape != y.shape or not bool(
                     (last_out == y).all()):
@@ -512,7 +526,8 @@ def _parse_budget(memory_budget) -> int:
 def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
              seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
-             chunk: Optional[int] = None, progress: bool = False, **call_args: Any):
+             chunk: Optional[int] = None, progress: bool = False,
+             mask_constant: Optional[float] = None, **call_args: Any):
     """Random features whose inner products approximate the exact kernel of ``arch``.
 
     ``phi = features(arch, x, dim)`` gives ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2, get)``
@@ -537,6 +552,12 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         string such as ``'2GB'``.
       chunk: examples per chunk (default: from ``memory_budget``).
       progress: show a progress bar over chunks.
+      mask_constant: neural-tangents' masking, as in ``arch.kernel(x, mask_constant=c)``:
+        positions of ``x`` whose channels all equal ``c`` are padding (compared in ``x``'s own
+        dtype; ``NaN`` matches ``NaN``). ``method='jacobian'`` runs the finite network as
+        ``net(x, mask_constant=c)``, so ``phi @ phi.T`` estimates the masked kernel and padding
+        does not change an example's features. ``method='rf'`` has no random-feature rule for
+        masks and refuses it (``ValueError``).
       **call_args: call-time arguments of the architecture, as in ``arch.kernel`` (e.g. the
         graph ``pattern=p`` of :class:`~ntkit.layers.Aggregate`, one per example of ``x``).
         ``method='jacobian'`` runs the finite network on each chunk with the chunk's rows
@@ -568,7 +589,20 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
     keys, single = parse_get(get)
-    x = as_tensor(x, "x", dtype)
+    if mask_constant is not None:
+        if method == "rf":
+            raise ValueError(
+                "features(method='rf') does not support `mask_constant` (its layer-wise random "
+                "features have no rule for masked positions); use method='jacobian' (the "
+                "sketched Jacobian of a finite network run as net(x, mask_constant=c)), or crop "
+                "the padding and call without mask_constant")
+        from ._mask_inputs import masked_input
+        from ._masking import check_mask_constant, check_supported
+        mask_constant = check_mask_constant(mask_constant)
+        check_supported(arch)
+        x = masked_input(x, "x", dtype, mask_constant)
+    else:
+        x = as_tensor(x, "x", dtype)
     if x.shape[0] == 0 or any(s == 0 for s in x.shape[1:]):
         raise ValueError(f"`x` must have at least one example and one feature, got shape "
                          f"{tuple(x.shape)}")
@@ -605,7 +639,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
 
     def run(xb, rows: slice):
         if jac is not None:
-            res = jac(xb, keys, out_dim, {name: a[rows] for name, a in args.items()})
+            res = jac(xb, keys, out_dim, {name: a[rows] for name, a in args.items()},
+                      mask_constant)
             for key, t in res.items():
                 _check_finite(t, key, xb)
             return res

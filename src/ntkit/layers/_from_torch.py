@@ -68,7 +68,13 @@ weight ``(in, out, *k)`` with ``fan_in = out_channels * area``, so the default `
 sampling is exactly ``jax.image.resize``'s (linear: ``antialias=False``): integer
 ``scale_factor``, or ``size`` / ``recompute_scale_factor=True`` except for legacy 'nearest'
 (``floor(o * in / out)`` differs from the half-pixel rule; use 'nearest-exact');
-``Identity`` and ``Dropout`` in eval mode are dropped. Anything else raises ``ValueError`` naming
+``Identity`` and dropout in eval mode (or with ``p=0``) are dropped. ``nn.Dropout(p)`` in train
+mode (element-wise inverted dropout: keep with probability ``1 - p``, scale kept units by
+``1 / (1 - p)``) -> ``Dropout(rate=1 - p, mode='train')`` (ntkit's and neural-tangents' ``rate``
+is the KEEP probability); its kernel is that of one forward pass (``kernel(x)``: the batch
+diagonal is scaled by ``1 / (1 - p)``; see :class:`~ntkit.layers.Dropout`). Train-mode
+``Dropout1d/2d/3d`` (whole channels), ``AlphaDropout`` and ``FeatureAlphaDropout`` have no
+ntkit layer and are refused. Anything else raises ``ValueError`` naming
 the module class and its position (e.g. ``'features.3'``).
 
 Example::
@@ -95,6 +101,7 @@ from .combinators import Serial, serial
 from .conv import Conv
 from .conv_variants import ConvTranspose, ImageResize
 from .dense import Dense, check_parameterization
+from .misc import Dropout
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
 
@@ -263,7 +270,7 @@ _HINTS = {
                  "per-example kernel; use LayerNorm, or remove it",
     "MaxPool": "max pooling has no closed-form kernel; use AvgPool2d",
     "MultiheadAttention": "attention layers are not supported",
-    "Dropout": "dropout is random in train mode; call module.eval() first",
+    "Dropout": "only element-wise nn.Dropout converts in train mode; call module.eval() first",
     "PReLU": "its slope is a trainable parameter; use LeakyReLU",
     "Adaptive": "only output_size=1 (global average pooling) is supported",
 }
@@ -275,6 +282,29 @@ def _error(m: nn.Module, path: str, why: str = "") -> ValueError:
         why = next((h for key, h in _HINTS.items() if key in name),
                    "it has no infinite-width kernel in ntkit")
     return ValueError(f"from_torch: cannot convert {name} at position '{path}': {why}")
+
+
+def _train_dropout(m: nn.Module, path: str) -> Dropout:
+    """Train-mode ``nn.Dropout(p)`` (``0 < p < 1``): torch zeroes each entry with probability
+    ``p`` and scales the others by ``1 / (1 - p)``, which is ntkit's (and neural-tangents')
+    ``Dropout(rate=1 - p)``, ``rate`` being the keep probability. Other dropout modules are
+    refused: their noise is not element-wise i.i.d. inverted dropout."""
+    name = type(m).__name__
+    if type(m) is not nn.Dropout:
+        what = ("drops whole channels (one mask per channel, shared by its positions)"
+                if name.startswith("Dropout") and name[-2:] in ("1d", "2d", "3d") else
+                "keeps the SELU self-normalization with an affine correction, not inverted "
+                "dropout" if "Alpha" in name else "is not torch.nn.Dropout itself")
+        raise _error(m, path, f"in train mode it {what}, which has no ntkit layer; call "
+                              f"module.eval() (dropout is then the identity), or use "
+                              f"nn.Dropout(p) (element-wise), which converts to "
+                              f"ntkit.layers.Dropout(rate=1 - p)")
+    p = float(m.p)
+    if p >= 1.0:
+        raise _error(m, path, f"nn.Dropout(p={m.p}) in train mode zeroes every unit (keep "
+                              f"probability 0, so the kernel is zero); use p < 1 or call "
+                              f"module.eval()")
+    return Dropout(1.0 - p, mode="train")
 
 
 def _leaves(module: nn.Module, path: str) -> Iterator[Tuple[str, nn.Module]]:
@@ -560,10 +590,9 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
         elif t is nn.Identity:
             continue
         elif isinstance(m, nn.modules.dropout._DropoutNd):
-            if m.training and m.p > 0:
-                raise _error(m, path, "Dropout in train mode is random; call module.eval() "
-                                      "(then dropout is the identity)")
-            continue
+            if not m.training or m.p == 0:
+                continue    # the identity
+            layers.append(_train_dropout(m, path))
         else:
             act = _activation(m)
             if act is None:

@@ -52,11 +52,11 @@ def enabled() -> bool:
 
 def usable(*ts: Optional[Tensor]) -> bool:
     """All given tensors on CPU, float32/float64 and one dtype, and the kernels enabled."""
-    ts = [t for t in ts if t is not None]
-    if not ts or not enabled():
+    given = [t for t in ts if t is not None]
+    if not given or not enabled():
         return False
-    dt = ts[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dt and not t.requires_grad for t in ts) \
+    dt = given[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dt and not t.requires_grad for t in given) \
         and dt in (torch.float32, torch.float64)
 
 
@@ -73,7 +73,9 @@ def _call(serial, parallel, *args, acc_len: int = 0, acc_dtype=None, rows: int =
     nt = min(_threads(), max(1, rows))
     if nt > 1:
         import numba
-        nt = min(nt, numba.config.NUMBA_NUM_THREADS)
+        # numba.core.config sets NUMBA_NUM_THREADS at import (through globals()), so its
+        # stubs do not declare it
+        nt = min(nt, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if acc_len:
         args = args + (np.zeros((nt, acc_len), dtype=acc_dtype),)
     if nt == 1:

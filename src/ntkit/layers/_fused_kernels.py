@@ -16,6 +16,7 @@ Coefficients: :data:`ATAN_F32`, :data:`ATAN_F64` (highest degree first; derived 
 from __future__ import annotations
 
 import math
+from typing import Any, Dict
 
 import numpy as np
 from numba import njit, prange, uint64
@@ -32,9 +33,9 @@ ATAN_F64 = (-6.341547937287325e-06, 8.085744031772107e-05, -0.000487166901659470
             -0.0909090861799711, 0.11111111092285501, -0.14285714285287895, 0.19999999999995574,
             -0.33333333333333315)
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+_JIT: Dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 # helpers are inlined at numba-IR level so that LLVM sees (and vectorizes) one flat loop
-_INLINE = dict(_JIT, inline="always")
+_INLINE: Dict[str, Any] = dict(_JIT, inline="always")
 
 
 def horner(A, x):  # pragma: no cover - replaced by the overload in compiled code

@@ -158,7 +158,7 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
                shape2=shape if x2 is None else tuple(x2.shape[1:]), want_ntk=want_ntk,
                is_gaussian=False, diagonal_spatial=diag)
     if x2 is None:
-        set_batch_diag(k.nngp, cov1)
+        set_batch_diag(nngp, cov1)  # k.nngp is nngp
     return k
 
 
@@ -177,6 +177,7 @@ def variances(cov: Tensor, k: Kernel) -> Tensor:
 
 def outer_vars(k: Kernel) -> Tuple[Tensor, Tensor]:
     """Variances of x1 and x2 shaped to broadcast against ``k.nngp``."""
+    assert k.cov1 is not None  # the recursion always carries the x1 self-covariance
     v1 = variances(k.cov1, k)
     v2 = v1 if k.cov2 is None else variances(k.cov2, k)
     ns = k.n_spatial
@@ -274,10 +275,13 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
     if not k.is_gaussian:
         raise ValueError("an activation needs Gaussian pre-activations: put a Dense/Conv layer "
                          "(or LayerNorm after one) before it")
+    # the recursion always carries the NNGP and the x1 self-covariance
+    assert k.nngp is not None and k.cov1 is not None
     need_dot = k.ntk is not None
     full = k.n_spatial > 0 and not k.diagonal_spatial
     use_fused = fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2)
     if use_fused:
+        assert fused is not None  # use_fused implies it
         f, h = fused
         v1 = variances(k.cov1, k)
         v2 = v1 if k.cov2 is None else variances(k.cov2, k)
@@ -318,7 +322,8 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
     cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map)[0]
     if k.cov2 is None:  # exact batch diagonal
         set_batch_diag(nngp, cov1)
-        if ntk is not None and dot1 is not None and dot1.shape == batch_diag(ntk).shape:
+        if ntk is not None and k.ntk is not None and dot1 is not None \
+                and dot1.shape == batch_diag(ntk).shape:  # (ntk is None when k.ntk is)
             set_batch_diag(ntk, batch_diag(k.ntk) * dot1)
     return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
@@ -376,7 +381,7 @@ def chunked_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: boo
         skip = _diag_in_chunk(idx, shape) if symmetric else None
         o, d = normalized_cross(dual, c[idx], vi1, vi2, need_dot, skip)
         out[idx] = o
-        if nt_out is not None and d is not None:
+        if nt_out is not None and ntk is not None and d is not None:  # (nt_out: ntk given)
             torch.mul(ntk[idx], d, out=nt_out[idx])
         elif d_out is not None:
             d_out[idx] = d

@@ -272,6 +272,7 @@ def conv_full(t: Tensor, batch_ndim: int, filt: Sequence[int], strides: Sequence
                 out = piece.new_empty((nb,) + tuple(piece.shape[1:]))
             out[sl] = piece
             del piece
+        assert out is not None  # nb > 1: the loop ran
         return out.reshape(tuple(t.shape[:batch_ndim]) + tuple(out.shape[1:]))
     return _conv_full(t, batch_ndim, filt, strides, pads, circular, alpha, base)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Optional, Tuple
+from typing import Optional, Tuple, cast
 
 import torch
 
@@ -379,6 +379,8 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
     pix = math.prod(x1.shape[2:]) if ns else 1
     probe = kernel_tile(arch, x1[:1], None, want_ntk, full,
                         call_args=slice_call_args(call_args, slice(0, 1)))
+    # a tile always carries the NNGP and the x1 self-covariance (only _finish drops them)
+    assert probe.nngp is not None and probe.cov1 is not None
     out_tail = tuple(probe.nngp.shape[2:])
     out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
     cap = cache_cap(pix, full, itemsize) if ns else None
@@ -429,16 +431,17 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
             if x2 is None and i == j:
                 kt = kernel_tile(arch, x1[I], None, want_ntk, full, ca,
                                  call_args=slice_call_args(call_args, I))
-                cov1[I] = kt.cov1
+                cov1[I] = cast(torch.Tensor, kt.cov1)
             else:
                 cb = in_cov(0 if x2 is None else 1, j, xb_all[J]) if ns else None
                 kt = kernel_tile(arch, x1[I], xb_all[J], want_ntk, full, ca, cb,
                                  call_args=slice_call_args(call_args, I, J))
                 if x2 is not None:
+                    assert cov2 is not None  # allocated when x2 is given
                     if j == 0:
-                        cov1[I] = kt.cov1
+                        cov1[I] = cast(torch.Tensor, kt.cov1)
                     if i == 0:
-                        cov2[J] = kt.cov2
+                        cov2[J] = cast(torch.Tensor, kt.cov2)
             for key in keys:
                 t = getattr(kt, key)
                 if x2 is None and i == j:

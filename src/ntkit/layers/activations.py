@@ -23,9 +23,10 @@ every layout (FC and images) is one fused pass (one division, one square root, a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ class Activation(Layer):
         return ActivationModule(self.fn, repr(self)), in_shape
 
 
-_ONE = {}
+_ONE: Dict[Any, Tensor] = {}  # dtype -> one
 
 
 def _one(dtype) -> Tensor:
@@ -835,12 +836,16 @@ class Elementwise(Activation):
             2 * c / torch.sqrt((1 + 2 * v1) * (1 + 2 * v2)))
         serial(Dense(512), Elementwise(torch.erf, erf_nngp), Dense(1))
     """
-    fn_: Callable = None
+    fn_: Callable = None  # type: ignore[assignment]  # None: __post_init__ raises TypeError
     nngp_fn: Optional[Callable] = None
     d_nngp_fn: Optional[Callable] = None
     df: Optional[Callable] = None
     deg: Optional[int] = None
     rtol: float = 1e-10
+    if TYPE_CHECKING:  # set in __post_init__; declared for type checkers only (at run time
+        # they are plain instance attributes, not dataclass fields)
+        _plans: Dict[Tuple[int, int, float], Any] = dataclasses.field(init=False)
+        _warned: List[bool] = dataclasses.field(init=False)
 
     def __post_init__(self):
         if not callable(self.fn_):
@@ -919,7 +924,7 @@ class Elementwise(Activation):
         if not bad or self._warned[0]:
             return
         self._warned[0] = True
-        worst = {}
+        worst: Dict[Any, Tuple[float, float]] = {}
         for (term, var), e in bad.items():
             if e > worst.get(term, (0.0, 0.0))[0]:
                 worst[term] = (e, var)

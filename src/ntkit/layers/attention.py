@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -237,6 +237,7 @@ class SelfAttentionModule(nn.Module):
         out = heads @ self.w_out.T * (self.ov_std / math.sqrt(self.d_val * self.n_heads *
                                                               self.c_val))
         if self.bias is not None:
+            assert self.b_std is not None  # the bias exists only when b_std is given
             out = out + self.b_std * self.bias
         return out.transpose(1, 2).reshape((n, self.n_out) + self.spatial)
 
@@ -391,8 +392,9 @@ class GlobalSelfAttention(Layer):
         self._check_closed_form()
         c, sp = k.shape1[0], tuple(k.shape1[1:])
         npos = math.prod(sp)
+        assert k.nngp is not None  # the recursion always carries the NNGP
         dt = k.nngp.dtype
-        like = dict(dtype=dt, device=k.nngp.device)
+        like: Dict[str, Any] = dict(dtype=dt, device=k.nngp.device)
         use_pe = self.pos_emb_type != "NONE"
         w_in, w_pe = self._pos_weights(c)
         r = pos_emb_cov(self.pos_emb_decay_fn, float(self.pos_emb_p_norm), sp).to(**like) \

@@ -14,7 +14,7 @@ independence condition.
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -168,20 +168,21 @@ class FanOut(Layer):
         return _FanOutModule(self.n), (tuple(in_shape),) * self.n
 
 
-def _need_branches(k, name):
+def _need_branches(k: KernelLike, name: str) -> Tuple[Kernel, ...]:
     if not isinstance(k, tuple):
         raise ValueError(f"{name} needs several branches (a tuple) as input; use FanOut/parallel "
                          f"before it")
     return k
 
 
-def _equal_branches(ks, name):
+def _equal_branches(ks: KernelLike, name: str) -> Tuple[Kernel, ...]:
     """Branches of equal shape and kernel layout (elementwise merges: sum, product)."""
     ks = _need_branches(ks, name)
     shapes = {k.shape1 for k in ks}
     if len(shapes) > 1:
         raise ValueError(f"{name} needs branches of equal shape, got {sorted(shapes)}")
-    if len({(k.diagonal_spatial, k.nngp.shape) for k in ks}) > 1:
+    # (cast: the recursion always carries the NNGP)
+    if len({(k.diagonal_spatial, cast(torch.Tensor, k.nngp).shape) for k in ks}) > 1:
         raise ValueError(f"{name} branches have different kernel layouts")
     return ks
 
@@ -196,7 +197,7 @@ def _sum_opt(ts):
     return out
 
 
-def _branch_masks(ks, name):
+def _branch_masks(ks: KernelLike, name: str) -> Tuple[Kernel, ...]:
     ks = _need_branches(ks, name)
     if any(k.mask1 is None for k in ks):  # pragma: no cover - FanOut copies the masks
         raise ValueError(f"{name}: some branches carry masks and others do not")
@@ -253,7 +254,7 @@ class FanInSum(Layer):
         m2 = None if ks[0].mask2 is None else _and_masks([k.mask2 for k in ks])
         return out.replace(mask1=m1, mask2=m2)
 
-    def kernel_map(self, ks: KernelLike) -> KernelLike:
+    def kernel_map(self, ks: KernelLike) -> Kernel:
         ks = _equal_branches(ks, "FanInSum")
         k0 = ks[0]
         return k0.replace(
@@ -301,7 +302,7 @@ class FanInConcat(Layer):
         m2 = None if ks[0].mask2 is None else _equal_masks([k.mask2 for k in ks], "FanInConcat")
         return self.kernel_map(ks).replace(mask1=m1, mask2=m2)
 
-    def kernel_map(self, ks: KernelLike) -> KernelLike:
+    def kernel_map(self, ks: KernelLike) -> Kernel:
         ks = _need_branches(ks, "FanInConcat")
         if len({k.shape1[1:] for k in ks}) > 1:
             raise ValueError("FanInConcat needs branches with equal spatial shapes")
@@ -351,7 +352,7 @@ class FanInProd(Layer):
     (a quadratic network).
     """
 
-    def kernel_map(self, ks: KernelLike) -> KernelLike:
+    def kernel_map(self, ks: KernelLike) -> Kernel:
         ks = _equal_branches(ks, "FanInProd")
         k0 = ks[0]
         nngp = _prod_opt([k.nngp for k in ks])
@@ -359,7 +360,7 @@ class FanInProd(Layer):
         for i, ki in enumerate(ks):
             if ki.ntk is None:  # zero NTK (a parameter-free branch of the inputs)
                 continue
-            term = _prod_opt([ki.ntk] + [k.nngp for j, k in enumerate(ks) if j != i])
+            term = _prod_opt([ki.ntk, *(k.nngp for j, k in enumerate(ks) if j != i)])
             ntk = term if ntk is None else ntk + term
         cov1 = _prod_opt([k.cov1 for k in ks])
         cov2 = None if k0.cov2 is None else _prod_opt([k.cov2 for k in ks])

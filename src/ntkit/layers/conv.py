@@ -85,7 +85,7 @@ class ConvModule(nn.Module):
         b = None if b_std is None else torch.randn(out_chan, generator=g, dtype=dt)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(fan_in))
-            b = None if b is None else b * b_std
+            b = None if b is None or b_std is None else b * b_std
             self.w_scale, self.b_scale = 1.0, 1.0
         else:
             self.w_scale, self.b_scale = W_std / math.sqrt(fan_in), (b_std or 0.0)

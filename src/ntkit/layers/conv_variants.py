@@ -39,7 +39,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -420,7 +420,9 @@ class ConvLocal(Layer):
         return True
 
     # ``(filter, strides, pads, circular, out_spatial)``: the same geometry as Conv's
-    geometry = Conv.geometry
+    # (cast: mypy would bind Conv.geometry's `self: Conv` to a ConvLocal; it reads only the
+    # fields both classes declare)
+    geometry = cast(Callable[[Any, Tuple[int, ...]], Tuple[Any, ...]], Conv.geometry)
 
     def out_shape(self, in_shape: Any) -> Any:
         _need_spatial_shape(in_shape, "ConvLocal")
@@ -584,6 +586,7 @@ class ImageResize(Layer):
             return tuple(n if s == -1 else s for n, s in zip(spatial, sh))
         sf = (self.scale_factor,) * ns if isinstance(self.scale_factor, float) else \
             self.scale_factor
+        assert sf is not None  # __post_init__ requires `shape` or `scale_factor`
         if len(sf) != ns:
             raise ValueError(f"`scale_factor` has {len(sf)} entries but the input has {ns} "
                              f"spatial dimension(s)")

@@ -46,7 +46,7 @@ class AffineModule(nn.Module):
         b = None if b_std is None else torch.randn(out_dim, generator=g, dtype=dt)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(in_dim))
-            b = None if b is None else b * b_std
+            b = None if b is None or b_std is None else b * b_std
             self.w_scale, self.b_scale = 1.0, 1.0
         else:
             self.w_scale, self.b_scale = W_std / math.sqrt(in_dim), (b_std or 0.0)
@@ -117,6 +117,7 @@ class Dense(Layer):
                 ntk = nngp.clone() if k.ntk is None else torch.add(nngp, k.ntk, alpha=w2)
             else:
                 width = k.shape1[0]
+                assert k.nngp is not None  # the recursion always carries the NNGP
                 ntk = k.nngp * float(width)
                 if k.ntk is not None:
                     ntk.add_(k.ntk, alpha=w2)

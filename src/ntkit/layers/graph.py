@@ -42,7 +42,7 @@ Example (a 2-layer GIN-style GNTK, graphs of 8 vertices with 5 features)::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -87,18 +87,18 @@ class _Geometry:
         else:
             raw = layer.aggregate_axis if isinstance(layer.aggregate_axis, tuple) \
                 else (layer.aggregate_axis,)
-            axes = []
+            found: List[int] = []
             for a in raw:
                 if not -ndim <= a < ndim or (a % ndim) < 2:
                     raise ValueError(
                         f"Aggregate: `aggregate_axis` {a} is not a node axis of inputs "
                         f"(N, C, *nodes) with {ndim} axes; use axes in 2..{ndim - 1} "
                         f"(or negative); ntkit keeps channels on axis 1")
-                axes.append(a % ndim)
-            if len(set(axes)) != len(axes):
+                found.append(a % ndim)
+            if len(set(found)) != len(found):
                 raise ValueError(f"Aggregate: `aggregate_axis` {layer.aggregate_axis!r} repeats "
                                  f"an axis")
-            axes = tuple(sorted(axes))
+            axes = tuple(sorted(found))
         sp = tuple(in_shape[1:])
         self.ns = ns
         self.agg = tuple(a - 2 for a in axes)
@@ -356,6 +356,7 @@ class Aggregate(Layer):
                 "pattern=(p1, p2) to arch.kernel(...), one adjacency per example (see "
                 "ntkit.layers.Aggregate)")
         raw1, raw2 = arg
+        assert k.nngp is not None  # the recursion always carries the NNGP
         n1, n2 = k.nngp.shape[0], k.nngp.shape[1]
         if k.cov2 is None:
             raw2 = None

@@ -219,7 +219,7 @@ def _resolve_index(idx: tuple, in_shape: Tuple[int, ...]) -> Tuple[List[Spec], T
     if n_ell < 0:
         raise ValueError(f"Index: `idx` {idx!r} has more entries than the batch has axes "
                          f"({ndim}: N, C, *spatial)")
-    full = []
+    full: List[Any] = []
     for it in idx:
         full.extend([slice(None)] * n_ell if it is Ellipsis else [it])
     full += [slice(None)] * (ndim - len(full))
@@ -555,6 +555,7 @@ class DotGeneral(Layer):
         full = ns > 0 and not k.diagonal_spatial
         out_sp = plan[4]
         ref = k.nngp if k.nngp is not None else k.cov1
+        assert ref is not None  # the recursion always carries the x1 self-covariance
         const = self._const.tensor(ref.dtype, ref.device)
         if not full and plan[3]:
             raise ValueError("DotGeneral: a contraction over spatial axes needs pixel-pair "

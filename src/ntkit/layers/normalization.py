@@ -89,6 +89,9 @@ class _LayerNormBase(Layer):
     unmasked positions only (neural-tangents' masked ``mean_and_var``)."""
 
     supports_masking = True
+    # the subclasses' dataclass fields (annotations only: no class attribute, no field here)
+    eps: float
+    axis: Union[int, Tuple[int, ...]]
 
     def __post_init__(self):
         check_positive(self.eps, "eps", allow_zero=True)
@@ -116,6 +119,7 @@ class _LayerNormBase(Layer):
         if sp:
             return self._joint_map(k, sp)
         v1, v2 = outer_vars(k)
+        assert k.nngp is not None  # the recursion always carries the NNGP
         eps = self.eps
         # (v1 + eps)^-1/2 (v2 + eps)^-1/2, never the product (it overflows beyond ~1e19 in
         # float32 and would silently zero the kernel)

@@ -88,19 +88,22 @@ def _tile_call_args(args_a: Optional[Dict[str, Any]], args_b: Optional[Dict[str,
 
 def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
                  single_fn_output: bool, args_a: Optional[Dict[str, Any]] = None,
-                 args_b: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
+                 args_b: Optional[Dict[str, Any]] = None,
+                 mask_constant: Optional[float] = None) -> Dict[str, np.ndarray]:
     """One tile ``K(xa, xb)`` (``diag``: the symmetric tile ``K(xa, xa)``) as numpy arrays.
     ``args_a`` / ``args_b``: the call-time arguments (``name -> per-example rows``) of the row
-    and column blocks (architectures only).
+    and column blocks (architectures only); ``mask_constant``: ``arch.kernel``'s masking (one
+    number shared by both blocks).
 
     Runs on the worker; deterministic: fresh contiguous inputs, one torch thread."""
     dtype = getattr(torch, dtype_name)
     xa = torch.as_tensor(xa).to(dtype).contiguous().clone()
     xb = xa if diag else torch.as_tensor(xb).to(dtype).contiguous().clone()
+    masking = {} if mask_constant is None else {"mask_constant": mask_constant}
     with _one_thread(), torch.no_grad():
         if _is_layer(fn):
             k = fn.kernel(xa, None if diag else xb, get=keys, dtype=dtype,
-                          tile=max(xa.shape[0], xb.shape[0]),
+                          tile=max(xa.shape[0], xb.shape[0]), **masking,
                           **_tile_call_args(args_a, args_b, diag))
             out = {key: getattr(k, key) for key in keys}
         elif _has_kernel(fn):  # another kernel source, e.g. ReluNTKFix
@@ -131,10 +134,10 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
 
 
 def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, single,
-                      args_a=None, args_b=None):
+                      args_a=None, args_b=None, mask_constant=None):
     """Worker entry point when inputs were scattered as lists of blocks (Dask)."""
     return compute_tile(fn, keys, blocks_a, None if diag else blocks_b, diag, dtype_name, single,
-                        args_a, None if diag else args_b)
+                        args_a, None if diag else args_b, mask_constant)
 
 
 # ---- fingerprint -------------------------------------------------------------------------
@@ -189,8 +192,15 @@ def _describe_call_args(args: Dict[str, Tuple[Any, Any]]) -> str:
     return " | ".join(parts)
 
 
+def _describe_mask_constant(c: float) -> str:
+    """The masking of a kernel: ``repr`` of the constant (``nan``, ``-1000000000.0``); ``-0.0``
+    and ``0.0`` mark the same entries and are described alike."""
+    return repr(c + 0.0)
+
+
 def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None,
-                 call_args: Optional[Dict[str, Tuple[Any, Any]]] = None) -> Dict[str, str]:
+                 call_args: Optional[Dict[str, Tuple[Any, Any]]] = None,
+                 mask_constant: Optional[float] = None) -> Dict[str, str]:
     from .. import __version__
     fp = {"function": _describe_fn(fn) if fn_desc is None else fn_desc,
           "x1": _describe_x(x1), "x2": _describe_x(x2),
@@ -198,6 +208,8 @@ def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None,
           "get": ",".join(keys), "ntkit_version": __version__}
     if call_args:   # only when given: stores written without them keep their fingerprint
         fp["call_args"] = _describe_call_args(call_args)
+    if mask_constant is not None:   # likewise: stores without masks keep their fingerprint
+        fp["mask_constant"] = _describe_mask_constant(mask_constant)
     return fp
 
 
@@ -259,7 +271,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
                    tile: Optional[int] = None, executor: Any = None,
                    memory_budget: Union[int, float, str, None] = None, progress: bool = True,
                    dtype: torch.dtype = torch.float64, overwrite: bool = False,
-                   **call_args: Any) -> KernelStore:
+                   mask_constant: Optional[float] = None, **call_args: Any) -> KernelStore:
     """Compute a kernel matrix tile by tile into a Zarr store; resumable, executor-agnostic.
 
     Args:
@@ -291,6 +303,13 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
       dtype: ``torch.float64`` (default) or ``torch.float32``.
       overwrite: discard an existing store at ``store`` instead of resuming it (only a store
         ntkit created is ever deleted, and only the entries its marker lists).
+      mask_constant: neural-tangents' masking of an architecture's padded inputs, as in
+        ``arch.kernel(x1, x2, mask_constant=c)``: positions whose channels all equal ``c``
+        (compared in the inputs' own dtype; ``NaN`` matches ``NaN``) are padding. One number
+        for both inputs, part of the store's fingerprint (a store computed with another
+        constant, or without one, is never resumed). Architectures only (``TypeError`` for
+        kernel functions); layers without mask support raise ``ValueError`` before any tile
+        runs.
       **call_args: call-time arguments of an architecture, as in ``arch.kernel`` (e.g.
         ``pattern=(p1, p2)`` for :class:`~ntkit.layers.Aggregate`, ``pattern=p`` when ``x2`` is
         ``None``): per-example arrays; each tile gets the rows of its blocks. They are part of
@@ -347,10 +366,22 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}")
     # inputs as given (hashed in float64 for the fingerprint), then in the working dtype
-    x1_in = as_tensor(x1, "x1").detach().cpu()
-    x2_in = None if x2 is None else as_tensor(x2, "x2").detach().cpu()
-    x1 = x1_in.to(dtype).contiguous()
-    x2 = None if x2_in is None else x2_in.to(dtype).contiguous()
+    if mask_constant is None:
+        x1_in = as_tensor(x1, "x1").detach().cpu()
+        x2_in = None if x2 is None else as_tensor(x2, "x2").detach().cpu()
+        x1 = x1_in.to(dtype).contiguous()
+        x2 = None if x2_in is None else x2_in.to(dtype).contiguous()
+    else:
+        mask_constant = _check_masking(arch_or_fn, mask_constant, x1, x2)
+        from ..layers import masked_input
+        # the padding as arch.kernel finds it (in the inputs' own dtype), kept through the
+        # conversion to the working dtype; NaN/inf padding passes the finiteness check
+        x1_in = masked_input(x1, "x1", None, mask_constant).detach().cpu()
+        x2_in = None if x2 is None else masked_input(x2, "x2", None,
+                                                     mask_constant).detach().cpu()
+        x1 = masked_input(x1_in, "x1", dtype, mask_constant).contiguous()
+        x2 = None if x2_in is None else masked_input(x2_in, "x2", dtype,
+                                                     mask_constant).contiguous()
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                          f"{tuple(x1.shape[1:])}")
@@ -391,9 +422,10 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         workers = _default_workers() if executor is None else _workers(executor)
         in_flight = 2 * workers
         handle = _open_or_create(arch_or_fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
-                                 store, real, overwrite, budget, in_flight, args)
+                                 store, real, overwrite, budget, in_flight, args,
+                                 mask_constant)
         _run(handle, arch_or_fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-             progress, args)
+             progress, args, mask_constant)
     finally:
         if handle is not None:
             handle._release_lock()
@@ -402,6 +434,26 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         if own_cluster is not None:
             own_cluster.close()
     return handle
+
+
+def _check_masking(fn, mask_constant: Any, x1: Any, x2: Any) -> float:
+    """``mask_constant`` checked for ``compute_kernel``: an architecture whose layers all
+    honour masks, inputs whose padding covers whole positions where required; refused here,
+    before any store is touched, rather than in the first tile."""
+    if not _is_layer(fn):
+        raise TypeError("compute_kernel got `mask_constant`, which only ntkit.layers "
+                        "architectures take (arch.kernel(..., mask_constant=c)); a kernel "
+                        "function or other kernel source receives input blocks only: apply "
+                        "the masking inside it instead")
+    from ..layers import (check_mask_constant, check_supported, collapses_channels,
+                          input_masks)
+    c = check_mask_constant(mask_constant)
+    check_supported(fn)
+    collapse = collapses_channels(fn)
+    for x, name in ((x1, "x1"), (x2, "x2")):
+        if x is not None:
+            input_masks(collapse, x, c, name)   # partial-channel padding: ValueError
+    return c
 
 
 def _prepare_call_args(fn, call_args: Dict[str, Any], n1: int,
@@ -450,7 +502,7 @@ def _fn_description(fn, need: bool) -> str:
 
 
 def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, real,
-                    overwrite, budget, in_flight, args=None) -> KernelStore:
+                    overwrite, budget, in_flight, args=None, mask=None) -> KernelStore:
     """Resume our store at ``real`` or create a new one (in memory when ``real`` is None).
 
     Order, for a path: refuse a folder that is not ours (nothing touched); create the folder if
@@ -463,7 +515,7 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
         return create_store(zarr.storage.MemoryStore(), real=None,
                             **_geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
                                         budget, in_flight, fn_desc=_fn_description(fn, False),
-                                        args=args))
+                                        args=args, mask=mask))
     state = store_state(real)
     if state in ("foreign", "legacy"):
         refuse_foreign(store, state)
@@ -483,14 +535,14 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
         if state in ("foreign", "legacy"):
             refuse_foreign(store, state)
         if state == "ours" and not overwrite:
-            h = _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real, args)
+            h = _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real, args, mask)
             if h is not None:
                 h._lock = lock
                 return h
             # our folder, but its creation was interrupted (nothing computed): recreate it
         geometry = _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget,
                              in_flight, fn_desc=_fn_description(fn, need=not overwrite),
-                             args=args)
+                             args=args, mask=mask)
         if state == "ours":
             remove_store_contents(real)            # only what the marker says is ours
         h = create_store(store, real=real, **geometry)
@@ -509,7 +561,7 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
 
 
 def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_flight,
-              fn_desc, args=None) -> Dict[str, Any]:
+              fn_desc, args=None, mask=None) -> Dict[str, Any]:
     """Tile edge, per-entry shape and fingerprint of a new store; probes one 1 x 1 tile (the
     per-entry shape of conv kernels) so a failing function fails before anything is written."""
     n1 = x1.shape[0]
@@ -518,22 +570,23 @@ def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_fl
                                                       in_flight)
     first = _block_args(args or {}, 1, slice(0, 1))
     probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single,
-                         first)
+                         first, mask_constant=mask)
     _check_finite(probe, "the first diagonal entry")
     tail = tuple(probe[keys[0]].shape[2:])
     mirror = tuple(range(len(tail)))
     if _is_layer(fn) and tail:
-        kk = fn.kernel(x1[:1], get=keys, dtype=dtype, **(first or {}))
+        kk = fn.kernel(x1[:1], get=keys, dtype=dtype, mask_constant=mask, **(first or {}))
         ns = len(kk.shape1) - 1
         if ns and not kk.diagonal_spatial and len(tail) == 2 * ns:
             mirror = tuple(list(range(ns, 2 * ns)) + list(range(ns)))
-    fp = _fingerprint(fn, x1_in, x2_in, dtype, t, keys, fn_desc=fn_desc, call_args=args)
+    fp = _fingerprint(fn, x1_in, x2_in, dtype, t, keys, fn_desc=fn_desc, call_args=args,
+                      mask_constant=mask)
     return dict(n1=n1, n2=n2, tile=t, keys=keys, symmetric=x2 is None, tail=tail,
                 mirror=mirror, dtype=probe[keys[0]].dtype, fingerprint=fp)
 
 
 def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real,
-                args=None) -> Optional[KernelStore]:
+                args=None, mask=None) -> Optional[KernelStore]:
     """Open our store for writing (repairing a damaged ledger) and check it holds this
     computation; ``None`` when its creation never finished (nothing computed in it)."""
     try:
@@ -548,7 +601,8 @@ def _try_resume(fn, x1_in, x2_in, dtype, tile, keys, store, real,
     h.path = store
     t = h.tile if tile is None else int(tile)
     now = _fingerprint(fn, x1_in, x2_in, dtype, t, keys,
-                       fn_desc=_fn_description(fn, need=True), call_args=args)
+                       fn_desc=_fn_description(fn, need=True), call_args=args,
+                       mask_constant=mask)
     if h.fingerprint != now:
         raise ValueError(_mismatch_message(store, h.fingerprint, now))
     return h
@@ -564,7 +618,7 @@ def _check_finite(blocks: Dict[str, np.ndarray], where: str) -> None:
 
 
 def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-         progress, args=None) -> None:
+         progress, args=None, mask=None) -> None:
     todo = h.missing()
     # tiles flagged done are re-read and checked: damaged ones are recomputed, not trusted
     rep = h.verify(progress=progress)
@@ -609,7 +663,7 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
             def submit(i, j):
                 return executor.submit(_tile_from_blocks, fn, keys, rows_f[i], cols_f[j], i, j,
                                        x2 is None and i == j, dname, single, rargs_f[i],
-                                       cargs_f[j], pure=False)
+                                       cargs_f[j], mask, pure=False)
             ac = dask_completed()
         else:
             import concurrent.futures as cf
@@ -619,7 +673,8 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
                 return executor.submit(compute_tile, fn, keys, xa_all[h.rows(i)],
                                        None if diag else xb_all[h.cols(j)], diag, dname, single,
                                        _block_args(args or {}, 1, h.rows(i)),
-                                       None if diag else _block_args(args or {}, 2, h.cols(j)))
+                                       None if diag else _block_args(args or {}, 2, h.cols(j)),
+                                       mask)
         pending = list(reversed(todo))
         live: Dict[Any, Tuple[int, int]] = {}
         if dask:
