@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -121,7 +121,7 @@ class _Seq(_Op):
 
 
 class _DenseOp(_Op):
-    def __init__(self, layer: Dense, ctx: _Ctx, project: bool):
+    def __init__(self, layer: Union[Dense, Conv], ctx: _Ctx, project: bool):
         self.w, self.b = layer.W_std, (layer.b_std or 0.0)
         self.project, self.ctx, self.id = project, ctx, ctx.next_id()
         self.weights: Dict[Tuple, Tensor] = {}
@@ -335,7 +335,7 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
     if isinstance(layer, Activation):
         return _ActOp(layer, ctx), out_shape
     if isinstance(layer, _Pool):
-        mod, _ = layer.build(in_shape, None, False)
+        mod, _ = layer.build(in_shape, cast(Any, None), False)   # pooling needs no context
         return _LinearSpatialOp(mod), out_shape
     if isinstance(layer, _GlobalPool):
         return _GlobalPoolOp(layer._sum), out_shape
@@ -502,9 +502,10 @@ def _refuse_standard(layer: Layer) -> None:
     """The width-``dim`` network's NTK matches the architecture's only in NTK parameterization
     (in standard parameterization the kernel depends on the widths written in the spec)."""
     for sub in layer.walk():
-        if getattr(sub, "parameterization", "ntk") != "ntk":
+        param = getattr(sub, "parameterization", "ntk")
+        if param != "ntk":
             raise NotImplementedError(
-                f"features: {type(sub).__name__}(parameterization={sub.parameterization!r}) is "
+                f"features: {type(sub).__name__}(parameterization={param!r}) is "
                 f"not supported; feature maps are implemented for the NTK parameterization (the "
                 f"default of ntkit.layers; for a converted torch module use from_torch(net, "
                 f"parameterization='ntk'), its infinite-width limit)")
@@ -644,6 +645,7 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
             for key, t in res.items():
                 _check_finite(t, key, xb)
             return res
+        assert op is not None         # compiled whenever there is no Jacobian map
         with torch.no_grad():
             c = xb.shape[1]
             f = op(_F(xb / math.sqrt(c), None, False)).normed()

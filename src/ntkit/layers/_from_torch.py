@@ -89,7 +89,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -143,6 +143,7 @@ class PerUnitAffine(Layer):
             raise ValueError("PerUnitAffine received several branches; merge them first")
         if not k.want_ntk:
             return k
+        assert k.nngp is not None      # the recursion always carries the NNGP
         ntk = k.nngp.clone() if k.ntk is None else k.ntk + k.nngp
         if self.bias:
             ntk.add_(1.0)
@@ -225,7 +226,7 @@ def _named(fn, name: str):
     return fn
 
 
-def _activation(m: nn.Module) -> Optional[Layer]:
+def _activation(m: Any) -> Optional[Layer]:   # a torch module
     F = nn.functional
     if type(m) is nn.ReLU:
         return Relu()
@@ -335,6 +336,7 @@ def _conv(m, path, state, W_std, b_std, param) -> Conv:
     if state["nd"] not in (None, nd):
         raise _error(m, path, f"{nd}-D convolution after {state['nd']}-D layers")
     state["nd"] = nd
+    padding: Union[str, Tuple[int, ...]]
     if isinstance(m.padding, str):
         padding = m.padding.upper()
     else:
@@ -517,10 +519,11 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
     W_std = float(W_std)
     user_W_std = None if W_std_given is None else W_std
 
-    state = {"seen_linear": False, "flat": False, "nd": None, "gap": None, "ln": None,
-             "expect": None}
+    state: Dict[str, Any] = {"seen_linear": False, "flat": False, "nd": None, "gap": None,
+                             "ln": None, "expect": None}
     layers: List[Layer] = []
-    for path, m in _leaves(module, ""):
+    for path, leaf in _leaves(module, ""):
+        m: Any = leaf           # torch modules' attributes are typed Tensor | Module
         t = type(m)
         if state["gap"] is not None and t not in (nn.Flatten, nn.Identity) \
                 and not isinstance(m, nn.modules.dropout._DropoutNd) \
@@ -541,8 +544,8 @@ def from_torch(module: nn.Module, *, parameterization: str = "standard",
             elif t is nn.Linear:  # on (N, d) features (after Flatten if there is one)
                 chans, nd = int(m.in_features), 0
             else:
-                chans, nd = int(m.in_channels), {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
-                                                 **_CONV_T}[t]
+                dims: Dict[Any, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, **_CONV_T}
+                chans, nd = int(m.in_channels), dims[t]
             state["expect"] = (chans, nd, len(layers), f"{type(m).__name__} at '{path}'")
         if t is nn.Linear:
             state["ln"] = None
