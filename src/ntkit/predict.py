@@ -686,7 +686,7 @@ def _as_kernel_fn(kernel_fn: Any, kwargs: Dict[str, Any]) -> Callable:
 def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                                   learning_rate: float = 1.0, diag_reg: float = 0.0,
                                   diag_reg_absolute_scale: bool = False,
-                                  **kernel_fn_kwargs) -> Callable:
+                                  **kernel_fn_kwargs: Any) -> Callable:
     """Mean and covariance of the infinite ensemble of infinitely wide networks trained on MSE.
 
     Over random initializations ``f_0 ~ GP(0, K)`` (K = NNGP) and gradient flow with the NTK

@@ -263,7 +263,8 @@ class Layer:
                *, dtype: Optional[torch.dtype] = None,
                memory_budget: Union[int, float, str, None] = None,
                progress: bool = False, tile: Optional[int] = None,
-               mask_constant: Optional[float] = None, **kwargs):
+               mask_constant: Optional[float] = None,
+               **kwargs: Any) -> Any:   # a Tensor for a string `get`, else a Kernel
         """Exact infinite-width kernels of this architecture between ``x1`` and ``x2``.
 
         Args:
@@ -349,7 +350,7 @@ class Layer:
                         progress=progress, tile=tile, call_args=call_args)
 
     def features(self, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk",
-                 **kwargs):
+                 **kwargs: Any) -> Any:   # a Tensor, or a dict for a tuple `get`
         """Random features ``phi`` with ``phi(x1) @ phi(x2).T ~= self.kernel(x1, x2, get)``
         (error ~ ``dim^-1/2``); see :func:`ntkit.features.features` for the arguments.
 

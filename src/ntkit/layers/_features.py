@@ -528,7 +528,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
              seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
              chunk: Optional[int] = None, progress: bool = False,
-             mask_constant: Optional[float] = None, **call_args: Any):
+             mask_constant: Optional[float] = None,
+             **call_args: Any) -> Any:   # a Tensor, or a dict for a tuple `get`
     """Random features whose inner products approximate the exact kernel of ``arch``.
 
     ``phi = features(arch, x, dim)`` gives ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2, get)``
@@ -683,7 +684,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     return res[keys[0]] if single else res
 
 
-def feature_dim(arch: Layer, in_shape, dim: int, get: str = "ntk") -> int:
+def feature_dim(arch: Layer, in_shape: Union[int, Sequence[int]], dim: int,
+                get: str = "ntk") -> int:
     """Number of columns :func:`features` returns for inputs of per-example shape ``in_shape``."""
     x = torch.zeros((1,) + tuple((in_shape,) if isinstance(in_shape, int) else in_shape))
     return int(features(arch, x + 1, dim, get).shape[1])

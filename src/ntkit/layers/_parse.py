@@ -16,6 +16,10 @@ import ast
 import difflib
 import inspect
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._base import Layer
 
 __all__ = ["parse_arch"]
 
@@ -48,7 +52,7 @@ def _layer_names():
     return out
 
 
-def parse_arch(text: str):
+def parse_arch(text: str) -> Layer:
     """Build an architecture from its textual form; raises ``ValueError`` on anything else."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("architecture text is empty; example: 'Dense(512), Relu(), Dense(1)'")
