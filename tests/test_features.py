@@ -256,6 +256,17 @@ def test_dual_ridge_equals_the_primal_and_interpolates_at_zero():
     torch.testing.assert_close(fit.weights, w_min, rtol=1e-7, atol=1e-9)
     with pytest.raises(ValueError, match="solver"):
         nf.ridge(phi, y, solver="qr")
+    # singular systems at ridge 0 -- one duplicated row (dual), one repeated column (primal):
+    # refused, not huge weights. The null eigenvalue comes out of eigh as roundoff of either
+    # sign; this seed gives a positive one in both (a check for `<= 0` alone would pass it).
+    g2 = torch.Generator().manual_seed(2)
+    p1 = torch.randn(30, 80, generator=g2, dtype=F64)
+    p2 = torch.randn(100, 11, generator=g2, dtype=F64)
+    for ph, solver in ((torch.cat([p1, p1[:1]]), "dual"),
+                       (torch.cat([p2, p2[:, :1]], 1), "primal")):
+        with pytest.raises(ValueError, match="singular"):
+            nf.ridge(ph, torch.randn(len(ph), 2, generator=g, dtype=F64), 0.0, relative=False,
+                     solver=solver)
 
 
 def test_ridge_refuses_bad_input():

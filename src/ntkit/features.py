@@ -161,6 +161,9 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
         scale = 1.0
     lam, vec = torch.linalg.eigh(a)
     lam = lam.clamp_min(0)
+    # below this the system is singular to float64 precision: solving it would return huge,
+    # meaningless weights without an error (e.g. ridge 0 with duplicated rows or n > rank)
+    tiny = float(lam.max()) * max(a.shape) * torch.finfo(torch.float64).eps
     vb = vec.T @ b                                      # (D, k) primal, (n, k) dual
     if dual:
         # map back to feature space once: weights(r) = (phi^T U) (vb / (lam + r)); phi^T U is
@@ -170,8 +173,9 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
 
     def weights(r: float) -> Tensor:
         den = lam + r * scale
-        if bool((den <= 0).any()):
-            raise ValueError("the normal equations are singular at ridge=0; use a ridge > 0")
+        if bool((den <= tiny).any()):
+            raise ValueError(f"the ridge system is singular at ridge={r:g} (to float64 "
+                             f"precision); use a larger ridge")
         w: Tensor = vec @ (vb / den[:, None])
         return w
 
@@ -190,7 +194,7 @@ def ridge(phi: Tensor, y: Tensor, ridge: Union[None, float, Sequence[float]] = N
         pvv = _matmul64(pv, vec)                        # (m, D): once for every ridge value
         for r in ridges:
             den = lam + r * scale
-            if bool((den <= 0).any()):
+            if bool((den <= tiny).any()):
                 continue
             coef = vb / den[:, None]
             pred = pvv @ coef

@@ -13,6 +13,7 @@ import torch
 
 from ntkit import layers as nl
 from ntkit.layers._masking import centre_mask
+from tests._helpers import padded_graphs
 
 DT = torch.float64
 PAD = -1e9
@@ -115,18 +116,8 @@ def test_attention_gap_equals_unpadded(mech):
 
 
 def _graphs(seed=5):
-    g = torch.Generator().manual_seed(seed)
-    n, v, vp = 4, 4, 7
-    x = torch.randn(n, 3, v, generator=g, dtype=DT)
-    a = (torch.rand(n, v, v, generator=g) < 0.5).to(DT) + torch.eye(v, dtype=DT)
     # padded copies: the real nodes at random places, random arcs to and from the padding
-    xp = torch.full((n, 3, vp), PAD, dtype=DT)
-    ap = (torch.rand(n, vp, vp, generator=g) < 0.5).to(DT)
-    for i in range(n):
-        pos = torch.randperm(vp, generator=g)[:v]
-        xp[i][:, pos] = x[i]
-        ap[i][pos[:, None], pos[None, :]] = a[i]
-    return x, a, xp, ap
+    return padded_graphs(4, 4, 7, PAD, seed)
 
 
 GNN = nl.serial(nl.Dense(8, 1.2, 0.1), nl.Relu(), nl.Aggregate(), nl.Dense(8, 1.0, 0.1),

@@ -16,6 +16,7 @@ import ntkit
 from ntkit import layers as nl
 from ntkit.empirical import empirical_ntk
 from ntkit.layers._features import features
+from tests._helpers import padded_graphs
 
 DT = torch.float64
 PAD = -1e9
@@ -77,16 +78,7 @@ def test_monte_carlo_padding_leaves_the_estimate_unchanged():
 def test_monte_carlo_masked_graphs_with_per_example_patterns():
     """Call-time arguments and mask_constant together: padded graphs (padding nodes wired to
     the real ones) give the estimate of the unpadded graphs."""
-    g = torch.Generator().manual_seed(5)
-    n, v, vp = 4, 3, 5
-    x = torch.randn(n, 3, v, generator=g, dtype=DT)
-    a = (torch.rand(n, v, v, generator=g) < 0.5).to(DT) + torch.eye(v, dtype=DT)
-    xp = torch.full((n, 3, vp), PAD, dtype=DT)
-    ap = (torch.rand(n, vp, vp, generator=g) < 0.5).to(DT)
-    for i in range(n):
-        pos = torch.randperm(vp, generator=g)[:v]
-        xp[i][:, pos] = x[i]
-        ap[i][pos[:, None], pos[None, :]] = a[i]
+    x, a, xp, ap = padded_graphs(4, 3, 5, PAD, seed=5)
     kw = dict(width=8, n_samples=1, seed=3)
     est = ntkit.monte_carlo_kernel(GNN, xp[:2], xp[2:], mask_constant=PAD,
                                    pattern=(ap[:2], ap[2:]), **kw)
