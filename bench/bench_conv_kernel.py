@@ -125,7 +125,8 @@ def op_ns(dtype, repeats, n=1 << 20):
     b = torch.rand(n, dtype=dtype) + 0.5
     o = torch.empty_like(a)
     res = {}
-    for name, fn in (("add", lambda: torch.add(a, b, out=o)), ("mul", lambda: torch.mul(a, b, out=o)),
+    for name, fn in (("add", lambda: torch.add(a, b, out=o)),
+                     ("mul", lambda: torch.mul(a, b, out=o)),
                      ("sqrt", lambda: torch.sqrt(a, out=o)),
                      ("atan2", lambda: torch.atan2(a, b, out=o))):
         res[name] = best_of(fn, repeats)[0] / n * 1e9
@@ -264,7 +265,8 @@ def main():
                    "--big-tiles", str(a.big_tiles), "--big-dtype", dt]
             r = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-            print(lines[-1] if lines else json.dumps(dict(bench="cntk_gap_big", error=r.stderr[-2000:])),
+            print(lines[-1] if lines else json.dumps(dict(bench="cntk_gap_big",
+                                                          error=r.stderr[-2000:])),
                   flush=True)
             sys.stderr.write(r.stderr[-600:])
 

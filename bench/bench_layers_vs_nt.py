@@ -57,11 +57,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from ntkit import _threads
@@ -71,8 +69,11 @@ _threads.configure()   # what `import ntkit` does first: OMP_WAIT_POLICY=PASSIVE
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/ (run as a script: already)
+from _nt_common import (DEFAULT_NT_PYTHON, load_record, machine_record,  # noqa: E402
+                        nt_subprocess_env, time_call)
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_NT_PYTHON = os.environ.get("NT_PYTHON", "/tmp/venv-nt/bin/python")
 NT_WORKER = Path(__file__).resolve().parent / "_nt_layers.py"
 RESULTS = ROOT / "bench" / "results" / "layers_vs_nt.jsonl"
 SEED = 0
@@ -232,23 +233,6 @@ def build_ntkit(spec):
 # timing
 # ---------------------------------------------------------------------------------------------
 
-def _time_call(fn, repeats, budget_s):
-    """Warm-up (not counted), then up to ``repeats`` timed calls (stop early past budget_s)."""
-    t0 = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t0
-    times = []
-    while len(times) < repeats:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if sum(times) > budget_s:
-            break
-    s = sorted(times)
-    return out, dict(time_s=round(s[len(s) // 2], 4), min_s=round(s[0], 4),
-                     times_s=[round(t, 4) for t in times], warmup_s=round(warm, 4))
-
-
 def run_ntkit(name, spec, data, dtype, repeats, budget_s):
     c = CASES[name]
     tdt = getattr(torch, dtype)
@@ -261,8 +245,8 @@ def run_ntkit(name, spec, data, dtype, repeats, budget_s):
         kw["pattern"] = p1 if c.get("self") else (p1, torch.from_numpy(data["p2"]).to(tdt))
     if c.get("mask"):
         kw["mask_constant"] = MASK_C
-    out, t = _time_call(lambda: arch.kernel(x1, x2, get=("nngp", "ntk"), dtype=tdt, **kw),
-                        repeats, budget_s)
+    out, t = time_call(lambda: arch.kernel(x1, x2, get=("nngp", "ntk"), dtype=tdt, **kw),
+                       repeats, budget_s)
     return dict(nngp=out.nngp.double().numpy(), ntk=out.ntk.double().numpy()), t
 
 
@@ -270,9 +254,7 @@ class NTWorker:
     """One ``_nt_layers.py`` process for one dtype; requests/answers as JSON lines."""
 
     def __init__(self, python, dtype, tmp):
-        env = dict(os.environ)
-        if _threads.status().get("set_by_ntkit"):
-            env.pop("OMP_WAIT_POLICY", None)        # NT runs with its own defaults
+        env = nt_subprocess_env()                   # NT runs with its own defaults
         self.err = open(os.path.join(tmp, f"nt_{dtype}.stderr"), "w")
         self.err_path = self.err.name
         self.p = subprocess.Popen([python, str(NT_WORKER), "--dtype", dtype], env=env,
@@ -315,17 +297,6 @@ class NTWorker:
             self.p.kill()
             self.p.wait()
         self.err.close()
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def rel_err(ours, ref, offdiag=False):
@@ -378,12 +349,7 @@ def main():
         print(f"# NT skipped: {args.nt_python!r} not found (pass --nt-python, or build "
               f"neural-tangents 0.6.5 there)", flush=True)
         use_nt = False
-    env = dict(cpu_model=_cpu_model(), cpus=os.cpu_count(),
-               affinity=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(),
-               torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-               git=subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                  capture_output=True, text=True).stdout.strip(),
-               argv=" ".join(sys.argv[1:]))
+    env = machine_record(argv=" ".join(sys.argv[1:]))
     print(json.dumps(dict(name="env", **env)), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rows = []
@@ -428,9 +394,7 @@ def main():
                                 ntkit_s=t_ours["time_s"], ntkit_times_s=t_ours["times_s"],
                                 ntkit_warmup_s=t_ours["warmup_s"], nt_s=None, ratio=None,
                                 rel_err_nngp=None, rel_err_ntk=None,
-                                load_before=[round(v, 2) for v in load0],
-                                load_after_ntkit=[round(v, 2) for v in load1],
-                                load_after_nt=[round(v, 2) for v in load2], **env)
+                                **load_record(load0, load1, load2), **env)
                     if res is not None:
                         line.update(nt_s=res["time_s"], nt_times_s=res["times_s"],
                                     nt_warmup_s=res["warmup_s"], jax=res.get("jax"),

@@ -47,9 +47,11 @@ def main(argv=None):
         ds = load_uci(args.data_dir, name)
         a, _ = ds.folds[0]
         X, y = ds.X[a], ds.y[a]
-        t_sel = _best_time(lambda: NTKClassifier().fit(X, y), args.repeats)
-        t_one = _best_time(lambda: NTKClassifier(arch=ReluNTKFix(4, 1),
-                                                 diag_reg=1e-3).fit(X, y), args.repeats)
+        # _best_time calls the lambdas at once; X=X, y=y binds this data set explicitly
+        t_sel = _best_time(lambda X=X, y=y: NTKClassifier().fit(X, y), args.repeats)
+        t_one = _best_time(lambda X=X, y=y: NTKClassifier(arch=ReluNTKFix(4, 1),
+                                                          diag_reg=1e-3).fit(X, y),
+                           args.repeats)
         clf = NTKClassifier().fit(X, y)
         ratios.append(t_sel / t_one)
         print(json.dumps(dict(dataset=name, n_train=len(a), d=ds.d, c=ds.n_classes,

@@ -183,7 +183,8 @@ def run_dataset(root, name, methods, threads, max_iter=-1):
         row[f"{m}_val_acc"] = 100.0 * r["val_acc"]
         row[f"{m}_params"] = r["params"]
         row[f"{m}_configs"] = r["n_configs"]
-        if m not in ("rf", "default"):     # SVM fits stopped by --max-iter (all, and among the 4 final ones)
+        # SVM fits stopped by --max-iter (all, and among the 4 final ones)
+        if m not in ("rf", "default"):
             row[f"{m}_capped_fits"] = CAPPED["n"] - c0
             row[f"{m}_final_capped"] = r["final_capped"]
         row[f"{m}_seconds"] = round(time.perf_counter() - t0, 3)
@@ -281,7 +282,7 @@ def kernel_timing(X, n_max=2000):
     n = X.shape[0]
     Xt = torch.from_numpy(np.ascontiguousarray(X))
     best = {}
-    for rep in range(3):
+    for _rep in range(3):
         t0 = time.perf_counter()
         for _ in iter_ntk_fix(Xt, max_depth=MAX_H, copy=False):
             pass

@@ -5,9 +5,10 @@ c CNN+Flatten, d CNN+GAP, e empirical NTK of a 665k-parameter MLP, f
 ``gradient_descent_mse_ensemble``) and each dtype, this script
 
 1. times ntkit's version in this process (same definitions: W_std=1.5, b_std=0.05, NTK
-   parameterization, kernels computed in the case's dtype, ``dtype=`` like NT; same inputs: ``numpy.random.default_rng(0)`` drawn exactly as NT's harness
-   draws them, NHWC images transposed to NCHW for us; an untimed warm-up, then up to
-   ``--repeats`` timed calls, median);
+   parameterization, kernels computed in the case's dtype, ``dtype=`` like NT; same inputs:
+   ``numpy.random.default_rng(0)`` drawn exactly as NT's harness draws them, NHWC images
+   transposed to NCHW for us; an untimed warm-up, then up to ``--repeats`` timed calls,
+   median);
 2. right after, runs NT's harness on the same case and dtype as a subprocess
    (``NT_PYTHON nt_bench.py --cases X --dtypes Y``; skipped with a message when that python or
    script is missing);
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,9 +56,12 @@ if "--omp-default" not in sys.argv:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/ (run as a script: already)
+from _nt_common import (DEFAULT_NT_PYTHON, load_record, machine_record,  # noqa: E402
+                        nt_subprocess_env, time_call)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NT_BENCH = ROOT.parent / "shared" / "anchors" / "nt_bench.py"
-DEFAULT_NT_PYTHON = os.environ.get("NT_PYTHON", "/tmp/venv-nt/bin/python")
 RESULTS = ROOT / "bench" / "results" / "vs_nt.jsonl"
 
 SEED, W_STD, B_STD = 0, 1.5, 0.05
@@ -76,23 +79,6 @@ QUICK = {"a": dict(n=200), "b": dict(n=200), "c": dict(n=20), "d": dict(n=8, hw=
 # ---------------------------------------------------------------------------------------------
 # ntkit side
 # ---------------------------------------------------------------------------------------------
-
-def _time_call(fn, repeats, budget_s):
-    """Warm-up (not counted), then up to ``repeats`` timed calls; NT's ``_time_call`` rules."""
-    t0 = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t0
-    times = []
-    while len(times) < repeats:
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if sum(times) > budget_s:
-            break
-    s = sorted(times)
-    return out, dict(time_s=round(s[len(s) // 2], 4), min_s=round(s[0], 4),
-                     times_s=[round(t, 4) for t in times], warmup_s=round(warm, 4))
-
 
 def _fc(nl, width, act, depth=3):
     layers = []
@@ -119,8 +105,8 @@ def run_ours(case, dtype, quick, repeats, budget_s):
     if case in "ab":
         x = torch.from_numpy(rng.standard_normal((size["n"], size["d"])).astype(npdt))
         arch = _fc(nl, size["width"], nl.Relu if case == "a" else nl.Erf)
-        out, t = _time_call(lambda: arch.kernel(x, None, ("nngp", "ntk"), dtype=tdt), repeats,
-                             budget_s)
+        out, t = time_call(lambda: arch.kernel(x, None, ("nngp", "ntk"), dtype=tdt), repeats,
+                            budget_s)
         name = f"{case}_fc_{'relu' if case == 'a' else 'erf'}_nngp_ntk"
         recs.append(dict(name=name, kernels=dict(nngp=out.nngp, ntk=out.ntk), **t))
     elif case in "cd":
@@ -128,8 +114,8 @@ def run_ours(case, dtype, quick, repeats, budget_s):
         x = rng.standard_normal((n, hw, hw, c)).astype(npdt)          # NT: NHWC
         x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # ours: NCHW
         arch = _cnn(nl, size["width"], nl.Flatten if case == "c" else nl.GlobalAvgPool)
-        out, t = _time_call(lambda: arch.kernel(x, None, ("nngp", "ntk"), dtype=tdt), repeats,
-                             budget_s)
+        out, t = time_call(lambda: arch.kernel(x, None, ("nngp", "ntk"), dtype=tdt), repeats,
+                            budget_s)
         name = "c_cnn_flatten_nngp_ntk" if case == "c" else "d_cnn_gap_nngp_ntk"
         recs.append(dict(name=name, kernels=dict(nngp=out.nngp, ntk=out.ntk), **t))
     elif case == "e":
@@ -141,7 +127,7 @@ def run_ours(case, dtype, quick, repeats, budget_s):
         arch = nl.serial(*layers, nl.Dense(size["out"], W_std=W_STD, b_std=B_STD))
         model = arch.module(in_shape=size["d"], seed=SEED, dtype=tdt)
         n_params = sum(p.numel() for p in model.parameters())
-        out, t = _time_call(lambda: empirical_ntk(model, x), repeats, budget_s)
+        out, t = time_call(lambda: empirical_ntk(model, x), repeats, budget_s)
         recs.append(dict(name="e_empirical_ntk", n_params=int(n_params), **t))
     elif case == "f":
         from ntkit import predict as P
@@ -155,19 +141,20 @@ def run_ours(case, dtype, quick, repeats, budget_s):
             for cov in (False, True):
                 t_val = torch.logspace(-1, 3, 10, dtype=tdt) if t_arg == "array" else t_arg
 
-                def call():
+                def call(t_val=t_val, cov=cov):
                     # a fresh predictor each call, as NT's harness: kernels and factorization
+                    # (run at once by time_call; the defaults bind this iteration's values)
                     pf = P.gradient_descent_mse_ensemble(arch, x_tr, y_tr,
                                                          diag_reg=size["diag_reg"], dtype=tdt)
                     return pf(t=t_val, x_test=x_te, get="ntk", compute_cov=cov)
 
-                _, t = _time_call(call, repeats, budget_s)
+                _, t = time_call(call, repeats, budget_s)
                 recs.append(dict(name=f"f_gd_mse_ensemble_ntk_{label}_"
                                       f"{'mean_cov' if cov else 'mean'}", **t))
-        _, t = _time_call(lambda: (arch.kernel(x_tr, None, ("nngp", "ntk"), dtype=tdt),
-                                   arch.kernel(x_te, x_tr, ("nngp", "ntk"), dtype=tdt),
-                                   arch.kernel(x_te, None, "nngp", dtype=tdt)), repeats,
-                          budget_s)
+        _, t = time_call(lambda: (arch.kernel(x_tr, None, ("nngp", "ntk"), dtype=tdt),
+                                  arch.kernel(x_te, x_tr, ("nngp", "ntk"), dtype=tdt),
+                                  arch.kernel(x_te, None, "nngp", dtype=tdt)), repeats,
+                         budget_s)
         recs.append(dict(name="f_component_kernels_only", **t))
     else:
         raise ValueError(case)
@@ -188,11 +175,8 @@ def run_nt(args, case, dtype, ref_dir):
            "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
            "--ref-dir", ref_dir] + (["--quick"] if args.quick else [])
     try:
-        env = dict(os.environ)
-        if "--omp-default" not in sys.argv and _threads.status()["set_by_ntkit"]:
-            env.pop("OMP_WAIT_POLICY", None)        # NT runs with its own defaults
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
-                             env=env)
+                             env=nt_subprocess_env())     # NT runs with its own defaults
     except subprocess.TimeoutExpired:
         print(f"# NT timed out after {args.timeout_s}s on {case} {dtype}", flush=True)
         return None
@@ -222,17 +206,6 @@ def check_kernels(case, dtype, kernels, ref_dir, quick):
         ours = kernels[g].double().numpy()
         res[f"max_rel_diff_{g}"] = float(f"{np.abs(ours - ref).max() / np.abs(ref).max():.3e}")
     return res
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 class Competitor:
@@ -275,11 +248,7 @@ def main():
     if ref_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ntkit_vs_nt_")
         ref_dir = tmp.name
-    env = dict(cpu_model=_cpu_model(), cpus=os.cpu_count(),
-               affinity=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(),
-               torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-               git=subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                  capture_output=True, text=True).stdout.strip())
+    env = machine_record()
     print(json.dumps(dict(name="env", **env)), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for competitor in ((False, True) if args.competitor else (False,)):
@@ -297,10 +266,8 @@ def main():
                     line = dict(case=case, dtype=dtype, name=rec["name"], competitor=competitor,
                                 quick=args.quick, ntkit_s=rec["time_s"],
                                 ntkit_times_s=rec["times_s"], ntkit_warmup_s=rec["warmup_s"],
-                                nt_s=None, ratio=None,
-                                load_before=[round(v, 2) for v in load0],
-                                load_after_ntkit=[round(v, 2) for v in load1],
-                                load_after_nt=[round(v, 2) for v in load2], **env)
+                                nt_s=None, ratio=None, **load_record(load0, load1, load2),
+                                **env)
                     if "n_params" in rec:
                         line["n_params"] = rec["n_params"]
                     if nt:

@@ -208,7 +208,7 @@ def test_features_jacobian_gram_is_the_empirical_ntk():
     assert math.isclose(float((phi - arch.features(x, 12, method="jacobian", dtype=D, chunk=2,
                                                    seed=4, pattern=a)).abs().max()), 0,
                         abs_tol=1e-12)
-    with pytest.raises(NotImplementedError, match="Aggregate"):
-        features(arch, x, dim=12, pattern=a)
+    # method='rf' has an Aggregate rule with the chunk's rows of the call-time pattern
+    assert features(arch, x, dim=12, pattern=a, chunk=3).shape[0] == 7
     with pytest.raises(TypeError, match="'pattern'"):
         features(arch, x, dim=12, method="jacobian", mask=a)

@@ -50,7 +50,7 @@ def _synthetic(tmp_path, name="toy", n=11, d=3, c=3, seed=0):
     perm = rng.permutation(n)
     tr, va = perm[: (n + 1) // 2], perm[(n + 1) // 2:]
     folds = []
-    for r in range(4):
+    for _ in range(4):
         p = rng.permutation(n)
         folds.append((p[n // 4:], p[: n // 4]))
     _write_uci(tmp_path, name, X, y, c, tr, va, folds)

@@ -19,7 +19,8 @@ F64 = torch.float64
 
 
 def test_demo_small(capsys):
-    assert main(["demo", "--n-train", "300", "--depth", "1", "--no-progress", "--no-report", "--quick"]) == 0
+    assert main(["demo", "--n-train", "300", "--depth", "1", "--no-progress", "--no-report",
+                 "--quick"]) == 0
     out = capsys.readouterr().out
     assert "NTK" in out and "NNGP" in out
     acc = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("NTK", "NNGP"))]

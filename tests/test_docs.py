@@ -171,7 +171,8 @@ def test_tutorial_pages_embed_their_figures(site):
             png = (page.parent / src).resolve()
             assert png.is_file(), f"{md.name}: {src} missing"
             data = png.read_bytes()
-            assert data[:8] == PNG_MAGIC and len(data) > 5000, f"{md.name}: {src} is not a PNG figure"
+            assert data[:8] == PNG_MAGIC and len(data) > 5000, \
+                f"{md.name}: {src} is not a PNG figure"
         script = site / "tutorials" / "scripts" / f"{md.stem}.py"
         assert script.is_file() and script.stat().st_size > 0, f"no script for {md.name}"
         compile(script.read_text(encoding="utf-8"), str(script), "exec")

@@ -251,7 +251,8 @@ def test_params_filters_match_oracle_on_subsets():
     names_all = [n for n, _ in model.named_parameters()]
     cases = {
         "last_layers": (["3", "6"], {"3.weight", "3.bias", "6.weight", "6.bias"}),
-        "all_but_first": (lambda n: not n.startswith("0."), set(names_all) - {"0.weight", "0.bias"}),
+        "all_but_first": (lambda n: not n.startswith("0."),
+                          set(names_all) - {"0.weight", "0.bias"}),
         "bias_only_and_ln": (["0.bias", "1"], {"0.bias", "1.weight", "1.bias"}),
     }
     for label, (flt, expect) in cases.items():
@@ -392,7 +393,8 @@ def test_empirical_nngp_is_readout_feature_gram():
     model, shape = MODELS["layernorm"]
     x1, x2 = data(shape, 4, 1), data(shape, 3, 2)
     with torch.no_grad():
-        phi = lambda x: torch.tanh(model[4](model[3](F.gelu(model[1](model[0](x))))))
+        def phi(x):
+            return torch.tanh(model[4](model[3](F.gelu(model[1](model[0](x))))))
         ref = phi(x1) @ phi(x2).T / 12
     assert_close(empirical_nngp(model, x1, x2), ref, 1e-13)
     with torch.no_grad():
@@ -425,7 +427,7 @@ def test_linearize_is_first_order_with_quadratic_error():
     epss = [0.2 * 2.0 ** -i for i in range(6)]
     errs = []
     for eps in epss:
-        a, b = linearize(net), linearize(net)   # fresh copies at theta0
+        a = linearize(net)                      # a fresh copy at theta0
         _perturbed(a, direction, eps)           # theta = theta0 + eps * v (in the linear model)
         moved = [p.detach().clone() for p in a.model.parameters()]
         ref = __import__("copy").deepcopy(net)
@@ -439,7 +441,7 @@ def test_linearize_is_first_order_with_quadratic_error():
     with torch.no_grad():
         lin2 = linearize(net)
         outs = []
-        for step in range(3):
+        for _ in range(3):
             outs.append(lin2(x))
             _perturbed(lin2, direction, 0.3)
         second = (outs[2] - 2 * outs[1] + outs[0]).abs().max()
@@ -461,7 +463,7 @@ def test_linearized_gd_reproduces_closed_form_trajectory():
     with torch.no_grad():
         r = lin(X) - y
         fs = lin(Xs)
-    for t in range(25):
+    for _ in range(25):
         opt.zero_grad()
         loss = 0.5 * ((lin(X) - y) ** 2).sum()
         loss.backward()

@@ -145,7 +145,7 @@ def test_count_sketch_out_dim_is_unbiased_and_exact_size():
     assert sk[0].shape == (5, 300)
     # unbiased over sketch seeds: vary the seed of the sketch only by comparing with the same
     # features (the sketch seed follows `seed`, so compare to each seed's own full features)
-    errs, grams, fulls = [], [], []
+    errs, grams = [], []
     for s in range(40):
         f = nf.features(arch, x, 32, dtype=F64, seed=s)
         sks = nf.features(arch, x, 32, dtype=F64, seed=s, out_dim=300)

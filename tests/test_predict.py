@@ -182,7 +182,8 @@ def test_t_infinity_is_kernel_regression(data):
     g0 = torch.randn(5, 2, generator=_gen(6), dtype=F64)
     for reg in (0.0, 1e-3):
         pf = P.gradient_descent_mse(data["ntk_dd"], y, diag_reg=reg)
-        theta = data["ntk_dd"] + reg * float(torch.diagonal(data["ntk_dd"]).mean()) * torch.eye(n, dtype=F64)
+        scale = reg * float(torch.diagonal(data["ntk_dd"]).mean())
+        theta = data["ntk_dd"] + scale * torch.eye(n, dtype=F64)
         direct = g0 + data["ntk_td"] @ torch.linalg.solve(theta, y - f0)
         fr, fe = pf(None, f0, g0, data["ntk_td"])
         assert torch.equal(fr, y)
@@ -278,7 +279,7 @@ def test_matches_neural_tangents_formulas(arch, data, get, diag_reg):
 
 
 def test_gp_inference_posteriors(data):
-    n, y = data["n"], data["y"]
+    y = data["y"]
     k_dd = {"nngp": data["nngp_dd"], "ntk": data["ntk_dd"]}
     k_td = {"nngp": data["nngp_td"], "ntk": data["ntk_td"]}
     k_tt = {"nngp": data["nngp_tt"], "ntk": data["ntk_tt"]}
@@ -363,8 +364,8 @@ def test_ensemble_matches_trained_finite_networks():
     # the network took discrete steps; compare with flow at t = steps (time unit lr) and check the
     # discretization is negligible here by the exact discrete mean (f0 = 0 in expectation)
     pred = ens(t=steps * lr, x_test=x_all[n:], get="ntk", compute_cov=True)
-    disc = P.gradient_descent_mse_discrete(ntk, y, lr)(steps, None, 0.0,
-                                                       arch1.kernel(x_all[n:], x_all[:n], get="ntk"))
+    k_td = arch1.kernel(x_all[n:], x_all[:n], get="ntk")
+    disc = P.gradient_descent_mse_discrete(ntk, y, lr)(steps, None, 0.0, k_td)
     assert _rel(pred.mean, disc) < 0.02
     se = (torch.diagonal(pred.covariance) / B).sqrt()
     z = (emp_mean[n:] - pred.mean[:, 0]) / se
@@ -453,7 +454,8 @@ def test_eigenmodes_reconstruct_dynamics(data):
     assert torch.allclose(modes.loss(ts).sum(-1), total, rtol=1e-10)
     dec = modes.decay(ts)
     assert torch.all(dec[2, :-1] <= dec[2, 1:])             # large eigenvalues learned first
-    assert torch.allclose(modes.decay(modes.timescales[0])[0], torch.tensor(math.exp(-1), dtype=F64))
+    assert torch.allclose(modes.decay(modes.timescales[0])[0],
+                          torch.tensor(math.exp(-1), dtype=F64))
 
 
 # ------------------------------------------------------------------------------------------

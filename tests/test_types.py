@@ -29,7 +29,7 @@ IMPOSSIBLE = {
 # issue 17: pending -- modules (where the name is defined) not yet annotated when this gate was
 # added; their names are skipped. Remove a module once it is annotated: the test fails on an
 # entry that is no longer needed.
-PENDING = {"ntkit.estimators", "ntkit.layers.activations"}
+PENDING: set = set()
 
 
 def test_mypy_finds_nothing_in_the_package():
@@ -126,3 +126,48 @@ def test_pending_modules_still_need_annotations():
                   if not any(u == m or u.startswith(m + ".") for u in unannotated))
     assert not done, ("these modules are annotated now; remove them from PENDING in "
                       "tests/test_types.py:\n" + "\n".join(done))
+
+
+def _typing_only_features():
+    """The implementation signature of the ``features`` overloads that ``ntkit.features``
+    declares under ``if TYPE_CHECKING:`` (for type checkers; at run time the name is the
+    implementation in ``ntkit.layers``), parsed from the source."""
+    import ast
+    src = (ROOT / "src" / "ntkit" / "features.py").read_text()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            defs = [d for d in node.body
+                    if isinstance(d, ast.FunctionDef) and d.name == "features"]
+            plain = [d for d in defs if not d.decorator_list]
+            assert len(defs) >= 3 and len(plain) == 1, "features overloads not found"
+            return plain[0]
+    raise AssertionError("no `if TYPE_CHECKING:` block with the features overloads")
+
+
+def _params(args, defaults=None):
+    """``[(name, kind, default source)]`` of an ``ast.arguments``."""
+    import ast
+    pos = args.posonlyargs + args.args
+    pd = [None] * (len(pos) - len(args.defaults)) + list(args.defaults)
+    out = [(a.arg, "pos", d and ast.unparse(d)) for a, d in zip(pos, pd)]
+    out += [(a.arg, "kw", d and ast.unparse(d)) for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    if args.vararg:
+        out.append((args.vararg.arg, "*", None))
+    if args.kwarg:
+        out.append((args.kwarg.arg, "**", None))
+    return out
+
+
+def test_features_overloads_match_the_implementation():
+    """``ntkit.features.features`` is typed by overloads on ``get`` (a string: a tensor; keys: a
+    dict) written for type checkers only; their parameters must be those of the function that
+    runs (names, kinds, defaults), so a new argument of the implementation fails here."""
+    import ast
+    import ntkit.features as nf
+    from ntkit.layers import _features
+    assert nf.features is _features.features      # the stub changes nothing at run time
+    impl = ast.parse(inspect.getsource(_features.features)).body[0]
+    stub = _typing_only_features()
+    assert _params(stub.args) == _params(impl.args), (
+        "the typing-only `features` signature in src/ntkit/features.py differs from "
+        "ntkit.layers._features.features; update the overloads there")

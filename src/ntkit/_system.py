@@ -3,7 +3,8 @@
 Why one module: the default memory budgets (``arch.kernel``, ``features``, ``compute_kernel``,
 ``scale.solve``) and the worker counts (``compute_kernel``'s thread pool) must agree on what
 "available" means. Cores are the ones this process may run on (``os.sched_getaffinity``: a
-container or ``taskset`` limit), not the machine's total (``os.cpu_count``).
+container or ``taskset`` limit), not the machine's total (``os.cpu_count``). Memory is the
+device's: for CUDA tensors the free memory of their GPU (``torch.cuda.mem_get_info``), else RAM.
 
 Example::
 
@@ -14,15 +15,37 @@ Example::
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
 __all__ = ["available_memory", "available_cores"]
 
 _FALLBACK_MEMORY = 4 << 30
 
 
-def available_memory() -> int:
-    """Bytes of RAM available now (Linux ``MemAvailable``; else free physical pages), or
-    4 GiB when neither can be read."""
+def _device_type(device: Any) -> str:
+    """``'cpu'``, ``'cuda'``, ... of a ``torch.device``, a device string or a tensor."""
+    if device is None:
+        return "cpu"
+    dev = getattr(device, "device", device)  # a tensor's device
+    return str(getattr(dev, "type", dev)).split(":")[0]
+
+
+def available_memory(device: Optional[Any] = None) -> int:
+    """Bytes of memory available now where the work runs.
+
+    ``device``: ``None`` or a CPU device/tensor: RAM (Linux ``MemAvailable``; else free physical
+    pages; 4 GiB when neither can be read). A CUDA device (``torch.device``, ``'cuda:1'`` or a
+    tensor on it): that GPU's free memory (``torch.cuda.mem_get_info``), since tiles of CUDA
+    inputs live there, not in RAM.
+
+    Example: ``available_memory(x.device)`` sizes tiles for ``x`` wherever it lives.
+    """
+    kind = _device_type(device)
+    if kind == "cuda":
+        import torch
+        dev = getattr(device, "device", device)
+        free, _total = torch.cuda.mem_get_info(torch.device(str(dev)))
+        return int(free)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

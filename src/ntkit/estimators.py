@@ -38,12 +38,17 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple,
+                    Union, overload)
 
 import numpy as np
 import torch
 
 from ._linalg import sym_eigh
+from ._typing import Get, HasKernel
+
+if TYPE_CHECKING:
+    from .layers import Layer
 
 try:  # scikit-learn is an optional extra; the module imports without it
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -59,6 +64,17 @@ __all__ = ["NTKRegressor", "NTKClassifier", "NTKGPKernel", "ReluNTKFix", "kernel
 
 _F64 = torch.float64
 _KINDS = ("ntk", "nngp")
+
+#: one architecture: an ntkit architecture or any object with ``.kernel(x1, x2, get)`` (e.g.
+#: :class:`ReluNTKFix`), or the text form of an ntkit architecture
+_Arch = Union[str, HasKernel]
+#: what ``arch=`` of the estimators accepts: None (the default), one architecture, or a list of
+#: them to choose from
+_ArchArg = Union[None, _Arch, Sequence[_Arch]]
+#: one value, or a list to choose from (``diag_reg=``, ``C=``); None: the default grid
+_Grid = Union[None, float, Sequence[float]]
+#: keys of a kernel dict: a tuple or list of ``'nngp'``/``'ntk'``, or None (both)
+_Keys = Union[Tuple[str, ...], List[str], None]
 
 
 def _need_sklearn():
@@ -101,7 +117,25 @@ class ReluNTKFix:
         _check_bias(self.bias)
         return int(d), int(f)
 
-    def kernel(self, x1, x2=None, get=("nngp", "ntk"), **_):
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., *, get: str, **_: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any, get: str, **_: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., get: _Keys = ...,
+               **_: Any) -> Dict[str, torch.Tensor]: ...
+
+    @overload   # `get` of a type known only as str-or-sequence: either
+    def kernel(self, x1: Any, x2: Any = ..., get: Get = ...,
+               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]: ...
+
+    def kernel(self, x1: Any, x2: Any = None, get: Get = ("nngp", "ntk"),
+               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(n1, n2)`` float64 kernel between the rows of ``x1`` and ``x2`` (None: ``x1``):
+        a tensor for a string ``get``, else a dict ``{key: tensor}``; other keyword arguments
+        (those of ``Layer.kernel``) are accepted and ignored."""
         from ._uci_ntk import iter_ntk_fix
         from ._validation import parse_get
         depth, fix = self._check()
@@ -117,7 +151,7 @@ class ReluNTKFix:
                 out["nngp"] = K.clone()
         return out[keys[0]] if single else out
 
-    def as_layers(self, d: int, width: int = 512):
+    def as_layers(self, d: int, width: int = 512) -> Layer:
         """The ``ntkit.layers`` network whose NTK/NNGP, times ``d`` (the input dimension), is
         this kernel -- for ``fix = 0`` (NTK) and the NNGP; used for random features."""
         from . import layers as nl
@@ -132,7 +166,7 @@ class ReluNTKFix:
         b = "" if not self.bias else f", bias={self.bias!r}"
         return f"ReluNTKFix(depth={self.depth!r}, fix={self.fix!r}{b})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return (type(other) is type(self) and other.depth == self.depth
                 and other.fix == self.fix and other.bias == self.bias)
 
@@ -245,7 +279,8 @@ _MIN_ROWS_PROJ = 3
 _CLASSIFIER_CRITERION = "mse"
 
 
-def default_family(d: int, kernel: str = "ntk", depths=None, biases=None) -> list:
+def default_family(d: int, kernel: str = "ntk", depths: Optional[Sequence[int]] = None,
+                   biases: Optional[Sequence[float]] = None) -> List[ReluNTKFix]:
     """The candidate kernels of the default estimators: :class:`ReluNTKFix` for every depth in
     ``depths``, ``fix`` in ``0..depth`` (``fix = depth`` only for ``kernel='nngp'``, where
     ``fix`` does not matter) and bias ``b * sqrt(d)`` for ``b`` in ``biases`` (defaults:
@@ -270,7 +305,8 @@ def _eigh(K: torch.Tensor):
     return lam.to(K.device).clamp_min(0.0), V.to(K.device)
 
 
-def loo_kernel_ridge(K, Y, ridges, K_test_train=None):
+def loo_kernel_ridge(K: Any, Y: Any, ridges: Any, K_test_train: Any = None
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Exact leave-one-out predictions of kernel ridge regression for many ridges at once.
 
     With ``K = V diag(l) V^T`` (one ``eigh``) and ``H = K (K + r I)^-1 = V diag(l / (l + r)) V^T``
@@ -300,7 +336,7 @@ def loo_kernel_ridge(K, Y, ridges, K_test_train=None):
 
 
 def _loo_eig(lam: torch.Tensor, V: torch.Tensor, Y: torch.Tensor, r: torch.Tensor,
-             K_test_train=None):
+             K_test_train: Any = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`loo_kernel_ridge` from a given eigendecomposition ``K = V diag(lam) V^T``
     (reused when the same kernel is scored for several target matrices)."""
     n, c = Y.shape
@@ -854,9 +890,10 @@ class NTKRegressor(RegressorMixin, _NTKBase):
         >>> NTKRegressor(arch=ReluNTKFix(3, 1), diag_reg=1e-3).fit(X, y)   # no selection
     """
 
-    def __init__(self, arch=None, kernel: str = "ntk", t: Optional[float] = None,
-                 diag_reg=None, learning_rate: float = 1.0, normalize_y: bool = False,
-                 standardize="auto", features: Optional[int] = None, random_state=None):
+    def __init__(self, arch: _ArchArg = None, kernel: str = "ntk", t: Optional[float] = None,
+                 diag_reg: _Grid = None, learning_rate: float = 1.0, normalize_y: bool = False,
+                 standardize: Union[bool, str] = "auto", features: Optional[int] = None,
+                 random_state: Optional[int] = None):
         self.arch = arch
         self.kernel = kernel
         self.t = t
@@ -873,7 +910,7 @@ class NTKRegressor(RegressorMixin, _NTKBase):
         tags.target_tags.single_output = True
         return tags
 
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> NTKRegressor:
         """Fit on ``X`` (n, d) and ``y`` (n,) or (n, k); computes the train kernels once."""
         _need_sklearn()
         from sklearn.utils.validation import validate_data
@@ -889,7 +926,16 @@ class NTKRegressor(RegressorMixin, _NTKBase):
             self._y_std = np.ones(Y.shape[1])
         return self._fit_core(X, (Y - self._y_mean) / self._y_std)
 
-    def predict(self, X, return_std: bool = False, return_cov: bool = False):
+    @overload
+    def predict(self, X: Any, return_std: Literal[False] = ...,
+                return_cov: Literal[False] = ...) -> np.ndarray: ...
+
+    @overload
+    def predict(self, X: Any, return_std: bool = ...,
+                return_cov: bool = ...) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]: ...
+
+    def predict(self, X: Any, return_std: bool = False, return_cov: bool = False
+                ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """Mean prediction, optionally with the std or the covariance of the ensemble.
 
         Returns ``mean`` or ``(mean, std)`` or ``(mean, cov)`` (not both std and cov).
@@ -1034,11 +1080,13 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
         >>> clf.best_params_, clf.predict(X_test), clf.predict_proba(X_test)
         >>> NTKClassifier(arch=ReluNTKFix(3, 1), diag_reg=1e-3).fit(X, y)    # exactly that
     """
+    svc_: Any   # the fitted sklearn.svm.SVC (solver='svm'), else None
 
-    def __init__(self, arch=None, kernel: str = "ntk", t: Optional[float] = None,
-                 diag_reg=None, learning_rate: float = 1.0, temperature="auto",
-                 standardize="auto", features: Optional[int] = None, random_state=None,
-                 solver: str = "krr", C=None):
+    def __init__(self, arch: _ArchArg = None, kernel: str = "ntk", t: Optional[float] = None,
+                 diag_reg: _Grid = None, learning_rate: float = 1.0,
+                 temperature: Union[str, float] = "auto", standardize: Union[bool, str] = "auto",
+                 features: Optional[int] = None, random_state: Optional[int] = None,
+                 solver: str = "krr", C: _Grid = None):
         self.arch = arch
         self.kernel = kernel
         self.t = t
@@ -1080,7 +1128,7 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
             raise ValueError(f"`C` values must be > 0, got {C!r}")
         return solver, Cs
 
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> NTKClassifier:
         """Fit on ``X`` (n, d) and labels ``y`` (n,) with at least two classes."""
         _need_sklearn()
         from sklearn.utils.multiclass import check_classification_targets
@@ -1098,6 +1146,7 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
             if _check_nonneg(temp, "temperature") == 0:
                 raise ValueError("`temperature` must be 'auto' or > 0")
         solver, Cs = self._check_solver()
+        held: Any   # held-out outputs (an ndarray whenever the temperature is fitted)
         Y = np.eye(c)[y_idx] - 1.0 / c
         self._fit_core(X, Y, y_idx, need_ridge=solver == "krr")
         self.svc_ = None
@@ -1187,25 +1236,25 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
         F, _ = self._outputs(X)
         return F
 
-    def decision_function(self, X) -> np.ndarray:
+    def decision_function(self, X: Any) -> np.ndarray:
         """Network outputs ``(m, c)``; for two classes ``(m,)`` = output 1 minus output 0."""
         _need_sklearn()
         F = self._raw(X)
         return F[:, 1] - F[:, 0] if F.shape[1] == 2 else F
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X: Any) -> np.ndarray:
         """Class labels ``(m,)``: argmax of the outputs."""
         _need_sklearn()
         F = self._raw(X)
         return self.classes_[np.argmax(F, axis=1)]
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X: Any) -> np.ndarray:
         """``softmax(outputs / temperature_)``, shape ``(m, n_classes)``, columns = classes_."""
         _need_sklearn()
         F = self._raw(X)
         return _softmax(F / self.temperature_)
 
-    def predict_log_proba(self, X) -> np.ndarray:
+    def predict_log_proba(self, X: Any) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`."""
         _need_sklearn()
         F = self._raw(X)
@@ -1221,11 +1270,11 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
 class _KernelCallable:
     """Picklable ``k(X, Y) -> ndarray`` for scikit-learn's ``kernel=`` arguments."""
 
-    def __init__(self, arch, get):
+    def __init__(self, arch: _ArchArg, get: str):
         self.arch = _resolve_arch(arch)
         self.get = _check_kind(get)
 
-    def __call__(self, X, Y=None) -> np.ndarray:
+    def __call__(self, X: Any, Y: Any = None) -> np.ndarray:
         x1 = torch.tensor(np.asarray(X, dtype=np.float64))
         x1 = x1.reshape(len(x1), -1) if x1.ndim == 1 else x1
         x2 = None if Y is None else torch.tensor(np.asarray(Y, dtype=np.float64))
@@ -1237,7 +1286,8 @@ class _KernelCallable:
         return f"kernel_callable({self.arch!r}, get={self.get!r})"
 
 
-def kernel_callable(arch=None, get: str = "ntk"):
+def kernel_callable(arch: Union[None, _Arch] = None,
+                    get: str = "ntk") -> Callable[..., np.ndarray]:
     """A callable ``k(X, Y)`` returning the ``(n1, n2)`` float64 NTK/NNGP matrix as numpy.
 
     For ``SVC(kernel=...)``, ``KernelRidge(kernel=...)``, ``SpectralClustering(affinity=...)``:
@@ -1274,7 +1324,7 @@ class NTKGPKernel(_SkKernel):
         ...                                + WhiteKernel()).fit(X, y)
     """
 
-    def __init__(self, arch=None, get: str = "nngp"):
+    def __init__(self, arch: Union[None, _Arch] = None, get: str = "nngp"):
         _need_sklearn()
         self.arch = arch
         self.get = get
@@ -1282,7 +1332,8 @@ class NTKGPKernel(_SkKernel):
     def _fn(self):
         return _KernelCallable(self.arch, self.get)
 
-    def __call__(self, X, Y=None, eval_gradient: bool = False):
+    def __call__(self, X: Any, Y: Any = None, eval_gradient: bool = False
+                 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         if Y is not None and eval_gradient:
             raise ValueError("Gradient can only be evaluated when Y is None.")
         if Y is None:
@@ -1304,7 +1355,7 @@ class NTKGPKernel(_SkKernel):
             return K, np.empty((K.shape[0], K.shape[1], 0))
         return K
 
-    def diag(self, X) -> np.ndarray:
+    def diag(self, X: Any) -> np.ndarray:
         """``k(x, x)`` for each row of ``X`` (computed exactly, row by row in one batch)."""
         x = torch.tensor(np.asarray(X, dtype=np.float64))
         fn = self._fn()

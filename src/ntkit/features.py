@@ -21,16 +21,64 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 
 from ._validation import as_tensor
-from .layers._features import feature_dim, features
+from .layers import Layer, feature_dim
 
 __all__ = ["features", "feature_dim", "ridge", "RidgeFit", "normal_equations"]
 
 Tensor = torch.Tensor
+
+if TYPE_CHECKING:
+    # For type checkers only: the return type of ``features`` follows ``get`` (a string: one
+    # tensor; a tuple or list of keys, or None: a dict). At run time ``features`` IS the
+    # implementation in ``ntkit.layers`` (imported below), so nothing changes; the signature
+    # here is kept equal to it by tests/test_types.py.
+    from ._typing import MemoryBudget
+
+    _Keys = Union[Tuple[str, ...], List[str], None]
+
+    @overload
+    def features(arch: Layer, x: Any, dim: int = ..., get: str = ..., *, seed: int = ...,
+                 method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
+                 memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
+                 progress: bool = ..., mask_constant: Optional[float] = ...,
+                 **call_args: Any) -> Tensor: ...
+
+    @overload
+    def features(arch: Layer, x: Any, dim: int = ..., *, get: _Keys, seed: int = ...,
+                 method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
+                 memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
+                 progress: bool = ..., mask_constant: Optional[float] = ...,
+                 **call_args: Any) -> Dict[str, Tensor]: ...
+
+    @overload
+    def features(arch: Layer, x: Any, dim: int, get: _Keys, *, seed: int = ...,
+                 method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
+                 memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
+                 progress: bool = ..., mask_constant: Optional[float] = ...,
+                 **call_args: Any) -> Dict[str, Tensor]: ...
+
+    @overload   # `get` of a type known only as str-or-sequence: either
+    def features(arch: Layer, x: Any, dim: int = ...,
+                 get: Union[str, Sequence[str], None] = ..., *, seed: int = ...,
+                 method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
+                 memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
+                 progress: bool = ..., mask_constant: Optional[float] = ...,
+                 **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
+
+    def features(arch: Layer, x: Any, dim: int = 1024,
+                 get: Union[str, Sequence[str], None] = "ntk", *, seed: int = 0,
+                 method: str = "rf", out_dim: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, memory_budget: MemoryBudget = None,
+                 chunk: Optional[int] = None, progress: bool = False,
+                 mask_constant: Optional[float] = None,
+                 **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
+else:
+    from .layers import features
 
 
 @dataclass(frozen=True)

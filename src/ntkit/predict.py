@@ -100,13 +100,15 @@ def _targets(y: Any, n: int) -> torch.Tensor:
 
 
 def _times(t: Any, name: str = "t") -> Tuple[torch.Tensor, Tuple[int, ...]]:
-    """``(flat float64 times, shape of t)``; ``None`` is ``t = inf`` (scalar)."""
+    """``(flat float64 times on the CPU, shape of t)``; ``None`` is ``t = inf`` (scalar).
+    The few times steer host-side choices (finite / infinite, steps), so they live on the CPU
+    whatever device the kernels are on; the predictors move them where they are used."""
     if t is None:
-        return torch.tensor([math.inf], dtype=_F64), ()
+        return torch.tensor([math.inf], dtype=_F64, device="cpu"), ()
     tt = t.detach() if isinstance(t, torch.Tensor) else None
     if tt is None:
         try:
-            tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
+            tt = torch.as_tensor(np.asarray(t, dtype=np.float64), device="cpu")
         except (TypeError, ValueError):
             raise TypeError(f"`{name}` must be None, a number or a 1-D array of numbers, got "
                             f"{type(t).__name__}") from None
@@ -1271,7 +1273,7 @@ class Eigenmodes(NamedTuple):
         """``exp(-lambda_i lr t / N)``, shape ``t.shape + (n,)``."""
         times, t_shape = _times(t)
         if times is None:
-            times, t_shape = torch.tensor([math.inf], dtype=_F64), ()
+            times, t_shape = torch.tensor([math.inf], dtype=_F64, device="cpu"), ()
         lam = self.eigenvalues.to(_F64)
         tt = (times * self.learning_rate).to(lam.device)[:, None]
         x = torch.where(lam[None] > 0, lam[None] * tt / self.size, torch.zeros_like(tt * lam[None]))

@@ -3,7 +3,6 @@ hand-derived closed forms."""
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from ntkit import layers as nl

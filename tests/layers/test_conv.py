@@ -48,9 +48,6 @@ def test_circular_padding_is_translation_invariant():
 # ---------------------------------------------------------------------------------------------
 # Agreement with the independent loop-based reference (tests/layers/_cntk_reference.py)
 
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from ntkit.testing import KernelTestCase, mc_error_slope  # noqa: E402

@@ -1,6 +1,6 @@
 """``ntkit.from_torch``: structure (same parameters, same function), the kernels (NTK-limit and
-standard parameterization) against Monte Carlo estimates from the original PyTorch modules at PyTorch's default
-initialization, and clear errors for what cannot be converted."""
+standard parameterization) against Monte Carlo estimates from the original PyTorch modules at
+PyTorch's default initialization, and clear errors for what cannot be converted."""
 import math
 
 import numpy as np
@@ -136,9 +136,9 @@ def _gaussian_init_(net):
 @pytest.mark.parametrize("name", ["conv", "mlp_layernorm"])
 def test_torch_module_kernels_converge_to_converted_arch(name):
     """Monte Carlo over PyTorch modules (the original module types, weights of PyTorch's
-    variances drawn Gaussian) against the converted kernels: NNGP and NTK-parameterization NTK (infinite-width
-    limits, arch converted once) and the standard-parameterization NTK (arch converted at each
-    width). Relative errors must fall like width^-1/2."""
+    variances drawn Gaussian) against the converted kernels: NNGP and NTK-parameterization NTK
+    (infinite-width limits, arch converted once) and the standard-parameterization NTK (arch
+    converted at each width). Relative errors must fall like width^-1/2."""
     make, in_shape = MC_NETS[name]
     # PyTorch's init (W_std^2 = 1/3) shrinks the signal layer by layer, while hidden biases
     # (variance 1/(3 fan_in), zero in the limit) add O(1/width) offsets: inputs of scale 5

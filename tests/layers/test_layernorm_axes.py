@@ -61,7 +61,10 @@ def test_channel_only_axis_spellings_agree_and_joint_differs():
     assert float((kj.nngp - k0.nngp).abs().max()) > 1e-3
     # FC inputs: the only non-batch axis is the channel axis, -1 spells it
     xf = randn64(4, 3)
-    fc = lambda ln: nl.serial(nl.Dense(5, 1.2, 0.1), ln, nl.Relu(), nl.Dense(1)).kernel(xf)
+
+    def fc(ln):
+        return nl.serial(nl.Dense(5, 1.2, 0.1), ln, nl.Relu(), nl.Dense(1)).kernel(xf)
+
     assert torch.equal(fc(nl.LayerNorm(axis=-1)).ntk, fc(nl.LayerNorm()).ntk)
 
 
@@ -104,7 +107,8 @@ def test_monte_carlo_partial_and_joint_axes(axis):
     # pixel scales 0.04..9 in variance: a per-pixel (channel-only) normalizer is far off
     # (measured: it plateaus at 15-25% error, slope ~ -0.05, on these inputs)
     ramp = torch.tensor([0.2, 0.5, 1.5, 3.0], dtype=torch.float64)
-    x = torch.cat([randn64(3, 2, 4, 4), 0.3 * randn64(2, 2, 4, 4, seed=5)]) * ramp.reshape(4, 1) * ramp
+    x = (torch.cat([randn64(3, 2, 4, 4), 0.3 * randn64(2, 2, 4, 4, seed=5)])
+         * ramp.reshape(4, 1) * ramp)
     for get, widths in (("nngp", (32, 128, 512)), ("ntk", (16, 64, 256))):
         slope, errs = mc_error_slope(arch, x, widths, get=get, n_samples=2, seeds=2)
         assert -0.95 < slope < -0.25, (get, slope, errs)

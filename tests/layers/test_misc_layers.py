@@ -1,8 +1,6 @@
 """Dropout, Index and DotGeneral: kernels against independently derived references (the kernel of
 the sliced input, the train-mode formula, A K A^T with A from a numpy dot_general written here)
 and Monte Carlo from the finite networks."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -314,7 +312,8 @@ def test_dot_general_errors(kw, err):
 def test_index_order_matters():
     """A non-symmetric linear map after Index sees the pixel order (Flatten/pooling do not)."""
     x1, x2 = _imgs()
-    dg = nl.DotGeneral(rhs=torch.tensor([1.0, 0.0, 0.3]), dimension_numbers=(((3,), (0,)), ((), ())))
+    dg = nl.DotGeneral(rhs=torch.tensor([1.0, 0.0, 0.3]),
+                       dimension_numbers=(((3,), (0,)), ((), ())))
     head = [dg, nl.GlobalAvgPool(), nl.Dense(1, 1.1, 0.2)]
     arch = nl.serial(*_pointwise([nl.Index(nl.Slice[:, :, 1:4, ::-2])] + head))
     ref = nl.serial(*_pointwise(head))

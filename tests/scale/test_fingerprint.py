@@ -64,7 +64,9 @@ def test_closures_and_globals_refused_when_different(tmp_path, monkeypatch):
     # a closed-over tensor by value
     w1, w2 = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     w2[1] = 1.0 + 2 ** -40
-    f = (lambda w: (lambda a, b: (a * w) @ b.T))
+    def f(w):
+        return lambda a, b: (a * w) @ b.T
+
     assert fingerprint(f(w1)) != fingerprint(f(w2))
     assert fingerprint(f(w1)) == fingerprint(f(w1.clone()))
 

@@ -151,6 +151,7 @@ def test_cli_refused_store_paths_touch_nothing(user_tree, capsys, overwrite):
         assert main(args) == 2, path
         err = one_error_line(capsys, "kernel")
         assert "--store" in err and "Traceback" not in err, err
+        assert needle in err, (path, err)     # the same reason as the API gives
         assert snapshot(user_tree) == before, path
 
 

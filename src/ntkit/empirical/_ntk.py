@@ -21,9 +21,40 @@ __all__ = ["empirical_ntk", "empirical_nngp"]
 _EFFICIENCY = {"jacobian": 0.25, "ntk_vp": 0.2, "structured": 1.0}
 
 
-def _prepare(model, x1, x2, params, dtype, call_args=None):
+def _masked_inputs(model: nn.Module, x1: Any, x2: Any, dtype: Optional[torch.dtype],
+                   mask_constant: Any):
+    """``(x1, x2, c')`` for ``mask_constant``: the padding found in the inputs' own dtype and
+    kept exactly through the cast to the compute dtype (:func:`ntkit.layers.masked_input`);
+    non-finite padding (``NaN``, ``inf``) re-marked by a finite stand-in ``c'`` the network
+    masks identically (:func:`ntkit.layers.finite_stand_in`), as ``monte_carlo_kernel`` does."""
+    from ..layers import check_mask_constant, finite_stand_in, masked_input
+    c = check_mask_constant(mask_constant)
+    declared = getattr(model, "call_args", ())
+    if "_ntkit_mask_info" not in model.__dict__ and not (
+            isinstance(declared, tuple) and "mask_constant" in declared):
+        raise TypeError("`mask_constant` needs a network that masks its inputs: one built by "
+                        "arch.module(...) from an ntkit.layers architecture (its forward "
+                        "takes mask_constant), or a model declaring 'mask_constant' in its "
+                        "`call_args`")
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor with the batch as its first "
+                            f"dimension, got {type(x).__name__}; convert with torch.as_tensor")
+    if dtype is None:
+        first = next(iter(model.parameters()), None)
+        dtype = first.dtype if first is not None and first.is_floating_point() else \
+            torch.get_default_dtype()
+    x1 = masked_input(x1, "x1", dtype, c)
+    x2 = None if x2 is None else masked_input(x2, "x2", dtype, c)
+    (x1, x2), c = finite_stand_in([x1, x2], c)
+    return x1, x2, c
+
+
+def _prepare(model, x1, x2, params, dtype, call_args=None, mask_constant=None):
     model = check_model(model)
     check_independent(model)
+    if mask_constant is not None:
+        x1, x2, mask_constant = _masked_inputs(model, x1, x2, dtype, mask_constant)
     x1 = as_batch(x1, "x1")
     x2 = None if x2 is None else as_batch(x2, "x2")
     args = prepare_call_args(model, call_args, x1.shape[0],
@@ -32,6 +63,8 @@ def _prepare(model, x1, x2, params, dtype, call_args=None):
     setup = make_setup(model, names, dtype)
     x1 = cast_input(x1, setup.dtype)
     setup.call_args = cast_call_args(args, setup.dtype, x1.device)
+    if mask_constant is not None:   # one number for every call, never split into x1 / x2 rows
+        setup.call_args["mask_constant"] = (mask_constant, mask_constant, False)
     if x2 is not None:
         x2 = cast_input(x2, setup.dtype)
         if x2.device != x1.device:
@@ -86,7 +119,8 @@ def _choose_implementation(setup, plan, n1, n2, sym, output) -> str:
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
                   output: str = "trace", implementation: str = "auto",
                   params: ParamFilter = None, memory_budget: Union[int, float, str, None] = None,
-                  dtype: Optional[torch.dtype] = None, **call_args: Any) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, mask_constant: Optional[float] = None,
+                  **call_args: Any) -> torch.Tensor:
     """Empirical NTK ``J(x1) J(x2)^T`` of ``model`` at its current parameters.
 
     Args:
@@ -119,6 +153,14 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         ``'ntk_vp'``) are computed one example at a time when ``vmap`` cannot trace the model
         on a batched argument (e.g. ``Aggregate`` checking its pattern): the same numbers,
         slower than the vectorized path.
+      mask_constant: neural-tangents' masking for a network built by ``arch.module(...)``
+        (variable-length sequences / graphs padded with a constant): every call runs as
+        ``model(x, mask_constant=c, ...)``, so positions whose channels all equal ``c`` are
+        padding and the kernel converges to ``arch.kernel(x1, x2, mask_constant=c)``. The
+        padding is found in the inputs' own dtype (a cast that would change it is refused);
+        ``NaN`` / ``inf`` padding is accepted (re-marked by a finite stand-in the network masks
+        identically). One number for ``x1`` and ``x2``; combines with call-time arguments
+        (``pattern=...``).
 
     Returns:
       Tensor (n1, n2), (n1, n2, k) or (n1, n2, k, k), on x1's device.
@@ -130,6 +172,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         >>> x = torch.randn(5, 3)
         >>> empirical_ntk(net, x, output='full', dtype=torch.float64).shape
         torch.Size([5, 5, 2, 2])
+        >>> # padded sequences (N, C, L), NaN padding, on a finite ntkit network
+        >>> # empirical_ntk(arch.module((C, L)), xp, mask_constant=float('nan'))
     """
     if output not in OUTPUTS:
         raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
@@ -137,7 +181,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got "
                          f"{implementation!r}")
     budget = parse_budget(memory_budget)
-    setup, x1, x2 = _prepare(model, x1, x2, params, dtype, call_args)
+    setup, x1, x2 = _prepare(model, x1, x2, params, dtype, call_args, mask_constant)
     from ._structured import Plan, make_plan, structured_kernel
 
     try:

@@ -39,6 +39,11 @@ from .activations import ExpNormalized, Gabor
 from .misc import DotGeneral, Dropout, Index, Slice
 from ._parse import parse_arch
 from ._from_torch import from_torch
+# engine seams for ntkit.features and ntkit.scale (not in __all__; public there, machinery
+# here): the random-feature map and the tile working-set constant
+from ._features import feature_dim as feature_dim
+from ._features import features as features
+from ._tiling import LIVE_ARRAYS as LIVE_ARRAYS
 
 __all__ = [
     "Layer", "serial", "parallel", "repeat", "FanOut", "FanInSum", "FanInConcat", "FanInProd",

@@ -205,6 +205,13 @@ class BuildContext:
     generator: Optional[torch.Generator] = None
     dtype: torch.dtype = DEFAULT_DTYPE
 
+    @property
+    def device(self) -> torch.device:
+        """Where parameters are drawn: the generator's device (the CPU for ``Layer.module``),
+        whatever torch's default device is (``torch.set_default_device('cuda')`` would
+        otherwise put them where the CPU generator cannot draw)."""
+        return torch.device("cpu") if self.generator is None else self.generator.device
+
 
 class Layer:
     """Base class of architecture nodes (immutable; subclasses are frozen dataclasses)."""
@@ -310,6 +317,11 @@ class Layer:
             torch.Size([5, 5])
         """
         keys, single = parse_get(get)
+        if isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor) \
+                and x2.device != x1.device:
+            raise ValueError(f"`x1` is on {x1.device} but `x2` on {x2.device}; the kernel is "
+                             f"computed where the inputs are: move both to one device, e.g. "
+                             f"x2.to(x1.device)")
         memory_budget = parse_memory_budget(memory_budget)
         if tile is not None:
             tile = check_int(tile, "tile")
@@ -339,6 +351,9 @@ class Layer:
                              f"{tuple(x1.shape[1:])}; both must be (n, *feature_shape)")
         call_args = prepare_call_args(self, kwargs, x1.shape[0],
                                       None if x2 is None else x2.shape[0]) if kwargs else None
+        if call_args:  # per-example arguments (graphs) go to the inputs' device once, not per tile
+            call_args = {n: (a.to(x1.device), None if b is None else b.to(x1.device))
+                         for n, (a, b) in call_args.items()}
         if mask_constant is not None:
             from ._masking import MASK_ARG
             ma, mb = masks

@@ -20,13 +20,23 @@ Layer by layer (``K`` the NNGP, ``T`` the NTK, ``W``/``b`` the layer's ``W_std``
   ``psi' = [phi', W psi]`` -- no sampling noise at the top.
 * Pooling, GlobalAvgPool, Flatten (``/ sqrt(pixels)``), FanInSum/FanInConcat (concatenation):
   exact linear maps of the features; LayerNorm (any axes): division by the estimated norm.
+* Parameter-free linear maps of the spatial axes, ``y = L x`` (ImageResize, Index, DotGeneral,
+  Aggregate with the chunk's ``pattern``): ``K' = L K L^T`` for the NNGP and the NTK, so
+  ``phi' = L phi``, ``psi' = L psi`` exactly (the layer's own module, applied per column).
+  ``Dropout(mode='test')`` and ``repeat`` (a serial of fresh copies) need nothing new.
+* ConvTranspose / ConvLocal: a random transposed convolution / a random locally connected
+  layer of width ``dim`` (independent filters per output pixel), as Conv.
+* FanInProd: the branches as independent Gaussian samples ``z_i`` (drawn where they are not),
+  ``phi' = prod_i z_i / sqrt(dim)``, ``psi' = concat_i [t_i prod_{j != i} z_j] / sqrt(dim)``.
 
 Every step is unbiased given the layer below, so a one-hidden-layer network's features are
 unbiased; deeper ones carry an ``O(1/dim)`` bias from the nonlinear dual maps (smaller than the
 ``O(dim^-1/2)`` spread). Cost is that of two forward passes of the width-``dim`` network: linear in
 the number of pixels, no pixel-pair covariances. Any activation with a torch ``fn`` works (its
-derivative by autograd). Not covered (refused by name): standard parameterization, layers without
-a feature rule.
+derivative by autograd). Not covered (refused by name, pointing to ``method='jacobian'``):
+standard parameterization, ``GlobalSelfAttention`` (its attention weights are a nonlinear
+function of each example's pixel-pair covariance), ``Dropout(mode='train')`` (a one-pass kernel
+no fixed map reproduces), masks (``mask_constant``).
 """
 from __future__ import annotations
 
@@ -38,11 +48,16 @@ import torch
 
 from .._system import available_memory
 from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
-from ._base import Layer, prepare_call_args
+from ._base import Layer, prepare_call_args, using_call_args
 from .activations import Activation
-from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
+from .attention import GlobalSelfAttention
+from .combinators import (FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel,
+                          Serial)
 from .conv import Conv
+from .conv_variants import ConvLocal, ConvTranspose, ImageResize
 from .dense import Dense
+from .graph import Aggregate
+from .misc import DotGeneral, DotGeneralModule, Dropout, Index
 from .normalization import LayerNorm, LayerNormAxes
 from .pooling import Flatten, _GlobalPool, _Pool
 from . import _stencil as st
@@ -90,8 +105,8 @@ def _randn(shape, seed, op_id, part, like: Tensor) -> Tensor:
     """Gaussian weights drawn on the CPU from (seed, op, part), then moved: the same numbers on
     every device and for every chunk of examples. (Orthogonal random features were tried: no
     measurable gain here, and a QR per layer that dominated the cost at large ``dim``.)"""
-    return torch.randn(shape, generator=_gen(seed, op_id, part),
-                       dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=_gen(seed, op_id, part), dtype=torch.float64,
+                       device="cpu").to(dtype=like.dtype, device=like.device)
 
 
 def _chan_mix(w: Tensor, x: Tensor) -> Tensor:
@@ -275,6 +290,170 @@ class _LayerNormOp(_Op):
         return _F(f.phi * inv, None if f.psi is None else f.psi * inv, False)
 
 
+class _ModuleLinearOp(_Op):
+    """A parameter-free map that is linear in its input and acts on every channel alike
+    (ImageResize, Index, DotGeneral, Aggregate): ``y = L x`` over the spatial axes gives
+    ``K' = L K L^T`` for the NNGP and the NTK alike, so ``phi' = L phi``, ``psi' = L psi``
+    exactly, and Gaussian samples stay Gaussian samples (``fresh`` is kept). ``module`` is the
+    layer's own finite module (any channel count); Aggregate's reads the chunk's ``pattern``
+    from the call-time arguments :func:`features` makes visible."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, f: _F) -> _F:
+        if f.phi.ndim < 3:
+            raise ValueError(f"{self.name} needs spatial inputs (N, C, *spatial) in the feature "
+                             f"map")
+        return _F(self.module(f.phi), None if f.psi is None else self.module(f.psi), f.fresh)
+
+
+class _ConvTransposeOp(_DenseOp):
+    """A random transposed convolution of width ``dim`` with ConvTranspose's geometry: for
+    ``z = W / sqrt(|F|) G^T* phi + b g`` (``G`` standard normal, ``(c, dim, *F)``),
+    ``E z(P) z(Q) = W^2 / |F| sum_t K(src(P, t), src(Q, t)) + b^2`` -- the layer's covariance
+    map -- and the tangent ``t`` from ``[phi, psi]`` with an independent ``G'`` adds
+    ``W^2 / |F| sum_t T``: the NTK recursion (as :class:`_ConvOp`)."""
+
+    def __init__(self, layer, ctx: _Ctx):
+        super().__init__(layer, ctx, True)
+        self.layer = layer
+
+    def _apply(self, x: Tensor, w: Tensor, geo) -> Tensor:
+        """``ConvTransposeModule.forward`` without its parameters (same crop / fold)."""
+        from .conv_variants import fold
+        filt, strides, pads, circ, out_sp = geo
+        conv = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                torch.nn.functional.conv_transpose3d)[len(filt) - 1]
+        y = conv(x, w, stride=strides)
+        crop: List[int] = []
+        for fd, (lo, hi) in zip(reversed(filt), reversed(pads)):
+            crop += [lo - (fd - 1), hi - (fd - 1)]
+        if any(crop):
+            y = torch.nn.functional.pad(y, crop)
+        if circ:
+            for d, n in enumerate(out_sp):
+                y = fold(y, 2 + d, n, (y.shape[2 + d] - n) // 2)
+        return y
+
+    def __call__(self, f: _F) -> _F:
+        f = f.normed()
+        phi, psi = f.phi, f.psi
+        if phi.ndim < 3 or phi.ndim > 5:
+            raise ValueError("features: ConvTranspose needs inputs (N, C, *spatial) with 1-3 "
+                             "spatial dimensions")
+        geo = self.layer.geometry(tuple(phi.shape[2:]))
+        scale = self.w / math.sqrt(st.prod(geo[0]))
+        m = self.ctx.dim
+
+        def rconv(x, part):
+            return self._apply(x, self._draw(part, (x.shape[1], m) + tuple(geo[0]), x), geo)
+
+        z = rconv(phi, 0).mul_(scale)
+        if self.b:
+            z.add_(_bias_like(self._draw(1, (m,), phi), z), alpha=self.b)
+        t = None
+        if self.ctx.want_ntk:
+            src = phi if psi is None else torch.cat([phi, psi], 1)
+            t = rconv(src, 2).mul_(scale)
+            if self.b:
+                t.add_(_bias_like(self._draw(3, (m,), phi), t), alpha=self.b)
+        return _F(z, t, True)
+
+
+class _ConvLocalOp(_DenseOp):
+    """A random locally connected layer of width ``dim``: Conv's patches, but an independent
+    Gaussian filter and bias at every output pixel (weights ``(dim, c, pixels, |F|)``, as many
+    as the finite ConvLocal layer of that width). Different pixels are then uncorrelated,
+    ``E z(P) z(Q) = 0`` for ``P != Q``, and the pixel diagonal is Conv's: the layer's kernel
+    map; the tangent as :class:`_ConvOp`."""
+
+    def __init__(self, layer, ctx: _Ctx):
+        super().__init__(layer, ctx, True)
+        self.layer = layer
+
+    def __call__(self, f: _F) -> _F:
+        f = f.normed()
+        phi, psi = f.phi, f.psi
+        if phi.ndim < 3:
+            raise ValueError("features: ConvLocal needs spatial inputs (N, C, *spatial)")
+        filt, strides, pads, circ, out_sp = self.layer.geometry(tuple(phi.shape[2:]))
+        p, a = st.prod(out_sp), st.prod(filt)
+        scale = self.w / math.sqrt(a)
+        m = self.ctx.dim
+
+        def rlocal(x, part):
+            u = st.pad_input(x, pads, circ)
+            for d in range(len(filt)):     # (N, C, *out, *filter) patches
+                u = u.unfold(2 + d, filt[d], strides[d])
+            n, c = u.shape[:2]
+            wt = self._draw(part, (m, c, p, a), x)
+            y = torch.einsum("ncpf,mcpf->nmp", u.reshape(n, c, p, a), wt)
+            return y.reshape((n, m) + tuple(out_sp))
+
+        def bias(part, ref):
+            return self._draw(part, (m,) + tuple(out_sp), ref).unsqueeze(0)
+
+        z = rlocal(phi, 0).mul_(scale)
+        if self.b:
+            z.add_(bias(1, z), alpha=self.b)
+        t = None
+        if self.ctx.want_ntk:
+            src = phi if psi is None else torch.cat([phi, psi], 1)
+            t = rlocal(src, 2).mul_(scale)
+            if self.b:
+                t.add_(bias(3, t), alpha=self.b)
+        return _F(z, t, True)
+
+
+class _FanInProdOp(_DenseOp):
+    """FanInProd: ``nngp = prod_i K_i``, ``ntk = sum_i T_i prod_{j != i} K_j`` for branches
+    that are independent given the input. Each branch is made a Gaussian sample of width
+    ``dim`` (``z_i``, tangent ``t_i``; a branch that is not one yet, or that shares its sample
+    with another branch, draws its own independent ``G_i`` first, as an activation does);
+    then ``phi' = prod_i z_i / sqrt(dim)`` and ``psi' = concat_i [t_i prod_{j != i} z_j] /
+    sqrt(dim)``: ``E<phi', phi''> = prod_i K_i`` and ``E<psi', psi''> = sum_i T_i prod_{j != i}
+    K_j`` (independent factors; the concatenation has no cross terms)."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx, self.id = ctx, ctx.next_id()
+        self.weights = {}
+
+    def __call__(self, fs):
+        if not isinstance(fs, tuple):
+            raise ValueError("FanInProd needs several branches (use FanOut first)")
+        m = self.ctx.dim
+        seen: List[int] = []
+        zs, ts = [], []
+        for i, f in enumerate(fs):
+            if f.fresh and f.phi.shape[1] == m and id(f.phi) not in seen:
+                z, t = f.phi, f.psi
+            else:
+                g = f.normed()
+                z = _chan_mix(self._draw(2 * i, (m, g.phi.shape[1]), g.phi), g.phi)
+                t = None
+                if g.psi is not None and self.ctx.want_ntk:
+                    t = _chan_mix(self._draw(2 * i + 1, (m, g.psi.shape[1]), g.psi), g.psi)
+            seen.append(id(f.phi))
+            zs.append(z)
+            ts.append(t)
+        s = 1.0 / math.sqrt(m)
+        phi = zs[0] * s
+        for z in zs[1:]:
+            phi = phi * z
+        psis = []
+        if self.ctx.want_ntk:
+            for i, t in enumerate(ts):
+                if t is None:            # a parameter-free branch: no NTK term of its own
+                    continue
+                term = t * s
+                for j, z in enumerate(zs):
+                    if j != i:
+                        term = term * z
+                psis.append(term)
+        return _F(phi, torch.cat(psis, 1) if psis else None, False)
+
+
 class _FanOutOp(_Op):
     def __init__(self, n):
         self.n = n
@@ -355,18 +534,47 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
     if isinstance(layer, FanInConcat):
         c = [s[0] for s in in_shape]
         return _FanInOp([ci / sum(c) for ci in c]), out_shape
+    if isinstance(layer, FanInProd):
+        return _FanInProdOp(ctx), out_shape
+    if isinstance(layer, ConvTranspose):
+        return _ConvTransposeOp(layer, ctx), out_shape
+    if isinstance(layer, ConvLocal):
+        return _ConvLocalOp(layer, ctx), out_shape
+    if isinstance(layer, (ImageResize, Index, Aggregate)):   # parameter-free linear modules
+        mod, _ = layer.build(in_shape, cast(Any, None), False)
+        return _ModuleLinearOp(mod, name), out_shape
+    if isinstance(layer, DotGeneral):
+        return _ModuleLinearOp(DotGeneralModule(layer, layer._plan(tuple(in_shape)),
+                                                torch.float64), name), out_shape
+    if isinstance(layer, Dropout):
+        if not layer.per_pass_noise:      # mode='test' or rate=1: the identity
+            return _Seq([]), out_shape
+        raise NotImplementedError(
+            f"features: no random-feature rule for Dropout(rate={layer.rate}, mode='train'): its "
+            f"kernel is that of one forward pass with random masks (the batch diagonal scaled "
+            f"by 1/rate), which no fixed feature map reproduces; use Dropout(rate, mode='test') "
+            f"(the identity) for features, or arch.kernel / method='jacobian'")
+    if isinstance(layer, GlobalSelfAttention):
+        raise NotImplementedError(
+            "features(method='rf'): no random-feature rule for GlobalSelfAttention (its "
+            "infinite-width attention weights are a nonlinear function of each example's "
+            "pixel-pair covariance, not a map of the feature columns); use "
+            "method='jacobian' (the sketched Jacobian of a finite network) or arch.kernel")
     raise NotImplementedError(
-        f"features: no random-feature rule for {name}; supported: Dense, Conv, activations, "
-        f"AvgPool, SumPool, GlobalAvgPool, GlobalSumPool, Flatten, LayerNorm, Identity, FanOut, "
-        f"parallel, FanInSum, FanInConcat")
+        f"features: no random-feature rule for {name}; supported: Dense, Conv, ConvTranspose, "
+        f"ConvLocal, activations, AvgPool, SumPool, GlobalAvgPool, GlobalSumPool, Flatten, "
+        f"LayerNorm, ImageResize, Index, DotGeneral, Aggregate, Dropout(mode='test'), Identity, "
+        f"FanOut, parallel, FanInSum, FanInConcat, FanInProd; use method='jacobian' (the "
+        f"sketched Jacobian of a finite network) for the others")
 
 
 def _count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
     """Unbiased ``(n, D) -> (n, out_dim)`` compression: ``E <S a, S b> = <a, b>``."""
     g = _gen(seed, 0, 7)
     d = v.shape[1]
-    idx = torch.randint(0, out_dim, (d,), generator=g).to(v.device)
-    sign = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).to(device=v.device, dtype=v.dtype)
+    idx = torch.randint(0, out_dim, (d,), generator=g, device="cpu").to(v.device)
+    sign = (torch.randint(0, 2, (d,), generator=g, device="cpu") * 2 - 1).to(
+        device=v.device, dtype=v.dtype)
     out = torch.zeros((v.shape[0], out_dim), dtype=v.dtype, device=v.device)
     return out.index_add_(1, idx, v * sign)
 
@@ -519,9 +727,11 @@ def _check_finite(t: Tensor, key: str, xb: Tensor) -> None:
             f"dtype=torch.float64")
 
 
-def _parse_budget(memory_budget) -> int:
+def _parse_budget(memory_budget, device=None) -> int:
+    """Bytes for one chunk's work: the given budget, else half of what is free where ``x``
+    lives (RAM, or the GPU's memory for CUDA inputs)."""
     budget = parse_memory_budget(memory_budget)
-    return available_memory() // 2 if budget is None else int(budget)
+    return available_memory(device) // 2 if budget is None else int(budget)
 
 
 def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
@@ -562,9 +772,8 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         masks and refuses it (``ValueError``).
       **call_args: call-time arguments of the architecture, as in ``arch.kernel`` (e.g. the
         graph ``pattern=p`` of :class:`~ntkit.layers.Aggregate`, one per example of ``x``).
-        ``method='jacobian'`` runs the finite network on each chunk with the chunk's rows
-        (``net(x[i:j], pattern=p[i:j])``); ``method='rf'`` has no random-feature rule for the
-        layers that read them and refuses them (``NotImplementedError`` naming the layers).
+        Both methods use each chunk's rows (``net(x[i:j], pattern=p[i:j])`` for
+        ``'jacobian'``; ``'rf'`` aggregates the feature columns with ``p[i:j]``, exactly).
 
     Returns:
       ``(n, D)`` tensor (``D`` = :func:`feature_dim`, or ``out_dim``) on ``x``'s device.
@@ -612,12 +821,14 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
             prepare_call_args(arch, call_args, x.shape[0], None).items()} if call_args else {}
     if args and method == "rf":
         readers = sorted({type(sub).__name__ for sub in arch.walk()
-                          if set(sub.call_args) & set(args)})
-        raise NotImplementedError(
-            f"features(method='rf') has no random-feature rule for {', '.join(readers)} (which "
-            f"read the call-time arguments {sorted(args)}); use method='jacobian' (the sketched "
-            f"Jacobian of a finite network run as net(x, {', '.join(f'{n}=...' for n in args)}))")
-    budget = _parse_budget(memory_budget)
+                          if set(sub.call_args) & set(args) and not isinstance(sub, Aggregate)})
+        if readers:
+            raise NotImplementedError(
+                f"features(method='rf') has no random-feature rule for {', '.join(readers)} "
+                f"(which read the call-time arguments {sorted(args)}); use method='jacobian' (the "
+                f"sketched Jacobian of a finite network run as "
+                f"net(x, {', '.join(f'{n}=...' for n in args)}))")
+    budget = _parse_budget(memory_budget, x.device)
     want_ntk = "ntk" in keys
     ctx = _Ctx(dim, seed, want_ntk)
     jac = op = None
@@ -647,7 +858,9 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
                 _check_finite(t, key, xb)
             return res
         assert op is not None         # compiled whenever there is no Jacobian map
-        with torch.no_grad():
+        # the chunk's call-time arguments (Aggregate's pattern), read by the layers' modules
+        with torch.no_grad(), using_call_args({name: (a[rows], None)
+                                               for name, a in args.items()}):
             c = xb.shape[1]
             f = op(_F(xb / math.sqrt(c), None, False)).normed()
         res = {}
@@ -685,7 +898,9 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
 
 
 def feature_dim(arch: Layer, in_shape: Union[int, Sequence[int]], dim: int,
-                get: str = "ntk") -> int:
-    """Number of columns :func:`features` returns for inputs of per-example shape ``in_shape``."""
+                get: str = "ntk", **call_args: Any) -> int:
+    """Number of columns :func:`features` returns for inputs of per-example shape ``in_shape``
+    (``**call_args``: one example's call-time arguments, e.g. ``pattern=a[:1]`` for
+    :class:`~ntkit.layers.Aggregate`)."""
     x = torch.zeros((1,) + tuple((in_shape,) if isinstance(in_shape, int) else in_shape))
-    return int(features(arch, x + 1, dim, get).shape[1])
+    return int(features(arch, x + 1, dim, get, **call_args).shape[1])

@@ -174,7 +174,7 @@ def conv(t: Tensor, batch_ndim: int, filt: Sequence[int], pads, alpha: float, ba
     npix = h * w
     m = t.numel() // (npix * npix if full else npix)
     planes = m * npix if full else m
-    out = torch.empty(t.shape, dtype=t.dtype)
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu")  # (CPU-only kernels)
     has_base = torch.is_tensor(base) and base.ndim > 0
     if has_base:
         b = _np(torch.broadcast_to(base.to(t.dtype), t.shape))
@@ -218,7 +218,7 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     s2, r2 = (s1, r1) if v2 is v1 else (v2.sqrt(), inv_sqrt(v2))
     mode = 0 if ntk is not None else (1 if need_dot else 2)
     if v1.ndim == 1:  # fully connected (n1, n2): one block of n1 rows of n2
-        out = torch.empty(c.shape, dtype=c.dtype)
+        out = torch.empty(c.shape, dtype=c.dtype, device="cpu")  # (CPU-only kernels)
         d = torch.empty_like(out) if mode != 2 else out
         nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
         zero = np.zeros(1, dtype=np.int64)

@@ -44,7 +44,7 @@ def masked_input(x: Any, name: str, dtype: Optional[torch.dtype], c: float) -> t
     t = as_tensor(raw.masked_fill(hit, 0) if any_hit else raw, name, dtype)
     if any_hit:
         t = t.masked_fill(hit.to(t.device), c)
-    if not torch.equal(mask_hits(t, c).cpu(), hit.cpu()):
+    if not torch.equal(mask_hits(t, c), hit.to(t.device)):
         raise ValueError(
             f"`{name}` converted to {t.dtype} has entries equal to mask_constant={c!r} that "
             f"differ from it in the input's own dtype {raw.dtype} (or the reverse): the padding "
@@ -69,7 +69,7 @@ def finite_stand_in(xs: Sequence[Optional[torch.Tensor]], c: float
         rest = x[~mask_hits(x, c)]
         if rest.numel():
             top = max(top, float(rest.abs().max()))
-    stand = torch.tensor(2.0 * top + 1.0, dtype=given[0].dtype)
+    stand = torch.tensor(2.0 * top + 1.0, dtype=given[0].dtype, device="cpu")  # a host scalar
     if not bool(torch.isfinite(stand)):
         raise ValueError(f"mask_constant={c!r}: the inputs are too large ({top:g}) to mark "
                          f"their padding with a finite stand-in in {given[0].dtype}; rescale "

@@ -127,7 +127,8 @@ def input_masks(collapse: bool, x: Any, c: float, name: str) -> Tuple[Tensor, Te
     The comparison is made in ``x``'s own dtype (as NT does), before any conversion."""
     t = _raw(x, name)
     if t.ndim < 2:
-        return t, torch.zeros(t.shape[:1], dtype=torch.bool)  # as_tensor reports the shape
+        # (as_tensor reports the shape)
+        return t, torch.zeros(t.shape[:1], dtype=torch.bool, device=t.device)
     if math.isnan(c):
         hit = torch.isnan(t) if t.is_floating_point() else torch.zeros_like(t, dtype=torch.bool)
     else:

@@ -36,11 +36,12 @@ def row_keys(x: Tensor) -> Tensor:
     bits = flat.view(torch.int64) if flat.dtype == torch.float64 else \
         flat.view(torch.int32).to(torch.int64)
     d = bits.shape[1]
-    w = _HASH_W.get(d)
-    if w is None:
+    w = _HASH_W.get((d, bits.device))
+    if w is None:  # drawn on the CPU (the same weights everywhere), kept per device
         g = torch.Generator().manual_seed(0x5EED)
-        w = torch.randint(-2**62, 2**62, (d,), generator=g, dtype=torch.int64) | 1
-        _HASH_W[d] = w
+        w = torch.randint(-2**62, 2**62, (d,), generator=g, dtype=torch.int64,
+                          device="cpu") | 1
+        w = _HASH_W.setdefault((d, bits.device), w.to(bits.device))
     return (bits * w).sum(1)
 
 
@@ -52,7 +53,7 @@ def _candidates(keys: Tensor) -> Optional[Tensor]:
     same = srt[1:] == srt[:-1]
     if not bool(same.any()):
         return None
-    mask = torch.zeros(keys.numel(), dtype=torch.bool)
+    mask = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
     mask[perm[1:][same]] = True
     mask[perm[:-1][same]] = True
     return mask
@@ -70,9 +71,9 @@ def first_occurrence(x: Tensor) -> Optional[Tensor]:
     groups = int(inv.max()) + 1
     if groups == idx.numel():
         return None
-    first = torch.full((groups,), n, dtype=torch.long)
+    first = torch.full((groups,), n, dtype=torch.long, device=x.device)
     first.scatter_reduce_(0, inv, idx, reduce="amin")
-    rep = torch.arange(n)
+    rep = torch.arange(n, device=x.device)
     rep[idx] = first[inv]
     return rep
 
@@ -217,7 +218,7 @@ SNAP_ULPS = 8
 
 def inv_sqrt(v: Tensor) -> Tensor:
     """``1 / sqrt(v)``, and 0 where ``v = 0`` (a zero-variance unit is uncorrelated)."""
-    return torch.where(v > 0, v.rsqrt(), torch.zeros((), dtype=v.dtype))
+    return torch.where(v > 0, v.rsqrt(), torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def correlation(c: Tensor, v1: Tensor, v2: Tensor, skip=None) -> Tensor:
@@ -244,9 +245,10 @@ def correlation(c: Tensor, v1: Tensor, v2: Tensor, skip=None) -> Tensor:
     if rho.numel() == 0:
         return rho
     tol = SNAP_ULPS * torch.finfo(c.dtype).eps
-    lo, hi = torch.aminmax(rho)
-    if float(hi) < 1 - tol and float(lo) > tol - 1:
-        return rho
+    if rho.device.type == "cpu":  # skip the pass when nothing is near +-1; on an accelerator
+        lo, hi = torch.aminmax(rho)  # the pass is cheaper than this host synchronization
+        if float(hi) < 1 - tol and float(lo) > tol - 1:
+            return rho
     return torch.where(rho.abs() >= 1 - tol, rho.sign(), rho)
 
 
@@ -334,9 +336,9 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
 CHUNK_BYTES = 1 << 20
 
 
-def _diag_in_chunk(idx, shape):
-    """Local ``(i, j)`` indices of the batch-diagonal entries ``(i, i, ...)`` inside the chunk
-    ``c[idx]`` of a square-in-batch array, or ``None`` if it holds none."""
+def _diag_in_chunk(idx, shape, device=None):
+    """Local ``(i, j)`` indices (on ``device``) of the batch-diagonal entries ``(i, i, ...)``
+    inside the chunk ``c[idx]`` of a square-in-batch array, or ``None`` if it holds none."""
     def rng(d):
         sl = idx[d] if d < len(idx) else slice(None)
         start, stop, _ = sl.indices(shape[d])
@@ -346,7 +348,7 @@ def _diag_in_chunk(idx, shape):
     lo, hi = max(i0, j0), min(i1, j1)
     if hi <= lo:
         return None
-    d = torch.arange(lo, hi)
+    d = torch.arange(lo, hi, device=device)
     return d - i0, d - j0
 
 
@@ -363,8 +365,9 @@ def chunked_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: boo
     """
     numel = c.numel()
     step = max(1, CHUNK_BYTES // c.element_size())
+    chunk = chunk and c.device.type == "cpu"  # cache-sized chunks help CPUs only
     if not chunk or numel < 2 * step or c.ndim == 0:
-        skip = _diag_in_chunk((slice(None),), c.shape) if symmetric else None
+        skip = _diag_in_chunk((slice(None),), c.shape, c.device) if symmetric else None
         out, d = normalized_cross(dual, c, v1, v2, need_dot, skip)
         if out.data_ptr() == c.data_ptr():
             out = out.clone()
@@ -378,7 +381,7 @@ def chunked_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: boo
     for idx in _chunk_index(shape, step):
         vi1 = v1[_bcast_index(idx, v1.shape, c.ndim)]
         vi2 = v2[_bcast_index(idx, v2.shape, c.ndim)]
-        skip = _diag_in_chunk(idx, shape) if symmetric else None
+        skip = _diag_in_chunk(idx, shape, c.device) if symmetric else None
         o, d = normalized_cross(dual, c[idx], vi1, vi2, need_dot, skip)
         out[idx] = o
         if nt_out is not None and ntk is not None and d is not None:  # (nt_out: ntk given)

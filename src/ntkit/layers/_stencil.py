@@ -190,7 +190,8 @@ def window_sum(x: Tensor, axes: Sequence[int], f: int, s: int, lo: int, hi: int,
         pieces.remove(first)
         xa = x[_index(nd, axes, first[1])]
         if has_base:  # out = base + alpha * x_a in one pass
-            b = base if torch.is_tensor(base) else torch.tensor(float(base), dtype=x.dtype)
+            b = base if torch.is_tensor(base) else torch.tensor(float(base), dtype=x.dtype,
+                                                                device=x.device)
             out = torch.add(b, xa, alpha=alpha)
             if tuple(out.shape) != tuple(shape):
                 out = out.expand(shape).contiguous()
@@ -258,7 +259,9 @@ def conv_full(t: Tensor, batch_ndim: int, filt: Sequence[int], strides: Sequence
         return fused
     nb = prod(t.shape[:batch_ndim])
     per = t.numel() // max(nb, 1) * t.element_size()
-    if batch_ndim and nb > 1 and t.numel() * t.element_size() > STENCIL_CHUNK_BYTES:
+    # (cache-sized chunks help CPUs only; an accelerator wants the largest ops)
+    if batch_ndim and nb > 1 and t.numel() * t.element_size() > STENCIL_CHUNK_BYTES \
+            and t.device.type == "cpu":
         flat = t.reshape((nb,) + tuple(t.shape[batch_ndim:]))
         fb = base.reshape((nb,) + tuple(base.shape[batch_ndim:])) \
             if torch.is_tensor(base) and base.ndim > 0 else base

@@ -215,7 +215,8 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
     budget = parse_memory_budget(memory_budget)
-    budget = budget if budget is not None else available_memory() // 2
+    # tiles live on the inputs' device: a CUDA kernel is bounded by that GPU's free memory
+    budget = budget if budget is not None else available_memory(x1.device) // 2
     if n1 == 0 or n2 == 0:
         return _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape, call_args)
 
@@ -226,7 +227,8 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     per_entry = per_entry_bytes(pix, full, itemsize)
     self_bytes = per_entry / 2 if ns else 0.0  # a block's self-covariance chain, per example
     plan_tile(1, 1, per_entry, 0, budget, fc=(ns == 0), tile=None, self_bytes=self_bytes)
-    big_arrays = bool(ns) and itemsize * (pix * pix if full else pix) >= 1 << 20
+    big_arrays = bool(ns) and itemsize * (pix * pix if full else pix) >= 1 << 20 \
+        and x1.device.type == "cpu"  # glibc's allocator serves only host memory
     with _direct_mmap(big_arrays):
         k = _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
                       self_bytes, call_args)
@@ -327,14 +329,14 @@ def _dedupe(k: Kernel, keys, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> No
         for rep, dim in ((r1, 0), (r2, 1)):
             if rep is None:
                 continue
-            idx = (rep != torch.arange(rep.shape[0])).nonzero().flatten()
+            idx = (rep != torch.arange(rep.shape[0], device=rep.device)).nonzero().flatten()
             if dim == 0:
                 t[idx] = t[rep[idx]]
             else:
                 t[:, idx] = t[:, rep[idx]]
     for cov, rep in ((k.cov1, r1), (k.cov2, r2 if x2 is not None else None)):
         if cov is not None and rep is not None:
-            idx = (rep != torch.arange(rep.shape[0])).nonzero().flatten()
+            idx = (rep != torch.arange(rep.shape[0], device=rep.device)).nonzero().flatten()
             cov[idx] = cov[rep[idx]]
 
 
@@ -383,9 +385,12 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
     assert probe.nngp is not None and probe.cov1 is not None
     out_tail = tuple(probe.nngp.shape[2:])
     out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
-    cap = cache_cap(pix, full, itemsize) if ns else None
-    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=(ns == 0), tile=tile, cap=cap,
-                  self_bytes=self_bytes)
+    # The caps keep a tile's arrays in a CPU's caches; an accelerator wants the largest tiles
+    # its memory budget allows (more parallel work per op, fewer launches).
+    cpu = x1.device.type == "cpu"
+    cap = cache_cap(pix, full, itemsize) if ns and cpu else None
+    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=(ns == 0 and cpu), tile=tile,
+                  cap=cap, self_bytes=self_bytes)
 
     if b >= n1 and b >= n2:
         k = kernel_tile(arch, x1, x2, want_ntk, full, call_args=slice_call_args(

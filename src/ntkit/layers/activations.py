@@ -43,6 +43,8 @@ __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", 
            "Hermite", "Elementwise", "Activation", "Gabor", "ExpNormalized"]
 
 Tensor = torch.Tensor
+# (E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None): what `dual`, `cross` and `self_map` return
+_Maps = Tuple[Tensor, Optional[Tensor]]
 _PI = math.pi
 
 
@@ -92,28 +94,28 @@ class Activation(Layer):
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         if type(self).cross is Activation.cross:  # pragma: no cover - abstract
             raise NotImplementedError(f"{type(self).__name__} defines neither dual nor cross")
         return self.cross(_scale(rho, v1, v2), v1, v2, need_dot)
 
-    def cross(self, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool):
+    def cross(self, c: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         """The dual maps at covariance ``c`` (clipped to a valid correlation first), variances
         ``v1``, ``v2`` (broadcasting): ``(E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)``."""
         if type(self).dual is Activation.dual:  # pragma: no cover - abstract
             raise NotImplementedError(f"{type(self).__name__} defines neither dual nor cross")
         return normalized_cross(self.dual, c, v1, v2, need_dot)
 
-    def self_map(self, v: Tensor):
+    def self_map(self, v: Tensor) -> _Maps:
         """``(E[phi(u)^2], E[phi'(u)^2])`` for ``u ~ N(0, v)``; default: ``cross(v, v, v)``."""
         return self.cross(v, v, v, True)
 
-    def fused_params(self):
+    def fused_params(self) -> Optional[Tuple[float, float]]:
         """``(f, h)`` when the dual map is ``nngp' = sqrt(v1 v2) (f sqrt(1 - rho^2) +
         (h - f theta) rho)`` (arc-cosine family, one fused pass available), else ``None``."""
         return None
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         """``{name: value}`` of the constants the dual maps multiply by (none by default)."""
         return {}
 
@@ -135,7 +137,8 @@ class Activation(Layer):
             self._check_constants(k.nngp.dtype)
         return apply_elementwise(k, self.dual, self.self_map, self.fused_params())
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext,
+              followed: bool) -> Tuple[nn.Module, Any]:
         return ActivationModule(self.fn, repr(self)), in_shape
 
 
@@ -145,7 +148,8 @@ _ONE: Dict[Any, Tensor] = {}  # dtype -> one
 def _one(dtype) -> Tensor:
     t = _ONE.get(dtype)
     if t is None:
-        t = _ONE.setdefault(dtype, torch.ones((), dtype=dtype))
+        # a 0-dim CPU tensor: torch treats it as a scalar next to tensors on any device
+        t = _ONE.setdefault(dtype, torch.ones((), dtype=dtype, device="cpu"))
     return t
 
 
@@ -200,10 +204,10 @@ class ABRelu(Activation):
     def __post_init__(self):
         _check_params(self, "a", "b")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         s, theta = _angle(rho)
         f = (self.a - self.b) ** 2 / (2 * _PI)
         h = (self.a ** 2 + self.b ** 2) / 2
@@ -211,14 +215,14 @@ class ABRelu(Activation):
         nngp = _scale_(s.mul_(f).addcmul_(dot, rho), v1, v2)
         return nngp, (dot if need_dot else None)
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         h = (self.a ** 2 + self.b ** 2) / 2
         return v * h, torch.full_like(v, h)
 
-    def fused_params(self):
+    def fused_params(self) -> Tuple[float, float]:
         return (self.a - self.b) ** 2 / (2 * _PI), (self.a ** 2 + self.b ** 2) / 2
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         f, h = self.fused_params()
         return {"(a - b)^2 / (2 pi)": f, "(a^2 + b^2) / 2": h}
 
@@ -253,14 +257,14 @@ class Erf(Activation):
     def __post_init__(self):
         _check_params(self, "a", "b", "c")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         return {"2 a^2 / pi": 2 * self.a ** 2 / _PI, "2 b^2": 2 * self.b ** 2, "c^2": self.c ** 2,
                 "8 a^2 b^2 / pi": 8 * self.a ** 2 * self.b ** 2 / _PI}
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         B = 2 * self.b ** 2
         t1, u1 = _tu(v1 * B)
         t2, u2 = _tu(v2 * B)
@@ -276,7 +280,7 @@ class Erf(Activation):
             dot = torch.div(u1.sqrt() * (self.a ** 2 * B * 2 / _PI), w).mul_(u2.sqrt())
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         B = 2 * self.b ** 2
         t, u = _tu(v * B)
         nngp = torch.atan2(t, (u * (1 + t)).sqrt()) * (self.a ** 2 * 2 / _PI) + self.c ** 2
@@ -300,10 +304,10 @@ class Gelu(Activation):
         if not isinstance(self.approximate, (bool, np.bool_)):
             raise TypeError(f"`approximate` must be True or False, got {self.approximate!r}")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         t1, u1 = _tu(v1)
         t2, u2 = _tu(v2)
         w2 = _one_minus_kappa2(rho, t1, t2, u1, u2).clamp_min_(torch.finfo(rho.dtype).tiny)
@@ -319,7 +323,7 @@ class Gelu(Activation):
             dot = first + 0.25 + ang / (2 * _PI)
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         return self.dual(torch.ones_like(v), v, v, True)
 
 
@@ -340,14 +344,14 @@ class Sin(Activation):
     def __post_init__(self):
         _check_params(self, "a", "b", "c")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.sin(self.b * x + self.c)
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         return {"a^2 / 2": self.a ** 2 / 2, "b^2": self.b ** 2,
                 "a^2 b^2 / 2": self.a ** 2 * self.b ** 2 / 2}
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         b2 = self.b ** 2
         dm, dp = _exponents(rho, v1, v2)
         s1 = torch.exp(dm * (-0.5 * b2))
@@ -357,7 +361,7 @@ class Sin(Activation):
         dot = (s1 + s2) * (h * b2) if need_dot else None
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         h, b2 = self.a ** 2 / 2, self.b ** 2
         e = torch.exp(-2 * b2 * v) * math.cos(2 * self.c)
         return h * (1 - e), h * b2 * (1 + e)
@@ -377,18 +381,18 @@ class Rbf(Activation):
         check_positive(self.gamma, "gamma")
         self._check_constants(torch.float64)
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         return {"gamma": self.gamma, "2 gamma": 2 * self.gamma}
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return math.sqrt(2) * torch.sin(math.sqrt(2 * self.gamma) * x + _PI / 4)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         d = (v1.sqrt() - v2.sqrt()).square()
         nngp = _scale_(1 - rho, v1, v2).mul_(2).add_(d).mul_(-self.gamma).exp_()
         return nngp, (nngp * (2 * self.gamma) if need_dot else None)
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         return torch.ones_like(v), torch.full_like(v, 2 * self.gamma)
 
 
@@ -405,10 +409,10 @@ class Gabor(Activation):
     its derivative in the covariance (Price's theorem), also closed form.
     """
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return torch.exp(-x * x) * torch.sin(x)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         t1, u1 = _tu(v1 * 2)
         t2, u2 = _tu(v2 * 2)
         w2 = _one_minus_kappa2(rho, t1, t2, u1, u2).clamp_min_(torch.finfo(rho.dtype).tiny)
@@ -427,7 +431,7 @@ class Gabor(Activation):
             dot = (cosh_part + sinh_part) * e
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         return self.dual(torch.ones_like(v), v, v, True)
 
 
@@ -465,7 +469,7 @@ class ExpNormalized(Activation):
                             f"{self.do_clip!r}")
         self._check_constants(torch.float64)
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         with np.errstate(over="ignore"):
             a2 = float(np.exp(self.gamma * (1 + self.shift)))
         return {"exp(gamma (1 + shift))": a2, "gamma exp(gamma (1 + shift))": self.gamma * a2}
@@ -479,19 +483,20 @@ class ExpNormalized(Activation):
         y = torch.sin(x / safe * math.sqrt(self.gamma) + _PI / 4) * a * s
         return torch.where(s > 0, y, torch.zeros_like(y))
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self._apply(x, True)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         e = torch.exp((rho + self.shift) * self.gamma)
         nngp = _scale(e, v1, v2)
         return nngp, (e * self.gamma if need_dot else None)
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         a2 = math.exp(self.gamma * (1 + self.shift))
         return v * a2, torch.full_like(v, self.gamma * a2)
 
-    def build(self, in_shape, ctx: BuildContext, followed: bool):
+    def build(self, in_shape: Any, ctx: BuildContext,
+              followed: bool) -> Tuple[nn.Module, Any]:
         return ActivationModule(lambda x: self._apply(x, False), repr(self)), in_shape
 
 
@@ -504,13 +509,13 @@ class Exp(Activation):
     def __post_init__(self):
         _check_params(self, "a", "b")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x)
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         return {"a^2": self.a ** 2, "b^2": self.b ** 2, "a^2 b^2": self.a ** 2 * self.b ** 2}
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         b2 = self.b ** 2
         e = torch.exp(_scale(rho, v1, v2).add_(v1 * 0.5 + v2 * 0.5).mul_(b2))
         nngp = e * self.a ** 2
@@ -527,10 +532,10 @@ class Gaussian(Activation):
     def __post_init__(self):
         _check_params(self, "a", "b")
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x * x)
 
-    def constants(self):
+    def constants(self) -> Dict[str, float]:
         return {"a^2": self.a ** 2, "2 b": 2 * self.b, "4 a^2 b^2": 4 * self.a ** 2 * self.b ** 2}
 
     def _check(self, v):
@@ -539,7 +544,7 @@ class Gaussian(Activation):
                              f"pre-activation variances >= 1/(4b) = {1 / (4 * self.b):.3g} (got "
                              f"up to {float(v.max()):.3g}); use b < 0 or smaller W_std/b_std")
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         x = -2 * self.b
         t1, u1 = _tu(v1 * x)
         t2, u2 = _tu(v2 * x)
@@ -553,7 +558,7 @@ class Gaussian(Activation):
             dot.mul_(su2.pow(3)).div_(w.pow(3))
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         self._check(v)
         return self.cross(v, v, v, True)
 
@@ -563,15 +568,15 @@ class Sign(Activation):
     """``sign(x)``: NNGP ``(2/pi) arcsin(rho)``; its NTK term is zero (derivative 0 a.e.),
     as in neural-tangents."""
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         _, theta = _angle(rho)
         nngp = theta.mul_(-2 / _PI).add_(1.0)
         return nngp, (torch.zeros_like(nngp) if need_dot else None)
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         return (v > 0).to(v.dtype), torch.zeros_like(v)
 
 
@@ -597,10 +602,10 @@ class Monomial(Activation):
     def __post_init__(self):
         check_int(self.degree, "degree", minimum=0)
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return x.pow(self.degree)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         d = self.degree
         nngp = _scale_(_monomial_moment(d, rho), v1, v2, d)
         dot = None
@@ -609,7 +614,7 @@ class Monomial(Activation):
                 torch.zeros_like(nngp)
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         d = self.degree
         nngp = _double_factorial(2 * d - 1) * v.pow(d)
         dot = d * d * _double_factorial(2 * d - 3) * v.pow(d - 1) if d > 0 else torch.zeros_like(v)
@@ -636,14 +641,14 @@ class RectifiedMonomial(Activation):
     def __post_init__(self):
         check_int(self.degree, "degree", minimum=0)
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return (x >= 0).to(x.dtype) * x.pow(self.degree)
 
     def _e(self, n, rho, v1, v2):
         s, theta = _angle(rho)
         return _scale_(_arccos_j(n, s, rho, theta) / (2 * _PI), v1, v2, n)
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         d = self.degree
         nngp = self._e(d, rho, v1, v2)
         dot = None
@@ -651,7 +656,7 @@ class RectifiedMonomial(Activation):
             dot = d * d * self._e(d - 1, rho, v1, v2) if d > 0 else torch.zeros_like(nngp)
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         d = self.degree
         nngp = _double_factorial(2 * d - 1) * v.pow(d) / 2
         dot = d * d * _double_factorial(2 * d - 3) * v.pow(d - 1) / 2 if d > 0 else \
@@ -683,13 +688,15 @@ def _gauss_density(z: Tensor) -> Tensor:
     return torch.exp(-0.5 * z * z) / _SQRT_2PI
 
 
-def _trap_nodes(h: float, L: float, dtype, offset: float = 0.0):
+def _trap_nodes(h: float, L: float, dtype, offset: float = 0.0, device=None):
     """Nodes ``(k + offset) h`` with ``|z| <= L`` and trapezoid weights ``h phi(z)`` (the
-    integrand is negligible at the ends, so end corrections do not matter)."""
+    integrand is negligible at the ends, so end corrections do not matter); built on the host
+    in float64, returned on ``device`` (the kernel's tensors' device)."""
     k = int(L / h) + 1
-    z = (torch.arange(-k, k + 1, dtype=torch.float64) + offset) * h
+    z = (torch.arange(-k, k + 1, dtype=torch.float64, device="cpu") + offset) * h
     z = z[z.abs() <= L]
-    return z.to(dtype), (h * _gauss_density(z)).to(dtype)
+    return (z.to(dtype=dtype, device=device),
+            (h * _gauss_density(z)).to(dtype=dtype, device=device))
 
 
 def _trap_plan(g, s: float, tol: float, what: str):
@@ -716,7 +723,8 @@ def _trap_plan(g, s: float, tol: float, what: str):
     """
     f64 = torch.float64
     with torch.no_grad():
-        zs = torch.arange(-_Q_SCAN_MAX, _Q_SCAN_MAX + _Q_SCAN_STEP / 2, _Q_SCAN_STEP, dtype=f64)
+        zs = torch.arange(-_Q_SCAN_MAX, _Q_SCAN_MAX + _Q_SCAN_STEP / 2, _Q_SCAN_STEP, dtype=f64,
+                          device="cpu")      # the plan is host work, once per variance bucket
         gz = g(s * zs).to(f64)
         a = gz * gz * _gauss_density(zs)
         if not bool(torch.isfinite(a).all()):
@@ -874,7 +882,7 @@ class Elementwise(Activation):
         if not callable(f):
             raise TypeError(f"Elementwise: `{name}` must be a callable (c, v1, v2) -> tensor, "
                             f"got {f!r}")
-        t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        t = lambda *v: torch.tensor(v, dtype=torch.float64, device="cpu")  # noqa: E731
         c, v1, v2 = t(0.3, -0.2), t(1.0, 0.5), t(0.5, 2.0)
         try:
             out = f(c, v1, v2)
@@ -897,7 +905,7 @@ class Elementwise(Activation):
             return f"Elementwise({name}, deg={self.deg})"
         return f"Elementwise({name}, rtol={self.rtol:g})"
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         return self.fn_(x)
 
     def _funcs(self, need_dot):
@@ -984,7 +992,7 @@ class Elementwise(Activation):
                 jobs = [((i,), plans[i][0], plans[i][1], (lambda x, g=g: (g(x),)))
                         for i, g in enumerate(funcs)]
             for which, h, L, ev in jobs:
-                z, w = _trap_nodes(h, L, dtype)
+                z, w = _trap_nodes(h, L, dtype, device=ss1.device)
                 n = z.numel()
                 res = [torch.empty_like(ss1) for _ in which]
                 chunk = max(1, _Q_CHUNK // (n * n))
@@ -1018,7 +1026,7 @@ class Elementwise(Activation):
             for which, (out, g) in enumerate(zip(outs, funcs)):
                 h, L, e = self._plan(which, g, bucket, tol)
                 reached[("NTK" if which else "NNGP", 2.0 ** (bucket / 2))] = e
-                z, w = _trap_nodes(h, L, dtype)
+                z, w = _trap_nodes(h, L, dtype, device=ss.device)
                 y = g(ss[:, None] * z)
                 res = (y * y) @ w
                 if idx is None:
@@ -1031,9 +1039,10 @@ class Elementwise(Activation):
         return tuple(o.reshape(shape) for o in outs)
 
     # -- deg=: the fixed Gauss-Hermite product rule (explicit override) ---------------------
-    def _nodes(self, dtype, deg=None):
+    def _nodes(self, dtype, deg=None, device=None):
         x, w = np.polynomial.hermite.hermgauss(deg or self.deg)
-        return torch.tensor(x, dtype=dtype), torch.tensor(w, dtype=dtype)
+        return (torch.tensor(x, dtype=dtype, device=device),
+                torch.tensor(w, dtype=dtype, device=device))
 
     def _quad2(self, funcs, rho, v1, v2):
         shape = torch.broadcast_shapes(rho.shape, v1.shape, v2.shape)
@@ -1041,7 +1050,7 @@ class Elementwise(Activation):
         # E[f(u) f(v)] is symmetric in (u, v): put the smaller variance on the outer variable,
         # which is where Gauss-Hermite is least accurate for steep (saturating) functions.
         v1, v2 = torch.minimum(v1, v2), torch.maximum(v1, v2)
-        x, w = self._nodes(rho.dtype)
+        x, w = self._nodes(rho.dtype, device=rho.device)
         deg = self.deg
         outs = [torch.empty_like(rho) for _ in funcs]
         chunk = max(1, (1 << 22) // (deg * deg))
@@ -1057,7 +1066,7 @@ class Elementwise(Activation):
                 out[lo:lo + chunk] = torch.einsum("i,j,im,ijm->m", w, w, fu, fv) / _PI
         return [o.reshape(shape) for o in outs]
 
-    def dual(self, rho, v1, v2, need_dot):
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         if self.nngp_fn is not None:
             return self._user_cross(_scale(rho, v1, v2), v1, v2, need_dot)
         funcs = self._funcs(need_dot)
@@ -1065,12 +1074,12 @@ class Elementwise(Activation):
         res = quad(funcs, rho, v1, v2)
         return res[0], (res[1] if need_dot else None)
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         if self.nngp_fn is not None:
             return self._user_cross(v, v, v, True)
         if self.deg is None:
             return self._trap1(v)
-        x, w = self._nodes(v.dtype, min(4 * self.deg, 150))  # 1-D: cheap, use more nodes
+        x, w = self._nodes(v.dtype, min(4 * self.deg, 150), v.device)  # 1-D: more nodes
         u = torch.sqrt(2 * v.clamp_min(0)).unsqueeze(-1) * x
         df = self.df or _autograd_derivative(self.fn_)
         e = (self.fn_(u) ** 2 * w).sum(-1) / math.sqrt(_PI)
@@ -1140,8 +1149,13 @@ def _hermite_pair(A1, A2, rho: Tensor) -> Tensor:
 class _HermiteExpanded(Activation):
     """Activations whose dual maps follow from the Hermite coefficients of ``phi(s a)`` and of
     ``phi'(s a)`` (subclasses define ``_expand(s)`` and ``_expand_d(s)``)."""
+    if TYPE_CHECKING:  # declared for type checkers only: the Hermite coefficients (one tensor
+        # of the shape of ``s`` per degree) of phi(s a) and phi'(s a)
+        def _expand(self, s: Tensor) -> List[Tensor]: ...
 
-    def dual(self, rho, v1, v2, need_dot):
+        def _expand_d(self, s: Tensor) -> List[Tensor]: ...
+
+    def dual(self, rho: Tensor, v1: Tensor, v2: Tensor, need_dot: bool) -> _Maps:
         s1, s2 = v1.sqrt(), v2.sqrt()
         nngp = _hermite_pair(self._expand(s1), self._expand(s2), rho)
         nngp = nngp.expand(torch.broadcast_shapes(rho.shape, v1.shape, v2.shape)).clone()
@@ -1151,7 +1165,7 @@ class _HermiteExpanded(Activation):
             dot = dot.expand(nngp.shape).clone()
         return nngp, dot
 
-    def self_map(self, v):
+    def self_map(self, v: Tensor) -> _Maps:
         s = v.sqrt()
         one = torch.ones_like(v)
         A, D = self._expand(s), self._expand_d(s)
@@ -1185,7 +1199,7 @@ class Polynomial(_HermiteExpanded):
                              f"moments E[x^2d] overflow and cancel); use a lower degree")
         object.__setattr__(self, "coef", coef)
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         out = torch.zeros_like(x)
         for c in reversed(self.coef):
             out = out * x + c
@@ -1219,7 +1233,7 @@ class Hermite(_HermiteExpanded):
     def _norm(self):
         return math.exp(-0.5 * math.lgamma(self.degree + 1))
 
-    def fn(self, x):
+    def fn(self, x: Tensor) -> Tensor:
         n = self.degree
         h0, h1 = torch.ones_like(x), x
         if n == 0:

@@ -106,7 +106,8 @@ def _mechanism(name: str, g: torch.Tensor, key_mask: Optional[torch.Tensor] = No
 
 def _distances(spatial: Tuple[int, ...], p: float) -> torch.Tensor:
     """``sum_d |p_d - q_d|^p`` between all positions (row-major flattening), ``(P, P)``."""
-    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in spatial],
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device="cpu")
+                             for s in spatial],
                            indexing="ij")
     coords = torch.stack([g.reshape(-1) for g in grids], -1)   # (P, ndim)
     return (coords[:, None, :] - coords[None, :, :]).abs().pow(p).sum(-1)
@@ -115,7 +116,7 @@ def _distances(spatial: Tuple[int, ...], p: float) -> torch.Tensor:
 def _pos_emb_cov_uncached(fn, p: float, spatial: Tuple[int, ...]) -> torch.Tensor:
     size = math.prod(spatial)
     if fn is None:
-        return torch.eye(size, dtype=torch.float64)
+        return torch.eye(size, dtype=torch.float64, device="cpu")
     d = _distances(spatial, p)
     try:
         r = fn(d)
@@ -123,7 +124,7 @@ def _pos_emb_cov_uncached(fn, p: float, spatial: Tuple[int, ...]) -> torch.Tenso
         raise TypeError(f"{_NAME}: `pos_emb_decay_fn` must map a float64 torch tensor of "
                         f"distances elementwise (e.g. lambda d: torch.exp(-d / 4)); calling it "
                         f"failed with {type(e).__name__}: {e}") from None
-    r = torch.as_tensor(r, dtype=torch.float64)
+    r = torch.as_tensor(r, dtype=torch.float64, device="cpu")
     if r.shape != d.shape or not bool(torch.isfinite(r).all()):
         raise ValueError(f"{_NAME}: `pos_emb_decay_fn` must return finite values of the shape "
                          f"of its input {tuple(d.shape)}, got shape {tuple(r.shape)}")
@@ -155,6 +156,23 @@ def pos_emb_cov(fn, p: float, spatial: Tuple[int, ...]) -> torch.Tensor:
     return _pos_emb_cov_cached(fn, p, tuple(spatial))
 
 
+@functools.lru_cache(maxsize=32)
+def _pos_emb_cov_on_cached(fn, p, spatial, dtype, device):
+    return _pos_emb_cov_cached(fn, p, spatial).to(dtype=dtype, device=device)
+
+
+def pos_emb_cov_on(fn, p: float, spatial: Tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """:func:`pos_emb_cov` (computed on the CPU, where ``fn`` is documented to run) in
+    ``dtype`` on ``device``, cached so that tiles on an accelerator do not copy it from the host
+    each time. Callers must not modify it."""
+    try:
+        hash(fn)
+    except TypeError:
+        return _pos_emb_cov_uncached(fn, p, spatial).to(dtype=dtype, device=device)
+    return _pos_emb_cov_on_cached(fn, p, tuple(spatial), dtype, torch.device(device))
+
+
 class SelfAttentionModule(nn.Module):
     """Finite global self-attention over ``(N, C, *spatial)`` with NT's initialization and
     scaling (NTK parameterization; see the module docstring for the formula)."""
@@ -181,7 +199,7 @@ class SelfAttentionModule(nn.Module):
         self.c_key, self.c_val = c_key, c_val
 
         def rand(*shape):
-            return torch.randn(*shape, generator=g, dtype=dt)
+            return torch.randn(*shape, generator=g, dtype=dt, device=ctx.device)
 
         self.w_key = nn.Parameter(rand(n_heads, c_key, d_key))
         self.w_query = None if self.linear_scaling else nn.Parameter(rand(n_heads, c_key, d_key))
@@ -397,8 +415,8 @@ class GlobalSelfAttention(Layer):
         like: Dict[str, Any] = dict(dtype=dt, device=k.nngp.device)
         use_pe = self.pos_emb_type != "NONE"
         w_in, w_pe = self._pos_weights(c)
-        r = pos_emb_cov(self.pos_emb_decay_fn, float(self.pos_emb_p_norm), sp).to(**like) \
-            if use_pe else None
+        r = pos_emb_cov_on(self.pos_emb_decay_fn, float(self.pos_emb_p_norm), sp, dt,
+                           k.nngp.device) if use_pe else None
 
         # position masks (n, P) of the two blocks (None: no masking)
         m1 = None if k.mask1 is None else k.mask1.reshape(k.mask1.shape[0], npos)

@@ -81,8 +81,9 @@ class ConvModule(nn.Module):
         self.pads, self.circular = pads, circular
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
         fan_in = in_chan * st.prod(filt)
-        w = torch.randn((out_chan, in_chan) + tuple(filt), generator=g, dtype=dt)
-        b = None if b_std is None else torch.randn(out_chan, generator=g, dtype=dt)
+        dev = ctx.device
+        w = torch.randn((out_chan, in_chan) + tuple(filt), generator=g, dtype=dt, device=dev)
+        b = None if b_std is None else torch.randn(out_chan, generator=g, dtype=dt, device=dev)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(fan_in))
             b = None if b is None or b_std is None else b * b_std

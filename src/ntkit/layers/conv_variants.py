@@ -191,8 +191,10 @@ class ConvTransposeModule(nn.Module):
         self.in_chan, self.out_chan, self.filt, self.strides = in_chan, out_chan, filt, strides
         self.pads, self.circular, self.out_sp = pads, circular, tuple(out_sp)
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
-        w = torch.randn((in_chan, out_chan) + tuple(filt), generator=g, dtype=dt)
-        b = None if b_std is None else torch.randn(out_chan, generator=g, dtype=dt)
+        w = torch.randn((in_chan, out_chan) + tuple(filt), generator=g, dtype=dt,
+                        device=ctx.device)
+        b = None if b_std is None else torch.randn(out_chan, generator=g, dtype=dt,
+                                                    device=ctx.device)
         w, b, self.w_scale, self.b_scale = _scales(W_std, b_std, parameterization,
                                                    in_chan * st.prod(filt), w, b)
         self.weight = nn.Parameter(w)
@@ -356,9 +358,10 @@ class ConvLocalModule(nn.Module):
         self.in_chan, self.out_chan, self.filt, self.strides = in_chan, out_chan, filt, strides
         self.pads, self.circular, self.out_sp = pads, circular, tuple(out_sp)
         self.W_std, self.b_std, self.parameterization = W_std, b_std, parameterization
-        w = torch.randn((out_chan, in_chan) + self.out_sp + tuple(filt), generator=g, dtype=dt)
+        w = torch.randn((out_chan, in_chan) + self.out_sp + tuple(filt), generator=g, dtype=dt,
+                        device=ctx.device)
         b = None if b_std is None else torch.randn((out_chan,) + self.out_sp, generator=g,
-                                                   dtype=dt)
+                                                   dtype=dt, device=ctx.device)
         w, b, self.w_scale, self.b_scale = _scales(W_std, b_std, parameterization,
                                                    in_chan * st.prod(filt), w, b)
         self.weight = nn.Parameter(w)
@@ -460,17 +463,19 @@ class ConvLocal(Layer):
 _LINEAR = ("linear", "bilinear", "trilinear", "triangle")
 
 
-def resize_matrix(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
+def resize_matrix(n_in: int, n_out: int, antialias: bool, device=None) -> torch.Tensor:
     """``(n_out, n_in)`` float64 matrix of ``jax.image.resize(method='linear')`` along one axis
     (``compute_weight_mat``: triangle filter at half-pixel sample points ``(o + 0.5) n_in /
     n_out - 0.5``, widened by ``n_in / n_out`` when downsampling with ``antialias``, columns
-    renormalized to sum 1 inside the image)."""
+    renormalized to sum 1 inside the image). Made on ``device`` (default: the CPU)."""
     scale = n_out / n_in
     inv_scale = 1.0 / scale
     kernel_scale = max(inv_scale, 1.0) if antialias else 1.0
     dt = torch.float64
-    sample_f = (torch.arange(n_out, dtype=dt) + 0.5) * inv_scale - 0.5
-    x = (sample_f[None, :] - torch.arange(n_in, dtype=dt)[:, None]).abs() / kernel_scale
+    device = torch.device("cpu") if device is None else device
+    sample_f = (torch.arange(n_out, dtype=dt, device=device) + 0.5) * inv_scale - 0.5
+    x = (sample_f[None, :] - torch.arange(n_in, dtype=dt, device=device)[:, None]).abs() \
+        / kernel_scale
     w = (1 - x.abs()).clamp_min(0.0)
     total = w.sum(0, keepdim=True)
     w = torch.where(total.abs() > 1000.0 * float(torch.finfo(torch.float32).eps),
@@ -480,11 +485,12 @@ def resize_matrix(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
     return torch.where(inside[None, :], w, torch.zeros_like(w)).T.contiguous()
 
 
-def nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+def nearest_index(n_in: int, n_out: int, device=None) -> torch.Tensor:
     """``floor((o + 0.5) n_in / n_out)``: ``jax.image.resize(method='nearest')``'s source
     pixels (computed exactly in integers; JAX rounds in float32, identical while
     ``n_in * n_out < 8e6``)."""
-    return (torch.arange(n_out) * 2 + 1) * n_in // (2 * n_out)
+    device = torch.device("cpu") if device is None else device
+    return (torch.arange(n_out, device=device) * 2 + 1) * n_in // (2 * n_out)
 
 
 def _apply_axis(t: torch.Tensor, axis: int, op) -> torch.Tensor:
@@ -596,16 +602,16 @@ class ImageResize(Layer):
                              f"spatial shape {tuple(spatial)}")
         return out
 
-    def _ops(self, spatial):
+    def _ops(self, spatial, device=None):
         out = self.out_spatial(spatial)
         ops = []
         for n, m in zip(spatial, out):
             if n == m:
                 ops.append(None)
             elif self.method == "nearest":
-                ops.append(nearest_index(n, m))
+                ops.append(nearest_index(n, m, device))
             else:
-                ops.append(resize_matrix(n, m, self.antialias))
+                ops.append(resize_matrix(n, m, self.antialias, device))
         return ops, out
 
     def _resizes(self) -> bool:
@@ -625,7 +631,8 @@ class ImageResize(Layer):
 
     def kernel_map(self, k: Kernel) -> Kernel:
         k = _spatial_kernel(k, "ImageResize")
-        ops, out = self._ops(tuple(k.shape1[1:]))
+        assert k.cov1 is not None  # the recursion always carries the x1 self-covariance
+        ops, out = self._ops(tuple(k.shape1[1:]), k.cov1.device)  # made where the kernel is
         ns, diag = len(ops), k.diagonal_spatial
         if diag and any(op is not None and op.dtype != torch.long for op in ops):
             raise ValueError("ImageResize(method='linear') needs pixel-pair covariances but "

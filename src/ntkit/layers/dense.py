@@ -42,8 +42,9 @@ class AffineModule(nn.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.parameterization = parameterization
         self.W_std, self.b_std = W_std, b_std
-        w = torch.randn(out_dim, in_dim, generator=g, dtype=dt)
-        b = None if b_std is None else torch.randn(out_dim, generator=g, dtype=dt)
+        dev = ctx.device
+        w = torch.randn(out_dim, in_dim, generator=g, dtype=dt, device=dev)
+        b = None if b_std is None else torch.randn(out_dim, generator=g, dtype=dt, device=dev)
         if parameterization == "standard":
             w = w * (W_std / math.sqrt(in_dim))
             b = None if b is None or b_std is None else b * b_std

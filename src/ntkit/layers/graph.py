@@ -178,8 +178,9 @@ def _sparse_pattern(p: Any, geo: _Geometry, n: int, dtype, device, name: str):
     for d in range(k - 2, -1, -1):
         strides[d] = strides[d + 1] * geo.agg_shape[d + 1]
     st = torch.tensor(strides, dtype=torch.int64, device=device)
-    t = torch.where(valid, (tails * st).sum(-1), torch.zeros((), dtype=torch.int64))
-    h = torch.where(valid, (heads * st).sum(-1), torch.zeros((), dtype=torch.int64))
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    t = torch.where(valid, (tails * st).sum(-1), zero)
+    h = torch.where(valid, (heads * st).sum(-1), zero)
     return t, h, valid.to(dtype)
 
 

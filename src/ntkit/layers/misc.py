@@ -154,7 +154,8 @@ class Dropout(Layer):
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         gen = getattr(ctx, "generator", None)
-        seed = int(torch.randint(0, 2 ** 62, (), generator=gen).item())
+        seed = int(torch.randint(0, 2 ** 62, (), generator=gen,
+                                 device="cpu" if gen is None else gen.device).item())
         return DropoutModule(self.rate, self.mode, seed), in_shape
 
 
@@ -361,9 +362,16 @@ class _Const:
             raise ValueError("DotGeneral: the constant has non-finite entries (inf/NaN)")
         arr.setflags(write=False)
         self.array = arr
+        self._on = {}  # (dtype, device) -> tensor: one host-to-device copy, not per tile
 
     def tensor(self, dtype, device=None) -> Tensor:
-        return torch.tensor(self.array, dtype=dtype, device=device)
+        """The constant in ``dtype`` on ``device`` (cached; callers must not modify it)."""
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        t = self._on.get((dtype, dev))
+        if t is None:
+            t = self._on.setdefault((dtype, dev), torch.tensor(self.array, dtype=dtype,
+                                                               device=dev))
+        return t
 
     def __eq__(self, other):
         return isinstance(other, _Const) and self.array.shape == other.array.shape and \
@@ -597,7 +605,7 @@ class DotGeneralModule(nn.Module):
         super().__init__()
         self.layer, self.plan = layer, plan
         c = layer._const
-        self.register_buffer("const", None if c is None else c.tensor(dtype))
+        self.register_buffer("const", None if c is None else c.tensor(dtype).clone())
 
     def forward(self, x):
         if self.const is None:

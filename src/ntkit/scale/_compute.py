@@ -89,16 +89,19 @@ def _tile_call_args(args_a: Optional[Dict[str, Any]], args_b: Optional[Dict[str,
 def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
                  single_fn_output: bool, args_a: Optional[Dict[str, Any]] = None,
                  args_b: Optional[Dict[str, Any]] = None,
-                 mask_constant: Optional[float] = None) -> Dict[str, np.ndarray]:
+                 mask_constant: Optional[float] = None,
+                 device: Optional[str] = None) -> Dict[str, np.ndarray]:
     """One tile ``K(xa, xb)`` (``diag``: the symmetric tile ``K(xa, xa)``) as numpy arrays.
     ``args_a`` / ``args_b``: the call-time arguments (``name -> per-example rows``) of the row
     and column blocks (architectures only); ``mask_constant``: ``arch.kernel``'s masking (one
-    number shared by both blocks).
+    number shared by both blocks); ``device``: where the tile is computed (``'cuda'``; default
+    the CPU): the input blocks go there and the results come back to host memory.
 
     Runs on the worker; deterministic: fresh contiguous inputs, one torch thread."""
     dtype = getattr(torch, dtype_name)
-    xa = torch.as_tensor(xa).to(dtype).contiguous().clone()
-    xb = xa if diag else torch.as_tensor(xb).to(dtype).contiguous().clone()
+    dev = torch.device("cpu" if device is None else device)
+    xa = torch.as_tensor(xa, dtype=dtype, device=dev).contiguous().clone()
+    xb = xa if diag else torch.as_tensor(xb, dtype=dtype, device=dev).contiguous().clone()
     masking = {} if mask_constant is None else {"mask_constant": mask_constant}
     with _one_thread(), torch.no_grad():
         if _is_layer(fn):
@@ -124,7 +127,7 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
                                 f"get={keys} it must return a dict with those keys")
     res = {}
     for key, v in out.items():
-        v = torch.as_tensor(v)
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device="cpu")
         if tuple(v.shape[:2]) != (xa.shape[0], xb.shape[0]):
             raise ValueError(f"the kernel function returned {key!r} of shape {tuple(v.shape)} "
                              f"for blocks of {xa.shape[0]} and {xb.shape[0]} examples; expected "
@@ -134,10 +137,10 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
 
 
 def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, single,
-                      args_a=None, args_b=None, mask_constant=None):
+                      args_a=None, args_b=None, mask_constant=None, device=None):
     """Worker entry point when inputs were scattered as lists of blocks (Dask)."""
     return compute_tile(fn, keys, blocks_a, None if diag else blocks_b, diag, dtype_name, single,
-                        args_a, None if diag else args_b, mask_constant)
+                        args_a, None if diag else args_b, mask_constant, device)
 
 
 # ---- fingerprint -------------------------------------------------------------------------
@@ -240,8 +243,7 @@ def _default_workers() -> int:
 
 # ---- tiling ---------------------------------------------------------------------------
 def _auto_tile(fn, x1, n1, n2, n_keys, budget, in_flight) -> int:
-    from ..layers import _tiling
-    LIVE_ARRAYS = getattr(_tiling, "LIVE_ARRAYS", 12)     # live tile-sized arrays per entry
+    from ..layers import LIVE_ARRAYS     # live tile-sized arrays per entry
     itemsize = x1.element_size()
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
@@ -297,8 +299,9 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         single-threaded process per core); clients/clusters made here are closed at the end.
         Tip: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes
         tiles ~2x slower; ``ntkit.scale.local_cluster(n)`` starts a cluster without it.
-      memory_budget: bytes for the tiles in flight (default: half the available RAM), or a
-        string with a unit such as ``'2GB'`` / ``'512MiB'``.
+      memory_budget: bytes for the tiles in flight (default: half the available memory of
+        the inputs' device: RAM, or the GPU's free memory for CUDA inputs), or a string with a
+        unit such as ``'2GB'`` / ``'512MiB'``.
       progress: tqdm progress bar over tiles.
       dtype: ``torch.float64`` (default) or ``torch.float32``.
       overwrite: discard an existing store at ``store`` instead of resuming it (only a store
@@ -365,6 +368,10 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}")
+    # Tiles are computed on the inputs' device (CUDA inputs: on their GPU; the input blocks are
+    # kept in host memory, each tile's blocks go to the GPU and its results come back to be
+    # written). The store does not depend on it (CPU and GPU tiles agree to rounding).
+    device = _input_device(x1, x2)
     # inputs as given (hashed in float64 for the fingerprint), then in the working dtype
     if mask_constant is None:
         x1_in = as_tensor(x1, "x1").detach().cpu()
@@ -394,7 +401,7 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     args = _prepare_call_args(arch_or_fn, call_args, n1, None if x2 is None else n2)
     budget = parse_memory_budget(memory_budget)
     if budget is None:
-        budget = available_memory() // 2
+        budget = available_memory(device or "cpu") // 2
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer))
                              or tile < 1):
         raise ValueError(f"`tile` must be a positive integer, got {tile!r}")
@@ -419,13 +426,16 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
                         f".submit), a dask.distributed.Client or a 'tcp://...' address, got "
                         f"{type(executor).__name__}")
     try:
-        workers = _default_workers() if executor is None else _workers(executor)
+        # one accelerator runs one tile at a time: one thread feeds it (two tiles in flight
+        # overlap the host work of one with the compute of the other)
+        workers = (_default_workers() if device is None else 1) if executor is None \
+            else _workers(executor)
         in_flight = 2 * workers
         handle = _open_or_create(arch_or_fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
                                  store, real, overwrite, budget, in_flight, args,
-                                 mask_constant)
+                                 mask_constant, device)
         _run(handle, arch_or_fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-             progress, args, mask_constant)
+             progress, args, mask_constant, device)
     finally:
         if handle is not None:
             handle._release_lock()
@@ -434,6 +444,18 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         if own_cluster is not None:
             own_cluster.close()
     return handle
+
+
+def _input_device(x1: Any, x2: Any) -> Optional[str]:
+    """The device the tiles run on: ``None`` for the CPU (numpy inputs included), else the
+    inputs' device as a string (``'cuda:0'``), which a Dask worker can be sent. Inputs on two
+    different devices are refused."""
+    devs = {x.device for x in (x1, x2) if isinstance(x, torch.Tensor)}
+    if len(devs) > 1:
+        raise ValueError(f"`x1` and `x2` are on different devices ({', '.join(map(str, devs))}); "
+                         f"move both to the device that should compute the kernel")
+    dev = devs.pop() if devs else torch.device("cpu")
+    return None if dev.type == "cpu" else str(dev)
 
 
 def _check_masking(fn, mask_constant: Any, x1: Any, x2: Any) -> float:
@@ -502,7 +524,8 @@ def _fn_description(fn, need: bool) -> str:
 
 
 def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, real,
-                    overwrite, budget, in_flight, args=None, mask=None) -> KernelStore:
+                    overwrite, budget, in_flight, args=None, mask=None,
+                    device=None) -> KernelStore:
     """Resume our store at ``real`` or create a new one (in memory when ``real`` is None).
 
     Order, for a path: refuse a folder that is not ours (nothing touched); create the folder if
@@ -515,7 +538,7 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
         return create_store(zarr.storage.MemoryStore(), real=None,
                             **_geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile,
                                         budget, in_flight, fn_desc=_fn_description(fn, False),
-                                        args=args, mask=mask))
+                                        args=args, mask=mask, device=device))
     state = store_state(real)
     if state in ("foreign", "legacy"):
         refuse_foreign(store, state)
@@ -542,7 +565,7 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
             # our folder, but its creation was interrupted (nothing computed): recreate it
         geometry = _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget,
                              in_flight, fn_desc=_fn_description(fn, need=not overwrite),
-                             args=args, mask=mask)
+                             args=args, mask=mask, device=device)
         if state == "ours":
             remove_store_contents(real)            # only what the marker says is ours
         h = create_store(store, real=real, **geometry)
@@ -561,7 +584,7 @@ def _open_or_create(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, store, 
 
 
 def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_flight,
-              fn_desc, args=None, mask=None) -> Dict[str, Any]:
+              fn_desc, args=None, mask=None, device=None) -> Dict[str, Any]:
     """Tile edge, per-entry shape and fingerprint of a new store; probes one 1 x 1 tile (the
     per-entry shape of conv kernels) so a failing function fails before anything is written."""
     n1 = x1.shape[0]
@@ -570,7 +593,7 @@ def _geometry(fn, x1, x2, x1_in, x2_in, keys, single, dtype, tile, budget, in_fl
                                                       in_flight)
     first = _block_args(args or {}, 1, slice(0, 1))
     probe = compute_tile(fn, keys, x1[:1], None, True, str(dtype).replace("torch.", ""), single,
-                         first, mask_constant=mask)
+                         first, mask_constant=mask, device=device)
     _check_finite(probe, "the first diagonal entry")
     tail = tuple(probe[keys[0]].shape[2:])
     mirror = tuple(range(len(tail)))
@@ -618,7 +641,7 @@ def _check_finite(blocks: Dict[str, np.ndarray], where: str) -> None:
 
 
 def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_flight,
-         progress, args=None, mask=None) -> None:
+         progress, args=None, mask=None, device=None) -> None:
     todo = h.missing()
     # tiles flagged done are re-read and checked: damaged ones are recomputed, not trusted
     rep = h.verify(progress=progress)
@@ -663,7 +686,7 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
             def submit(i, j):
                 return executor.submit(_tile_from_blocks, fn, keys, rows_f[i], cols_f[j], i, j,
                                        x2 is None and i == j, dname, single, rargs_f[i],
-                                       cargs_f[j], mask, pure=False)
+                                       cargs_f[j], mask, device, pure=False)
             ac = dask_completed()
         else:
             import concurrent.futures as cf
@@ -674,7 +697,7 @@ def _run(h: KernelStore, fn, x1, x2, keys, single, dtype, executor, workers, in_
                                        None if diag else xb_all[h.cols(j)], diag, dname, single,
                                        _block_args(args or {}, 1, h.rows(i)),
                                        None if diag else _block_args(args or {}, 2, h.cols(j)),
-                                       mask)
+                                       mask, device)
         pending = list(reversed(todo))
         live: Dict[Any, Tuple[int, int]] = {}
         if dask:

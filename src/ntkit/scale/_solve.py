@@ -75,6 +75,10 @@ class _DenseOp:
     def dense(self) -> torch.Tensor:
         return self.k
 
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
 
 class _StoreOp:
     def __init__(self, tm, progress: bool):
@@ -104,6 +108,8 @@ class _StoreOp:
 
     def dense(self) -> torch.Tensor:
         return self.tm.load().to(torch.float64)
+
+    device = torch.device("cpu")  # tiles are read from the store into host memory
 
 
 def _as_operator(K, key: Optional[str], progress: bool):
@@ -138,7 +144,7 @@ class _Woodbury:
     def __init__(self, L: torch.Tensor, d: torch.Tensor):
         self.L, self.dinv = L, 1.0 / d
         r = L.shape[1]
-        C = torch.eye(r, dtype=L.dtype) + L.T @ (self.dinv[:, None] * L)
+        C = torch.eye(r, dtype=L.dtype, device=L.device) + L.T @ (self.dinv[:, None] * L)
         self.C = torch.linalg.cholesky(C)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
@@ -160,14 +166,15 @@ def _pivoted_cholesky(op, rank: int, ridge: float, pool: Optional[int], gen) -> 
     n = op.n
     d = op.diag().to(torch.float64)
     dmax = float(d.max()) if n else 0.0
+    dev = op.device
     if pool is None or pool >= n:
-        cand = torch.arange(n)
+        cand = torch.arange(n, device=dev)
         cols = op.dense() if isinstance(op, _DenseOp) else None
-    else:
-        cand = torch.sort(torch.randperm(n, generator=gen)[:pool]).values
+    else:  # drawn on the CPU (the same pool on every device)
+        cand = torch.sort(torch.randperm(n, generator=gen, device="cpu")[:pool]).values.to(dev)
         cols = None
     colmat = op.columns(cand) if cols is None else None        # (n, |cand|), one pass
-    L = torch.zeros(n, rank, dtype=torch.float64)
+    L = torch.zeros(n, rank, dtype=torch.float64, device=dev)
     pos = {int(c): k for k, c in enumerate(cand)}
     m = 0
     for m in range(rank + 1):
@@ -192,7 +199,9 @@ def _pivoted_cholesky(op, rank: int, ridge: float, pool: Optional[int], gen) -> 
 
 def _nystrom(op, rank: int, ridge: float, gen) -> Tuple[Any, int]:
     n = op.n
-    omega = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))[0]
+    # the sketch is drawn on the CPU (the same on every device), then moved
+    omega = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64,
+                                        device="cpu").to(op.device))[0]
     Y = op.matmul(omega)                                         # one pass
     nu = math.sqrt(n) * float(torch.finfo(torch.float64).eps) * float(torch.linalg.norm(Y))
     Yn = Y + nu * omega
@@ -219,13 +228,13 @@ def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progr
         return v if prec is None else prec(v)
 
     bnorm = torch.linalg.norm(y, dim=0).clamp_min(1e-300)
-    breakdown = torch.zeros(y.shape[1], dtype=torch.bool)
+    breakdown = torch.zeros(y.shape[1], dtype=torch.bool, device=y.device)
     x = torch.zeros_like(y)
     r = y.clone()
     z = M(r)
     p = z.clone()
     rz = (r * z).sum(0)
-    active = torch.ones(y.shape[1], dtype=torch.bool)
+    active = torch.ones(y.shape[1], dtype=torch.bool, device=y.device)
     res = torch.linalg.norm(r, dim=0) / bnorm
     from tqdm.auto import tqdm
     bar = tqdm(total=maxiter, desc="CG", disable=not progress, leave=False)
@@ -332,7 +341,8 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
       maxiter: CG passes over ``K`` (default ``min(max(10 n, 100), 2000)``).
       preconditioner: ``'pivoted_cholesky'`` (default), ``'nystrom'`` or ``None``.
       rank: preconditioner rank (default ``min(n, 200)``).
-      memory_budget: bytes (default: half the available RAM), or a string with a unit such as
+      memory_budget: bytes (default: half the available memory of ``K``'s device: RAM for a
+        store), or a string with a unit such as
         ``'2GB'`` / ``'512MiB'``.
       progress: tqdm bar over CG iterations.
       seed: seed of the preconditioner's random choices (pivot pool / Gaussian sketch).
@@ -343,8 +353,9 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         best iterate with a ``RuntimeWarning`` and ``info.converged = False``.
 
     Returns:
-      ``alpha`` with the shape of ``y`` (float64), and the :class:`SolveInfo` if asked. A
-      non-finite result is always an error (whatever ``on_nonconvergence`` says).
+      ``alpha`` with the shape of ``y`` (float64; on ``K``'s device for a tensor ``K``, e.g. a
+      CUDA kernel is solved on its GPU, on ``y``'s for a store), and the :class:`SolveInfo` if
+      asked. A non-finite result is always an error (whatever ``on_nonconvergence`` says).
 
     Example::
 
@@ -370,16 +381,19 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         raise ValueError(f"`tol` must be in (0, 1) (a relative residual), got {tol!r}")
     op = _as_operator(K, key, progress)
     n = op.n
-    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    # (a tensor stays where it is: torch.as_tensor would move it to torch's default device)
+    yt = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y), device="cpu")
     vec = yt.ndim == 1
-    yt = (yt[:, None] if vec else yt).to(torch.float64)
+    y_device = yt.device
+    # computed where K is (its device for a tensor, host memory for a store)
+    yt = (yt[:, None] if vec else yt).to(device=op.device, dtype=torch.float64)
     if yt.ndim != 2 or yt.shape[0] != n:
         raise ValueError(f"`y` must be (n,) or (n, k) with n = {n} (the kernel's size), got "
-                         f"{tuple(torch.as_tensor(y).shape)}")
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else np.shape(y)}")
     if not torch.isfinite(yt).all():
         raise ValueError("`y` contains NaN/Inf values")
     budget = parse_memory_budget(memory_budget)
-    budget = available_memory() // 2 if budget is None else budget
+    budget = available_memory(op.device) // 2 if budget is None else budget
     if method == "auto":
         method = "cholesky" if (isinstance(op, _DenseOp) or DENSE_BYTES * n * n <= budget) \
             else "cg"
@@ -434,4 +448,6 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
                              "--diag-reg (e.g. 1e-6)"))
     info.seconds = time.perf_counter() - t0
     alpha = alpha[:, 0] if vec else alpha
+    if isinstance(op, _StoreOp):  # back where y was given (a dense solve is where K is)
+        alpha = alpha.to(y_device)
     return (alpha, info) if return_info else alpha
