@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from .kernel import Kernel
     from .layers._base import Layer
 
 __all__ = ["bivariate_expectation", "mc_error_slope", "KernelTestCase"]
@@ -78,11 +79,18 @@ def mc_error_slope(arch: Layer, x: torch.Tensor, widths: Sequence[int], get: str
         for s in range(seeds):
             est = monte_carlo_kernel(arch, x, width=w, n_samples=n_samples, get=get,
                                      seed=1000 * s + w)
+            assert isinstance(est, torch.Tensor)          # one string `get`: one tensor
             e += float(torch.linalg.norm(est - exact) / torch.linalg.norm(exact)) ** 2
         errs.append(math.sqrt(e / seeds))
     errs_a = np.array(errs)
     slope = np.polyfit(np.log(np.asarray(widths, float)), np.log(errs_a), 1)[0]
     return float(slope), errs_a
+
+
+def _pair(k: Kernel) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(nngp, ntk)`` of a kernel record computed with both keys."""
+    assert k.nngp is not None and k.ntk is not None
+    return k.nngp, k.ntk
 
 
 class KernelTestCase:
@@ -111,36 +119,36 @@ class KernelTestCase:
     def test_symmetric_matches_explicit(self) -> None:
         arch = self.build()
         x1, _ = self.inputs()
-        ks, kx = arch.kernel(x1), arch.kernel(x1, x1)
-        for a, b in ((ks.nngp, kx.nngp), (ks.ntk, kx.ntk)):
+        ks, kx = _pair(arch.kernel(x1)), _pair(arch.kernel(x1, x1))
+        for a, b in zip(ks, kx):
             assert torch.allclose(a, a.transpose(0, 1), rtol=0, atol=0)
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
 
     def test_cross_blocks_and_tiles(self) -> None:
         arch = self.build()
         x1, x2 = self.inputs()
-        full = arch.kernel(torch.cat([x1, x2]))
-        cross = arch.kernel(x1, x2)
+        full = _pair(arch.kernel(torch.cat([x1, x2])))
+        cross = _pair(arch.kernel(x1, x2))
         n = x1.shape[0]
-        torch.testing.assert_close(cross.nngp, full.nngp[:n, n:], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(cross.ntk, full.ntk[:n, n:], rtol=1e-12, atol=1e-12)
-        tiled = arch.kernel(torch.cat([x1, x2]), tile=2)
-        torch.testing.assert_close(tiled.nngp, full.nngp, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(tiled.ntk, full.ntk, rtol=1e-12, atol=1e-12)
+        for c, f in zip(cross, full):
+            torch.testing.assert_close(c, f[:n, n:], rtol=1e-12, atol=1e-12)
+        tiled = _pair(arch.kernel(torch.cat([x1, x2]), tile=2))
+        for t, f in zip(tiled, full):
+            torch.testing.assert_close(t, f, rtol=1e-12, atol=1e-12)
 
     def test_get_single_and_float32(self) -> None:
         arch = self.build()
         x1, _ = self.inputs()
-        k64 = arch.kernel(x1)
+        k64 = _pair(arch.kernel(x1))
         ntk = arch.kernel(x1, get="ntk")
-        torch.testing.assert_close(ntk, k64.ntk, rtol=1e-12, atol=1e-12)
-        k32 = arch.kernel(x1.float(), dtype=torch.float32)
-        assert k32.nngp.dtype == torch.float32
-        torch.testing.assert_close(k32.nngp.double(), k64.nngp, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(k32.ntk.double(), k64.ntk, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ntk, k64[1], rtol=1e-12, atol=1e-12)
+        k32 = _pair(arch.kernel(x1.float(), dtype=torch.float32))
+        assert k32[0].dtype == torch.float32
+        torch.testing.assert_close(k32[0].double(), k64[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(k32[1].double(), k64[1], rtol=1e-4, atol=1e-5)
         # exact diagonal in float32: no cancellation at x1 == x2
-        d32 = torch.diagonal(k32.nngp, dim1=0, dim2=1).double()
-        d64 = torch.diagonal(k64.nngp, dim1=0, dim2=1)
+        d32 = torch.diagonal(k32[0], dim1=0, dim2=1).double()
+        d64 = torch.diagonal(k64[0], dim1=0, dim2=1)
         assert float(((d32 - d64).abs() / d64.abs().clamp_min(1e-30)).max()) < 1e-5
 
     def test_reference(self) -> None:

@@ -31,7 +31,8 @@ import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    TypeVar, Union, overload)
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ __all__ = ["Layer", "BuildContext", "KernelLike", "available_memory", "DEFAULT_D
 
 DEFAULT_DTYPE = torch.float64
 KernelLike = Union[Kernel, Tuple[Kernel, ...]]
+# several kernel keys (``get`` other than one string): a Kernel record or a dict comes back
+_Keys = Union[Tuple[str, ...], List[str], None]
 Shape = Tuple[int, ...]
 
 
@@ -266,12 +269,32 @@ class Layer:
         return remask(out.replace(mask1=m1, mask2=m2), key=(self, tuple(out.shape1)))
 
     # ---- architecture API ------------------------------------------------------------
+    # The return type follows `get`: one (n1, n2) tensor for a string, a Kernel record for a
+    # tuple/list of keys or None (the default). Overloads tell type checkers so.
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., *, get: str,
+               dtype: Optional[torch.dtype] = ..., memory_budget: Union[int, float, str, None] = ...,
+               progress: bool = ..., tile: Optional[int] = ..., mask_constant: Optional[float] = ...,
+               **kwargs: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any, get: str, *,
+               dtype: Optional[torch.dtype] = ..., memory_budget: Union[int, float, str, None] = ...,
+               progress: bool = ..., tile: Optional[int] = ..., mask_constant: Optional[float] = ...,
+               **kwargs: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., get: _Keys = ..., *,
+               dtype: Optional[torch.dtype] = ..., memory_budget: Union[int, float, str, None] = ...,
+               progress: bool = ..., tile: Optional[int] = ..., mask_constant: Optional[float] = ...,
+               **kwargs: Any) -> Kernel: ...
+
     def kernel(self, x1: Any, x2: Any = None, get: Union[str, Sequence[str], None] = ("nngp", "ntk"),
                *, dtype: Optional[torch.dtype] = None,
                memory_budget: Union[int, float, str, None] = None,
                progress: bool = False, tile: Optional[int] = None,
                mask_constant: Optional[float] = None,
-               **kwargs: Any) -> Any:   # a Tensor for a string `get`, else a Kernel
+               **kwargs: Any) -> Union[torch.Tensor, Kernel]:
         """Exact infinite-width kernels of this architecture between ``x1`` and ``x2``.
 
         Args:
@@ -364,8 +387,19 @@ class Layer:
         return evaluate(self, x1, x2, keys, single, memory_budget=memory_budget,
                         progress=progress, tile=tile, call_args=call_args)
 
-    def features(self, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk",
-                 **kwargs: Any) -> Any:   # a Tensor, or a dict for a tuple `get`
+    @overload
+    def features(self, x: Any, dim: int = ..., get: str = ..., **kwargs: Any) -> torch.Tensor: ...
+
+    @overload
+    def features(self, x: Any, dim: int = ..., *, get: _Keys,
+                 **kwargs: Any) -> Dict[str, torch.Tensor]: ...
+
+    @overload
+    def features(self, x: Any, dim: int, get: _Keys,
+                 **kwargs: Any) -> Dict[str, torch.Tensor]: ...
+
+    def features(self, x: Any, dim: int = 1024, get: Union[str, Sequence[str], None] = "ntk",
+                 **kwargs: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         """Random features ``phi`` with ``phi(x1) @ phi(x2).T ~= self.kernel(x1, x2, get)``
         (error ~ ``dim^-1/2``); see :func:`ntkit.features.features` for the arguments.
 

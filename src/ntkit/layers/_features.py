@@ -734,7 +734,7 @@ def _parse_budget(memory_budget, device=None) -> int:
     return available_memory(device) // 2 if budget is None else int(budget)
 
 
-def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]] = "ntk", *,
+def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str], None] = "ntk", *,
              seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
              chunk: Optional[int] = None, progress: bool = False,
