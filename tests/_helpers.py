@@ -8,6 +8,9 @@ randn64``). The ``randn64`` fixture of ``tests/conftest.py`` is the same functio
 * ``padded_graphs(n, v, vp, pad, seed)``: ``n`` random graphs of ``v`` nodes (features
   ``(n, 3, v)``, adjacency with self-loops) and padded copies with ``vp`` nodes: the real nodes
   at random places, the others filled with ``pad`` and wired to them by random arcs.
+* ``padded_sequences(n, chans, real, length, pad, seed)``: ``n`` random float64 sequences
+  ``(n, chans, real)`` and padded copies ``(n, chans, length)``: each sequence at random sorted
+  positions, every channel of the other positions equal to ``pad``.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-__all__ = ["randn64", "randn64_pair", "padded_graphs"]
+__all__ = ["randn64", "randn64_pair", "padded_graphs", "padded_sequences"]
 
 
 def randn64(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -40,3 +43,15 @@ def padded_graphs(n: int = 4, v: int = 4, vp: int = 7, pad: float = -1e9, seed: 
         xp[i][:, pos] = x[i]
         ap[i][pos[:, None], pos[None, :]] = a[i]
     return x, a, xp, ap
+
+
+def padded_sequences(n: int, chans: int, real: int, length: int, pad: float, seed: int = 0
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    dt = torch.float64
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, chans, real, generator=g, dtype=dt)
+    xp = torch.full((n, chans, length), pad, dtype=dt)
+    for i in range(n):
+        pos = torch.randperm(length, generator=g)[:real].sort().values
+        xp[i][:, pos] = x[i]
+    return x, xp

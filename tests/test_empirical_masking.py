@@ -6,8 +6,6 @@ Oracles: (1) masking is exact, so the empirical NTK of the padded inputs equals 
 same network (same seed, so the same parameters) on the unpadded, shorter inputs, to roundoff;
 (2) its mean over seeds approaches the infinite-width ``arch.kernel(..., mask_constant=c)``.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,7 @@ import torch
 import ntkit
 from ntkit import layers as nl
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _helpers import padded_graphs  # noqa: E402
+from tests._helpers import padded_graphs, padded_sequences
 
 D = torch.float64
 C, L, LP = 2, 4, 6
@@ -38,13 +35,7 @@ def _gnn():
 def _sequences(pad, n=3, seed=0):
     """``(x (n, C, L), xp (n, C, LP))``: each sequence scattered over LP positions, the rest
     padding (every channel equal to ``pad``)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, C, L, generator=g, dtype=D)
-    xp = torch.full((n, C, LP), pad, dtype=D)
-    for i in range(n):
-        pos = torch.randperm(LP, generator=g)[:L].sort().values
-        xp[i][:, pos] = x[i]
-    return x, xp
+    return padded_sequences(n, C, L, LP, pad, seed)
 
 
 def _same_params(a, b):

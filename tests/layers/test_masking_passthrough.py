@@ -16,7 +16,7 @@ import ntkit
 from ntkit import layers as nl
 from ntkit.empirical import empirical_ntk
 from ntkit.layers._features import features
-from tests._helpers import padded_graphs
+from tests._helpers import padded_graphs, padded_sequences
 
 DT = torch.float64
 PAD = -1e9
@@ -25,13 +25,7 @@ PAD = -1e9
 def _padded(n=4, real=3, length=6, chans=3, seed=0, c=PAD):
     """``(unpadded (n, C, real), padded (n, C, length))``: each sequence at random sorted
     positions of its padded copy, the padding interleaved."""
-    g = torch.Generator().manual_seed(seed)
-    xu = torch.randn(n, chans, real, generator=g, dtype=DT)
-    xp = torch.full((n, chans, length), c, dtype=DT)
-    for i in range(n):
-        pos = torch.randperm(length, generator=g)[:real].sort().values
-        xp[i][:, pos] = xu[i]
-    return xu, xp
+    return padded_sequences(n, chans, real, length, c, seed)
 
 
 def _ragged(seed=1):

@@ -147,6 +147,24 @@ class _DenseOp(_Op):
             self.weights[key] = _randn(shape, self.ctx.seed, self.id, part, like)
         return self.weights[key]
 
+    def _sample(self, phi: Tensor, psi: Optional[Tensor], lin, bias=None) -> _F:
+        """A random linear layer applied to the features: the sample ``z = lin(phi) + b
+        bias_1`` and its tangent ``t = lin([phi, psi]) + b bias_3`` (the same weights act on
+        the tangent's columns). ``lin(x, part)``: the scaled random map with weights ``part``;
+        ``bias(part, ref)``: the bias broadcast like ``ref`` (default: one per channel)."""
+        if bias is None:
+            def bias(part, ref):
+                return _bias_like(self._draw(part, (self.ctx.dim,), phi), ref)
+        z = lin(phi, 0)
+        if self.b:
+            z.add_(bias(1, z), alpha=self.b)
+        t = None
+        if self.ctx.want_ntk:
+            t = lin(phi if psi is None else torch.cat([phi, psi], 1), 2)
+            if self.b:
+                t.add_(bias(3, t), alpha=self.b)
+        return _F(z, t, True)
+
     def __call__(self, f: _F) -> _F:
         f = f.normed()
         phi, psi = f.phi, f.psi
@@ -197,18 +215,9 @@ class _ConvOp(_DenseOp):
 
         def rconv(x, part):
             wt = self._draw(part, (m, x.shape[1]) + tuple(filt), x)
-            return conv(st.pad_input(x, pads, circ), wt, stride=strides)
+            return conv(st.pad_input(x, pads, circ), wt, stride=strides).mul_(scale)
 
-        z = rconv(phi, 0).mul_(scale)
-        if self.b:
-            z.add_(_bias_like(self._draw(1, (m,), phi), z), alpha=self.b)
-        t = None
-        if self.ctx.want_ntk:
-            src = phi if psi is None else torch.cat([phi, psi], 1)
-            t = rconv(src, 2).mul_(scale)
-            if self.b:
-                t.add_(_bias_like(self._draw(3, (m,), phi), t), alpha=self.b)
-        return _F(z, t, True)
+        return self._sample(phi, psi, rconv)
 
 
 class _ActOp(_DenseOp):
@@ -347,18 +356,10 @@ class _ConvTransposeOp(_DenseOp):
         m = self.ctx.dim
 
         def rconv(x, part):
-            return self._apply(x, self._draw(part, (x.shape[1], m) + tuple(geo[0]), x), geo)
+            wt = self._draw(part, (x.shape[1], m) + tuple(geo[0]), x)
+            return self._apply(x, wt, geo).mul_(scale)
 
-        z = rconv(phi, 0).mul_(scale)
-        if self.b:
-            z.add_(_bias_like(self._draw(1, (m,), phi), z), alpha=self.b)
-        t = None
-        if self.ctx.want_ntk:
-            src = phi if psi is None else torch.cat([phi, psi], 1)
-            t = rconv(src, 2).mul_(scale)
-            if self.b:
-                t.add_(_bias_like(self._draw(3, (m,), phi), t), alpha=self.b)
-        return _F(z, t, True)
+        return self._sample(phi, psi, rconv)
 
 
 class _ConvLocalOp(_DenseOp):
@@ -389,21 +390,12 @@ class _ConvLocalOp(_DenseOp):
             n, c = u.shape[:2]
             wt = self._draw(part, (m, c, p, a), x)
             y = torch.einsum("ncpf,mcpf->nmp", u.reshape(n, c, p, a), wt)
-            return y.reshape((n, m) + tuple(out_sp))
+            return y.reshape((n, m) + tuple(out_sp)).mul_(scale)
 
-        def bias(part, ref):
+        def bias(part, ref):       # one bias per channel and output pixel
             return self._draw(part, (m,) + tuple(out_sp), ref).unsqueeze(0)
 
-        z = rlocal(phi, 0).mul_(scale)
-        if self.b:
-            z.add_(bias(1, z), alpha=self.b)
-        t = None
-        if self.ctx.want_ntk:
-            src = phi if psi is None else torch.cat([phi, psi], 1)
-            t = rlocal(src, 2).mul_(scale)
-            if self.b:
-                t.add_(bias(3, t), alpha=self.b)
-        return _F(z, t, True)
+        return self._sample(phi, psi, rlocal, bias)
 
 
 class _FanInProdOp(_DenseOp):
