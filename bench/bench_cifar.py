@@ -19,6 +19,11 @@ Rows (``--rows``, comma-separated; each architecture at every depth in ``--depth
   NTK parameterization, no batch-norm or augmentation), SGD with momentum on cross-entropy for
   ``--cnn-epochs`` epochs on ``--cnn-n`` training images.
 
+``--depths`` counts conv layers; Arora et al. count conv layers + 1 (their code's ``--depth``
+help: "#conv layers + 1"), so a row of depth ``d`` is compared with their depth ``d + 1``.
+``--fix`` leaves the first conv layer and the readout untrained in the feature rows (their
+code's default, ``--fix yes``; ``features(..., frozen=(0, -1))``).
+
 Each row prints (and appends to OUT.csv): accuracy, seconds, peak RSS, feature dimension,
 training size, and the published number it corresponds to (Arora et al. 2019, full data).
 Inputs: per-channel standardized with training statistics. The data are the shared JPEG-derived
@@ -117,7 +122,7 @@ def save_features(path, phi, ytr, yte):
         np.savez(fh, phi=phi.numpy(), y_train=ytr.numpy(), y_test=yte.numpy())
 
 
-def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096):
+def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()):
     """``(phi(x) + phi(flip(x))) / sqrt(2)``, ``flip`` the horizontal mirror: inner products are
     ``K(x, x') + K(x, flip(x'))`` for a mirror-equivariant architecture (SAME padding), the
     kernel of the net averaged over horizontal flips -- what training on flipped copies tends
@@ -127,16 +132,17 @@ def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096):
     for i in tqdm(range(0, len(x), block), desc="flip-averaged features"):
         xb = x[i:i + block]
         fb = nf.features(a, xb, dim, get="ntk", seed=seed, out_dim=out_dim, chunk=chunk,
-                         method=method)
+                         method=method, frozen=frozen)
         fb += nf.features(a, xb.flip(-1), dim, get="ntk", seed=seed, out_dim=out_dim,
-                          chunk=chunk, method=method)
+                          chunk=chunk, method=method, frozen=frozen)
         if phi is None:
             phi = fb.new_empty((len(x), fb.shape[1]))
         phi[i:i + block] = fb.mul_(0.5 ** 0.5)
     return phi
 
 
-def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False):
+def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
+                      frozen=()):
     """Features of ``nets`` independent width-``dim`` networks (seeds ``seed .. seed+nets-1``),
     ``out_dim // nets`` columns each, concatenated and scaled by ``nets^-1/2``: inner products
     are the average of the nets' (sketched) kernels, whose finite-width fluctuations average
@@ -145,16 +151,16 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False)
     finite width is not what limits (``bench/results/cifar_ablation.jsonl``)."""
     if nets == 1:
         if flip:
-            return flip_features(a, x, dim, out_dim, seed, chunk, method)
+            return flip_features(a, x, dim, out_dim, seed, chunk, method, frozen=frozen)
         return nf.features(a, x, dim, get="ntk", seed=seed, out_dim=out_dim, progress=True,
-                           chunk=chunk, method=method)
+                           chunk=chunk, method=method, frozen=frozen)
     if method != "jacobian" or out_dim is None or out_dim % nets:
         raise SystemExit(f"--nets {nets} needs --method jacobian and --out-dim divisible by it")
     per, phi = out_dim // nets, None
     for k in range(nets):
-        fk = (flip_features(a, x, dim, per, seed + k, chunk, method) if flip else
+        fk = (flip_features(a, x, dim, per, seed + k, chunk, method, frozen=frozen) if flip else
               nf.features(a, x, dim, get="ntk", seed=seed + k, out_dim=per, progress=True,
-                          chunk=chunk, method=method))
+                          chunk=chunk, method=method, frozen=frozen))
         if phi is None:
             phi = fk.new_empty((len(x), out_dim))
         phi[:, k * per:(k + 1) * per] = fk.mul_(nets ** -0.5)
@@ -163,14 +169,14 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False)
 
 
 def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None,
-                 flip=False, nets=1):
+                 flip=False, nets=1, frozen=()):
     """Features of train+test (``flip``: averaged over horizontal flips), then primal ridge:
     the ridge is chosen on a held-out tenth of the training set (one eigendecomposition of its
     normal equations for every value) and the final model solves the full normal equations
     (sum of the two parts) by Cholesky."""
     t0 = time.time()
     phi = ensemble_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, method, nets,
-                            flip)
+                            flip, frozen)
     t_feat = time.time() - t0
     if save:
         save_features(save, phi, ytr, yte)
@@ -186,10 +192,10 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", 
         return dict(accuracy=acc(final.predict(pte), yte), seconds=time.time() - t0,
                     feature_seconds=t_feat, feature_dim=phi.shape[1], ridge_rel=rel,
                     val_accuracy=fit.scores[rel] * 100, method=method, flip=flip,
-                    solver="dual", nets=nets)
+                    solver="dual", nets=nets, frozen=list(frozen))
     if phi.shape[1] > CHOLESKY_ABOVE:
         return cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat,
-                             dict(method=method, flip=flip, nets=nets))
+                             dict(method=method, flip=flip, nets=nets, frozen=list(frozen)))
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     a_val, b_val, _, _ = nf.normal_equations(ptr[:nv], y[:nv])
     scale = float(torch.diagonal(a_fit).mean())
@@ -208,7 +214,7 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", 
     pred = torch.cat([pte[i:i + 8192].double() @ w for i in range(0, len(pte), 8192)])
     return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
                 feature_dim=phi.shape[1], ridge_rel=rel, val_accuracy=scores[rel],
-                method=method, flip=flip, nets=nets)
+                method=method, flip=flip, nets=nets, frozen=list(frozen))
 
 
 CHOLESKY_ABOVE = 16384     # wider features: a Cholesky per ridge value instead of one eigh
@@ -351,6 +357,10 @@ def main(argv=None):
     p.add_argument("--zca", type=float, default=None, metavar="EPS",
                    help="ZCA-whiten the images (regularization EPS times the mean eigenvalue, "
                         "e.g. 0.1; not in the published table)")
+    p.add_argument("--fix", action="store_true",
+                   help="feature rows (--method jacobian): leave the first conv layer and the "
+                        "readout out of the NTK (untrained), as Arora et al.'s code does by "
+                        "default (--fix yes)")
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
     if args.quick:
@@ -389,7 +399,7 @@ def main(argv=None):
                              f"(header {head}); choose another OUT.csv")
 
     def emit(row, method, depth, ntr, nte, res):
-        pub = PUBLISHED.get((method, depth), "")
+        pub = PUBLISHED.get((method, depth + 1), "")    # Arora's depth: conv layers + 1
         out = dict(row=row, method=method, depth=depth, n_train=ntr, n_test=nte,
                    accuracy=round(res.pop("accuracy"), 2), published=pub,
                    seconds=round(res.pop("seconds"), 1), peak_rss_gb=round(peak_rss_gb(), 2),
@@ -402,7 +412,11 @@ def main(argv=None):
 
     if args.nets < 1:
         raise SystemExit(f"--nets must be >= 1, got {args.nets}")
-    tag = ("+flip" if args.flip else "") + ("+zca" if args.zca is not None else "")
+    if args.fix and args.method != "jacobian":
+        raise SystemExit("--fix needs --method jacobian (the 'rf' map has no untrained layers)")
+    frozen = (0, -1) if args.fix else ()
+    tag = (("+flip" if args.flip else "") + ("+zca" if args.zca is not None else "")
+           + ("+fix" if args.fix else ""))
     gtag = tag + (f"+{args.nets}nets" if args.nets > 1 else "")
     for d in depths:
         if "gap-features" in rows:
@@ -412,12 +426,12 @@ def main(argv=None):
                               args.save_features and os.path.join(
                                   args.save_features,
                                   f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz"),
-                              flip=args.flip, nets=args.nets))
+                              flip=args.flip, nets=args.nets, frozen=frozen))
         if "v-features" in rows:
             emit("v-features" + tag, "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,
                               args.v_out_dim, args.seed, args.chunk, args.method,
-                              flip=args.flip))
+                              flip=args.flip, frozen=frozen))
         if "v-exact" in rows:
             n, m = args.exact_n, args.exact_test
             emit("v-exact", "CNTK-V", d, n, m,

@@ -116,3 +116,64 @@ def test_refusals_name_the_problem():
     with pytest.raises(NotImplementedError, match="standard"):
         nf.features(nl.serial(nl.Dense(8, parameterization="standard"), nl.Relu(),
                               nl.Dense(1)), torch.randn(2, 6), 8, method="jacobian")
+
+
+def _trainable_names(net, frozen):
+    """Parameter names of the net's Dense/Conv layers (forward order) not in ``frozen``."""
+    mods = [m for m in net.modules()
+            if any(True for _ in m.parameters(recurse=False))]
+    keep = set(range(len(mods))) - {i % len(mods) for i in frozen}
+    ids = {id(p) for i in keep for p in mods[i].parameters(recurse=False)}
+    return [n for n, p in net.named_parameters() if id(p) in ids]
+
+
+@pytest.mark.parametrize("name,frozen", [("fc", (0, -1)), ("cnn-gap", (0, -1)),
+                                         ("cnn-flatten", (1,)), ("fc", (-1,))])
+def test_frozen_layers_give_the_empirical_ntk_of_the_others(name, frozen):
+    build, shape = ARCHS[name]
+    arch, x = build(), _x(shape)
+    phi = nf.features(arch, x, 12, method="jacobian", seed=3, dtype=F64, frozen=frozen)
+    net = arch.module(shape, width=12, seed=3, dtype=F64)
+    names = _trainable_names(net, frozen)
+    emp = ntkit.empirical_ntk(net, x, implementation="jacobian", params=names)
+    torch.testing.assert_close(phi @ phi.T, emp.reshape(len(x), len(x)), rtol=1e-10,
+                               atol=1e-12)
+    full = nf.features(arch, x, 12, method="jacobian", seed=3, dtype=F64)
+    assert phi.shape[1] < full.shape[1]
+    # sketched: unbiased for the same Gram, reproducible across chunks
+    a = nf.features(arch, x, 12, method="jacobian", seed=3, dtype=F64, frozen=frozen,
+                    out_dim=64, chunk=2)
+    b = nf.features(arch, x, 12, method="jacobian", seed=3, dtype=F64, frozen=frozen,
+                    out_dim=64)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)   # batch-size roundoff only
+
+
+@pytest.mark.parametrize("name", ["fc", "cnn-gap"])
+def test_frozen_readout_and_hidden_layers_match_closed_forms(name):
+    """Infinite width: training only the readout gives the NNGP (its gradient is the last
+    hidden layer's features); freezing only the readout gives NTK - NNGP."""
+    build, shape = ARCHS[name]
+    arch, x = build(), _x(shape, n=6)
+    k = arch.kernel(x, get=("nngp", "ntk"))
+    dim = 256 if name == "fc" else 128
+    n_lin = 3
+    cases = {(0, 1): k.nngp, (-1,): k.ntk - k.nngp}
+    for frozen, exact in cases.items():
+        grams = [p @ p.T for p in (nf.features(arch, x, dim, method="jacobian", seed=s,
+                                               dtype=F64, frozen=frozen) for s in range(4))]
+        err = _rel(sum(grams) / len(grams), exact)
+        assert err < 0.1, (frozen, err)
+    assert n_lin == len([m for m in arch.module(shape, width=4).modules()
+                         if any(True for _ in m.parameters(recurse=False))])
+
+
+def test_frozen_is_validated():
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="no layer trained"):
+        nf.features(_fc(), x, 8, method="jacobian", frozen=(0, 1, 2))
+    with pytest.raises(ValueError, match="3 Dense/Conv layers"):
+        nf.features(_fc(), x, 8, method="jacobian", frozen=(3,))
+    with pytest.raises(TypeError, match="sequence of layer indices"):
+        nf.features(_fc(), x, 8, method="jacobian", frozen=0)
+    with pytest.raises(ValueError, match="method='jacobian'"):
+        nf.features(_fc(), x, 8, frozen=(0,))

@@ -560,6 +560,25 @@ def _compile(layer: Layer, in_shape, ctx: _Ctx, followed_by_act: bool):
         f"sketched Jacobian of a finite network) for the others")
 
 
+def _check_frozen(frozen: Any, n_layers: int) -> frozenset:
+    """``frozen`` (indices into the network's Dense/Conv layers in forward order, negative
+    from the end) as a set of non-negative indices; at least one layer stays trained."""
+    if isinstance(frozen, (int, str)) or not isinstance(frozen, Sequence):
+        raise TypeError(f"`frozen` must be a sequence of layer indices (e.g. frozen=(0, -1) for "
+                        f"the first and last Dense/Conv layers), got {frozen!r}")
+    out = set()
+    for i in frozen:
+        if isinstance(i, bool) or not isinstance(i, int) or not -n_layers <= i < n_layers:
+            raise ValueError(f"`frozen` holds indices into the architecture's {n_layers} "
+                             f"Dense/Conv layers (forward order, negative from the end), "
+                             f"got {i!r} in {tuple(frozen)!r}")
+        out.add(i % n_layers)
+    if len(out) == n_layers:
+        raise ValueError(f"`frozen={tuple(frozen)!r}` leaves no layer trained: the NTK would be "
+                         f"zero; freeze fewer of the {n_layers} Dense/Conv layers")
+    return frozenset(out)
+
+
 def _count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
     """Unbiased ``(n, D) -> (n, out_dim)`` compression: ``E <S a, S b> = <a, b>``."""
     g = _gen(seed, 0, 7)
@@ -585,7 +604,8 @@ class _JacobianMap:
     size per layer. NNGP features are the readout layer's gradient (``W_std/sqrt(fan_in) h``
     and ``b_std``), exact given the hidden layers."""
 
-    def __init__(self, arch: Layer, in_shape, dim: int, seed: int, dtype, device):
+    def __init__(self, arch: Layer, in_shape, dim: int, seed: int, dtype, device,
+                 frozen: Sequence[int] = ()):
         from .conv import ConvModule
         from .dense import AffineModule
         self.net = arch.module(tuple(in_shape), width=dim, seed=seed, dtype=dtype).to(device)
@@ -602,6 +622,7 @@ class _JacobianMap:
         self.seed = seed
         self.sizes = [m.weight.numel() + (0 if m.bias is None else m.bias.numel())
                       for m in self.mods]
+        self.frozen = _check_frozen(frozen, len(self.mods))
 
     def _grads(self, m, inp: Tensor, delta: Tensor) -> List[Tensor]:
         """Per-example gradients ``(n, *param)`` flattened, of the weight (and bias)."""
@@ -674,23 +695,29 @@ class _JacobianMap:
             res["nngp"] = self._sketch(torch.cat(self._grads(last, recs[-1][1],
                                                              deltas[-1]), 1), out_dim, 10 ** 6)
         if "ntk" in keys:
-            total = sum(self.sizes)
+            total = self.trained_size()
             n = xb.shape[0]
             if out_dim is None or out_dim >= total:
                 parts = []
-                for (m, inp, _), d in zip(recs, deltas):
+                for i, ((m, inp, _), d) in enumerate(zip(recs, deltas)):
+                    if self.mods.index(m) in self.frozen:
+                        continue
                     parts += (self._grads(m, inp, d) if d is not None else
                               [xb.new_zeros((n, self.sizes[self.mods.index(m)]))])
                 res["ntk"] = torch.cat(parts, 1)
             else:
                 acc = xb.new_zeros((n, out_dim))
                 for i, ((m, inp, _), d) in enumerate(zip(recs, deltas)):
-                    if d is None:
+                    if d is None or self.mods.index(m) in self.frozen:
                         continue
                     for j, g in enumerate(self._grads(m, inp, d)):
                         acc += _count_sketch(g, out_dim, self.seed * 7919 + 2 * i + j)
                 res["ntk"] = acc
         return res
+
+    def trained_size(self) -> int:
+        """Raw NTK columns: the parameters of the layers that are not ``frozen``."""
+        return sum(s for i, s in enumerate(self.sizes) if i not in self.frozen)
 
     def _sketch(self, g: Tensor, out_dim: Optional[int], part: int) -> Tensor:
         if out_dim is None or out_dim >= g.shape[1]:
@@ -730,7 +757,7 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
              seed: int = 0, method: str = "rf", out_dim: Optional[int] = None,
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
              chunk: Optional[int] = None, progress: bool = False,
-             mask_constant: Optional[float] = None,
+             mask_constant: Optional[float] = None, frozen: Sequence[int] = (),
              **call_args: Any) -> Any:   # a Tensor, or a dict for a tuple `get`
     """Random features whose inner products approximate the exact kernel of ``arch``.
 
@@ -762,6 +789,11 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         ``net(x, mask_constant=c)``, so ``phi @ phi.T`` estimates the masked kernel and padding
         does not change an example's features. ``method='rf'`` has no random-feature rule for
         masks and refuses it (``ValueError``).
+      frozen: ``method='jacobian'`` only: indices of Dense/Conv layers (forward order,
+        negative from the end) whose parameters are left out of the NTK features -- the NTK
+        of a network in which those layers are not trained. ``frozen=(0, -1)`` is Arora et
+        al.'s (2019) CNTK protocol (``--fix``: first layer and readout fixed); freezing
+        everything but the readout gives the NNGP. The NNGP features do not depend on it.
       **call_args: call-time arguments of the architecture, as in ``arch.kernel`` (e.g. the
         graph ``pattern=p`` of :class:`~ntkit.layers.Aggregate`, one per example of ``x``).
         Both methods use each chunk's rows (``net(x[i:j], pattern=p[i:j])`` for
@@ -792,6 +824,10 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
     keys, single = parse_get(get)
+    if method == "rf" and (not isinstance(frozen, Sequence) or len(frozen)):
+        raise ValueError(f"`frozen={frozen!r}` (layers left untrained) needs method='jacobian' "
+                         f"(the Jacobian of a finite network without those layers' parameters); "
+                         f"method='rf' has no rule for it")
     if mask_constant is not None:
         if method == "rf":
             raise ValueError(
@@ -829,9 +865,9 @@ def features(arch: Layer, x: Any, dim: int = 1024, get: Union[str, Sequence[str]
         op, out_shape = _compile(arch, tuple(x.shape[1:]), ctx, False)
     else:
         out_shape = arch.out_shape(tuple(x.shape[1:]))
-        jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device)
-        if out_dim is None and "ntk" in keys and sum(jac.sizes) > 1 << 20:
-            raise ValueError(f"features(method='jacobian') has {sum(jac.sizes)} raw columns "
+        jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device, frozen)
+        if out_dim is None and "ntk" in keys and jac.trained_size() > 1 << 20:
+            raise ValueError(f"features(method='jacobian') has {jac.trained_size()} raw columns "
                              f"(one per parameter of the width-{dim} network): pass `out_dim` "
                              f"(e.g. out_dim=8192) to sketch them")
     if isinstance(out_shape, tuple) and out_shape and isinstance(out_shape[0], tuple):
