@@ -169,7 +169,7 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
 
 
 def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None,
-                 flip=False, nets=1, frozen=()):
+                 flip=False, nets=1, frozen=(), ridges=None):
     """Features of train+test (``flip``: averaged over horizontal flips), then primal ridge:
     the ridge is chosen on a held-out tenth of the training set (one eigendecomposition of its
     normal equations for every value) and the final model solves the full normal equations
@@ -195,7 +195,8 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", 
                     solver="dual", nets=nets, frozen=list(frozen))
     if phi.shape[1] > CHOLESKY_ABOVE:
         return cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat,
-                             dict(method=method, flip=flip, nets=nets, frozen=list(frozen)))
+                             dict(method=method, flip=flip, nets=nets, frozen=list(frozen)),
+                             **({} if ridges is None else dict(grid=tuple(ridges))))
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     a_val, b_val, _, _ = nf.normal_equations(ptr[:nv], y[:nv])
     scale = float(torch.diagonal(a_fit).mean())
@@ -361,6 +362,9 @@ def main(argv=None):
                    help="feature rows (--method jacobian): leave the first conv layer and the "
                         "readout out of the NTK (untrained), as Arora et al.'s code does by "
                         "default (--fix yes)")
+    p.add_argument("--ridges", default=None, metavar="R1,R2,...",
+                   help="relative ridge values tried by the wide (> 16,384 columns) solver "
+                        "(default 3e-5,1e-4,3e-4,1e-3,3e-3; one Cholesky factorization each)")
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
     if args.quick:
@@ -415,6 +419,9 @@ def main(argv=None):
     if args.fix and args.method != "jacobian":
         raise SystemExit("--fix needs --method jacobian (the 'rf' map has no untrained layers)")
     frozen = (0, -1) if args.fix else ()
+    ridges = None if args.ridges is None else [float(r) for r in args.ridges.split(",")]
+    if ridges is not None and (not ridges or min(ridges) <= 0):
+        raise SystemExit(f"--ridges must be positive numbers, got {args.ridges!r}")
     tag = (("+flip" if args.flip else "") + ("+zca" if args.zca is not None else "")
            + ("+fix" if args.fix else ""))
     gtag = tag + (f"+{args.nets}nets" if args.nets > 1 else "")
@@ -426,7 +433,8 @@ def main(argv=None):
                               args.save_features and os.path.join(
                                   args.save_features,
                                   f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz"),
-                              flip=args.flip, nets=args.nets, frozen=frozen))
+                              flip=args.flip, nets=args.nets, frozen=frozen,
+                              ridges=ridges))
         if "v-features" in rows:
             emit("v-features" + tag, "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,

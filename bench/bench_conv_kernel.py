@@ -23,7 +23,7 @@ Every line compares, in the same run:
   it: fractions > 1) and on 32K-element L2-resident arrays
   (``fraction_of_lower_bound_in_cache``, the stricter bound);
 * ``nt_recorded``: neural-tangents' own ms/entry on our 2-core CPU (shared/reference);
-* ``torch_path``: ntkit's own eager-torch implementation (``NTKIT_FUSED=0``: separable
+* ``torch_path``: ntkit's own eager-torch implementation (``settings(fused=False)``: separable
   shifted-slice stencils and ~10-pass dual maps in cache-sized chunks), which the fused numba
   kernels replace when numba is installed (``fused`` says which one the main timing used).
 
@@ -47,6 +47,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import ntkit
 from ntkit import layers as nl
 
 NT_MS_PER_ENTRY = {("flatten", torch.float32): 0.018, ("flatten", torch.float64): 0.025,
@@ -152,12 +153,9 @@ def run_case(top, n, hw, dtype, repeats, base_n, ops, tile=None, ops_l2=None):
     fused = _fused.enabled()
     ms_torch = None
     if fused:
-        os.environ["NTKIT_FUSED"] = "0"
-        try:
+        with ntkit.settings(fused=False):
             ms_torch = best_of(lambda: net.kernel(x, dtype=dtype, tile=tile),
                                max(1, repeats - 1))[0] / (n * n) * 1e3
-        finally:
-            os.environ["NTKIT_FUSED"] = "1"
     xb = x[:base_n]
     tb, (bn, bk) = best_of(lambda: baseline(xb, top), max(1, repeats - 1))
     ms_base = tb / (base_n * base_n) * 1e3

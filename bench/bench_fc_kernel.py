@@ -6,8 +6,8 @@ Prints JSON lines. In the same run it measures
   no symmetry, no tiling) — the same arithmetic NT runs, on this machine, now;
 * ``lower_bound``: the unavoidable work measured on this machine: the GEMM of the upper
   triangle (half of ``x @ x.T``) plus one ``atan2`` per upper-triangle entry per layer;
-* ``torch_path``: ntkit with ``NTKIT_FUSED=0`` (the ReLU dual map as chunked torch passes
-  instead of the fused numba pass; ``fused`` says which one ``seconds`` used).
+* ``torch_path``: ntkit with ``ntkit.settings(fused=False)`` (the ReLU dual map as chunked
+  torch passes instead of the fused numba pass; ``fused`` says which one ``seconds`` used).
 Ratios (``speedup_vs_baseline``, ``fraction_of_lower_bound``) are what to compare across
 machines; neural-tangents' own time on our 2-core CPU (1.33 s f32 / 2.15 s f64, from
 shared/reference) is printed as ``speedup_vs_nt_recorded`` for context.
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 
 import torch
 
+import ntkit
 from ntkit import layers as nl
 
 NT_RECORDED = {torch.float32: 1.33, torch.float64: 2.15}
@@ -86,11 +86,8 @@ def main():
         fused = _fused.enabled()
         extra = {}
         if fused:
-            os.environ["NTKIT_FUSED"] = "0"
-            try:
+            with ntkit.settings(fused=False):
                 t_torch, _ = best_of(lambda x=x, dt=dt: net.kernel(x, dtype=dt), a.repeats)
-            finally:
-                os.environ["NTKIT_FUSED"] = "1"
             extra = dict(torch_path_seconds=round(t_torch, 4),
                          speedup_vs_torch_path=round(t_torch / t_ours, 2))
         t_base, (bn, bk) = best_of(lambda x=x: baseline(x), a.repeats)

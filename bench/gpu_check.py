@@ -20,7 +20,7 @@ ms/entry (Flatten).
 
 Without a CUDA device it prints ``no CUDA device`` and exits 0. ``--device cpu`` runs the same
 checks CPU against CPU at tiny sizes (the "device" side then uses the pure-torch path a GPU
-takes, ``NTKIT_FUSED=0``, against the default CPU path), so the script itself can be
+takes, ``ntkit.settings(fused=False)``, against the default CPU path), so the script itself can be
 exercised anywhere.
 
 Results are appended as JSON lines to ``OUT`` (which must end in ``.jsonl``); the exit status
@@ -35,8 +35,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -45,6 +45,8 @@ import tempfile
 import time
 
 import torch
+
+import ntkit
 
 TOL = 1e-10
 NT_V100_MS = {"gap": 2.70, "flatten": 0.0047}   # neural-tangents README, 21-layer CNN, V100
@@ -61,19 +63,9 @@ def _rel(a, b) -> float:
     return err / scale if scale > 0 else err
 
 
-@contextlib.contextmanager
-def _fused(on: bool):
-    """``NTKIT_FUSED`` for the block (the CPU side of ``--device cpu`` compares the pure-torch
-    path, which a GPU takes, against the default)."""
-    old = os.environ.get("NTKIT_FUSED")
-    os.environ["NTKIT_FUSED"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NTKIT_FUSED", None)
-        else:
-            os.environ["NTKIT_FUSED"] = old
+# the CPU reference runs the fused numba kernels where numba is installed, else the torch path
+# (``ntkit.settings(fused=True)`` would refuse to run without numba)
+_CPU_FUSED = True if importlib.util.find_spec("numba") is not None else None
 
 
 class Checker:
@@ -90,9 +82,10 @@ class Checker:
         """``fn(device) -> dict of tensors``; the device's results against the CPU's."""
         t0 = time.perf_counter()
         try:
-            with _fused(True):
+            with ntkit.settings(fused=_CPU_FUSED):
                 want = fn(torch.device("cpu"))
-            with _fused(self.device.type == "cuda"):   # cuda: ignored (fused is CPU-only)
+            # --device cpu: the pure-torch path a GPU takes; cuda: unused (fused is CPU-only)
+            with ntkit.settings(fused=False if self.device.type == "cpu" else None):
                 got = fn(self.device)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -308,7 +301,6 @@ def main(argv=None) -> int:
     args.n_gap = args.n_gap or (3 if tiny else 32)
     args.n_flatten = args.n_flatten or (16 if tiny else 1024)
 
-    import ntkit
     meta = dict(bench="gpu_check", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 device=str(dev), device_name=(torch.cuda.get_device_name(dev)
                                               if dev.type == "cuda" else platform.processor()

@@ -11,18 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import ntkit.cli as cli
 from ntkit.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tree(d):

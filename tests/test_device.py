@@ -398,8 +398,8 @@ def test_default_budgets_come_from_the_inputs_device(monkeypatch):
         seen.append(None if device is None else torch.device(device).type)
         return real(device)
 
-    monkeypatch.setattr(_tiling, "available_memory", spy)
-    monkeypatch.setattr("ntkit._system.available_memory", spy)
+    for module in (_tiling, _compute, _solve):
+        monkeypatch.setattr(module, "available_memory", spy)
     arch = nl.serial(nl.Dense(4), nl.Relu(), nl.Dense(1))
     x = _x(3, 2)
     arch.kernel(x, get="ntk")

@@ -18,12 +18,8 @@ from ntkit import layers as nl
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)     # tiny networks: thread sync dominates on a busy 2-core box
-    yield
-    torch.set_num_threads(old)
+# tiny networks: thread sync dominates on a busy 2-core box (fixture: tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=16, d=4, seed=1):
@@ -361,3 +357,28 @@ def test_parameterization_label_follows_layer_fields():
     assert dg._arch_parameterization(nl.serial(Wrapped(std), nl.Relu(), nl.Dense(1))) == "mixed"
     assert dg._arch_parameterization(nl.serial(nl.Dense(3), nl.Relu(), nl.Dense(1))) == "ntk"
     assert dg._arch_parameterization(nl.Relu()) == "unknown"
+
+
+def test_counts_and_models_use_the_shared_validators():
+    """Integer arguments and models go through ntkit._validation (issue 17): a numpy integer
+    is an integer there, as everywhere else in ntkit; a bool is not."""
+    import numpy as np
+    x, y = data(6, 2)
+    arch = nl.serial(nl.Dense(8), nl.Erf(), nl.Dense(1))
+    net = arch.module(2, seed=0)                     # train() trains it in place: one per run
+    a = dg.train(net, x, y, steps=np.int64(3), learning_rate=0.5, record_every=np.int64(1),
+                 linearization=False)
+    b = dg.train(arch.module(2, seed=0), x, y, steps=3, learning_rate=0.5, record_every=1,
+                 linearization=False)
+    assert a.steps.tolist() == b.steps.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 0"):
+        dg.train(net, x, y, steps=True)
+    with pytest.raises(TypeError, match="wrap a plain function in an nn.Module"):
+        dg.train(lambda z: z, x, y, steps=1)
+    from ntkit import _dynamics_demo as dd
+    init = dd.init_functions(nl.serial(nl.Dense(4), nl.Erf(), nl.Dense(1)), width=4,
+                             n_nets=np.int64(2))
+    assert len(init.outputs) == 2
+    with pytest.raises(ValueError, match="`n_nets` must be an integer >= 1"):
+        dd.init_functions(n_nets=0)

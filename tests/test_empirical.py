@@ -408,6 +408,35 @@ def test_empirical_nngp_is_readout_feature_gram():
         empirical_nngp(nn.Sequential(nn.Tanh()), x1)
 
 
+def test_empirical_nngp_finds_the_dense_readout_by_type_not_by_class_name():
+    """The default readout is an nn.Linear or ntkit's Dense module (a subclass included); a
+    user module that merely shares the class name ``AffineModule`` is not taken for one."""
+    from ntkit import layers as nl
+    from ntkit.layers.dense import AffineModule
+    x = data((3,), 4, 1)
+    net = nl.serial(nl.Dense(6), nl.Erf(), nl.Dense(1)).module(3, seed=0, dtype=DT)
+    with torch.no_grad():
+        h = torch.erf(net[0](x))                                 # the readout's input
+    ref = h @ h.T / 6
+    assert_close(empirical_nngp(net, x), ref, 1e-13)
+
+    class Readout(AffineModule):                                 # a subclass is still Dense
+        pass
+    net[2].__class__ = Readout
+    assert_close(empirical_nngp(net, x), ref, 1e-13)
+
+    class Impostor(nn.Module):                                   # same name, not ntkit's
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones((), dtype=DT))
+
+        def forward(self, z):
+            return self.w * z
+    Impostor.__name__ = Impostor.__qualname__ = "AffineModule"
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        empirical_nngp(nn.Sequential(nn.Tanh(), Impostor()), x)
+
+
 # --------------------------------------------------------------------------------- linearization
 def _perturbed(module, direction, eps):
     with torch.no_grad():

@@ -18,12 +18,7 @@ from ntkit.report import MIN_TEXT_PX, PAGE_WIDTH_PX, smallest_text_px  # noqa: E
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def lines_with_data(ax):

@@ -41,6 +41,23 @@ def test_new_order_positional_equals_keywords(setup):
     assert ens(ts, xt, "ntk").shape == (2, 5, 2)
 
 
+def test_the_factory_declares_the_predictor_protocol(setup):
+    """The return type is ntkit._typing.PredictFn (NT's predict_fn shape), not a bare
+    Callable, and the returned function's signature is that protocol's."""
+    import inspect
+    import typing
+
+    from ntkit._typing import PredictFn
+    hints = typing.get_type_hints(P.gradient_descent_mse_ensemble)
+    assert hints["return"] is PredictFn
+    arch, x, _, y = setup
+    ens = P.gradient_descent_mse_ensemble(arch, x, y)
+    got = [(p.name, p.default) for p in inspect.signature(ens).parameters.values()]
+    want = [(p.name, p.default) for p in inspect.signature(PredictFn.__call__).parameters.values()
+            if p.name != "self"]
+    assert got == want == [("t", None), ("x_test", None), ("get", None), ("compute_cov", False)]
+
+
 @pytest.mark.parametrize("call", [
     lambda ens, xt: ens(xt, 3.0),                 # old (x_test, t)
     lambda ens, xt: ens(xt),                      # old (x_test,) with t = None

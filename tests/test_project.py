@@ -43,3 +43,34 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 def test_every_public_name_resolves():
     for name in ntkit.__all__:
         assert getattr(ntkit, name) is not None, name
+
+
+def _fixture_bodies(path):
+    """``{name: source}`` of the ``@pytest.fixture`` functions defined in ``path``."""
+    import ast
+    text = path.read_text()
+    out = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.unparse(d) for d in node.decorator_list):
+            body = "\n".join(ast.unparse(s) for s in node.body
+                             if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)))
+            out[node.name] = body
+    return out
+
+
+def test_no_test_file_copies_a_conftest_fixture():
+    """A fixture of tests/conftest.py is used from there (by name, or with
+    ``pytest.mark.usefixtures``), not copied into a test file under its name or another one
+    (issue 17: one_thread was copied into five files)."""
+    tests = ROOT / "tests"
+    shared = _fixture_bodies(tests / "conftest.py")
+    assert {"one_thread", "randn64", "small_fc_arch"} <= set(shared)
+    by_body = {body: name for name, body in shared.items()}
+    copies = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for name, body in _fixture_bodies(path).items():
+            if name in shared or body in by_body:
+                copies.append(f"{path.relative_to(ROOT)}::{name} (tests/conftest.py::"
+                              f"{by_body.get(body, name)})")
+    assert not copies, f"use the conftest fixture instead of a copy: {copies}"

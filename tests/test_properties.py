@@ -14,7 +14,6 @@ Bounded for CI: the default profile runs 30 examples per property, derandomized 
 example database (about 20 s in all on 2 cores); ``HYPOTHESIS_PROFILE=slow`` runs 300 random
 examples per property.
 """
-import contextlib
 import math
 import os
 
@@ -25,6 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import ntkit  # noqa: E402
 from ntkit import layers as nl  # noqa: E402
 from ntkit.layers import _fused  # noqa: E402
 
@@ -36,21 +36,6 @@ PROFILE = settings.get_profile("slow" if os.environ.get("HYPOTHESIS_PROFILE") ==
                                else "ntkit-default")
 
 F64, F32 = torch.float64, torch.float32
-
-
-@contextlib.contextmanager
-def fused(flag: bool):
-    """Select the fused numba dual maps or the pure-torch path (the NTKIT_FUSED switch that
-    tests/layers/test_fused.py toggles), restoring the environment afterwards."""
-    old = os.environ.get("NTKIT_FUSED")
-    os.environ["NTKIT_FUSED"] = "1" if flag else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NTKIT_FUSED", None)
-        else:
-            os.environ["NTKIT_FUSED"] = old
 
 
 # ---- strategies ------------------------------------------------------------------------------
@@ -272,7 +257,7 @@ def test_tiled_and_fused_agree_with_untiled_torch(case, data, tile):
     the untiled pure-torch kernel to float64 rounding."""
     arch, _, shape = case
     x, dups = data.draw(inputs(shape))
-    with fused(False):
+    with ntkit.settings(fused=False):     # the pure-torch dual maps
         ref = _kernel(arch, x)
         assume(ref is not None)
         tiled = arch.kernel(x, tile=tile)
@@ -282,7 +267,7 @@ def test_tiled_and_fused_agree_with_untiled_torch(case, data, tile):
         assert rel(getattr(cross, key), getattr(ref, key)[:2]) < 1e-10
         assert_valid_kernel(getattr(tiled, key), dups)
     if _fused.enabled():
-        with fused(True):
+        with ntkit.settings(fused=True):  # the fused numba dual maps
             got = arch.kernel(x)
             got_tiled = arch.kernel(x, tile=tile)
         for key in ("nngp", "ntk"):

@@ -4,6 +4,7 @@ import torch
 
 import ntkit
 from ntkit import layers as nl
+from ntkit.layers import _fused
 from ntkit.layers._tiling import TileLimitReached
 
 
@@ -13,9 +14,9 @@ def test_override_is_scoped_and_restored_on_error():
         assert ntkit.settings.empirical_method == "A"
         with ntkit.settings(empirical_method="B", tile_limit=2):
             assert ntkit.settings.as_dict() == {"tile_limit": 2, "empirical_method": "B",
-                                                "selection_budget": None}
+                                                "selection_budget": None, "fused": None}
         assert ntkit.settings.as_dict() == {"tile_limit": None, "empirical_method": "A",
-                                            "selection_budget": None}
+                                            "selection_budget": None, "fused": None}
     with pytest.raises(RuntimeError):
         with ntkit.settings(tile_limit=3):
             raise RuntimeError
@@ -82,3 +83,58 @@ def test_selection_budget_sets_the_estimators_cost_budget():
         with pytest.raises(err, match="selection_budget"):
             with ntkit.settings(selection_budget=bad):
                 pass
+
+
+def _fused_calls(monkeypatch):
+    """A list that grows by one per call into a fused numba kernel (``_fused._call``)."""
+    calls = []
+    orig = _fused._call
+
+    def counted(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+    monkeypatch.setattr(_fused, "_call", counted)
+    return calls
+
+
+def test_fused_switch_overrides_the_environment_variable(monkeypatch):
+    if not _fused._kernels():
+        pytest.skip("numba not installed: the fused kernels cannot run")
+    calls = _fused_calls(monkeypatch)
+    arch = nl.serial(nl.Dense(8), nl.Relu(), nl.Dense(8), nl.Relu(), nl.Dense(1))
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for env, switch in (("1", False), ("0", True), ("0", None), ("1", None)):
+        monkeypatch.setenv("NTKIT_FUSED", env)
+        calls.clear()
+        expected = switch if switch is not None else env == "1"
+        with ntkit.settings(fused=switch):
+            assert ntkit.settings.fused is switch
+            assert _fused.enabled() is expected
+            runs[env, switch] = arch.kernel(x, get="ntk")
+        assert ntkit.settings.fused is None                      # restored
+        assert bool(calls) is expected, (env, switch, len(calls))
+    # both paths compute the same kernel
+    torch.testing.assert_close(runs["0", True], runs["1", False], rtol=1e-12, atol=0)
+
+
+def test_fused_true_without_numba_raises_and_none_falls_back(monkeypatch):
+    monkeypatch.setattr(_fused, "_K", False)                 # as if numba were not installed
+    monkeypatch.setenv("NTKIT_FUSED", "1")
+    arch = nl.serial(nl.Dense(8), nl.Relu(), nl.Dense(1))
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert _fused.enabled() is False                          # default: the torch path serves
+    with ntkit.settings(fused=True):
+        with pytest.raises(ImportError, match=r"fused=True.*numba"):
+            arch.kernel(x, get="ntk")
+    with ntkit.settings(fused=False):
+        assert _fused.enabled() is False
+        assert arch.kernel(x, get="ntk").shape == (4, 4)
+
+
+def test_fused_switch_refuses_non_bools():
+    for bad in (1, 0, "1", "yes", 1.0):
+        with pytest.raises(TypeError, match=r"`fused` must be None.*True or False"):
+            with ntkit.settings(fused=bad):
+                pass
+    assert ntkit.settings.fused is None

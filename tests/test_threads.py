@@ -36,3 +36,10 @@ def test_respects_the_users_choice_and_the_opt_out():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
 def test_does_nothing_once_torch_has_loaded_openmp():
     assert _run(pre="import torch") == ["False", "None", "False"]
+
+
+def test_status_reads_cores_from_the_one_system_module(monkeypatch):
+    """Cores are read in one place (ntkit._system), which _threads.status reports."""
+    from ntkit import _system, _threads
+    monkeypatch.setattr(_system, "available_cores", lambda: 7)
+    assert _threads.status()["cores"] == 7

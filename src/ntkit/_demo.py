@@ -22,6 +22,7 @@ import math
 import time
 from typing import Dict, List, Optional, cast
 
+from ._files import check_out_file, write_atomic
 from .report import _plural
 
 __all__ = ["load_digits_split", "default_arch", "kernel_regression_table", "build_report",
@@ -523,7 +524,6 @@ def _ours(path: str) -> bool:
 
 def _check_args(args: argparse.Namespace):
     """Validate every flag before any work; returns (n_train, depth, absolute --out or None)."""
-    from ._files import check_out_file
     n_train = args.n_train if args.n_train is not None else (300 if args.quick else 1200)
     depth = args.depth if args.depth is not None else (1 if args.quick else 3)
     _check_n_train(n_train, "--n-train")
@@ -536,7 +536,6 @@ def _check_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from ._files import write_atomic
     n_train, depth, out = _check_args(args)
     print(f"ntkit demo: exact NNGP/NTK kernel regression on digits "
           f"(ReLU MLP, {_plural(depth, 'hidden layer')}, {_plural(n_train, 'training image')})")

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import predict as _predict
+from ._validation import check_int as _check_count
 from .diagnostics import fit_slope, train
 
 __all__ = ["train_and_compare", "DynamicsComparison", "init_functions", "InitFunctions",
@@ -211,12 +212,6 @@ def _common_slope(widths: torch.Tensor, series: List[torch.Tensor]):
 # =========================================================================================
 
 _F64 = torch.float64
-
-
-def _check_count(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
 def _default_1d_arch():

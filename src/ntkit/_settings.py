@@ -22,6 +22,12 @@ Switches (all default ``None``, meaning "ntkit decides"):
   plus final fit cost at most ``B`` single fits at the largest depth in their cost model
   (``None``: ``ntkit.estimators._COST_BUDGET`` = 3). Smaller values make the selection
   two-stage (screening on a subset) on smaller data sets.
+* ``fused``: ``True`` / ``False`` force the fused numba kernels of the layer kernel maps
+  (``ntkit.layers._fused``) on or off; ``None`` follows the ``NTKIT_FUSED`` environment variable
+  (on unless it is ``'0'``). ``True`` without a working numba raises ``ImportError`` when a kernel
+  map first asks for the fused path, instead of silently running the torch path a benchmark
+  meant to compare against. The environment variable stays the way to set it for worker
+  processes (a switch set here is not seen by a spawned process).
 
 The values are process-wide (not per thread): an override is seen by every thread while the
 block runs, as the old module globals were. Unknown names and invalid values raise
@@ -38,7 +44,7 @@ from ._validation import check_int, check_positive
 __all__ = ["settings"]
 
 _DEFAULTS: Dict[str, Any] = {"tile_limit": None, "empirical_method": None,
-                             "selection_budget": None}
+                             "selection_budget": None, "fused": None}
 
 
 def _check(name: str, value: Any) -> Any:
@@ -53,6 +59,11 @@ def _check(name: str, value: Any) -> Any:
         return value
     if name == "selection_budget":
         return check_positive(value, "selection_budget")
+    if name == "fused":
+        if not isinstance(value, bool):
+            raise TypeError(f"`fused` must be None (follow NTKIT_FUSED), True or False, "
+                            f"got {value!r}")
+        return value
     raise AssertionError(name)  # pragma: no cover - every default is checked above
 
 

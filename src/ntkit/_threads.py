@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Dict, Optional
 
+from . import _system  # os only: safe before torch is imported
+
 __all__ = ["configure", "status"]
 
 _RUNTIMES = ("libgomp", "libiomp", "libomp")
@@ -67,12 +69,9 @@ def configure() -> bool:
 
 
 def status() -> Dict[str, object]:
-    """What is in effect: wait policy, whether ntkit set it, OpenMP loaded, usable cores."""
-    cores: Optional[int]
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count()
+    """What is in effect: wait policy, whether ntkit set it, OpenMP loaded, usable cores
+    (:func:`ntkit._system.available_cores`, the one place that reads them)."""
+    cores = _system.available_cores()
     return dict(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"),
                 set_by_ntkit=bool(_applied), openmp_loaded=_openmp_loaded(), cores=cores)

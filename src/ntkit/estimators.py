@@ -44,8 +44,10 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional,
 import numpy as np
 import torch
 
-from ._linalg import sym_eigh
-from ._typing import Get, HasKernel
+from ._linalg import factorize, sym_eigh
+from ._settings import settings
+from ._typing import Get, HasKernel, as_kernel_fn
+from ._validation import parse_get
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -137,7 +139,6 @@ class ReluNTKFix:
         a tensor for a string ``get``, else a dict ``{key: tensor}``; other keyword arguments
         (those of ``Layer.kernel``) are accepted and ignored."""
         from ._uci_ntk import iter_ntk_fix
-        from ._validation import parse_get
         depth, fix = self._check()
         keys, single = parse_get(get)
         out: Dict[str, torch.Tensor] = {}
@@ -205,7 +206,6 @@ def _kernels(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Sequence[
              ) -> Dict[str, torch.Tensor]:
     """``{key: (n1, n2) float64}`` from ``arch`` (anything :func:`ntkit._typing.as_kernel_fn`
     accepts); NaN/Inf entries are a ``ValueError``."""
-    from ._typing import as_kernel_fn
     res = as_kernel_fn(arch, "arch")(x1, x2, tuple(keys))
     return {g: v.to(_F64) for g, v in res.items()}
 
@@ -409,7 +409,6 @@ def _score_table(P: torch.Tensor, Y: torch.Tensor, y_idx, col_w: torch.Tensor):
 def _cost_budget() -> float:
     """Selection budget in single fits: ``ntkit.settings.selection_budget`` or
     :data:`_COST_BUDGET`."""
-    from ._settings import settings
     b = settings.selection_budget
     return _COST_BUDGET if b is None else float(b)
 
@@ -1213,7 +1212,6 @@ class NTKClassifier(ClassifierMixin, _NTKBase):
         if _check_t(self.t) is not None:
             F, _ = self._outputs_t(self.X_fit_)
             return F
-        from ._linalg import factorize
         fac = factorize(self.k_train_train_[self.kernel], self.diag_reg_, False,
                         "k_train_train")
         n = fac.n

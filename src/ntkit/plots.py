@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ._validation import check_int as _check_count
 from .report import _plural
 
 __all__ = ["init_functions", "trained_functions", "weight_matrices", "training_curves",
@@ -194,12 +195,6 @@ def _gif(fig, update: Callable[[int], Any], frames: int, path: str, fps: int = 8
     anim = FuncAnimation(fig, update, frames=frames, blit=False)
     anim.save(path, writer=PillowWriter(fps=fps), dpi=80)
     return path
-
-
-def _check_count(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
 # =========================================================================================

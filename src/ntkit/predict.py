@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from ._linalg import factorize, matmul_lower, null_eps
+from ._typing import PredictFn, as_kernel_fn
 from ._validation import as_array as _as_array
 from ._validation import check_int as _check_int
 from ._validation import check_momentum as _check_momentum
@@ -667,7 +668,6 @@ def _as_kernel_fn(kernel_fn: Any, kwargs: Dict[str, Any]) -> Callable:
     """:func:`ntkit._typing.as_kernel_fn` (the one kernel-source normalisation), forwarding
     ``kernel_fn_kwargs``. Its own parameters are called ``source`` and ``name``, so kwargs with
     those names are bound here first instead of colliding with them."""
-    from ._typing import as_kernel_fn
     clash = {k: kwargs[k] for k in ("source", "name") if k in kwargs}
     if clash:
         src = kernel_fn
@@ -688,7 +688,7 @@ def _as_kernel_fn(kernel_fn: Any, kwargs: Dict[str, Any]) -> Callable:
 def gradient_descent_mse_ensemble(kernel_fn: Any, x_train: Any, y_train: Any,
                                   learning_rate: float = 1.0, diag_reg: float = 0.0,
                                   diag_reg_absolute_scale: bool = False,
-                                  **kernel_fn_kwargs: Any) -> Callable:
+                                  **kernel_fn_kwargs: Any) -> PredictFn:
     """Mean and covariance of the infinite ensemble of infinitely wide networks trained on MSE.
 
     Over random initializations ``f_0 ~ GP(0, K)`` (K = NNGP) and gradient flow with the NTK

@@ -32,6 +32,8 @@ import math
 import os
 from typing import Any, List, Optional, Sequence
 
+from ._files import write_atomic
+
 __all__ = ["Report", "figure_to_base64", "smallest_text_px", "is_ntkit_report",
            "PAGE_WIDTH_PX", "MIN_TEXT_PX"]
 
@@ -227,7 +229,6 @@ class Report:
         An existing ``path`` is replaced only if it is an ntkit report
         (:func:`is_ntkit_report`) or ``overwrite=True``; a folder, link or special file never.
         """
-        from ._files import write_atomic
         path = os.fspath(path)
         if not isinstance(path, str) or not path.strip():
             raise ValueError("`path` is empty; name an .html file")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import ntkit
 from ntkit import layers as nl
 from ntkit.layers._base import CallArgsModule
 
@@ -276,11 +277,11 @@ def test_equal_features_different_graphs_stay_different():
     assert not torch.isclose(k.ntk[0, 0], k.ntk[1, 1])
 
 
-def test_fused_kernels_agree(monkeypatch):
+def test_fused_kernels_agree():
     x1, x2, a1, a2 = _data()
     fused = gnn().kernel(x1, x2, pattern=(a1, a2))
-    monkeypatch.setenv("NTKIT_FUSED", "0")
-    plain = gnn().kernel(x1, x2, pattern=(a1, a2))
+    with ntkit.settings(fused=False):
+        plain = gnn().kernel(x1, x2, pattern=(a1, a2))
     torch.testing.assert_close(fused.ntk, plain.ntk, rtol=1e-12, atol=0)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ntkit
 from ntkit import empirical_ntk
 from ntkit import layers as nl
 from ntkit.layers._ops import input_kernel
@@ -339,7 +340,7 @@ class TestImageResizeBattery(KernelTestCase):
 # ---------------------------------------------------------------------------------------------
 # fused fast paths, validation
 
-def test_fused_and_torch_paths_agree(monkeypatch):
+def test_fused_and_torch_paths_agree():
     """ConvTranspose SAME stride 1 and ConvLocal SAME hit the fused stencil when numba is
     present; the torch path must give the same kernels."""
     x1, x2 = randn64_pair((2, 5, 5))
@@ -350,9 +351,9 @@ def test_fused_and_torch_paths_agree(monkeypatch):
                         nl.ConvLocal(4, 3, padding="SAME"), nl.Relu(), nl.GlobalAvgPool(),
                         nl.Dense(1))]
     fused = [a.kernel(x1, x2) for a in archs]
-    monkeypatch.setenv("NTKIT_FUSED", "0")
     for a, kf in zip(archs, fused):
-        kt = a.kernel(x1, x2)
+        with ntkit.settings(fused=False):
+            kt = a.kernel(x1, x2)
         _close(kt.nngp, kf.nngp)
         _close(kt.ntk, kf.ntk)
 

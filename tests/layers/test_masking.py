@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ntkit
 from ntkit import layers as nl
 from ntkit.layers._masking import centre_mask
 from tests._helpers import padded_graphs
@@ -75,7 +76,7 @@ def test_per_position_net_gap_equals_unpadded(const):
     torch.testing.assert_close(np_k, k.ntk, rtol=0, atol=0)
 
 
-def test_fused_and_torch_paths_agree(monkeypatch):
+def test_fused_and_torch_paths_agree():
     """Masked Conv + ReLU runs the fused kernels when numba is there; the torch path gives
     the same numbers."""
     lens, length = [6, 3, 5], 6
@@ -83,8 +84,8 @@ def test_fused_and_torch_paths_agree(monkeypatch):
     arch = nl.serial(nl.Conv(8, 3, padding="SAME", b_std=0.1), nl.Relu(),
                      nl.Conv(8, 3, padding="SAME"), nl.Relu(), nl.GlobalAvgPool(), nl.Dense(1))
     a = arch.kernel(x, get="ntk", mask_constant=PAD)
-    monkeypatch.setenv("NTKIT_FUSED", "0")
-    b = arch.kernel(x, get="ntk", mask_constant=PAD)
+    with ntkit.settings(fused=False):
+        b = arch.kernel(x, get="ntk", mask_constant=PAD)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import ntkit
 from ntkit import layers as nl
 from ntkit.layers import _fused
 from ntkit.layers._ops import SNAP_ULPS, correlation
@@ -28,9 +29,9 @@ def _paths():
 
 
 @pytest.fixture(params=_paths())
-def path(request, monkeypatch):
-    monkeypatch.setenv("NTKIT_FUSED", "1" if request.param == "fused" else "0")
-    return request.param
+def path(request):
+    with ntkit.settings(fused=request.param == "fused"):
+        yield request.param
 
 
 def _check_valid(k, tol):
@@ -207,15 +208,15 @@ def test_correlation_is_clipped_and_snapped():
     assert correlation(big * 0.5, big, big).item() == pytest.approx(0.5, rel=1e-15)
 
 
-def test_fused_and_torch_paths_agree_at_extreme_scales(monkeypatch):
+def test_fused_and_torch_paths_agree_at_extreme_scales():
     """The fused numba dual map uses the same normalized arithmetic as the torch path."""
     if not _fused.enabled():
         pytest.skip("numba not installed")
     for arch, x in ((RELU_FAMILY, randn64(6, 4)), (CNN, randn64(3, 2, 5, 5))):
         for scale, dtype, tol in ((1e150, F64, 1e-13), (1e-150, F64, 1e-13), (1e15, F32, 1e-5)):
             out = {}
-            for flag in ("0", "1"):
-                monkeypatch.setenv("NTKIT_FUSED", flag)
-                out[flag] = arch.kernel(x * scale, dtype=dtype)
+            for flag in (False, True):
+                with ntkit.settings(fused=flag):
+                    out[flag] = arch.kernel(x * scale, dtype=dtype)
             for key in ("nngp", "ntk"):
-                assert _rel(getattr(out["1"], key), getattr(out["0"], key)) < tol
+                assert _rel(getattr(out[True], key), getattr(out[False], key)) < tol

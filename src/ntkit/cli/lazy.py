@@ -36,6 +36,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._files import OutFolder, sha256_file
 from ._io import print_written
 
 __all__ = ["register", "run"]
@@ -130,7 +131,6 @@ def _load_xy(args, image_shape=None):
     """Inputs, targets, a one-line description and the record of the data for run.json."""
     import numpy as np
     import torch
-    from .._files import sha256_file
     from ._io import load_matrix
     if args.data is None:
         if args.targets is not None:
@@ -227,7 +227,6 @@ def _check_converging(sweep, arch, x, lr, lr_text: str, label: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._files import OutFolder
     from ..layers import parse_arch
     from ._io import parse_floats
     widths = _ints(args.widths, "--widths")

@@ -14,15 +14,14 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import nn
 
+from .._validation import check_int, check_model
+
 _F64 = torch.float64
 
 
 def _check_model(model: Any, name: str = "model") -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"`{name}` has no trainable parameters (requires_grad=True)")
-    return model
+    """A module with a trainable parameter: :func:`ntkit._validation.check_model`."""
+    return check_model(model, name, trainable=True)
 
 
 def _as_x(x: Any, name: str = "x") -> torch.Tensor:
@@ -77,10 +76,7 @@ def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]
     return out
 
 
-def _check_int(v: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
-    return v
+_check_int = check_int          # one integer check (ntkit._validation) for every module
 
 
 def _full_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

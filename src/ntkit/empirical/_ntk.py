@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..layers.dense import AffineModule
 from ._common import (IMPLEMENTATIONS, OUTPUTS, ParamFilter, as_batch, cast_call_args,
                       cast_input, check_independent, check_model, empty_kernel, jacobian_kernel,
                       make_setup, ntk_vp_kernel, parse_budget, prepare_call_args, select_params)
@@ -211,7 +212,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
 
 
 def _is_readout(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "AffineModule"
+    """An ``nn.Linear`` or the module of an ntkit ``Dense`` layer (by type, not by name)."""
+    return isinstance(m, (nn.Linear, AffineModule))
 
 
 def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,

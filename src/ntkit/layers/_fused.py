@@ -6,9 +6,12 @@ one vectorized pass that reads its inputs once, computing in the storage dtype a
 does. Used automatically for CPU float32/float64 tensors when numba is installed
 (``pip install ntkit[fast]``) and ``NTKIT_FUSED`` is not ``0``: 1-D and 2-D stride-1 convs
 with zero padding that keeps the size, on both spatial layouts (3x3: one loop for all nine
-taps), and the ``ABRelu`` family (ReLU, leaky ReLU, Abs) on every layout, FC included.
+taps), and the dual maps of the ``ABRelu`` family (ReLU, leaky ReLU, Abs), ``Gabor`` and
+``ExpNormalized`` on every layout, FC included (each activation's ``fused_map``, run by
+``_ops.apply_elementwise``); these compute exp/sinh/cosh/atan as short polynomials, so their
+loops vectorize. ``ntkit.settings(fused=False)`` (or ``NTKIT_FUSED=0``) turns them off.
 Everything else keeps the torch path, which is also the reference the fused kernels are tested
-against (``tests/layers/test_fused.py``).
+against (``tests/layers/test_fused.py``, ``tests/layers/test_fused_activations.py``).
 
 Threads: ``torch.get_num_threads()`` (one thread calls the serial kernels, so tiles computed
 single-threaded in the scale executors never touch numba's thread pool). Each output row is
@@ -28,6 +31,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._settings import settings
+
 Tensor = torch.Tensor
 
 _K = None          # the kernels module, or False when numba is missing / disabled
@@ -46,8 +51,15 @@ def _kernels():
 
 
 def enabled() -> bool:
-    """Whether the fused kernels are in use (numba importable and ``NTKIT_FUSED != '0'``)."""
-    return os.environ.get("NTKIT_FUSED", "1") != "0" and bool(_kernels())
+    """Whether the fused kernels are in use: ``ntkit.settings.fused`` if set, else numba
+    importable and ``NTKIT_FUSED != '0'``. ``settings(fused=True)`` without numba raises."""
+    forced = settings.fused
+    if forced is None:
+        return os.environ.get("NTKIT_FUSED", "1") != "0" and bool(_kernels())
+    if forced and not _kernels():
+        raise ImportError("ntkit.settings(fused=True) needs numba for the fused kernels "
+                          "(pip install ntkit[fast]); use fused=None to fall back to torch")
+    return forced
 
 
 def usable(*ts: Optional[Tensor]) -> bool:
@@ -210,21 +222,31 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     """
     from ._ops import SNAP_ULPS, inv_sqrt
     k = _kernels()
-    n1, n2 = v1.shape[0], v2.shape[0]
     tol = SNAP_ULPS * torch.finfo(c.dtype).eps
     consts = _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h, tol)
     coef = _consts(c.dtype, *(k.ATAN_F32 if c.dtype == torch.float32 else k.ATAN_F64))
     s1, r1 = v1.sqrt(), inv_sqrt(v1)
     s2, r2 = (s1, r1) if v2 is v1 else (v2.sqrt(), inv_sqrt(v2))
+    return _dual_pass(k.relu_serial, k.relu_parallel, c, v1, v2, (r1, r2, s1, s2),
+                      (consts, coef), ntk, need_dot, full, self_pairs)
+
+
+def _dual_pass(serial, parallel, c: Tensor, v1: Tensor, v2: Tensor, per_example, consts,
+               ntk: Optional[Tensor], need_dot: bool, full: bool, self_pairs: bool):
+    """Run a fused dual-map kernel ``kernel(C, *per_example, ia, ib, NTK, OUT, D, R, Q, mode,
+    full, *consts)`` (the layout of ``_relu_row``) over ``c`` (shapes as in :func:`relu`);
+    ``per_example``: tensors shaped like ``v1``/``v2`` (flattened here), ``consts``: tuples of
+    the storage dtype. Returns :func:`relu`'s ``(nngp', ntk * dot | dot | None)``."""
+    n1, n2 = v1.shape[0], v2.shape[0]
+    arrs = tuple(_np(a) for a in per_example)
     mode = 0 if ntk is not None else (1 if need_dot else 2)
     if v1.ndim == 1:  # fully connected (n1, n2): one block of n1 rows of n2
         out = torch.empty(c.shape, dtype=c.dtype, device="cpu")  # (CPU-only kernels)
         d = torch.empty_like(out) if mode != 2 else out
         nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
         zero = np.zeros(1, dtype=np.int64)
-        _call(k.relu_serial, k.relu_parallel, _np(c), _np(r1), _np(r2), _np(s1), _np(s2),
-              zero, zero, nt, out.numpy().reshape(-1), d.numpy().reshape(-1), n1, n2, mode,
-              True, consts, coef, rows=n1)
+        _call(serial, parallel, _np(c), *arrs, zero, zero, nt, out.numpy().reshape(-1),
+              d.numpy().reshape(-1), n1, n2, mode, True, *consts, rows=n1)
         return (out, None) if mode == 2 else (out, d)
     p = v1[0].numel()
     if self_pairs:
@@ -238,9 +260,50 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     out = _padded_empty(c.shape, c.dtype, ph, pw)
     d = _padded_empty(c.shape, c.dtype, ph, pw) if mode != 2 else out
     nt = _np(ntk) if ntk is not None else d.numpy().reshape(-1)
-    _call(k.relu_serial, k.relu_parallel, _np(c), _np(r1), _np(r2), _np(s1), _np(s2), ia, ib,
-          nt, out.numpy().reshape(-1), d.numpy().reshape(-1), rows, p, mode, bool(full),
-          consts, coef, rows=ia.shape[0] * rows)
+    _call(serial, parallel, _np(c), *arrs, ia, ib, nt, out.numpy().reshape(-1),
+          d.numpy().reshape(-1), rows, p, mode, bool(full), *consts, rows=ia.shape[0] * rows)
     if mode == 2:
         return out, None
     return out, d
+
+
+def gabor(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], need_dot: bool,
+          full: bool, self_pairs: bool = False):
+    """The ``Gabor`` dual map in one pass, the arithmetic of ``activations.Gabor.dual`` (the
+    bounded quantities ``t = 2v / (1 + 2v)``, ``u = 1 / (1 + 2v)`` computed per example by the
+    same torch code) after the correlation of :func:`relu`. Shapes and returns as :func:`relu`.
+    """
+    from ._ops import SNAP_ULPS, inv_sqrt
+    from .activations import _tu
+    k = _kernels()
+    info = torch.finfo(c.dtype)
+    consts = _consts(c.dtype, 0.0, 1.0, SNAP_ULPS * info.eps, info.tiny, 0.25, 0.5, 2.0,
+                     math.exp(-0.5))
+    polys = tuple(_consts(c.dtype, *p) for p in (k.EXP_TAYLOR, k.SINH_TAYLOR, k.COSH_TAYLOR))
+
+    def per(v):
+        t, u = _tu(v * 2)
+        return inv_sqrt(v), t, u, t.sqrt(), u.sqrt()
+
+    a = per(v1)
+    b = a if v2 is v1 else per(v2)
+    arrs = tuple(x for pair in zip(a, b) for x in pair)  # (R1, R2, T1, T2, U1, U2, ST1, ...)
+    return _dual_pass(k.gabor_serial, k.gabor_parallel, c, v1, v2, arrs, (consts,) + polys,
+                      ntk, need_dot, full, self_pairs)
+
+
+def exp_normalized(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], need_dot: bool,
+                   full: bool, self_pairs: bool = False, *, gamma: float, shift: float):
+    """The ``ExpNormalized(gamma, shift)`` dual map in one pass (``nngp' = sqrt(v1) sqrt(v2)
+    exp(gamma (rho + shift))``, ``dot = gamma exp(...)``), the arithmetic of
+    ``activations.ExpNormalized.dual``. Shapes and returns as :func:`relu`."""
+    from ._ops import SNAP_ULPS, inv_sqrt
+    k = _kernels()
+    consts = _consts(c.dtype, 0.0, 1.0, SNAP_ULPS * torch.finfo(c.dtype).eps, shift, gamma)
+    s1, r1 = v1.sqrt(), inv_sqrt(v1)
+    s2, r2 = (s1, r1) if v2 is v1 else (v2.sqrt(), inv_sqrt(v2))
+    f32 = c.dtype == torch.float32
+    kx = _consts(c.dtype, *(k.EXP_KX_F32 if f32 else k.EXP_KX_F64))
+    px = _consts(c.dtype, *(k.EXP_R_F32 if f32 else k.EXP_R_F64))
+    return _dual_pass(k.expn_serial, k.expn_parallel, c, v1, v2, (r1, r2, s1, s2),
+                      (consts, kx, px), ntk, need_dot, full, self_pairs)

@@ -19,8 +19,9 @@ import math
 from typing import Any, Dict
 
 import numpy as np
-from numba import njit, prange, uint64
-from numba.extending import overload
+from llvmlite import ir  # type: ignore[import-untyped]  # (numba's own dependency)
+from numba import njit, prange, types, uint64
+from numba.extending import intrinsic, overload
 
 ATAN_F32 = (-0.0024470311881932658, 0.013750284156159608, -0.03627017419515582,
             0.0628436091068393, -0.08673170869031231, 0.11037994282193359, -0.14279110915778248,
@@ -319,3 +320,218 @@ def conv_parallel(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta,
         for pl in range(t * per, min(planes, (t + 1) * per)):
             _conv_plane(T, O, BASE, has_base, MK, H, W, f1, f2, lo1, lo2, alpha, beta, full, pl,
                         a)
+
+
+# ---- Gabor dual map (exp(-x^2) sin(x)) --------------------------------------------------------
+# The arithmetic of the torch path (activations.Gabor.dual) in its bounded quantities, per entry:
+# rho as in _relu_one (clipped, snapped); per example t = 2v / (1 + 2v), u = 1 / (1 + 2v) and
+# their square roots st, su (arrays T*, U*, ST*, SU*; all in [0, 1], so no product of them
+# overflows); om = (1 - rho)(1 + rho) >= 0, w2 = max(om t1 t2 + (u1 + t1 u2), tiny),
+# X = ((t1 u2 + t2 u1) / 4 + t1 t2 om / 2) / w2, r = u1 u2 / w2,
+# B = rho sqrt(t1 t2 u1 u2) / (2 w2), nngp' = sqrt(r) exp(-X) sinh(B),
+# dot = (r sqrt(r) (1 + 2 rho^2 t1 t2 / w2) cosh(B)
+#        + 2 r rho sqrt(t1 t2) (1 + (u1 u2 + (t1 u2 + t2 u1) / 2) / w2) sinh(B) / sqrt(w2)) exp(-X).
+# Both arguments are bounded, so exp, sinh and cosh are short polynomials (no library call: the
+# loop vectorizes): (t1 u2 + t2 u1) / 4 <= (u1 + t1 u2) / 4 and t1 t2 om / 2 <= t1 t2 om / 2 give
+# 0 <= X <= 1/2; sqrt(u1 t1 u2 t2) <= (u1 + t1 u2) / 2 gives |B| <= 1/4. The polynomials are
+# accurate to float64 roundoff on twice these ranges (X in [0, 1], |B| <= 1/2):
+# exp(-X) = exp(-1/2) exp(z), z = 1/2 - X, Taylor to z^16 (error < 1e-18 relative);
+# sinh(B) = B (1 + B^2/3! + ... + B^14/15!), cosh(B) = 1 + B^2/2! + ... + B^16/16!
+# (coefficients EXP_TAYLOR, SINH_TAYLOR, COSH_TAYLOR, highest degree first; checked against
+# numpy in tests/layers/test_fused_activations.py).
+# Layout and modes as for the ReLU kernels. K = (0, 1, snap tolerance, tiny, 1/4, 1/2, 2,
+# exp(-1/2)); PE, PS, PC = EXP_TAYLOR, SINH_TAYLOR, COSH_TAYLOR in the storage dtype.
+
+EXP_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(16, -1, -1))
+SINH_TAYLOR = tuple(1.0 / math.factorial(2 * n + 1) for n in range(7, -1, -1))
+COSH_TAYLOR = tuple(1.0 / math.factorial(2 * n) for n in range(8, -1, -1))
+
+
+@njit(**_INLINE)
+def _gabor_one(c, ra, rb, ta, tb, ua, ub, sta, stb, sua, sub, want_dot, K, PE, PS, PC):
+    """``(nngp', dot)`` of one entry (``dot`` is 0 unless ``want_dot``; local names unique)."""
+    gb_zero, gb_one, gb_tol, gb_tiny = K[0], K[1], K[2], K[3]
+    gb_rho = min(max((c * ra) * rb, -gb_one), gb_one)
+    gb_sgn = gb_one if gb_rho > gb_zero else -gb_one
+    gb_rho = gb_sgn if abs(gb_rho) >= gb_one - gb_tol else gb_rho
+    gb_om = max((gb_one - gb_rho) * (gb_one + gb_rho), gb_zero)
+    gb_tt = ta * tb
+    gb_w2 = max(gb_om * gb_tt + (ua + ta * ub), gb_tiny)
+    gb_iw = gb_one / gb_w2
+    gb_cu = ta * ub + tb * ua
+    gb_e = K[7] * horner(PE, K[5] - (gb_cu * K[4] + gb_tt * gb_om * K[5]) * gb_iw)
+    gb_r = (ua * gb_iw) * ub
+    gb_sr = math.sqrt(gb_r)
+    gb_st = sta * stb
+    gb_b = gb_rho * gb_st * sua * sub * (gb_iw * K[5])
+    gb_b2 = gb_b * gb_b
+    gb_sh = gb_b * horner(PS, gb_b2)
+    gb_nngp = gb_sr * gb_e * gb_sh
+    if not want_dot:
+        return gb_nngp, gb_zero
+    gb_ch = gb_r * gb_sr * (gb_one + K[6] * gb_rho * gb_rho * gb_tt * gb_iw) * horner(PC, gb_b2)
+    gb_sp = gb_r * K[6] * gb_rho * gb_st * (gb_one + (ua * ub + gb_cu * K[5]) * gb_iw) * gb_sh \
+        * math.sqrt(gb_iw)
+    return gb_nngp, (gb_ch + gb_sp) * gb_e
+
+
+@njit(**_INLINE)
+def _gabor_row(C, R1, R2, T1, T2, U1, U2, ST1, ST2, SU1, SU2, ia, ib, NTK, OUT, D, R, Q, mode,
+               full, K, PE, PS, PC, row):
+    # (flat uint64 indices, see _relu_row)
+    m = row // R
+    r = row - m * R
+    base = uint64(row * Q)
+    b2 = uint64(ib[m] * Q)
+    b1 = uint64(ia[m] * Q)
+    n = uint64(Q)
+    if full:
+        i1 = ia[m] * R + r
+        ra, ta, ua, sta, sua = R1[i1], T1[i1], U1[i1], ST1[i1], SU1[i1]
+        if mode == 0:
+            for q in range(n):
+                j = b2 + q
+                o, dot = _gabor_one(C[base + q], ra, R2[j], ta, T2[j], ua, U2[j], sta, ST2[j],
+                                    sua, SU2[j], True, K, PE, PS, PC)
+                OUT[base + q] = o
+                D[base + q] = NTK[base + q] * dot
+        elif mode == 1:
+            for q in range(n):
+                j = b2 + q
+                o, dot = _gabor_one(C[base + q], ra, R2[j], ta, T2[j], ua, U2[j], sta, ST2[j],
+                                    sua, SU2[j], True, K, PE, PS, PC)
+                OUT[base + q] = o
+                D[base + q] = dot
+        else:
+            for q in range(n):
+                j = b2 + q
+                o, dot = _gabor_one(C[base + q], ra, R2[j], ta, T2[j], ua, U2[j], sta, ST2[j],
+                                    sua, SU2[j], False, K, PE, PS, PC)
+                OUT[base + q] = o
+    else:
+        for q in range(n):
+            i = b1 + q
+            j = b2 + q
+            o, dot = _gabor_one(C[base + q], R1[i], R2[j], T1[i], T2[j], U1[i], U2[j], ST1[i],
+                                ST2[j], SU1[i], SU2[j], mode != 2, K, PE, PS, PC)
+            OUT[base + q] = o
+            if mode == 0:
+                D[base + q] = NTK[base + q] * dot
+            elif mode == 1:
+                D[base + q] = dot
+
+
+@njit(**_JIT)
+def gabor_serial(C, R1, R2, T1, T2, U1, U2, ST1, ST2, SU1, SU2, ia, ib, NTK, OUT, D, R, Q, mode,
+                 full, K, PE, PS, PC):
+    for row in range(ia.shape[0] * R):
+        _gabor_row(C, R1, R2, T1, T2, U1, U2, ST1, ST2, SU1, SU2, ia, ib, NTK, OUT, D, R, Q,
+                   mode, full, K, PE, PS, PC, row)
+
+
+@njit(parallel=True, **_JIT)
+def gabor_parallel(C, R1, R2, T1, T2, U1, U2, ST1, ST2, SU1, SU2, ia, ib, NTK, OUT, D, R, Q,
+                   mode, full, K, PE, PS, PC):
+    for row in prange(ia.shape[0] * R):
+        _gabor_row(C, R1, R2, T1, T2, U1, U2, ST1, ST2, SU1, SU2, ia, ib, NTK, OUT, D, R, Q,
+                   mode, full, K, PE, PS, PC, row)
+
+
+# ---- exp without a library call (vectorizes) ------------------------------------------------
+# exp(x) = 2^n exp(r), n = floor(x log2(e) + 1/2), r = (x - n ln2_hi) - n ln2_lo in
+# [-ln2/2, ln2/2] (Cody-Waite: n ln2_hi is exact), exp(r) by Taylor to r^13 (float64, error
+# 4e-18 relative) or r^8 (float32, 2e-10); 2^n applied as two powers of two built from their
+# bits, so results in the subnormal range round once and n = 1024 gives inf. x is clipped to
+# [XLO, XHI] (exp = 0 / inf beyond, +-inf included) and NaN propagates. Within a few ulp of the libm exp
+# (checked in tests/layers/test_fused_activations.py).
+# KX = (XLO, XHI, log2(e), ln2_hi, ln2_lo, 1/2); PX = EXP_R_F64 / EXP_R_F32 (storage dtype).
+
+EXP_R_F64 = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
+EXP_R_F32 = tuple(1.0 / math.factorial(n) for n in range(8, -1, -1))
+EXP_KX_F64 = (-746.0, 710.0, 1.4426950408889634, 6.93147180369123816490e-01,
+              1.90821492927058770002e-10, 0.5)
+EXP_KX_F32 = (-104.0, 89.0, 1.4426950408889634, 0.693359375, -2.12194440e-4, 0.5)
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """``2^n`` for an integer-valued float ``n`` within the normal exponent range (built from
+    its bits: float64 or float32 as ``n``)."""
+    if not isinstance(n, types.Float):
+        return None
+    bits = n.bitwidth
+    mant, bias = (52, 1023) if bits == 64 else (23, 127)
+
+    def codegen(context, builder, sig, args):
+        ity = ir.IntType(bits)
+        k = builder.add(builder.fptosi(args[0], ity), ir.Constant(ity, bias))
+        return builder.bitcast(builder.shl(k, ir.Constant(ity, mant)), args[0].type)
+    return n(n), codegen
+
+
+@njit(**_INLINE)
+def fexp(x, KX, PX):
+    """``exp(x)`` in ``x``'s dtype (see above; local names unique)."""
+    fx_y = min(max(x, KX[0]), KX[1])
+    fx_n = np.floor(fx_y * KX[2] + KX[5])
+    fx_r = (fx_y - fx_n * KX[3]) - fx_n * KX[4]
+    fx_h = np.floor(fx_n * KX[5])
+    fx_e = horner(PX, fx_r) * _pow2(fx_h) * _pow2(fx_n - fx_h)
+    return fx_e if x == x else x
+
+
+# ---- ExpNormalized dual map ------------------------------------------------------------------
+# As activations.ExpNormalized.dual: rho as in _relu_one, e = exp((rho + shift) gamma) (fexp),
+# nngp' = (e sqrt(v1)) sqrt(v2), dot = e gamma. K = (0, 1, snap tolerance, shift, gamma);
+# KX, PX: see fexp.
+
+@njit(**_INLINE)
+def _expn_one(c, ra, rb, sa, sb, K, KX, PX):
+    en_zero, en_one, en_tol = K[0], K[1], K[2]
+    en_rho = min(max((c * ra) * rb, -en_one), en_one)
+    en_sgn = en_one if en_rho > en_zero else -en_one
+    en_rho = en_sgn if abs(en_rho) >= en_one - en_tol else en_rho
+    en_e = fexp((en_rho + K[3]) * K[4], KX, PX)
+    return (en_e * sa) * sb, en_e * K[4]
+
+
+@njit(**_INLINE)
+def _expn_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX, row):
+    m = row // R
+    r = row - m * R
+    base = uint64(row * Q)
+    b2 = uint64(ib[m] * Q)
+    b1 = uint64(ia[m] * Q)
+    n = uint64(Q)
+    if full:
+        i1 = ia[m] * R + r
+        a = R1[i1]
+        sa = S1[i1]
+        for q in range(n):
+            o, dot = _expn_one(C[base + q], a, R2[b2 + q], sa, S2[b2 + q], K, KX, PX)
+            OUT[base + q] = o
+            if mode == 0:
+                D[base + q] = NTK[base + q] * dot
+            elif mode == 1:
+                D[base + q] = dot
+    else:
+        for q in range(n):
+            o, dot = _expn_one(C[base + q], R1[b1 + q], R2[b2 + q], S1[b1 + q], S2[b2 + q], K,
+                               KX, PX)
+            OUT[base + q] = o
+            if mode == 0:
+                D[base + q] = NTK[base + q] * dot
+            elif mode == 1:
+                D[base + q] = dot
+
+
+@njit(**_JIT)
+def expn_serial(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX):
+    for row in range(ia.shape[0] * R):
+        _expn_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX, row)
+
+
+@njit(parallel=True, **_JIT)
+def expn_parallel(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX):
+    for row in prange(ia.shape[0] * R):
+        _expn_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX, row)

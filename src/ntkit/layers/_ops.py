@@ -259,7 +259,8 @@ def normalized_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: 
 
 
 def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
-                      fused: Optional[Tuple[float, float]] = None) -> Kernel:
+                      fused: Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]] = None
+                      ) -> Kernel:
     """Push ``k`` through an activation given its dual maps.
 
     ``dual(rho, v1, v2, need_dot) -> (E[phi(u) phi(v)], E[phi'(u) phi'(v)] or None)`` for
@@ -270,9 +271,9 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
     diagonal of every self-covariance (correlation exactly 1, where the two-point map would lose
     half the digits to the angle). Self-covariance maps go through :func:`memo_self`, so tiles
     sharing a block of examples compute them once.
-    ``fused = (f, h)``: the map is the arc-cosine one ``nngp' = sqrt(v1) sqrt(v2) (f sqrt(1 -
-    rho^2) + (h - f theta) rho)`` and runs as one fused pass when numba is available
-    (:mod:`ntkit.layers._fused`), with the same arithmetic.
+    ``fused``: the same map as one fused pass (:mod:`ntkit.layers._fused`, numba), called as
+    ``fused(c, v1, v2, ntk, need_dot, full, self_pairs)`` like :func:`ntkit.layers._fused.relu`
+    and used when :func:`ntkit.layers._fused.usable` holds (see ``Activation.fused_map``).
     """
     if not k.is_gaussian:
         raise ValueError("an activation needs Gaussian pre-activations: put a Dense/Conv layer "
@@ -284,14 +285,14 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
     use_fused = fused is not None and _fused.usable(k.nngp, k.ntk, k.cov1, k.cov2)
     if use_fused:
         assert fused is not None  # use_fused implies it
-        f, h = fused
+        pair = fused
         v1 = variances(k.cov1, k)
         v2 = v1 if k.cov2 is None else variances(k.cov2, k)
-        nngp, ntk = _fused.relu(k.nngp, v1, v2, f, h, k.ntk, False, full)
+        nngp, ntk = pair(k.nngp, v1, v2, k.ntk, False, full, False)
 
         def pair_map(cov):  # full-layout self-covariance (n, *S, *S) -> (map, dot)
             var = variances(cov, k)
-            return _fused.relu(cov, var, var, f, h, None, True, True, self_pairs=True)
+            return pair(cov, var, var, None, True, True, True)
     else:
         v1, v2 = outer_vars(k)
         # FC tiles are already cache-sized by FC_TILE_CAP (chunking them measured 1.3x slower

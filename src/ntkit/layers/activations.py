@@ -17,13 +17,14 @@ cancellation in float32).
 Cost per kernel entry: about ten elementwise passes (one ``atan2`` for the arc-cosine family,
 one ``exp``/``sqrt`` for the others); ``Elementwise`` costs ``N^2`` evaluations of ``fn`` (and of
 ``fn'``), ``N`` chosen from the variances for the requested accuracy (see its docstring).
-With numba installed, the arc-cosine family (``Relu``, ``LeakyRelu``, ``Abs``, ``ABRelu``) on
-every layout (FC and images) is one fused pass (one division, one square root, a polynomial ``atan``;
-:mod:`ntkit.layers._fused`).
+With numba installed, the arc-cosine family (``Relu``, ``LeakyRelu``, ``Abs``, ``ABRelu``),
+``Gabor`` and ``ExpNormalized`` (their ``fused_map``) on every layout (FC and images) run as
+one fused pass each (polynomial ``atan``/``exp``; :mod:`ntkit.layers._fused`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
@@ -34,6 +35,7 @@ from torch import nn
 
 from .._validation import check_int, check_positive, check_real
 from ..kernel import Kernel
+from . import _fused
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
 from ._ops import apply_elementwise, normalized_cross, safe_sqrt
@@ -115,6 +117,19 @@ class Activation(Layer):
         (h - f theta) rho)`` (arc-cosine family, one fused pass available), else ``None``."""
         return None
 
+    def fused_map(self) -> Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]]:
+        """The dual map as one fused numba pass, ``pair(c, v1, v2, ntk, need_dot, full,
+        self_pairs)`` (see :func:`ntkit.layers._fused.relu`), or ``None`` (torch passes only).
+        Default: the arc-cosine kernel of :meth:`fused_params`."""
+        fp = self.fused_params()
+        if fp is None:
+            return None
+        f, h = fp
+
+        def pair(c, v1, v2, ntk, need_dot, full, self_pairs=False):
+            return _fused.relu(c, v1, v2, f, h, ntk, need_dot, full, self_pairs=self_pairs)
+        return pair
+
     def constants(self) -> Dict[str, float]:
         """``{name: value}`` of the constants the dual maps multiply by (none by default)."""
         return {}
@@ -135,7 +150,7 @@ class Activation(Layer):
             raise ValueError(f"{type(self).__name__} received several branches; merge them first")
         if k.nngp is not None:
             self._check_constants(k.nngp.dtype)
-        return apply_elementwise(k, self.dual, self.self_map, self.fused_params())
+        return apply_elementwise(k, self.dual, self.self_map, self.fused_map())
 
     def build(self, in_shape: Any, ctx: BuildContext,
               followed: bool) -> Tuple[nn.Module, Any]:
@@ -434,6 +449,10 @@ class Gabor(Activation):
     def self_map(self, v: Tensor) -> _Maps:
         return self.dual(torch.ones_like(v), v, v, True)
 
+    def fused_map(self) -> Callable[..., Tuple[Tensor, Optional[Tensor]]]:
+        # one pass per kernel entry (same arithmetic) instead of ~40 elementwise torch passes
+        return _fused.gabor
+
 
 @frozen_layer
 class ExpNormalized(Activation):
@@ -494,6 +513,9 @@ class ExpNormalized(Activation):
     def self_map(self, v: Tensor) -> _Maps:
         a2 = math.exp(self.gamma * (1 + self.shift))
         return v * a2, torch.full_like(v, self.gamma * a2)
+
+    def fused_map(self) -> Callable[..., Tuple[Tensor, Optional[Tensor]]]:
+        return functools.partial(_fused.exp_normalized, gamma=self.gamma, shift=self.shift)
 
     def build(self, in_shape: Any, ctx: BuildContext,
               followed: bool) -> Tuple[nn.Module, Any]:

@@ -23,7 +23,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._system import available_cores
+from .._system import available_cores, available_memory
+from .._typing import as_kernel_fn
+from .._validation import GET_KEYS, as_tensor, parse_memory_budget
 from ._store import (KernelStore, StoreLock, check_store_path, create_store, hint, n_tiles,
                      refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
 
@@ -110,7 +112,6 @@ def compute_tile(fn, keys: Tuple[str, ...], xa, xb, diag: bool, dtype_name: str,
                           **_tile_call_args(args_a, args_b, diag))
             out = {key: getattr(k, key) for key in keys}
         elif _has_kernel(fn):  # another kernel source, e.g. ReluNTKFix
-            from .._typing import as_kernel_fn
             out = as_kernel_fn(fn, "arch_or_fn")(xa, None if diag else xb, keys)
         else:
             r = fn(xa, xb)
@@ -343,8 +344,6 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         >>> from dask.distributed import Client
         >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr', executor=Client())
     """
-    from .._system import available_memory
-    from .._validation import GET_KEYS, as_tensor, parse_memory_budget
     is_arch = _is_layer(arch_or_fn) or _has_kernel(arch_or_fn)
     if not is_arch and not callable(arch_or_fn):
         raise TypeError(f"`arch_or_fn` must be an ntkit.layers architecture, an object with a "

@@ -37,6 +37,9 @@ from typing import Any, Optional, Tuple, Union, cast
 import numpy as np
 import torch
 
+from .._linalg import Factorization, as_square_matrix, factorize
+from .._system import available_memory
+from .._validation import parse_memory_budget
 from ._store import hint
 
 __all__ = ["solve", "SolveInfo"]
@@ -132,7 +135,6 @@ def _as_operator(K, key: Optional[str], progress: bool):
                              f"store {s.path!r}")
         s._require_complete()
         return _StoreOp(K, progress)
-    from .._linalg import as_square_matrix
     k = as_square_matrix(K, "K").to(torch.float64)
     return _DenseOp(k)
 
@@ -298,7 +300,6 @@ def _dense(op, y: torch.Tensor, diag_reg: float):
     Stores: loaded once in float64, ridge added in place and factorized with ``cholesky_ex``
     (peak ~2 n^2 floats instead of ~5); only a singular matrix goes through the heavier
     ``Factorization`` for its eigh / pseudo-inverse fallback."""
-    from .._linalg import Factorization, factorize
     if isinstance(op, _DenseOp):
         f = factorize(op.k, diag_reg=diag_reg, name="K")
         return f.solve(y), SolveInfo("cholesky" if f.cholesky() is not None else "eigh", f.ridge)
@@ -362,8 +363,6 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         >>> h = ntkit.compute_kernel(arch, x, get='ntk', store='k.zarr')
         >>> alpha = ntkit.scale.solve(h, y, diag_reg=1e-4, method='cg', tol=1e-8)
     """
-    from .._system import available_memory
-    from .._validation import parse_memory_budget
     t0 = time.perf_counter()
     if method not in ("auto", "cholesky", "cg"):
         raise ValueError(f"`method` must be 'auto', 'cholesky' or 'cg', got {method!r}")
