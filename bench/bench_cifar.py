@@ -122,6 +122,19 @@ def save_features(path, phi, ytr, yte):
         np.savez(fh, phi=phi.numpy(), y_train=ytr.numpy(), y_test=yte.numpy())
 
 
+def loaded_features(args, ytr, yte):
+    """``--from-features``: the saved ``phi`` (as a tensor sharing numpy's memory), after
+    checking that its labels are the run's; ``None`` without the option."""
+    if not args.from_features:
+        return None
+    d = np.load(args.from_features)
+    if not (np.array_equal(d["y_train"], ytr.numpy()) and np.array_equal(d["y_test"],
+                                                                          yte.numpy())):
+        raise SystemExit(f"--from-features: the labels in {args.from_features} differ from "
+                         f"this run's (--seed / --n-train / --n-test must match the saving run)")
+    return torch.from_numpy(d["phi"])
+
+
 def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()):
     """``(phi(x) + phi(flip(x))) / sqrt(2)``, ``flip`` the horizontal mirror: inner products are
     ``K(x, x') + K(x, flip(x'))`` for a mirror-equivariant architecture (SAME padding), the
@@ -169,14 +182,15 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
 
 
 def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None,
-                 flip=False, nets=1, frozen=(), ridges=None):
+                 flip=False, nets=1, frozen=(), ridges=None, phi=None):
     """Features of train+test (``flip``: averaged over horizontal flips), then primal ridge:
     the ridge is chosen on a held-out tenth of the training set (one eigendecomposition of its
     normal equations for every value) and the final model solves the full normal equations
     (sum of the two parts) by Cholesky."""
     t0 = time.time()
-    phi = ensemble_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, method, nets,
-                            flip, frozen)
+    if phi is None:                     # (given: features loaded by --from-features)
+        phi = ensemble_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, method,
+                                nets, flip, frozen)
     t_feat = time.time() - t0
     if save:
         save_features(save, phi, ytr, yte)
@@ -233,7 +247,9 @@ def cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat, info,
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     pv, pt = ptr[:nv].clone(), pte.clone()
     del ptr, pte
-    phi.untyped_storage().resize_(0)   # free all rows now (the caller only returns our result)
+    if phi.untyped_storage().resizable():  # free all rows now (the caller returns our result)
+        phi.untyped_storage().resize_(0)
+    # (not resizable once shared with numpy: --save-features / --from-features; kept then)
     scale = float(torch.diagonal(a_fit).mean())
     def solve(a, b):
         """``a^-1 b`` for symmetric positive definite ``a``, factored in place: LAPACK wants
@@ -365,6 +381,10 @@ def main(argv=None):
     p.add_argument("--ridges", default=None, metavar="R1,R2,...",
                    help="relative ridge values tried by the wide (> 16,384 columns) solver "
                         "(default 3e-5,1e-4,3e-4,1e-3,3e-3; one Cholesky factorization each)")
+    p.add_argument("--from-features", metavar="NPZ", default=None,
+                   help="gap-features row: solve on features saved by --save-features (train "
+                        "rows then test rows, labels checked against the data) instead of "
+                        "computing them; the other options must describe the same run")
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
     if args.quick:
@@ -434,7 +454,7 @@ def main(argv=None):
                                   args.save_features,
                                   f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz"),
                               flip=args.flip, nets=args.nets, frozen=frozen,
-                              ridges=ridges))
+                              ridges=ridges, phi=loaded_features(args, ytr, yte)))
         if "v-features" in rows:
             emit("v-features" + tag, "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,

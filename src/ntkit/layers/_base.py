@@ -257,7 +257,7 @@ class Layer:
         map (layers that pool / attend read ``k.mask1`` / ``k.mask2`` there), then the output
         masks (:meth:`mask_map`) and the covariances of masked positions set to zero (every
         layer's input is zeroed at masked positions). Refuses layers without mask support."""
-        from ._masking import refusal, remask
+        from ._masking import keeps_zeros, refusal, remask
         if not self.supports_masking:
             raise refusal(self)
         if isinstance(k, tuple):
@@ -266,7 +266,10 @@ class Layer:
         assert isinstance(out, Kernel)  # one branch in, one out (tuples handled above)
         m1 = self.mask_map(k.mask1, k.shape1)
         m2 = None if k.mask2 is None else self.mask_map(k.mask2, k.shape2)
-        return remask(out.replace(mask1=m1, mask2=m2), key=(self, tuple(out.shape1)))
+        out = out.replace(mask1=m1, mask2=m2)
+        if m1 is k.mask1 and m2 is k.mask2 and keeps_zeros(self):
+            return out  # k is zero at masked positions and the layer keeps it so: no remask
+        return remask(out, key=(self, tuple(out.shape1)))
 
     # ---- architecture API ------------------------------------------------------------
     # The return type follows `get`: one (n1, n2) tensor for a string, a Kernel record for a

@@ -11,7 +11,8 @@ Semantics (neural-tangents 0.6.5, ``stax.requirements.supports_masking``), chann
   as NT's mask functions do), because NT's per-channel masks are not supported downstream.
 * Every layer sees its input zeroed at masked positions (NT zeroes the inputs of every
   layer); in the kernel this is "covariances involving a masked position are zero", applied
-  after every layer (:func:`remask`).
+  after every layer (:func:`remask`) except those that provably keep such zeros
+  (:func:`keeps_zeros`: Identity, ABRelu, bias-free Dense).
 * Masks propagate per layer (:meth:`ntkit.layers.Layer.mask_map`): unchanged through
   position-wise layers (Dense, activations, LayerNorm, Aggregate, attention); ``Conv`` /
   ``AvgPool`` / ``SumPool``: an output position is masked when its window's centre input
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["MASK_ARG", "Masked", "unwrap", "wrap", "check_mask_constant", "input_masks", "remask",
-           "refusal", "check_supported", "centre_mask", "all_positions", "mask_pre_hook",
+           "refusal", "check_supported", "keeps_zeros", "centre_mask", "all_positions", "mask_pre_hook",
            "mask_post_hook"]
 
 Tensor = torch.Tensor
@@ -206,6 +207,62 @@ def _fill(t: Optional[Tensor], m: Tensor) -> Optional[Tensor]:
     return t.masked_fill(m, 0)
 
 
+def _cached_pair_mask(ma: Tensor, mb: Tensor, batch_ndim: int, ns: int, full: bool) -> Tensor:
+    """:func:`_pair_mask`, cached on ``ma`` for the partner ``mb`` (same arguments).
+
+    Why: position-wise layers (Dense, activations, attention) pass their input masks on as the
+    same tensors, so every layer of a tile rebuilt the same ``(n1, n2, *S, *S)`` mask (as much
+    time as the fill itself). The cache lives on the mask tensor (masks are never mutated), so
+    it goes when the tile's masks go; ``mb is ma`` is stored without a second reference to
+    ``ma`` (no reference cycle)."""
+    cache = getattr(ma, "_ntkit_pair_masks", None)
+    tag = (batch_ndim, ns, full, None if mb is ma else id(mb))
+    if cache is not None:
+        hit = cache.get(tag)
+        if hit is not None and (hit[0] is None or hit[0] is mb):
+            return hit[1]
+    else:
+        cache = {}
+        try:
+            ma._ntkit_pair_masks = cache  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor types
+            return _pair_mask(ma, mb, batch_ndim, ns, full)
+    out = _pair_mask(ma, mb, batch_ndim, ns, full)
+    if out is ma:  # (self masks without pixel pairs are ``ma`` itself: nothing to cache)
+        return out
+    if len(cache) >= 8:  # a mask meets few partners within a tile; keep the cache small
+        cache.clear()
+    cache[tag] = (None if mb is ma else mb, out)
+    return out
+
+
+def keeps_zeros(layer) -> bool:
+    """Whether ``layer``'s kernel map sends a kernel that is zero at every covariance involving
+    a masked position to one that is zero there again, masks unchanged; then
+    :meth:`ntkit.layers.Layer.masked_kernel_map` skips :func:`remask` (which would rewrite
+    zeros with zeros: same values, up to the sign of zero).
+
+    Why this holds for the layers listed (every record passed between masked layers is
+    already zero there: the zeroed inputs, each layer's remasked output, and FanInSum /
+    FanInConcat of such records): ``Identity`` returns its input; ``Dense`` without bias
+    (``b_std`` None, or 0 in the NTK parameterization; the standard one adds 1 to the NTK
+    when there is a bias) is ``W^2 * cov`` (+ ``width * nngp``) position by position;
+    ``ABRelu`` (Relu, LeakyRelu, Abs) maps a zero variance to correlation 0
+    (:func:`ntkit.layers._ops.inv_sqrt`) and its output scales with ``sqrt(v1) sqrt(v2)``,
+    its NTK term with the input NTK. ``tests/layers/test_masking_skip.py`` checks each one.
+    Layers that move positions or read masked ones (attention, pooling, conv, LayerNorm,
+    Aggregate, biased Dense) are not listed and always remask."""
+    from .activations import ABRelu
+    from .combinators import Identity
+    from .dense import Dense
+    cls = type(layer)  # exact types: a subclass may override the kernel map
+    if cls is Identity or cls is ABRelu:
+        return True
+    if cls is Dense:
+        return layer.b_std is None or (layer.b_std == 0 and layer.parameterization == "ntk")
+    return False
+
+
 def remask(k, key=None):
     """The kernel record with covariances involving a masked position set to zero (the next
     layer's input is zeroed there). Self-covariances go through the tile memo under ``key``
@@ -220,10 +277,10 @@ def remask(k, key=None):
     any1, any2 = bool(m1.any()), bool(m2.any())
     if not (any1 or any2):
         return k
-    mc = _pair_mask(m1, m2, 2, ns, full)
+    mc = _cached_pair_mask(m1, m2, 2, ns, full)
 
     def self_fill(m):
-        return lambda c: _fill(c, _pair_mask(m, m, 1, ns, full))
+        return lambda c: _fill(c, _cached_pair_mask(m, m, 1, ns, full))
 
     mkey = None if key is None else ("remask", key)
     cov1 = memo_self(mkey, k.cov1, self_fill(m1)) if any1 else k.cov1
