@@ -132,7 +132,10 @@ def loaded_features(args, ytr, yte):
                                                                           yte.numpy())):
         raise SystemExit(f"--from-features: the labels in {args.from_features} differ from "
                          f"this run's (--seed / --n-train / --n-test must match the saving run)")
-    return torch.from_numpy(d["phi"])
+    # a tensor that owns its memory (from_numpy's storage cannot be freed, and the wide solver
+    # needs those 6 GB back before it factors: scipy's OpenBLAS segfaulted without them)
+    phi = torch.from_numpy(d["phi"]).clone()
+    return phi
 
 
 def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()):
