@@ -132,8 +132,10 @@ def loaded_features(args, ytr, yte):
                                                                           yte.numpy())):
         raise SystemExit(f"--from-features: the labels in {args.from_features} differ from "
                          f"this run's (--seed / --n-train / --n-test must match the saving run)")
-    # a tensor that owns its memory (from_numpy's storage cannot be freed, and the wide solver
-    # needs those 6 GB back before it factors: scipy's OpenBLAS segfaulted without them)
+    # a tensor that owns its memory (from_numpy's storage cannot be freed before the wide
+    # solver factors). NB: in this mode scipy's cho_factor segfaulted in OpenBLAS three times
+    # (24,576 columns, with and without 6 GB free) while the same solve after computing the
+    # features works; cause not found yet
     phi = torch.from_numpy(d["phi"]).clone()
     return phi
 

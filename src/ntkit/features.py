@@ -46,6 +46,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
+                 frozen: Sequence[int] = ...,
                  **call_args: Any) -> Tensor: ...
 
     @overload
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
+                 frozen: Sequence[int] = ...,
                  **call_args: Any) -> Dict[str, Tensor]: ...
 
     @overload
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
+                 frozen: Sequence[int] = ...,
                  **call_args: Any) -> Dict[str, Tensor]: ...
 
     @overload   # `get` of a type known only as str-or-sequence: either
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
+                 frozen: Sequence[int] = ...,
                  **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
 
     def features(arch: Layer, x: Any, dim: int = 1024,
@@ -75,7 +79,7 @@ if TYPE_CHECKING:
                  method: str = "rf", out_dim: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, memory_budget: MemoryBudget = None,
                  chunk: Optional[int] = None, progress: bool = False,
-                 mask_constant: Optional[float] = None,
+                 mask_constant: Optional[float] = None, frozen: Sequence[int] = (),
                  **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
 else:
     from .layers import features
