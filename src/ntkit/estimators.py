@@ -260,6 +260,10 @@ DEFAULT_RIDGES = tuple(float(10.0 ** e) for e in np.arange(-6.0, 1.01, 0.5))
 #: seconds of selection (tiny data sets, where a single fit takes a few milliseconds).
 _COST = dict(F=2.7e-3, A=4.2e-8, B=1.36e-10, P=2.5e-4, E2=5e-8, E3=2.2e-10, FLOP=1e-10)
 _COST_BUDGET = 3.0
+#: the plan aims at this fraction of the budget: the cost model's terms are within about +-15%
+#: of timings on an idle 2-core machine (n = 500-4000; eigh and Cholesky cost per n^3 drift
+#: with cache sizes), and planning to the full budget gave 3.15 single fits on bank (n = 3391)
+_COST_MARGIN = 0.85
 _COST_FLOOR_S = 0.1
 #: classification with more classes than this: the selection scores the centred one-hot targets
 #: projected on ``_PROJ_CLASSES`` random centred directions (:func:`_class_projection`; an
@@ -372,10 +376,13 @@ def _class_projection(c: int, k: int, seed: int) -> torch.Tensor:
     return torch.as_tensor(Q * math.sqrt((c - 1) / k), dtype=_F64)
 
 
-def _kernel_blocks(cands, XA: torch.Tensor, Xall: Optional[torch.Tensor], kind: str):
+def _kernel_blocks(cands, XA: torch.Tensor, Xall: Optional[torch.Tensor], kind: str,
+                   keep: Optional[Dict[int, Dict[str, torch.Tensor]]] = None):
     """Yield ``(index, K)`` with ``K = k(XA, Xall)`` (``(m, n_all)``; ``Xall=None``: ``(m, m)``)
     for every candidate; all :class:`ReluNTKFix` candidates with the same bias come from ONE
-    recursion pass (the depth-``h`` kernels are by-products of the deepest one)."""
+    recursion pass (the depth-``h`` kernels are by-products of the deepest one). ``keep``: a
+    dict that receives ``{index: {"nngp": K, "ntk": K}}`` (copies, both kinds from the same
+    pass): the final fit's kernels after the selection's stage 2, not computed twice."""
     from ._uci_ntk import iter_ntk_fix
     groups: Dict[float, list] = {}
     for i, a in enumerate(cands):
@@ -383,7 +390,10 @@ def _kernel_blocks(cands, XA: torch.Tensor, Xall: Optional[torch.Tensor], kind: 
             a._check()
             groups.setdefault(float(a.bias), []).append(i)
         else:
-            yield i, _kernels(a, XA, Xall, (kind,))[kind]
+            ks = _kernels(a, XA, Xall, ("nngp", "ntk") if keep is not None else (kind,))
+            if keep is not None:
+                keep[i] = ks
+            yield i, ks[kind]
     for b, idx in groups.items():
         want: Dict[Tuple[int, int], list] = {}
         for i in idx:
@@ -391,6 +401,13 @@ def _kernel_blocks(cands, XA: torch.Tensor, Xall: Optional[torch.Tensor], kind: 
             want.setdefault((h, h if kind == "nngp" else f), []).append(i)
         top = max(h for h, _ in want)
         for h, f, K in iter_ntk_fix(XA, Xall, max_depth=top, copy=False, bias=b):
+            if keep is not None:          # as ReluNTKFix.kernel: ntk at f = fix, nngp at f = h
+                for i in idx:
+                    if int(cands[i].depth) == h:
+                        if f == int(cands[i].fix):
+                            keep.setdefault(i, {})["ntk"] = K.clone()
+                        if f == h:
+                            keep.setdefault(i, {})["nngp"] = K.clone()
             for i in want.get((h, f), ()):
                 yield i, K
 
@@ -422,7 +439,8 @@ def _selection_plan(n: int, n_kernels: int, n_passes: int, n_ridges: int, c: int
     gets the largest ``k >= 1`` whose full-``n`` LOO costs at most half the budget (at least
     one: the ridge, and the model, are then always chosen on all ``n`` rows, where the
     screening's ``m``-row fits would favour larger ridges), stage 1 the largest ``m`` that fits
-    the rest. Budget: ``selection + final fit(n) <= _COST_BUDGET * single fit(n)`` (or
+    the rest. Budget: ``selection + final fit(n) <= _COST_MARGIN * _COST_BUDGET * single fit(n)``
+    (a margin for the model's error; or
     ``_COST_FLOOR_S`` seconds of selection, whichever is larger); the final fit after a
     selection costs ``F + A n^2`` (its temperature comes from the selection's LOO outputs).
     ``m >= min_rows`` whatever the budget (classification: 3 rows per class -- with fewer, the
@@ -435,7 +453,8 @@ def _selection_plan(n: int, n_kernels: int, n_passes: int, n_ridges: int, c: int
     Deterministic: a model of the cost, not a measurement."""
     k = _COST
     single = k["F"] + k["A"] * n * n + k["B"] * float(n) ** 3
-    budget = max(_cost_budget() * single - (k["F"] + k["A"] * n * n), _COST_FLOOR_S)
+    budget = max(_COST_MARGIN * _cost_budget() * single - (k["F"] + k["A"] * n * n),
+                 _COST_FLOOR_S)
 
     def per_kernel(m):
         m = float(m)
@@ -483,11 +502,13 @@ def _select(cands, ridges, X: torch.Tensor, Y: torch.Tensor, y_idx, kind: str, s
     """Score every (candidate, ridge) by exact LOO (two stages for large n, see
     :func:`_selection_plan`).
 
-    Returns ``(best_index, best_ridge, table, n_loo, heldout_best, refined)``: ``table`` the
+    Returns ``(best_index, best_ridge, table, n_loo, heldout_best, refined, kernels)``: ``table`` the
     stage-1 rows (LOO on the first ``n_loo`` rows of :func:`_selection_order` + held-out
     predictions for the next ``min(n_loo, n - n_loo)`` rows), ``heldout_best`` ``(n, c)`` the winner's held-out outputs in
     the original row order (exact LOO outputs on all rows after stage 2), ``refined`` the
-    stage-2 rows (exact LOO on all ``n`` rows; empty when stage 1 used all rows).
+    stage-2 rows (exact LOO on all ``n`` rows; empty when stage 1 used all rows), ``kernels``
+    the winner's ``{"nngp", "ntk"}`` train kernels on all rows when stage 2 computed them
+    (else None).
     """
     n, c = Y.shape
     n_passes = len({float(a.bias) for a in cands if isinstance(a, ReluNTKFix)}) + \
@@ -516,7 +537,7 @@ def _select(cands, ridges, X: torch.Tensor, Y: torch.Tensor, y_idx, kind: str, s
 
     def score(blocks, Ys, Yfull, ys, mm):
         """Rows of every (kernel, ridge); the best's held-out outputs on ``Yfull``."""
-        rows, best, per_cand = [], None, {}
+        rows, best, per_cand, state = [], None, {}, None
         for i, K in blocks:
             Kaa = K[:, :mm]
             scale = float(torch.diagonal(Kaa).mean())
@@ -538,9 +559,15 @@ def _select(cands, ridges, X: torch.Tensor, Y: torch.Tensor, y_idx, kind: str, s
                 if best is None or key < best[0]:
                     best, new_best = (key, i, float(r), P[j]), j
             if new_best is not None and proj is not None:
-                # the winner's outputs for all c classes (temperature): same eigenvectors
-                lf, pf = _loo_eig(lam, V, Yfull[:mm], r_abs[new_best:new_best + 1], Kt)
-                best = best[:3] + ((lf if pf is None else torch.cat([lf, pf], 1))[0],)
+                # Kt views the recursion's buffer, updated in place by the next kernels
+                state = (lam, V, r_abs[new_best:new_best + 1],
+                         None if Kt is None else Kt.clone())
+            del lam, V, Kt
+        if state is not None and best is not None:
+            # the winner's outputs for all c classes (temperature), from its eigenvectors:
+            # computed once, after the last candidate
+            lf, pf = _loo_eig(state[0], state[1], Yfull[:mm], state[2], state[3])
+            best = best[:3] + ((lf if pf is None else torch.cat([lf, pf], 1))[0],)
         return rows, best, per_cand
 
     rows, best, per_cand = score(_kernel_blocks(cands, Xo[:m], None if m == len(o) else Xo,
@@ -552,18 +579,19 @@ def _select(cands, ridges, X: torch.Tensor, Y: torch.Tensor, y_idx, kind: str, s
     if m < n:                      # stage 2: exact LOO on all rows for the best n_full kernels
         top = sorted(per_cand, key=lambda i: (per_cand[i], i))[:n_full]
         sub = [cands[i] for i in top]
-        blocks = ((top[j], K) for j, K in _kernel_blocks(sub, X, None, kind))
+        kept: Dict[int, Dict[str, torch.Tensor]] = {}
+        blocks = ((top[j], K) for j, K in _kernel_blocks(sub, X, None, kind, keep=kept))
         yi = None if y_idx is None else torch.as_tensor(np.asarray(y_idx))
         refined, best2, _ = score(blocks, Ys_all, Y, yi, n)
         if best2 is not None and math.isfinite(best2[0][-1]):
             _, bi, br, held = best2
-            return bi, br, rows, m, held, refined
+            return bi, br, rows, m, held, refined, kept.get(top.index(bi))
         _, bi, br, _ = best               # no finite full-n score: the screening's winner
-        return bi, br, rows, m, None, refined
+        return bi, br, rows, m, None, refined, None
     _, bi, br, held = best
     inv = np.empty(n, dtype=np.int64)
     inv[order_all] = np.arange(n)
-    return bi, br, rows, m, held[torch.as_tensor(inv)], refined
+    return bi, br, rows, m, held[torch.as_tensor(inv)], refined, None
 
 
 def _primal_loo(phi: torch.Tensor, Y: torch.Tensor, rel):
@@ -722,13 +750,14 @@ class _NTKBase(BaseEstimator):
         if self.features is not None:
             return self._fit_features(cands, ridges, Xt, Yt, y_idx, kind, seed)
         crit = _CLASSIFIER_CRITERION
+        kernels = None
         if len(cands) * len(ridges) == 1:
             arch, reg = cands[0], ridges[0]
             self.loo_scores_ = None
             self.selection_size_ = 0
         else:
-            bi, reg, rows, m, self._loo_best, refined = _select(cands, ridges, Xt, Yt, y_idx,
-                                                                kind, seed, crit)
+            bi, reg, rows, m, self._loo_best, refined, kernels = _select(
+                cands, ridges, Xt, Yt, y_idx, kind, seed, crit)
             arch = cands[bi]
             self.loo_scores_ = self._table(cands, rows)
             if refined:
@@ -737,7 +766,11 @@ class _NTKBase(BaseEstimator):
         self.best_params_ = {"arch": arch, "diag_reg": reg}
         self.arch_, self.diag_reg_ = arch, reg
         self.X_fit_ = Xt
-        self.k_train_train_ = _kernels(arch, Xt, None, ("nngp", "ntk"))
+        if kernels is not None and set(kernels) == {"nngp", "ntk"} and all(
+                bool(torch.isfinite(k).all()) for k in kernels.values()):
+            self.k_train_train_ = kernels          # stage 2's pass computed them already
+        else:
+            self.k_train_train_ = _kernels(arch, Xt, None, ("nngp", "ntk"))
         return self
 
     @staticmethod
