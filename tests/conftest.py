@@ -6,6 +6,9 @@
 * ``small_fc_arch``: a small fully-connected ReLU architecture with biases (fast exact kernels).
 * ``one_thread``: run the test with one torch thread (restored afterwards), for timings and
   bitwise-determinism checks on a shared machine.
+* ``one_error_line``: ``one_error_line(command)`` -> the one non-blank stderr line written
+  since the last read, checked to be ``ntkit COMMAND: error: ...`` with no traceback (how every
+  user error of the ``ntkit`` command must end).
 """
 from __future__ import annotations
 
@@ -33,3 +36,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_error_line(capsys):
+    def read(command: str) -> str:
+        cap = capsys.readouterr()
+        err = [ln for ln in cap.err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith(f"ntkit {command}: error:"), err
+        assert "Traceback" not in cap.err, cap.err
+        return err[0]
+    return read

@@ -14,12 +14,6 @@ from ntkit.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def one_error_line(capsys, command):
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith(f"ntkit {command}: error:"), err
-    return err[0]
-
-
 # ---------------------------------------------------------------------------------- lazy
 def test_lazy_end_to_end(tmp_path, capsys):
     out = tmp_path / "lazy"
@@ -62,9 +56,9 @@ def test_lazy_with_data_files(tmp_path, capsys):
     (["--arch", "Dense(8), Bogus(), Dense(1)"], "Bogus"),
     (["--data", "missing.npy", "--targets", "y.npy"], "missing.npy"),
 ])
-def test_lazy_bad_arguments(args, needle, capsys, tmp_path):
+def test_lazy_bad_arguments(args, needle, one_error_line, tmp_path):
     assert main(["lazy", "--out", str(tmp_path / "o"), "--no-progress"] + args) == 2
-    assert needle in one_error_line(capsys, "lazy")
+    assert needle in one_error_line("lazy")
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -125,24 +119,24 @@ def test_predict_discrete_matches_gd_recursion(kernel_files):
     (["--t", "-1"], "--t"),
     (["--k-test-train", "bad.npy"], "--k-test-train"),      # (3, 5) does not match n = 7
 ])
-def test_predict_bad_arguments(kernel_files, extra, needle, capsys, monkeypatch):
+def test_predict_bad_arguments(kernel_files, extra, needle, one_error_line, monkeypatch):
     d, *_ = kernel_files
     monkeypatch.chdir(d)
     np.save(d / "bad.npy", np.zeros((3, 5)))
     rc = main(["predict", "--k-train-train", "k.npy", "--y-train", "y.npy", "--no-progress"]
               + extra)
-    assert rc == 2 and needle in one_error_line(capsys, "predict")
+    assert rc == 2 and needle in one_error_line("predict")
 
 
-def test_predict_missing_file_and_shape(kernel_files, capsys):
+def test_predict_missing_file_and_shape(kernel_files, one_error_line):
     d, *_ = kernel_files
     assert main(["predict", "--k-train-train", str(d / "nope.npy"), "--y-train",
                  str(d / "y.npy")]) == 2
-    assert "not found" in one_error_line(capsys, "predict")
+    assert "not found" in one_error_line("predict")
     np.save(d / "y5.npy", np.zeros(5))
     assert main(["predict", "--k-train-train", str(d / "k.npy"), "--y-train",
                  str(d / "y5.npy")]) == 2
-    assert "--y-train" in one_error_line(capsys, "predict")
+    assert "--y-train" in one_error_line("predict")
 
 
 def test_argparse_errors_exit_2():
@@ -201,9 +195,9 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     assert n == ok == len(srcs) and err is None
 
 
-def test_demo_bad_out_folder(capsys):
+def test_demo_bad_out_folder(one_error_line):
     assert main(["demo", "--quick", "--out", "/nonexistent/dir/r.html"]) == 2
-    assert "folder does not exist" in one_error_line(capsys, "demo")
+    assert "folder does not exist" in one_error_line("demo")
 
 
 # ---------------------------------------------------------------------------------- kernel, solve
@@ -261,15 +255,15 @@ def test_kernel_in_memory_and_store_agree(tmp_path, capsys):
     (["kernel", "status", "nope.zarr"], "nope.zarr"),
     (["solve", "--store", "nope.zarr", "--y", "y.npy"], "nope.zarr"),
 ])
-def test_kernel_solve_bad_arguments(args, needle, capsys, tmp_path, monkeypatch):
+def test_kernel_solve_bad_arguments(args, needle, one_error_line, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "x.npy", np.zeros((4, 3)))
     args = [str(tmp_path / "x.npy") if a == "X" else a for a in args]
     assert main(args + ["--no-progress"] if args[1] != "status" else args) == 2
-    assert needle in one_error_line(capsys, args[0])
+    assert needle in one_error_line(args[0])
 
 
-def test_kernel_mismatched_store_and_incomplete_solve(tmp_path, capsys):
+def test_kernel_mismatched_store_and_incomplete_solve(tmp_path, capsys, one_error_line):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(9, 3)))
     np.save(tmp_path / "y.npy", np.ones(9))
     store = str(tmp_path / "k.zarr")
@@ -278,12 +272,12 @@ def test_kernel_mismatched_store_and_incomplete_solve(tmp_path, capsys):
     assert main(base) == 0
     capsys.readouterr()
     assert main(base[:-3] + ["--tile", "3", "--no-progress"]) == 2
-    err = one_error_line(capsys, "kernel")
+    err = one_error_line("kernel")
     assert "tile: stored '4', now '3'" in err and "--overwrite" in err
     from ntkit.scale import KernelStore
     KernelStore(store, mode="r+")._done_arr[1, 2] = 0
     assert main(["solve", "--store", store, "--y", str(tmp_path / "y.npy"), "--no-progress"]) == 2
-    assert "incomplete" in one_error_line(capsys, "solve")
+    assert "incomplete" in one_error_line("solve")
 
 
 # ------------------------------------------------------------------ lazy: conv nets, run.json

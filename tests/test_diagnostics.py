@@ -353,10 +353,10 @@ def test_parameterization_label_follows_layer_fields():
         body: Layer
 
     std = nl.Dense(4, parameterization="standard")
-    assert dg._arch_parameterization(Wrapped(std)) == "standard"
-    assert dg._arch_parameterization(nl.serial(Wrapped(std), nl.Relu(), nl.Dense(1))) == "mixed"
-    assert dg._arch_parameterization(nl.serial(nl.Dense(3), nl.Relu(), nl.Dense(1))) == "ntk"
-    assert dg._arch_parameterization(nl.Relu()) == "unknown"
+    assert dg.arch_parameterization(Wrapped(std)) == "standard"
+    assert dg.arch_parameterization(nl.serial(Wrapped(std), nl.Relu(), nl.Dense(1))) == "mixed"
+    assert dg.arch_parameterization(nl.serial(nl.Dense(3), nl.Relu(), nl.Dense(1))) == "ntk"
+    assert dg.arch_parameterization(nl.Relu()) == "unknown"
 
 
 def test_counts_and_models_use_the_shared_validators():

@@ -8,6 +8,7 @@
 * Finite ``t``: mean and covariance (both covariance forms: NNGP Cholesky factor, and its
   fallback for a singular NNGP) against a matrix-exponential reference in the data basis.
 """
+import inspect
 import math
 
 import pytest
@@ -56,6 +57,56 @@ def test_the_factory_declares_the_predictor_protocol(setup):
     want = [(p.name, p.default) for p in inspect.signature(PredictFn.__call__).parameters.values()
             if p.name != "self"]
     assert got == want == [("t", None), ("x_test", None), ("get", None), ("compute_cov", False)]
+
+
+@pytest.mark.parametrize("factory, protocol, want", [
+    ("gradient_descent_mse", "TimePredictFn",
+     [("t", None), ("fx_train_0", 0.0), ("fx_test_0", None), ("k_test_train", None)]),
+    ("gradient_descent_mse_discrete", "StepsPredictFn",
+     [("steps", None), ("fx_train_0", 0.0), ("fx_test_0", None), ("k_test_train", None)]),
+    ("gradient_descent", "ODEPredictFn",
+     [("t", inspect.Parameter.empty), ("fx_train_0", 0.0), ("fx_test_0", None),
+      ("k_test_train", None)]),
+    ("gp_inference", "GPPredictFn", [("get", None), ("k_test_train", None),
+                                     ("k_test_test", None)])])
+def test_every_factory_declares_its_predictor_protocol(setup, factory, protocol, want):
+    """Each factory's return type is a protocol of ntkit._typing (not a bare Callable) whose
+    call signature is the returned function's, in neural-tangents' order."""
+    import typing
+
+    from ntkit import _typing
+    proto = getattr(_typing, protocol)
+    assert typing.get_type_hints(getattr(P, factory))["return"] is proto
+    arch, x, _, y = setup
+    k = arch.kernel(x)
+    fn = {"gradient_descent_mse": lambda: P.gradient_descent_mse(k.ntk, y),
+          "gradient_descent_mse_discrete": lambda: P.gradient_descent_mse_discrete(k.ntk, y, 0.1),
+          "gradient_descent": lambda: P.gradient_descent("mse", k.ntk, y),
+          "gp_inference": lambda: P.gp_inference(k, y)}[factory]()
+    got = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+    declared = [(p.name, p.default) for p in inspect.signature(proto.__call__).parameters.values()
+                if p.name != "self"]
+    assert got == declared == want
+
+
+def test_gradient_descent_mse_t_defaults_to_convergence(setup):
+    """``predict_fn()`` = ``predict_fn(None)`` = ``predict_fn(inf)`` (float64, bitwise), the
+    large-t limit of the flow, and the GP posterior mean at ``t = inf``."""
+    arch, x, xt, y = setup
+    k, k_td = arch.kernel(x), arch.kernel(xt, x)
+    pf = P.gradient_descent_mse(k.ntk, y)
+    a, b, c = pf(), pf(None), pf(math.inf)
+    assert a.dtype == F64 and a.shape == y.shape
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.allclose(a, pf(1e9), rtol=0, atol=1e-9)            # the flow's limit
+    assert torch.allclose(a, y, rtol=0, atol=1e-8)                   # nonsingular NTK: y
+    te, te_none = pf(None, 0.0, 0.0, k_td.ntk), pf(fx_test_0=0.0, k_test_train=k_td.ntk)
+    assert torch.equal(te[1], te_none[1]) and torch.equal(te[1], pf(math.inf, 0.0, 0.0,
+                                                                   k_td.ntk)[1])
+    assert torch.allclose(te[1], pf(1e9, 0.0, 0.0, k_td.ntk)[1], rtol=0, atol=1e-9)
+    assert torch.allclose(te[1], P.gp_inference(k, y)("ntkgp", k_td), rtol=1e-8, atol=1e-10)
+    d = P.gradient_descent_mse_discrete(k.ntk, y, 0.5 * P.max_learning_rate(k.ntk, y.numel()))
+    assert torch.equal(d(), d(None)) and torch.equal(d(), a)
 
 
 @pytest.mark.parametrize("call", [

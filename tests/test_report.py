@@ -149,10 +149,10 @@ def test_report_records_text_size_of_each_figure():
 
 
 def test_plural():
-    from ntkit.report import _plural
-    assert [_plural(n, "hidden layer") for n in (0, 1, 2)] == [
+    from ntkit._text import plural
+    assert [plural(n, "hidden layer") for n in (0, 1, 2)] == [
         "0 hidden layers", "1 hidden layer", "2 hidden layers"]
-    assert _plural(1, "alpha", "alphas") == "1 alpha" and _plural(3, "x", "xs") == "3 xs"
+    assert plural(1, "alpha", "alphas") == "1 alpha" and plural(3, "x", "xs") == "3 xs"
 
 
 # ---- saving never loses a file ntkit did not write -------------------------------------------

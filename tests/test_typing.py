@@ -110,13 +110,19 @@ def test_one_budget_convention_everywhere(randn64, small_fc_arch):
     assert parse_memory_budget("2GB") == 2 * 10**9 and parse_memory_budget("1GiB") == 2**30
 
 
-def test_cli_memory_budget_takes_units_and_old_gib_numbers():
+def test_cli_memory_budget_takes_the_library_sizes():
     from ntkit.cli.kernel import memory_budget_flag
-    assert memory_budget_flag("2GB") == 2 * 10**9
+    assert memory_budget_flag("2GB") == 2 * 10**9 == parse_memory_budget("2GB")
     assert memory_budget_flag("512MiB") == 512 * 2**20
-    assert memory_budget_flag("1.5") == int(1.5 * 2**30)       # a bare number is GiB (kept)
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(ValueError, match="positive number of GiB"):
+    assert memory_budget_flag("4096B") == 4096                   # an explicit unit is taken
+    assert memory_budget_flag("1e9") == 10**9                    # a bare number is bytes
+    assert memory_budget_flag(str(2**20)) == 2**20
+    for small in ("1.5", "4", "1048575"):                        # bare, below 1 MiB: no unit
+        with pytest.raises(ValueError, match=f"--memory-budget {small} would be {small} bytes; "
+                           f"write a unit, e.g. --memory-budget {small}GB"):
+            memory_budget_flag(small)
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="--memory-budget must be a positive size"):
             memory_budget_flag(bad)
     with pytest.raises(ValueError, match="512MB or 2GiB"):
         memory_budget_flag("2 parsecs")
@@ -165,13 +171,13 @@ def test_walk_visits_every_layer_depth_first():
 
 
 def test_walk_users_see_nested_layers(randn64):
-    from ntkit.diagnostics import _arch_parameterization
+    from ntkit.diagnostics import arch_parameterization
     from ntkit.layers._tiling import _is_fully_connected, _per_pass_noise
     std = nl.Dense(4, parameterization="standard")
     deep = nl.serial(nl.Dense(4), nl.FanOut(2), nl.parallel(nl.serial(std), nl.Dense(4)),
                      nl.FanInSum())
-    assert _arch_parameterization(deep) == "mixed"
-    assert _arch_parameterization(nl.serial(nl.serial(std), std)) == "standard"
+    assert arch_parameterization(deep) == "mixed"
+    assert arch_parameterization(nl.serial(nl.serial(std), std)) == "standard"
     with pytest.raises(NotImplementedError, match="parameterization='standard'"):
         deep.features(randn64(3, 2), 16, method="jacobian")
     assert _is_fully_connected(deep)

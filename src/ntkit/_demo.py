@@ -23,7 +23,7 @@ import time
 from typing import Dict, List, Optional, cast
 
 from ._files import check_out_file, write_atomic
-from .report import _plural
+from ._text import plural
 
 __all__ = ["load_digits_split", "default_arch", "kernel_regression_table", "build_report",
            "register"]
@@ -179,12 +179,12 @@ def _accuracy_rows(arch, x_tr, Y, x_te, lab_te, res, steps, lr):
     add("NTK regression (t = inf, ridge 0)",
         [predict.gradient_descent_mse(k_dd, Y)(None, None, 0.0, k_td)])
     pf = predict.gradient_descent_mse_discrete(k_dd, Y, learning_rate=lr)
-    add(f"NTK-GP mean after {_plural(steps, 'GD step')} (f_0 = 0)", [pf(steps, None, 0.0, k_td)])
+    add(f"NTK-GP mean after {plural(steps, 'GD step')} (f_0 = 0)", [pf(steps, None, 0.0, k_td)])
     outs, refs = res.extra["test_outputs"], res.extra["test_predictions"]
     n_seeds = outs.shape[1]
     for i, w in enumerate(res.widths.tolist()):
-        add(f"networks, width {int(w)}, {_plural(steps, 'GD step')} "
-            f"({_plural(n_seeds, 'initialization')})", list(outs[i]), list(refs[i]))
+        add(f"networks, width {int(w)}, {plural(steps, 'GD step')} "
+            f"({plural(n_seeds, 'initialization')})", list(outs[i]), list(refs[i]))
     return rows
 
 
@@ -347,7 +347,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
     if kernel_rows:
         r0 = kernel_rows[0]
         rep.heading("1. Kernel regression")
-        rep.text(f"Exact NNGP and NTK of a ReLU MLP with {_plural(ks['depth'], 'hidden layer')} "
+        rep.text(f"Exact NNGP and NTK of a ReLU MLP with {plural(ks['depth'], 'hidden layer')} "
                  f"(closed-form arc-cosine recursion), kernel regression on one-hot targets "
                  f"(ridge {ks['ridge']:g} relative to the mean diagonal), {r0['n_train']} "
                  f"training / {r0['n_test']} test digits. Each kernel is computed and timed on "
@@ -372,7 +372,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
     rep.text(f"Networks with one hidden ReLU layer (NTK parameterization, 10 outputs) trained "
              f"by full-batch gradient descent on {S['n_dyn']} digits (loss 1/2 mean (f - y)^2, "
              f"learning rate {res.learning_rate:.3g} = half the stable rate), "
-             f"{_plural(len(S['dyn_seeds']), 'initialization')} per width. For each network "
+             f"{plural(len(S['dyn_seeds']), 'initialization')} per width. For each network "
              f"the prediction uses its own initial outputs f_0 and the exact discrete-step "
              f"solution of the linearized dynamics with the infinite-width NTK. Theory (Jacot "
              f"et al. 2018, Lee et al. 2019): the distance shrinks like width^-1/2. Fitted "
@@ -402,14 +402,14 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
     acc = _accuracy_rows(arch, x_tr, Y, x_te, lab_te, res, T, res.learning_rate)
     rep.heading("3. Accuracy: kernels vs trained networks")
     text = (f"{S['n_dyn']} training / {len(x_te)} test digits, the networks of section 2 after "
-            f"{_plural(T, 'full-batch GD step')} (their test RMSE equals the 'net test RMSE' "
-            f"of section 2); the NTK-GP prediction at {_plural(T, 'step')} is the mean over "
+            f"{plural(T, 'full-batch GD step')} (their test RMSE equals the 'net test RMSE' "
+            f"of section 2); the NTK-GP prediction at {plural(T, 'step')} is the mean over "
             f"initializations (f_0 = 0). The NTK regression row is the t = inf limit of "
             f"gradient descent, the 'kernel regression (t=inf)' RMSE of section 2.")
     if kernel_rows:
         text += (f" Section 1 also reports kernel-regression accuracy, on a different split: "
                  f"{r0['n_train']} training / {r0['n_test']} test digits, "
-                 f"{_plural(ks['depth'], 'hidden layer')}, ridge {ks['ridge']:g}; here the "
+                 f"{plural(ks['depth'], 'hidden layer')}, ridge {ks['ridge']:g}; here the "
                  f"kernels are those of the trained networks (one hidden layer) on their "
                  f"{S['n_dyn']} training digits, so the numbers differ"
                  + (" (fewer training digits: lower accuracy)." if S['n_dyn'] < r0['n_train']
@@ -448,7 +448,7 @@ def _build(*, quick: bool, kernel_rows: Optional[List[Dict]], kernel_settings: O
               caption="fitted log-log slopes with 95% confidence intervals, all seeds pooled")
     notes = _slope_notes(sweeps)
     if notes:
-        rep.text(f"{_plural(len(notes), 'fitted slope')} {'misses' if len(notes) == 1 else 'miss'}"
+        rep.text(f"{plural(len(notes), 'fitted slope')} {'misses' if len(notes) == 1 else 'miss'}"
                  f" the theory value (outside the 95% CI):")
         for n_ in notes:
             rep.note(n_)
@@ -538,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     n_train, depth, out = _check_args(args)
     print(f"ntkit demo: exact NNGP/NTK kernel regression on digits "
-          f"(ReLU MLP, {_plural(depth, 'hidden layer')}, {_plural(n_train, 'training image')})")
+          f"(ReLU MLP, {plural(depth, 'hidden layer')}, {plural(n_train, 'training image')})")
     if out is not None:
         print(f"the report will be written to {out}")
     rows = kernel_regression_table(n_train, depth, reg=_RIDGE_KRR, progress=not args.no_progress)

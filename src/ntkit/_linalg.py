@@ -251,6 +251,12 @@ class Factorization:
         self._lock = threading.RLock()
 
     # ---- eigendecomposition -----------------------------------------------------------
+    @property
+    def has_eigh(self) -> bool:
+        """Whether :meth:`eigh` has already run (its result is kept): a caller that needs
+        either factorization reuses the eigendecomposition instead of adding a Cholesky."""
+        return self._eigh is not None
+
     def eigh(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(evals, evecs)`` of the regularized matrix, ascending, negatives clipped to 0.
 

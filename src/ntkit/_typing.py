@@ -12,6 +12,11 @@ results, single-key ``get``, error messages). :func:`as_kernel_fn` is that norma
 * ``KernelSource = HasKernel | KernelFunction``.
 * :class:`PredictFn`: neural-tangents' ``predict_fn(t=None, x_test=None, get=None,
   compute_cov=False)`` as returned by ``gradient_descent_mse_ensemble``.
+* The other ``ntkit.predict`` factories' functions, in neural-tangents' argument order:
+  :class:`TimePredictFn` (``gradient_descent_mse``: ``t=None``, convergence),
+  :class:`StepsPredictFn` (``gradient_descent_mse_discrete``), :class:`ODEPredictFn`
+  (``gradient_descent``: a finite ``t`` is required) and :class:`GPPredictFn`
+  (``gp_inference``).
 * ``MemoryBudget = int | float | str | None``: bytes, or a string with a unit (``'2GB'``,
   ``'512MiB'``); ``None`` is the entry point's default. Parsed by
   :func:`ntkit._validation.parse_memory_budget`.
@@ -34,7 +39,8 @@ import torch
 
 from ._validation import as_array
 
-__all__ = ["HasKernel", "KernelFunction", "KernelSource", "PredictFn", "MemoryBudget", "KernelFn",
+__all__ = ["HasKernel", "KernelFunction", "KernelSource", "PredictFn", "TimePredictFn",
+           "StepsPredictFn", "ODEPredictFn", "GPPredictFn", "MemoryBudget", "KernelFn",
            "as_kernel_fn", "is_kernel_source"]
 
 Get = Union[str, Sequence[str], None]
@@ -68,6 +74,42 @@ class PredictFn(Protocol):
 
     def __call__(self, t: Any = None, x_test: Any = None, get: Get = None,
                  compute_cov: bool = False) -> Any: ...
+
+
+class TimePredictFn(Protocol):
+    """``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``: the outputs
+    at time(s) ``t`` of gradient flow (``None`` or ``inf``: convergence); the train outputs,
+    the test outputs, or both as a tuple. Neural-tangents' ``gradient_descent_mse`` order."""
+
+    def __call__(self, t: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                 k_test_train: Any = None) -> Any: ...
+
+
+class StepsPredictFn(Protocol):
+    """``predict_fn(steps=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``: as
+    :class:`TimePredictFn` after whole numbers of discrete gradient-descent ``steps``."""
+
+    def __call__(self, steps: Any = None, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                 k_test_train: Any = None) -> Any: ...
+
+
+class ODEPredictFn(Protocol):
+    """``predict_fn(t, fx_train_0=0., fx_test_0=None, k_test_train=None)``: as
+    :class:`TimePredictFn` for any loss, where ``t`` is required and finite (a loss such as
+    cross-entropy has no limit at ``t = inf``)."""
+
+    def __call__(self, t: Any, fx_train_0: Any = 0.0, fx_test_0: Any = None,
+                 k_test_train: Any = None) -> Any: ...
+
+
+class GPPredictFn(Protocol):
+    """``predict_fn(get=None, k_test_train=None, k_test_test=None)``: the exact posteriors
+    (``'nngp'``, ``'ntk'``, ``'ntkgp'``) on the training set or, with ``k_test_train``, on
+    the test set (with ``k_test_test`` also their covariances). Neural-tangents'
+    ``gp_inference`` order."""
+
+    def __call__(self, get: Get = None, k_test_train: Any = None,
+                 k_test_test: Any = None) -> Any: ...
 
 
 def is_kernel_source(obj: Any) -> bool:

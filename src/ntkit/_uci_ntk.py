@@ -43,41 +43,9 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import torch
 
+from ._validation import as_matrix, check_int, check_positive
+
 __all__ = ["iter_ntk_fix", "ntk_fix", "all_ntk_fix"]
-
-_F64 = torch.float64
-
-
-def _as_matrix(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a numpy array or torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"`{name}` must be 2-D (n_samples, n_features), got shape "
-                         f"{tuple(x.shape)}")
-    x = x.detach().to(_F64)
-    if x.numel() and not torch.isfinite(x).all():
-        raise ValueError(f"`{name}` contains NaN/Inf values; impute or drop them first")
-    return x
-
-
-def _check_depth(max_depth) -> int:
-    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) \
-            or max_depth < 0:
-        raise ValueError(f"`max_depth` (number of hidden ReLU layers) must be an integer >= 0, "
-                         f"got {max_depth!r}")
-    return int(max_depth)
-
-
-def _check_bias(bias) -> float:
-    if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`bias` must be a real number >= 0 (bias std on the kernel's scale), "
-                        f"got {bias!r}")
-    b = float(bias)
-    if not math.isfinite(b) or b < 0:
-        raise ValueError(f"`bias` must be a finite number >= 0, got {bias!r}")
-    return b
 
 
 def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True, bias: float = 0.0
@@ -91,10 +59,10 @@ def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True, bias: float
     ``max_depth=4`` gives the paper's 15 kernels (depths 1..5). ``bias``: every layer's bias std
     (see the module docstring; 0 = the paper's bias-free kernel).
     """
-    max_depth = _check_depth(max_depth)
-    b2 = _check_bias(bias) ** 2
-    a = _as_matrix(x1, "x1")
-    b = a if x2 is None else _as_matrix(x2, "x2")
+    max_depth = check_int(max_depth, "max_depth", minimum=0, what="number of hidden ReLU layers")
+    b2 = check_positive(bias, "bias", allow_zero=True) ** 2
+    a = as_matrix(x1, "x1")
+    b = a if x2 is None else as_matrix(x2, "x2")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"`x1` and `x2` must have the same number of features, got "
                          f"{a.shape[1]} and {b.shape[1]}")
@@ -145,7 +113,7 @@ def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0, bias: float = 0.0) -> tor
 
     ``0 <= fix <= depth``; shapes ``(n1, d)``, ``(n2, d)`` -> ``(n1, n2)`` float64.
     """
-    depth = _check_depth(depth)
+    depth = check_int(depth, "depth", minimum=0, what="number of hidden ReLU layers")
     if isinstance(fix, bool) or not isinstance(fix, (int, np.integer)) or not 0 <= fix <= depth:
         raise ValueError(f"`fix` (number of frozen first layers) must be an integer in "
                          f"[0, depth={depth}], got {fix!r}")

@@ -53,8 +53,16 @@ def as_tensor(x: Any, name: str, dtype: Optional[torch.dtype] = None,
     return t
 
 
-def parse_get(get: Union[str, Sequence[str], None]) -> Tuple[Tuple[str, ...], bool]:
-    """Normalise ``get`` to a tuple of keys and whether a single tensor should be returned."""
+def parse_get(get: Union[str, Sequence[str], None], allowed: Optional[Sequence[str]] = None
+              ) -> Tuple[Tuple[str, ...], bool]:
+    """Normalise ``get`` to a tuple of keys and whether a single tensor should be returned.
+
+    ``allowed``: the valid keys (default :data:`GET_KEYS`, ``('nngp', 'ntk')``); ``get=None``
+    asks for ``('nngp', 'ntk')``. Raises ``ValueError`` naming ``get`` and listing ``allowed``
+    for an empty ``get``, an unknown key or a key asked twice.
+    Example: ``parse_get('ntk') -> (('ntk',), True)``.
+    """
+    valid = GET_KEYS if allowed is None else tuple(allowed)
     if get is None:
         return GET_KEYS, False
     keys: Tuple[str, ...]
@@ -63,10 +71,12 @@ def parse_get(get: Union[str, Sequence[str], None]) -> Tuple[Tuple[str, ...], bo
     else:
         keys, single = tuple(get), False
     if not keys:
-        raise ValueError("`get` is empty; ask for 'nngp', 'ntk' or ('nngp', 'ntk')")
+        raise ValueError(f"`get` is empty; ask for one of {valid} or a tuple of them")
     for g in keys:
-        if g not in GET_KEYS:
-            raise ValueError(f"`get` has unknown key {g!r}; valid keys are {GET_KEYS}")
+        if g not in valid:
+            raise ValueError(f"`get` has unknown key {g!r}; valid keys are {valid}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"`get`={get!r} asks for a key twice; ask for each of {valid} once")
     return keys, single
 
 
@@ -156,10 +166,25 @@ def parse_memory_budget(value: Any, name: str = "memory_budget") -> Optional[int
     return int(num)
 
 
-def check_int(value: Any, name: str, minimum: int = 1) -> int:
+def check_int(value: Any, name: str, minimum: int = 1, what: str = "") -> int:
+    """An integer (``int``/numpy integer; not a bool) ``>= minimum`` as ``int``, else
+    ``ValueError`` naming ``name`` (and ``what`` it counts, if given).
+    Example: ``check_int(3, 'max_depth', 0, 'number of hidden ReLU layers') -> 3``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        desc = f" ({what})" if what else ""
+        raise ValueError(f"`{name}`{desc} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def as_matrix(x: Any, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A detached, finite 2-D ``(n_samples, n_features)`` tensor in ``dtype`` from a tensor,
+    ndarray or nested list (checks of :func:`as_tensor`, plus exactly two dims).
+    Example: ``as_matrix(np.ones((3, 2)), 'x1').dtype -> torch.float64``."""
+    t = as_tensor(x, name, dtype=dtype)
+    if t.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D (n_samples, n_features), got shape "
+                         f"{tuple(t.shape)}; flatten the features, e.g. `{name}.reshape(n, -1)`")
+    return t.detach()
 
 
 def as_array(x: Any, name: str) -> torch.Tensor:

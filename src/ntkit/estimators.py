@@ -47,7 +47,7 @@ import torch
 from ._linalg import factorize, sym_eigh
 from ._settings import settings
 from ._typing import Get, HasKernel, as_kernel_fn
-from ._validation import parse_get
+from ._validation import check_positive, parse_get
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -110,13 +110,12 @@ class ReluNTKFix:
         self.bias = bias
 
     def _check(self) -> Tuple[int, int]:
-        from ._uci_ntk import _check_bias
         d, f = self.depth, self.fix
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
             raise ValueError(f"`depth` must be an integer >= 0 (hidden ReLU layers), got {d!r}")
         if isinstance(f, bool) or not isinstance(f, numbers.Integral) or not 0 <= f <= d:
             raise ValueError(f"`fix` must be an integer in [0, depth={d}], got {f!r}")
-        _check_bias(self.bias)
+        check_positive(self.bias, "bias", allow_zero=True)
         return int(d), int(f)
 
     @overload

@@ -37,8 +37,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ._text import plural
 from ._validation import check_int as _check_count
-from .report import _plural
 
 __all__ = ["init_functions", "trained_functions", "weight_matrices", "training_curves",
            "plot_scaling", "tangent_model", "ntk_ellipse", "eigenmode_decay",
@@ -219,7 +219,7 @@ def init_functions(result, *, path: Optional[str] = None):
         ax.plot(xp, out.numpy(), lw=1.1, alpha=0.85)
     ax.set_xlabel("input x")
     ax.set_ylabel("network output f(x)")
-    ax.set_title(f"{_plural(len(r.outputs), 'random network')} of width {r.width} at "
+    ax.set_title(f"{plural(len(r.outputs), 'random network')} of width {r.width} at "
                  f"initialization")
     ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
@@ -249,8 +249,8 @@ def trained_functions(result, *, path: Optional[str] = None):
             label="training points", zorder=5)
     ax.set_xlabel("input x")
     ax.set_ylabel("f(x)")
-    ax.set_title(f"{_plural(len(r.outputs), 'network')} (width {r.width}) after "
-                 f"{_plural(r.steps, 'GD step')}")
+    ax.set_title(f"{plural(len(r.outputs), 'network')} (width {r.width}) after "
+                 f"{plural(r.steps, 'GD step')}")
     ax.legend(loc="upper left", fontsize=_FS["legend"])
     return save(fig, path)
 

@@ -55,11 +55,13 @@ import numpy as np
 import torch
 
 from ._linalg import factorize, matmul_lower, null_eps
-from ._typing import PredictFn, as_kernel_fn
+from ._typing import (GPPredictFn, ODEPredictFn, PredictFn, StepsPredictFn, TimePredictFn,
+                      as_kernel_fn)
 from ._validation import as_array as _as_array
 from ._validation import check_int as _check_int
 from ._validation import check_momentum as _check_momentum
 from ._validation import check_positive as _positive
+from ._validation import parse_get as _parse_get
 
 __all__ = [
     "gradient_descent_mse",
@@ -237,7 +239,7 @@ def _check_call(fx_train_0, fx_test_0, k_test_train):
 
 def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float = 1.0,
                          diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False
-                         ) -> Callable:
+                         ) -> TimePredictFn:
     """Outputs of a linearized network trained by gradient flow on MSE, at any time(s) ``t``.
 
     Solves ``df/dt = -Theta (f - y) / N`` (``N = y_train.numel()``, loss ``1/2 mean (f-y)^2``) in
@@ -381,7 +383,7 @@ def _plain_gd_factors(evals: torch.Tensor, live: torch.Tensor, times: torch.Tens
 
 def gradient_descent_mse_discrete(k_train_train: Any, y_train: Any, learning_rate: float,
                                   momentum: float = 0.0, diag_reg: float = 0.0,
-                                  diag_reg_absolute_scale: bool = False) -> Callable:
+                                  diag_reg_absolute_scale: bool = False) -> StepsPredictFn:
     """Outputs of a linearized network after a number of discrete full-batch GD steps.
 
     Exact for ``torch.optim.SGD(lr=learning_rate, momentum=momentum)`` on the loss
@@ -505,23 +507,6 @@ def _is_bare(k: Any) -> bool:
     return isinstance(k, (torch.Tensor, np.ndarray))
 
 
-def _parse_get(get: Union[str, Sequence[str], None], allowed: Tuple[str, ...]
-               ) -> Tuple[Tuple[str, ...], bool]:
-    if get is None:
-        return ("nngp", "ntk"), False
-    keys: Tuple[str, ...]
-    if isinstance(get, str):
-        keys, single = (get,), True
-    else:
-        keys, single = tuple(get), False
-    if not keys:
-        raise ValueError(f"`get` is empty; use one of {allowed} or a tuple of them")
-    for g in keys:
-        if g not in allowed:
-            raise ValueError(f"`get` has unknown key {g!r}; valid keys are {allowed}")
-    return keys, single
-
-
 def _pack(out: Dict[str, Any], keys: Tuple[str, ...], single: bool):
     if single:
         return out[keys[0]]
@@ -529,7 +514,7 @@ def _pack(out: Dict[str, Any], keys: Tuple[str, ...], single: bool):
 
 
 def gp_inference(k_train_train: Any, y_train: Any, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False) -> Callable:
+                 diag_reg_absolute_scale: bool = False) -> GPPredictFn:
     """Exact posteriors: NNGP (Bayesian net), NTK (ensemble after infinite training), NTK-GP.
 
     * ``'nngp'``: mean ``K_td K^-1 y``, cov ``K_tt - K_td K^-1 K_dt`` (K = NNGP);
@@ -873,7 +858,7 @@ def _certified_cholesky(f) -> Optional[torch.Tensor]:
     if hit is not None:
         return hit[0]
     L = None
-    if f.n and f._eigh is None:           # an eigendecomposition already made is simply reused
+    if f.n and not f.has_eigh:            # an eigendecomposition already made is simply reused
         L = f.cholesky()
     if L is not None:
         c = 1.5 * f.n * null_eps(f.input_dtype) * float(f.matrix.abs().sum(1).max())
@@ -1124,7 +1109,7 @@ def _odeint(fun: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
 def gradient_descent(loss: Union[str, Callable], k_train_train: Any, y_train: Any,
                      learning_rate: float = 1.0, momentum: Optional[float] = None,
                      rtol: float = 1e-9, atol: float = 1e-12, max_steps: int = 200_000
-                     ) -> Callable:
+                     ) -> ODEPredictFn:
     """Function-space gradient descent on any loss, by adaptive ODE integration (Dormand-Prince).
 
     Integrates ``df/dt = -Theta grad_f loss(f, y)`` on train (and, through ``k_test_train``, on

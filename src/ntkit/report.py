@@ -59,11 +59,6 @@ pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
 """.replace("PAGE", str(PAGE_WIDTH_PX))
 
 
-def _plural(n: int, word: str, many: Optional[str] = None) -> str:
-    """``'1 hidden layer'``, ``'3 hidden layers'`` (``many``: an irregular plural)."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
-
-
 def smallest_text_px(fig, dpi: float = 100, page_px: float = PAGE_WIDTH_PX) -> float:
     """Size in CSS pixels of the smallest visible text of ``fig`` (titles, labels, tick
     labels, legends, annotations) when it is rendered at ``dpi`` and shown in a column

@@ -23,7 +23,7 @@ import torch
 
 if TYPE_CHECKING:
     from .kernel import Kernel
-    from .layers._base import Layer
+    from .layers import Layer
 
 __all__ = ["bivariate_expectation", "mc_error_slope", "KernelTestCase"]
 

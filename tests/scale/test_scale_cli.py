@@ -14,14 +14,6 @@ from ntkit.scale._store import LOCK
 ARCH_TEXT = "Dense(16, W_std=1.3), Relu(), Dense(1)"
 
 
-def one_error_line(capsys, command):
-    cap = capsys.readouterr()
-    err = [ln for ln in cap.err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith(f"ntkit {command}: error:"), err
-    assert "Traceback" not in cap.err
-    return err[0]
-
-
 @pytest.fixture()
 def files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -36,7 +28,7 @@ def kernel(*extra):
     return ["kernel", ARCH_TEXT, "x.npy", "--no-progress", *extra]
 
 
-def test_bad_input_files(files, capsys):
+def test_bad_input_files(files, one_error_line):
     np.save("empty.npy", np.zeros((0, 3)))
     np.save("nofeat.npy", np.zeros((4, 0)))
     open("zero.npy", "wb").close()
@@ -54,52 +46,57 @@ def test_bad_input_files(files, capsys):
     for name, needle in cases:
         for store in ([], ["--store", "k.zarr"]):
             assert main(["kernel", ARCH_TEXT, name, "--no-progress", *store]) == 2, name
-            err = one_error_line(capsys, "kernel")
+            err = one_error_line("kernel")
             assert needle in err and "pickled" not in err, err
             assert not os.path.exists("k.zarr")
     np.savez("two.npz", a=np.ones((3, 2)), b=np.ones((3, 2)))
     assert main(["kernel", ARCH_TEXT, "two.npz", "--no-progress"]) == 2
-    assert "--data-key" in one_error_line(capsys, "kernel")
+    assert "--data-key" in one_error_line("kernel")
 
 
-def test_out_must_be_the_path_written(files, capsys):
+def test_out_must_be_the_path_written(files, one_error_line):
     for out in ("t.txt", "k", "k.npz.bak"):
         assert main(kernel("--out", out)) == 2
-        assert ".npy or .npz" in one_error_line(capsys, "kernel")
+        assert ".npy or .npz" in one_error_line("kernel")
     assert sorted(os.listdir(".")) == ["labels.npy", "x.npy", "y.npy"]
     assert main(kernel("--out", "nodir/k.npz")) == 2
-    assert "does not exist" in one_error_line(capsys, "kernel")
+    assert "does not exist" in one_error_line("kernel")
     assert main(kernel("--get", "ntk", "--out", "k1.npy")) == 0
     assert os.path.exists("k1.npy")
 
 
-def test_store_is_a_file_and_memory_budget_echo(files, capsys):
+def test_store_is_a_file_and_memory_budget_echo(files, one_error_line):
     assert main(kernel("--store", "y.npy")) == 2
-    assert "existing file" in one_error_line(capsys, "kernel")
+    assert "existing file" in one_error_line("kernel")
     assert np.load("y.npy").shape == (9,)
     for budget in ("-1", "0", "nan"):
         assert main(kernel("--store", "k.zarr", "--memory-budget", budget)) == 2
-        err = one_error_line(capsys, "kernel")
-        assert f"--memory-budget must be a positive number of GiB, got {budget}" in err, err
-        assert "1073741824" not in err
+        err = one_error_line("kernel")
+        assert "--memory-budget must be a positive size with a unit such as 512MB or 2GiB" \
+            in err and repr(budget) in err, err
+    # a bare number is bytes (the library's convention): a small one is refused, naming the unit
+    assert main(kernel("--store", "k.zarr", "--memory-budget", "4")) == 2
+    assert ("--memory-budget 4 would be 4 bytes; write a unit, e.g. --memory-budget 4GB"
+            in one_error_line("kernel"))
+    assert not os.path.exists("k.zarr")
 
 
-def test_resume_hints_name_flags_and_dtype_change(files, capsys):
+def test_resume_hints_name_flags_and_dtype_change(files, capsys, one_error_line):
     assert main(kernel("--store", "k.zarr", "--get", "ntk", "--tile", "4")) == 0
     capsys.readouterr()
     assert main(kernel("--store", "k.zarr", "--get", "ntk", "--dtype", "float32")) == 2
-    err = one_error_line(capsys, "kernel")
+    err = one_error_line("kernel")
     assert "dtype: stored 'float64', now 'float32'" in err and "x1:" not in err
     assert "--overwrite" in err and "--store" in err and "overwrite=True" not in err
     from ntkit.scale import KernelStore
     KernelStore("k.zarr", mode="r+")._done_arr[0, 1] = 0
     assert main(["solve", "--store", "k.zarr", "--y", "y.npy", "--no-progress"]) == 2
-    err = one_error_line(capsys, "solve")
+    err = one_error_line("solve")
     assert "incomplete" in err and "ntkit kernel ... --store k.zarr" in err
     assert "compute_kernel" not in err
 
 
-def test_solve_errors(files, capsys):
+def test_solve_errors(files, capsys, one_error_line):
     assert main(kernel("--store", "k.zarr", "--get", "ntk", "--tile", "4")) == 0
     capsys.readouterr()
     solve = ["solve", "--store", "k.zarr", "--no-progress"]
@@ -115,7 +112,7 @@ def test_solve_errors(files, capsys):
     cases.append((["--y", "neg.npy", "--one-hot"], "negative label -1"))
     for extra, needle in cases:
         assert main(solve + extra) == 2, extra
-        err = one_error_line(capsys, "solve")
+        err = one_error_line("solve")
         assert needle in err, err
     assert not os.path.exists("alpha.npy") and not os.path.exists("a.txt.npy")
     # integral float labels are fine and equal the integer ones
@@ -127,11 +124,11 @@ def test_solve_errors(files, capsys):
     # CG that cannot converge: an error naming --diag-reg (not diag_reg=)
     assert main(solve + ["--y", "y.npy", "--method", "cg", "--maxiter", "1",
                          "--preconditioner", "none"]) == 2
-    err = one_error_line(capsys, "solve")
+    err = one_error_line("solve")
     assert "--diag-reg" in err and "diag_reg=" not in err and "--maxiter" in err
 
 
-def test_verify_and_busy(files, capsys):
+def test_verify_and_busy(files, capsys, one_error_line):
     assert main(kernel("--store", "k.zarr", "--get", "ntk", "--tile", "4")) == 0
     capsys.readouterr()
     assert main(["kernel", "verify", "k.zarr"]) == 0
@@ -146,7 +143,7 @@ def test_verify_and_busy(files, capsys):
     assert main(["kernel", "verify", "k.zarr"]) == 2
     assert "'done' is missing" in capsys.readouterr().err
     assert main(["kernel", "status", "k.zarr"]) == 2
-    assert "'done' is missing" in one_error_line(capsys, "kernel")
+    assert "'done' is missing" in one_error_line("kernel")
     # a rerun repairs (ledger rebuilt from the checksums, the damaged tile recomputed)
     with pytest.warns(RuntimeWarning):
         assert main(kernel("--store", "k.zarr", "--get", "ntk", "--tile", "4")) == 0
@@ -155,16 +152,16 @@ def test_verify_and_busy(files, capsys):
     with open(os.path.join("k.zarr", LOCK), "w") as f:
         json.dump({"pid": 1, "host": "elsewhere", "token": "t", "since": "now"}, f)
     assert main(kernel("--store", "k.zarr", "--get", "ntk", "--tile", "4")) == 2
-    err = one_error_line(capsys, "kernel")
+    err = one_error_line("kernel")
     assert "being written by" in err and "elsewhere" in err
 
 
-def test_permission_error_is_a_message(files, capsys, monkeypatch):
+def test_permission_error_is_a_message(files, one_error_line, monkeypatch):
     from ntkit.scale import _store
 
     def denied(self):
         raise PermissionError(13, "Permission denied", self.path)
     monkeypatch.setattr(_store.StoreLock, "acquire", denied)
     assert main(kernel("--store", "k.zarr")) == 2
-    err = one_error_line(capsys, "kernel")
+    err = one_error_line("kernel")
     assert "Permission denied" in err or "permission denied" in err

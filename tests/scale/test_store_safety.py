@@ -136,20 +136,14 @@ def test_marker_missing_means_not_ours(user_tree):
 
 
 # ---- command line --------------------------------------------------------------------------
-def one_error_line(capsys, command):
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith(f"ntkit {command}: error:"), err
-    return err[0]
-
-
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_cli_refused_store_paths_touch_nothing(user_tree, capsys, overwrite):
+def test_cli_refused_store_paths_touch_nothing(user_tree, one_error_line, overwrite):
     before = snapshot(user_tree)
     for path, needle in BAD:
         args = ["kernel", ARCH_TEXT, "x.npy", "--store", _resolve(path, user_tree),
                 "--no-progress"] + (["--overwrite"] if overwrite else [])
         assert main(args) == 2, path
-        err = one_error_line(capsys, "kernel")
+        err = one_error_line("kernel")
         assert "--store" in err and "Traceback" not in err, err
         assert needle in err, (path, err)     # the same reason as the API gives
         assert snapshot(user_tree) == before, path

@@ -93,24 +93,24 @@ def run_verify(path: str, progress: bool = True) -> int:
 
 
 def memory_budget_flag(text: str) -> int:
-    """Bytes from ``--memory-budget``: a size with a unit, as everywhere in ntkit (``2GB``,
-    ``512MiB``, ``1e9B``: :func:`ntkit._validation.parse_memory_budget`), or a bare number,
-    which is GiB (the flag's older form, kept: ``--memory-budget 2`` is 2 GiB)."""
+    """Bytes from ``--memory-budget``, in the library's one convention
+    (:func:`ntkit._validation.parse_memory_budget`, as ``memory_budget=``): a size with a unit
+    (``2GB``, ``512MiB``, ``4096B``) or a bare number of bytes (``1e9``). A bare number below
+    1 MiB is refused: ``--memory-budget 4`` would be 4 bytes, surely meant as ``4GB``."""
     from .._validation import parse_memory_budget
     text = str(text).strip()
     try:
-        gib = float(text)
+        bare = float(text)
     except ValueError:
-        gib = None
-    if gib is not None:
-        if not math.isfinite(gib) or gib <= 0:
-            raise ValueError(f"--memory-budget must be a positive number of GiB, got {text}")
-        return max(1, int(gib * 2**30))
+        bare = None
+    if bare is not None and math.isfinite(bare) and 0 < bare < 2**20:
+        raise ValueError(f"--memory-budget {text} would be {text} bytes; write a unit, e.g. "
+                         f"--memory-budget {text}GB")
     try:
         return parse_memory_budget(text, "--memory-budget")
     except (TypeError, ValueError):
-        raise ValueError(f"--memory-budget must be a size with a unit such as 512MB or 2GiB, "
-                         f"or a number of GiB, got {text!r}") from None
+        raise ValueError(f"--memory-budget must be a positive size with a unit such as 512MB or "
+                         f"2GiB (or a number of bytes, e.g. 1e9), got {text!r}") from None
 
 
 @store_errors
@@ -215,8 +215,8 @@ def register(sub) -> None:
                    "(default 2)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="memory for tiles in flight: a size such as 512MB or 2GiB, or a bare "
-                   "number of GiB (default: half the available RAM)")
+                   help="memory for tiles in flight: a size with a unit such as 512MB or 2GiB "
+                   "(a bare number is bytes; default: half the available RAM)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --store "
                    "(only a store ntkit created is ever deleted)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

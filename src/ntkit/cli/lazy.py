@@ -202,7 +202,7 @@ def _stable_limit(arch, x, width: int, seed: int) -> float:
     import torch
     from .. import diagnostics as dg
     net = arch.module(in_shape=tuple(x.shape[1:]), width=width, seed=seed, dtype=torch.float64)
-    return dg._auto_lr(net, x, 1.0, 1.0)
+    return dg.auto_lr(net, x)
 
 
 def _check_converging(sweep, arch, x, lr, lr_text: str, label: str) -> None:
@@ -308,7 +308,7 @@ def _record(args, arch, widths, seeds, alphas, x, out_shape, data_rec) -> Dict[s
         command="ntkit lazy", ntkit_version=__version__, torch_version=torch.__version__,
         python_version=platform.python_version(),
         arch=dict(text=args.arch, parsed=repr(arch),
-                  parameterization=dg._arch_parameterization(arch)),
+                  parameterization=dg.arch_parameterization(arch)),
         data=data_rec, input_shape=list(x.shape[1:]), output_shape=list(out_shape),
         n=int(x.shape[0]), widths=list(widths), seeds=list(seeds), steps=int(args.steps),
         lr=args.lr if args.lr == "auto" else float(args.lr),
@@ -364,7 +364,7 @@ def _run(args, arch, widths, seeds, lr, alphas, x, y, out, record) -> int:
         sa = dg.alpha_sweep(net, x, y, alphas, seeds=seeds[:1], center=not args.no_center,
                             steps=args.steps, learning_rate=lr, batch_size=args.batch_size,
                             progress=not args.no_progress, hessian_steps=args.hessian_steps,
-                            parameterization=dg._arch_parameterization(arch))
+                            parameterization=dg.arch_parameterization(arch))
         _check_converging(sa, arch, x, lr, args.lr, "alpha")
     # everything measured and checked: write all outputs (temporary names, then into place)
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from .._files import check_out_file, write_atomic
 from ._io import load_matrix, parse_floats
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "--fx-test-0")
 
     k_t, y_t = torch.from_numpy(k_dd), torch.from_numpy(y)
+    fn: Callable[..., Any]    # a StepsPredictFn or a TimePredictFn: called positionally below
     if args.discrete:
         if max(times) > 0:
             # the predictor reuses this (cached) factorization: a mode with eigenvalue lam

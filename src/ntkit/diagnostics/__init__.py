@@ -42,9 +42,11 @@ The package is split by concern; every public name is importable from ``ntkit.di
 
 * ``_norms``: :func:`jacobian_norm`, :func:`hessian_norm`, :func:`lazy_scales`, :func:`kappa`;
 * ``_training``: :func:`train` (the one training loop of ntkit: the sweeps, the demo and the
-  figures' experiments all use it), :func:`relative_weight_change`, :func:`kernel_drift`;
+  figures' experiments all use it), :func:`relative_weight_change`, :func:`kernel_drift`,
+  :func:`auto_lr` (the stable learning rate of ``learning_rate='auto'``);
 * ``_slopes``: :func:`fit_slope`, :class:`Slope`;
-* ``_sweeps``: :func:`width_sweep`, :func:`alpha_sweep`, :class:`LazySweep`;
+* ``_sweeps``: :func:`width_sweep`, :func:`alpha_sweep`, :class:`LazySweep`,
+  :func:`arch_parameterization`;
 * ``_common``: input checks, float64 copies, the full empirical NTK.
 
 Figures of these results are drawn by :mod:`ntkit.plots` (which imports this package, never
@@ -54,15 +56,11 @@ from __future__ import annotations
 
 from ._norms import LazyScales, hessian_norm, jacobian_norm, kappa, lazy_scales
 from ._slopes import Slope, fit_slope
-from ._sweeps import LazySweep, alpha_sweep, width_sweep
-from ._training import TrainingRecord, kernel_drift, relative_weight_change, train
-
-# private, for ntkit.cli.lazy only (its --learning-rate default and the alpha sweep's label)
-from ._sweeps import _arch_parameterization  # noqa: E402,F401  isort: skip
-from ._training import _auto_lr  # noqa: E402,F401  isort: skip
+from ._sweeps import LazySweep, alpha_sweep, arch_parameterization, width_sweep
+from ._training import TrainingRecord, auto_lr, kernel_drift, relative_weight_change, train
 
 __all__ = [
     "LazyScales", "lazy_scales", "jacobian_norm", "hessian_norm", "kappa",
-    "relative_weight_change", "kernel_drift", "TrainingRecord", "train",
-    "Slope", "fit_slope", "LazySweep", "width_sweep", "alpha_sweep",
+    "relative_weight_change", "kernel_drift", "TrainingRecord", "train", "auto_lr",
+    "Slope", "fit_slope", "LazySweep", "width_sweep", "alpha_sweep", "arch_parameterization",
 ]

@@ -18,7 +18,8 @@ from ._training import _Diverged, train
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["METRICS", "THEORY", "LazySweep", "width_sweep", "alpha_sweep"]
+__all__ = ["METRICS", "THEORY", "LazySweep", "width_sweep", "alpha_sweep",
+           "arch_parameterization"]
 
 
 METRICS = ("jacobian_norm", "hessian_norm", "kappa", "residual", "rel_weight_change",
@@ -146,13 +147,14 @@ class LazySweep:
         return "\n".join(lines)
 
 
-def _arch_parameterization(arch) -> str:
+def arch_parameterization(arch: Any) -> str:
     """The ``parameterization`` shared by every layer of an ntkit architecture that has one
     (``'ntk'``, ``'standard'``), ``'mixed'`` if they differ, ``'unknown'`` if none has one.
 
     The walk is :meth:`ntkit.layers.Layer.walk` (declared sub-layer fields, as in ``serial``
     and ``parallel``), reading each layer's declared ``parameterization`` field, so it names no
-    attribute it has to guess."""
+    attribute it has to guess. Example: ``arch_parameterization(nl.serial(nl.Dense(8),
+    nl.Relu(), nl.Dense(1))) -> 'ntk'``."""
     from ..layers import Layer
     if not isinstance(arch, Layer):
         return "unknown"
@@ -285,7 +287,7 @@ def width_sweep(model: Any, x: Any, y: Any, widths: Sequence[int], *,
     from ..layers import Layer
     if isinstance(model, Layer):
         shape = tuple(x.shape[1:]) if in_shape is None else in_shape
-        label = parameterization or _arch_parameterization(model)
+        label = parameterization or arch_parameterization(model)
 
         def build(w, s):
             return model.module(in_shape=shape, width=w, seed=s, dtype=_F64)
@@ -360,7 +362,7 @@ def alpha_sweep(model: Any, x: Any, y: Any, alphas: Sequence[float], *,
             return copy.deepcopy(model).to(_F64)
     elif isinstance(model, Layer):
         shape = tuple(x.shape[1:]) if in_shape is None else in_shape
-        label = _arch_parameterization(model)
+        label = arch_parameterization(model)
 
         def build(s):
             return model.module(in_shape=shape, seed=s, dtype=_F64)

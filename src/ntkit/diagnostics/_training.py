@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._validation import check_positive
 from ._common import (_F64, _as_x, _as_y, _check_int, _check_model, _f64_copy, _full_ntk,
                       _param_dict, _trainable)
 
-__all__ = ["relative_weight_change", "kernel_drift", "TrainingRecord", "train"]
+__all__ = ["relative_weight_change", "kernel_drift", "TrainingRecord", "train", "auto_lr"]
 
 
 _Params = Union[nn.Module, Dict[str, torch.Tensor]]
@@ -132,7 +133,24 @@ def _stable_limit_text(model: nn.Module, theta0: Dict[str, torch.Tensor], x: tor
             f"lambda_max(NTK)) = {limit:.4g}, so learning_rate is {lr / limit:.3g} times it)")
 
 
+def auto_lr(model: nn.Module, x: Any, loss_scale: float = 1.0, fraction: float = 1.0) -> float:
+    """``fraction`` times the largest stable full-batch gradient-descent learning rate of
+    ``model`` at its current weights, ``2 N / (loss_scale * lambda_max(Theta))``: ``Theta`` is
+    the ``(N, N)`` empirical NTK on ``x`` (``N`` = examples x outputs), the loss
+    :func:`train`'s ``loss_scale * 1/2 mean (f - y)^2``. ``train(learning_rate='auto')`` uses
+    ``lr_fraction`` times it. Computed in float64 on a copy (``model`` is not changed).
+
+    Raises ``TypeError``/``ValueError`` naming the argument. Example:
+    ``lr = auto_lr(net, x, fraction=0.5)`` (half the stable limit).
+    """
+    model = _check_model(model)
+    x = _as_x(x)
+    return _auto_lr(model, x, check_positive(loss_scale, "loss_scale"),
+                    check_positive(fraction, "fraction"))
+
+
 def _auto_lr(model: nn.Module, x: torch.Tensor, loss_scale: float, fraction: float) -> float:
+    """:func:`auto_lr` without the checks (its callers here checked the arguments)."""
     theta = _full_ntk(_f64_copy(model), x)
     lam = float(torch.linalg.eigvalsh(theta)[-1])
     N = theta.shape[0]

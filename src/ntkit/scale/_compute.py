@@ -25,7 +25,7 @@ import torch
 
 from .._system import available_cores, available_memory
 from .._typing import as_kernel_fn
-from .._validation import GET_KEYS, as_tensor, parse_memory_budget
+from .._validation import as_tensor, parse_get, parse_memory_budget
 from ._store import (KernelStore, StoreLock, check_store_path, create_store, hint, n_tiles,
                      refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
 
@@ -349,15 +349,17 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         raise TypeError(f"`arch_or_fn` must be an ntkit.layers architecture, an object with a "
                         f".kernel(x1, x2, get) method (e.g. ReluNTKFix), or a function "
                         f"fn(x1_block, x2_block) -> tensor, got {type(arch_or_fn).__name__}")
-    if get is None:
-        get = ("nngp", "ntk") if is_arch else "kernel"
-    single = isinstance(get, str)
-    keys = (get,) if isinstance(get, str) else tuple(get)
-    if not keys or len(set(keys)) != len(keys) or not all(isinstance(k, str) and k
-                                                          for k in keys):
-        raise ValueError(f"`get` must be a kernel name or a tuple of distinct names, got {get!r}")
-    if is_arch and any(k not in GET_KEYS for k in keys):
-        raise ValueError(f"`get` for an architecture must be among {GET_KEYS}, got {get!r}")
+    keys: Tuple[str, ...]
+    if is_arch:       # an architecture's kernels: the library's one `get` parser
+        keys, single = parse_get(get)
+    else:             # a function's kernels: any distinct names (checked as store names below)
+        get = "kernel" if get is None else get
+        single = isinstance(get, str)
+        keys = (get,) if isinstance(get, str) else tuple(get)
+        if not keys or len(set(keys)) != len(keys) or not all(isinstance(k, str) and k
+                                                              for k in keys):
+            raise ValueError(f"`get` must be a kernel name or a tuple of distinct names, got "
+                             f"{get!r}")
     bad = [k for k in keys if k in RESERVED or not _NAME.match(k)]
     if bad:
         raise ValueError(f"`get` names {bad} cannot name stored kernels: use letters, digits, "
