@@ -38,14 +38,22 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Tuple
+import numbers
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Tuple, Union, overload
 
 import numpy as np
 import torch
 
-from ._validation import as_matrix, check_int, check_positive
+from ._typing import Get
+from ._validation import as_matrix, check_int, check_positive, parse_get
 
-__all__ = ["iter_ntk_fix", "ntk_fix", "all_ntk_fix"]
+if TYPE_CHECKING:
+    from .layers import Layer
+
+#: keys of a kernel dict: a tuple or list of ``'nngp'``/``'ntk'``, or None (both)
+_Keys = Union[Tuple[str, ...], List[str], None]
+
+__all__ = ["ReluNTKFix", "iter_ntk_fix", "ntk_fix", "all_ntk_fix"]
 
 
 def iter_ntk_fix(x1, x2=None, max_depth: int = 4, copy: bool = True, bias: float = 0.0
@@ -121,3 +129,88 @@ def ntk_fix(x1, x2=None, depth: int = 1, fix: int = 0, bias: float = 0.0) -> tor
         if h == depth and f == fix:
             return K.clone()
     raise AssertionError("unreachable")
+
+
+class ReluNTKFix:
+    """Bias-free FC ReLU NTK of Arora et al. (2020) with the first ``fix`` layers not trained.
+
+    ``depth`` = number of hidden ReLU layers (the paper's depth minus one; ``depth=0`` is the
+    linear kernel ``X1 X2^T``), ``0 <= fix <= depth``. Computed from ``S = X1 X2^T`` with no
+    ``1/d`` factor, exactly as the paper's code: ``ntk`` drops the terms of the first ``fix``
+    weight layers; ``nngp`` is the prior covariance of the readout's input (independent of
+    ``fix``). ``bias`` (default 0 = the paper's kernel) adds a bias of std ``bias`` to every
+    layer on that scale (``S <- S + bias^2``; see :mod:`ntkit._uci_ntk`). Use it as ``arch=`` of
+    the estimators or in :func:`kernel_callable`.
+
+    Example::
+
+        >>> k = ReluNTKFix(depth=2, fix=1).kernel(x1, x2, get="ntk")      # (n1, n2) float64
+    """
+
+    def __init__(self, depth: int = 2, fix: int = 0, bias: float = 0.0):
+        self.depth = depth
+        self.fix = fix
+        self.bias = bias
+
+    def _check(self) -> Tuple[int, int]:
+        d, f = self.depth, self.fix
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
+            raise ValueError(f"`depth` must be an integer >= 0 (hidden ReLU layers), got {d!r}")
+        if isinstance(f, bool) or not isinstance(f, numbers.Integral) or not 0 <= f <= d:
+            raise ValueError(f"`fix` must be an integer in [0, depth={d}], got {f!r}")
+        check_positive(self.bias, "bias", allow_zero=True)
+        return int(d), int(f)
+
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., *, get: str, **_: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any, get: str, **_: Any) -> torch.Tensor: ...
+
+    @overload
+    def kernel(self, x1: Any, x2: Any = ..., get: _Keys = ...,
+               **_: Any) -> Dict[str, torch.Tensor]: ...
+
+    @overload   # `get` of a type known only as str-or-sequence: either
+    def kernel(self, x1: Any, x2: Any = ..., get: Get = ...,
+               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]: ...
+
+    def kernel(self, x1: Any, x2: Any = None, get: Get = ("nngp", "ntk"),
+               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(n1, n2)`` float64 kernel between the rows of ``x1`` and ``x2`` (None: ``x1``):
+        a tensor for a string ``get``, else a dict ``{key: tensor}``; other keyword arguments
+        (those of ``Layer.kernel``) are accepted and ignored."""
+        depth, fix = self._check()
+        keys, single = parse_get(get)
+        out: Dict[str, torch.Tensor] = {}
+        for h, f, K in iter_ntk_fix(x1, x2, max_depth=depth, copy=False,
+                                    bias=float(self.bias)):
+            if h != depth:
+                continue
+            if f == fix and "ntk" in keys:
+                out["ntk"] = K.clone()
+            if f == depth and "nngp" in keys:
+                out["nngp"] = K.clone()
+        return out[keys[0]] if single else out
+
+    def as_layers(self, d: int, width: int = 512) -> Layer:
+        """The ``ntkit.layers`` network whose NTK/NNGP, times ``d`` (the input dimension), is
+        this kernel -- for ``fix = 0`` (NTK) and the NNGP; used for random features."""
+        from . import layers as nl
+        depth, fix = self._check()
+        b_std = float(self.bias) / math.sqrt(d)
+        layers = []
+        for _ in range(depth):
+            layers += [nl.Dense(width, W_std=1.0, b_std=b_std), nl.Relu()]
+        return nl.serial(*layers, nl.Dense(1, W_std=1.0, b_std=b_std))
+
+    def __repr__(self) -> str:
+        b = "" if not self.bias else f", bias={self.bias!r}"
+        return f"ReluNTKFix(depth={self.depth!r}, fix={self.fix!r}{b})"
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is type(self) and other.depth == self.depth
+                and other.fix == self.fix and other.bias == self.bias)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.depth, self.fix, self.bias))

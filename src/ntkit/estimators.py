@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple,
                     Union, overload)
 
 import numpy as np
@@ -46,11 +46,8 @@ import torch
 
 from ._linalg import factorize, sym_eigh
 from ._settings import settings
-from ._typing import Get, HasKernel, as_kernel_fn
-from ._validation import check_positive, parse_get
-
-if TYPE_CHECKING:
-    from .layers import Layer
+from ._typing import HasKernel, as_kernel_fn
+from ._uci_ntk import ReluNTKFix, iter_ntk_fix
 
 try:  # scikit-learn is an optional extra; the module imports without it
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -75,8 +72,6 @@ _Arch = Union[str, HasKernel]
 _ArchArg = Union[None, _Arch, Sequence[_Arch]]
 #: one value, or a list to choose from (``diag_reg=``, ``C=``); None: the default grid
 _Grid = Union[None, float, Sequence[float]]
-#: keys of a kernel dict: a tuple or list of ``'nngp'``/``'ntk'``, or None (both)
-_Keys = Union[Tuple[str, ...], List[str], None]
 
 
 def _need_sklearn():
@@ -87,92 +82,6 @@ def _need_sklearn():
 # =========================================================================================
 # architectures
 # =========================================================================================
-
-class ReluNTKFix:
-    """Bias-free FC ReLU NTK of Arora et al. (2020) with the first ``fix`` layers not trained.
-
-    ``depth`` = number of hidden ReLU layers (the paper's depth minus one; ``depth=0`` is the
-    linear kernel ``X1 X2^T``), ``0 <= fix <= depth``. Computed from ``S = X1 X2^T`` with no
-    ``1/d`` factor, exactly as the paper's code: ``ntk`` drops the terms of the first ``fix``
-    weight layers; ``nngp`` is the prior covariance of the readout's input (independent of
-    ``fix``). ``bias`` (default 0 = the paper's kernel) adds a bias of std ``bias`` to every
-    layer on that scale (``S <- S + bias^2``; see :mod:`ntkit._uci_ntk`). Use it as ``arch=`` of
-    the estimators or in :func:`kernel_callable`.
-
-    Example::
-
-        >>> k = ReluNTKFix(depth=2, fix=1).kernel(x1, x2, get="ntk")      # (n1, n2) float64
-    """
-
-    def __init__(self, depth: int = 2, fix: int = 0, bias: float = 0.0):
-        self.depth = depth
-        self.fix = fix
-        self.bias = bias
-
-    def _check(self) -> Tuple[int, int]:
-        d, f = self.depth, self.fix
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
-            raise ValueError(f"`depth` must be an integer >= 0 (hidden ReLU layers), got {d!r}")
-        if isinstance(f, bool) or not isinstance(f, numbers.Integral) or not 0 <= f <= d:
-            raise ValueError(f"`fix` must be an integer in [0, depth={d}], got {f!r}")
-        check_positive(self.bias, "bias", allow_zero=True)
-        return int(d), int(f)
-
-    @overload
-    def kernel(self, x1: Any, x2: Any = ..., *, get: str, **_: Any) -> torch.Tensor: ...
-
-    @overload
-    def kernel(self, x1: Any, x2: Any, get: str, **_: Any) -> torch.Tensor: ...
-
-    @overload
-    def kernel(self, x1: Any, x2: Any = ..., get: _Keys = ...,
-               **_: Any) -> Dict[str, torch.Tensor]: ...
-
-    @overload   # `get` of a type known only as str-or-sequence: either
-    def kernel(self, x1: Any, x2: Any = ..., get: Get = ...,
-               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]: ...
-
-    def kernel(self, x1: Any, x2: Any = None, get: Get = ("nngp", "ntk"),
-               **_: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``(n1, n2)`` float64 kernel between the rows of ``x1`` and ``x2`` (None: ``x1``):
-        a tensor for a string ``get``, else a dict ``{key: tensor}``; other keyword arguments
-        (those of ``Layer.kernel``) are accepted and ignored."""
-        from ._uci_ntk import iter_ntk_fix
-        depth, fix = self._check()
-        keys, single = parse_get(get)
-        out: Dict[str, torch.Tensor] = {}
-        for h, f, K in iter_ntk_fix(x1, x2, max_depth=depth, copy=False,
-                                    bias=float(self.bias)):
-            if h != depth:
-                continue
-            if f == fix and "ntk" in keys:
-                out["ntk"] = K.clone()
-            if f == depth and "nngp" in keys:
-                out["nngp"] = K.clone()
-        return out[keys[0]] if single else out
-
-    def as_layers(self, d: int, width: int = 512) -> Layer:
-        """The ``ntkit.layers`` network whose NTK/NNGP, times ``d`` (the input dimension), is
-        this kernel -- for ``fix = 0`` (NTK) and the NNGP; used for random features."""
-        from . import layers as nl
-        depth, fix = self._check()
-        b_std = float(self.bias) / math.sqrt(d)
-        layers = []
-        for _ in range(depth):
-            layers += [nl.Dense(width, W_std=1.0, b_std=b_std), nl.Relu()]
-        return nl.serial(*layers, nl.Dense(1, W_std=1.0, b_std=b_std))
-
-    def __repr__(self) -> str:
-        b = "" if not self.bias else f", bias={self.bias!r}"
-        return f"ReluNTKFix(depth={self.depth!r}, fix={self.fix!r}{b})"
-
-    def __eq__(self, other: object) -> bool:
-        return (type(other) is type(self) and other.depth == self.depth
-                and other.fix == self.fix and other.bias == self.bias)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.depth, self.fix, self.bias))
-
 
 def default_arch():
     """The default architecture: 2 hidden ReLU layers, ``W_std = sqrt(2)``, ``b_std = 0.1``.
@@ -382,7 +291,6 @@ def _kernel_blocks(cands, XA: torch.Tensor, Xall: Optional[torch.Tensor], kind: 
     recursion pass (the depth-``h`` kernels are by-products of the deepest one). ``keep``: a
     dict that receives ``{index: {"nngp": K, "ntk": K}}`` (copies, both kinds from the same
     pass): the final fit's kernels after the selection's stage 2, not computed twice."""
-    from ._uci_ntk import iter_ntk_fix
     groups: Dict[float, list] = {}
     for i, a in enumerate(cands):
         if isinstance(a, ReluNTKFix):
