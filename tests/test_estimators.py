@@ -550,6 +550,11 @@ def test_selection_plan_respects_cost_model():
         # ... planned to _COST_MARGIN of it (the model's measured error is about +-15%)
         assert sel <= max(est_mod._COST_MARGIN * 3 * single - k["A"] * n * n,
                           est_mod._COST_FLOOR_S)
+    # the whole modelled cost (screening, held-out rows, stage 2, final fit) stays within the
+    # margin's share of the budget, and fills most of it
+    for n in (1000, 3000):
+        ratio = _modelled_selection_ratio(n, 3, 0, 0)[2]
+        assert 0.8 * est_mod._COST_MARGIN * 3 <= ratio <= est_mod._COST_MARGIN * 3 * (1 + 1e-9)
     assert est_mod._selection_plan(60, 30, 2, 15, 3) == (60, 0)
     # classification: at least 3 rows per class in the screening, whatever the budget
     m, _ = est_mod._selection_plan(1200, 30, 2, 15, 100)

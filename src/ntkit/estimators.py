@@ -465,16 +465,15 @@ def _select(cands, ridges, X: torch.Tensor, Y: torch.Tensor, y_idx, kind: str, s
                     per_cand[i] = key
                 if best is None or key < best[0]:
                     best, new_best = (key, i, float(r), P[j]), j
-            if new_best is not None and proj is not None:
-                # Kt views the recursion's buffer, updated in place by the next kernels
-                state = (lam, V, r_abs[new_best:new_best + 1],
-                         None if Kt is None else Kt.clone())
+            if new_best is not None and proj is not None and mm == n:
+                state = (lam, V, r_abs[new_best:new_best + 1])
             del lam, V, Kt
         if state is not None and best is not None:
             # the winner's outputs for all c classes (temperature), from its eigenvectors:
-            # computed once, after the last candidate
-            lf, pf = _loo_eig(state[0], state[1], Yfull[:mm], state[2], state[3])
-            best = best[:3] + ((lf if pf is None else torch.cat([lf, pf], 1))[0],)
+            # computed once, after the last candidate, and only when they are used (LOO on all
+            # n rows: a screening on m < n rows is always followed by stage 2's outputs)
+            lf, _ = _loo_eig(state[0], state[1], Yfull, state[2])
+            best = best[:3] + (lf[0],)
         return rows, best, per_cand
 
     rows, best, per_cand = score(_kernel_blocks(cands, Xo[:m], None if m == len(o) else Xo,
