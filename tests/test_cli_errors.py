@@ -374,6 +374,15 @@ def test_arch_known_layers_are_only_layers(d, capsys):
         if isinstance(ctor, type):
             assert issubclass(ctor, Layer)
 
+    # the vocabulary is read from the family modules (not the package, which imports the
+    # parser): it must be exactly ntkit.layers' public layer constructors
+    import ntkit.layers as nl
+    public = {n for n in nl.__all__ if n not in ("Layer", "Activation", "Elementwise",
+                                                  "parse_arch", "from_torch",
+                                                  "Slice")}  # (an index builder for Index)
+    assert set(_layer_names()) == public
+    assert all(_layer_names()[n] is getattr(nl, n) for n in public)
+
 
 # ---------------------------------------------------------------------------------- help
 def test_help_imports_no_torch():

@@ -33,6 +33,8 @@ import torch
 from . import predict as _predict
 from ._validation import check_int as _check_count
 from .diagnostics import fit_slope, train
+from . import layers as nl
+from .empirical import centered, empirical_ntk, scaled
 
 __all__ = ["train_and_compare", "DynamicsComparison", "init_functions", "InitFunctions",
            "trained_functions", "TrainedFunctions", "weight_changes", "WeightChanges",
@@ -215,7 +217,6 @@ _F64 = torch.float64
 
 
 def _default_1d_arch():
-    from . import layers as nl
     return nl.serial(nl.Dense(512, W_std=1.5, b_std=0.5), nl.Erf(),
                      nl.Dense(1, W_std=1.5, b_std=0.1))
 
@@ -337,7 +338,6 @@ def weight_changes(arch: Any = None, x: Any = None, y: Any = None, *,
     """Train one network per width (full-batch GD, :func:`ntkit.diagnostics.train`; default: two
     hidden erf layers on 8 1-D points of ``sin``) and keep its hidden-to-hidden weight matrix
     at about 25 steps. Drawn by :func:`ntkit.plots.weight_matrices`."""
-    from . import layers as nl
     if arch is None:
         arch = nl.serial(nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(),
                          nl.Dense(100, W_std=1.5, b_std=0.3), nl.Erf(), nl.Dense(1, W_std=1.5))
@@ -376,8 +376,6 @@ def ntk_ellipse(arch: Any = None, x2: Any = None, y2: Any = None, *,
     step and the empirical NTK ``Theta_t`` about 20 times, next to the linearized model's path
     (:func:`ntkit.predict.gradient_descent_mse_discrete` with ``Theta_0``, exact for GD).
     Drawn by :func:`ntkit.plots.ntk_ellipse`."""
-    from . import layers as nl
-    from .empirical import centered, empirical_ntk, scaled
     if arch is None:
         arch = nl.serial(nl.Dense(16, W_std=1.5, b_std=0.2), nl.Erf(), nl.Dense(1, W_std=1.5))
     if x2 is None:

@@ -46,6 +46,7 @@ import torch
 
 from ._typing import Get
 from ._validation import as_matrix, check_int, check_positive, parse_get
+from . import layers as nl
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -196,7 +197,6 @@ class ReluNTKFix:
     def as_layers(self, d: int, width: int = 512) -> Layer:
         """The ``ntkit.layers`` network whose NTK/NNGP, times ``d`` (the input dimension), is
         this kernel -- for ``fix = 0`` (NTK) and the NNGP; used for random features."""
-        from . import layers as nl
         depth, fix = self._check()
         b_std = float(self.bias) / math.sqrt(d)
         layers = []

@@ -48,6 +48,10 @@ from ._linalg import factorize, sym_eigh
 from ._settings import settings
 from ._typing import HasKernel, as_kernel_fn
 from ._uci_ntk import ReluNTKFix, iter_ntk_fix
+from . import layers as nl
+from .features import RidgeFit, features
+from .layers import Layer, parse_arch
+from .predict import gradient_descent_mse_ensemble
 
 try:  # scikit-learn is an optional extra; the module imports without it
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -89,7 +93,6 @@ def default_arch():
     ``W_std^2 = 2`` keeps the ReLU kernel's scale constant with depth (He initialization); the
     small bias lets the model fit a constant offset.
     """
-    from . import layers as nl
     w, b = math.sqrt(2.0), 0.1
     return nl.serial(nl.Dense(512, W_std=w, b_std=b), nl.Relu(),
                      nl.Dense(512, W_std=w, b_std=b), nl.Relu(),
@@ -100,7 +103,6 @@ def _resolve_arch(arch):
     if arch is None:
         return default_arch()
     if isinstance(arch, str):
-        from .layers import parse_arch
         return parse_arch(arch)
     if not (hasattr(arch, "kernel") and callable(arch.kernel)):
         raise TypeError(f"`arch` must be None, an ntkit architecture (e.g. "
@@ -544,7 +546,6 @@ def _primal_loo(phi: torch.Tensor, Y: torch.Tensor, rel):
 
 def _feature_arch(arch, d: int, kind: str):
     """``(layers architecture, get)`` giving random features for ``arch``."""
-    from .layers import Layer
     if isinstance(arch, ReluNTKFix):
         h, f = arch._check()
         if kind == "nngp" or f == h:
@@ -690,7 +691,6 @@ class _NTKBase(BaseEstimator):
         return out
 
     def _fit_features(self, cands, ridges, Xt, Yt, y_idx, kind, seed):
-        from .features import RidgeFit, features
         d = Xt.shape[1]
         crit = _CLASSIFIER_CRITERION
         var = Yt.var(0, unbiased=False) if y_idx is None else torch.ones(Yt.shape[1],
@@ -727,7 +727,6 @@ class _NTKBase(BaseEstimator):
 
     # ---- prediction -----------------------------------------------------------------------
     def _predict_fn(self):
-        from .predict import gradient_descent_mse_ensemble
         X_fit, cache = self.X_fit_, self.k_train_train_
         arch = self.arch_
 
@@ -747,7 +746,6 @@ class _NTKBase(BaseEstimator):
             if compute_cov:
                 raise ValueError("`return_std`/`return_cov` need the exact kernel "
                                  "(features=None); random features give the mean only")
-            from .features import features
             layers, get, seed = self._feature_map
             phi = features(layers, Xt, dim=int(self.features), get=get, seed=seed, dtype=_F64)
             return self.ridge_fit_.predict(phi.to(_F64)).numpy(), None

@@ -2,7 +2,7 @@
 for an ``n x n`` kernel.
 
 ``features(arch, x, dim)`` returns ``phi`` with ``phi(x1) @ phi(x2).T ~= arch.kernel(x1, x2)``
-(relative error ~ ``dim^-1/2``; see :mod:`ntkit.layers._features` for the construction), and
+(relative error ~ ``dim^-1/2``; see :mod:`ntkit.layers._feature_ops` for the construction), and
 :func:`ridge` fits ridge regression in the primal: ``D x D`` normal equations in float64, one
 eigendecomposition for every ridge value, the ridge chosen on a validation split. Kernel
 regression with the exact kernel is the ``dim -> infinity`` limit.

@@ -23,6 +23,9 @@ from ._typing import MemoryBudget
 from ._validation import as_tensor, check_int, parse_get
 from .empirical import empirical_ntk
 from .kernel import Kernel
+from .layers import (CallArgsModule, check_mask_constant, check_supported, finite_stand_in,
+                     mask_pre_hook, masked_input, prepare_call_args, unwrap)
+from .layers.dense import AffineModule
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -55,8 +58,6 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
     integrated out exactly (``W_std^2 h1.h2 / C + b_std^2``): the error is then the
     finite-width error alone, ``O(1/sqrt(width))``, instead of the O(1) spread of a single
     output sample. Otherwise ``f(x1) f(x2)^T / k``."""
-    from .layers import CallArgsModule
-    from .layers.dense import AffineModule
     kw1, kw2 = dict(kw1 or {}), dict(kw2 or {})
     if mask_constant is not None:
         kw1["mask_constant"] = kw2["mask_constant"] = mask_constant
@@ -71,10 +72,8 @@ def _nngp_estimate(net: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor],
             if mask_constant is not None:
                 # the body's output keeps its mask (a Masked value): the readout is applied
                 # here, and examples masked as a whole have a zero output in the network
-                from .layers import mask_pre_hook
                 body.__dict__["_ntkit_mask_info"] = net.__dict__["_ntkit_mask_info"]
                 body.register_forward_pre_hook(mask_pre_hook, with_kwargs=True)
-            from .layers import unwrap
             h1, m1 = unwrap(body(x1, **kw1))
             if h1.ndim == 2:
                 h2, m2 = (h1, None) if x2 is None else unwrap(body(x2, **kw2))
@@ -146,8 +145,6 @@ def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[
         x1 = as_tensor(x1, "x1", dtype)
         x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
     else:   # the padding as arch.kernel finds it: compared in the inputs' own dtype
-        from .layers import finite_stand_in, masked_input
-        from .layers import check_mask_constant, check_supported
         mask_constant = check_mask_constant(mask_constant)
         check_supported(arch)     # refuse before any network is built
         x1 = masked_input(x1, "x1", dtype, mask_constant)
@@ -160,7 +157,6 @@ def monte_carlo_kernel(arch: Layer, x1: Any, x2: Any = None, *, width: Optional[
         raise ValueError(f"`x2` per-example shape {tuple(x2.shape[1:])} does not match `x1` "
                          f"{tuple(x1.shape[1:])}")
     in_shape = tuple(x1.shape[1:])
-    from .layers import prepare_call_args
     args = prepare_call_args(arch, call_args, x1.shape[0],
                              None if x2 is None else x2.shape[0]) if call_args else {}
     # per side: net(x1, **kw1), net(x2, **kw2); empirical_ntk takes them as arch.kernel does

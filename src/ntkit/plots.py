@@ -39,6 +39,7 @@ import torch
 
 from ._text import plural
 from ._validation import check_int as _check_count
+from .predict import eigenmodes
 
 __all__ = ["init_functions", "trained_functions", "weight_matrices", "training_curves",
            "plot_scaling", "tangent_model", "ntk_ellipse", "eigenmode_decay",
@@ -603,7 +604,6 @@ def eigenmode_decay(k_train_train: Any, y_train: Any, *, fx_train_0: Any = 0.0,
 
     Example: ``eigenmode_decay(ntk_dd, y, learning_rate=lr, t=torch.logspace(0, 4, 60))``.
     """
-    from .predict import eigenmodes
     _check_count(n_modes, "n_modes")
     modes = eigenmodes(k_train_train, y_train, fx_train_0=fx_train_0,
                        learning_rate=learning_rate)

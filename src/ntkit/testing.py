@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from .monte_carlo import monte_carlo_kernel
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -70,7 +71,6 @@ def mc_error_slope(arch: Layer, x: torch.Tensor, widths: Sequence[int], get: str
     The exact kernel is ``arch.kernel(x, get=get)``; returns ``(slope, errors)``. About -1/2
     for a correct kernel; about 0 when the kernel map is wrong (the error stops shrinking).
     """
-    from .monte_carlo import monte_carlo_kernel
 
     exact = arch.kernel(x, get=get)
     errs: List[float] = []

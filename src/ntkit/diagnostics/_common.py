@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int, check_model
+from ..empirical import empirical_ntk
 
 _F64 = torch.float64
 
@@ -81,7 +82,6 @@ _check_int = check_int          # one integer check (ntkit._validation) for ever
 
 def _full_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``J J^T`` as an ``(N, N)`` matrix in the order of ``model(x).reshape(-1)``."""
-    from ..empirical import empirical_ntk
     k = empirical_ntk(model, x, output="full", dtype=_F64)        # (n, n, k, k)
     n, kk = k.shape[0], k.shape[2]
     return k.permute(0, 2, 1, 3).reshape(n * kk, n * kk)

@@ -14,6 +14,8 @@ from ._common import _F64, _as_x, _check_int
 from ._norms import lazy_scales
 from ._slopes import Slope, fit_slope
 from ._training import _Diverged, train
+from ..layers import Layer
+from ..empirical import centered, scaled
 
 if TYPE_CHECKING:
     import pandas
@@ -155,7 +157,6 @@ def arch_parameterization(arch: Any) -> str:
     and ``parallel``), reading each layer's declared ``parameterization`` field, so it names no
     attribute it has to guess. Example: ``arch_parameterization(nl.serial(nl.Dense(8),
     nl.Relu(), nl.Dense(1))) -> 'ntk'``."""
-    from ..layers import Layer
     if not isinstance(arch, Layer):
         return "unknown"
     found: Set[str] = set()
@@ -284,7 +285,6 @@ def width_sweep(model: Any, x: Any, y: Any, widths: Sequence[int], *,
     if len(set(ws)) < 2 or min(ws) < 1:
         raise ValueError(f"`widths` needs at least two distinct positive widths, got "
                          f"{list(widths)}")
-    from ..layers import Layer
     if isinstance(model, Layer):
         shape = tuple(x.shape[1:]) if in_shape is None else in_shape
         label = parameterization or arch_parameterization(model)
@@ -350,8 +350,6 @@ def alpha_sweep(model: Any, x: Any, y: Any, alphas: Sequence[float], *,
     if len(set(al)) < 2 or min(al) <= 0 or not all(math.isfinite(a) for a in al):
         raise ValueError(f"`alphas` needs at least two distinct positive values, got "
                          f"{list(alphas)}")
-    from ..empirical import centered, scaled
-    from ..layers import Layer
     if isinstance(model, nn.Module):
         if len(seeds) != 1:
             raise ValueError("`model` is a single nn.Module (one initialization): give one seed, "

@@ -19,6 +19,7 @@ from torch import nn
 from .._validation import check_positive
 from ._common import (_F64, _as_x, _as_y, _check_int, _check_model, _f64_copy, _full_ntk,
                       _param_dict, _trainable)
+from ..empirical import linearize
 
 __all__ = ["relative_weight_change", "kernel_drift", "TrainingRecord", "train", "auto_lr"]
 
@@ -245,7 +246,6 @@ def train(model: nn.Module, x: Any, y: Any, *, steps: int = 100,
     model0 = copy.deepcopy(model) if measure_kernel_drift else None
     lin = None
     if linearization:
-        from ..empirical import linearize
         lin = linearize(model)
     opt = torch.optim.SGD([p for _, p in _trainable(model)], lr=lr)
     opt_lin = torch.optim.SGD([p for p in lin.parameters() if p.requires_grad], lr=lr) \

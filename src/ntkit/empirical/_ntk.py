@@ -13,6 +13,8 @@ from ..layers.dense import AffineModule
 from ._common import (IMPLEMENTATIONS, OUTPUTS, ParamFilter, as_batch, cast_call_args,
                       cast_input, check_independent, check_model, empty_kernel, jacobian_kernel,
                       make_setup, ntk_vp_kernel, parse_budget, prepare_call_args, select_params)
+from ..layers import check_mask_constant, finite_stand_in, masked_input
+from ._structured import Plan, make_plan, structured_kernel
 
 __all__ = ["empirical_ntk", "empirical_nngp"]
 
@@ -28,7 +30,6 @@ def _masked_inputs(model: nn.Module, x1: Any, x2: Any, dtype: Optional[torch.dty
     kept exactly through the cast to the compute dtype (:func:`ntkit.layers.masked_input`);
     non-finite padding (``NaN``, ``inf``) re-marked by a finite stand-in ``c'`` the network
     masks identically (:func:`ntkit.layers.finite_stand_in`), as ``monte_carlo_kernel`` does."""
-    from ..layers import check_mask_constant, finite_stand_in, masked_input
     c = check_mask_constant(mask_constant)
     declared = getattr(model, "call_args", ())
     if "_ntkit_mask_info" not in model.__dict__ and not (
@@ -183,7 +184,6 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                          f"{implementation!r}")
     budget = parse_budget(memory_budget)
     setup, x1, x2 = _prepare(model, x1, x2, params, dtype, call_args, mask_constant)
-    from ._structured import Plan, make_plan, structured_kernel
 
     try:
         plan = make_plan(setup, x1)

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._common import Setup, contract, schedule
 from .._settings import settings
+from ..layers.dense import AffineModule
 
 __all__: List[str] = []
 
@@ -52,7 +53,6 @@ def _kind(m: nn.Module) -> Optional[str]:
         return "linear"
     affine: Optional[type] = None
     try:  # ntkit's own NTK-parameterized Dense module: w_scale * W x + b_scale * b over axis 1
-        from ..layers.dense import AffineModule
         affine = AffineModule
     except Exception:  # pragma: no cover - core layers unavailable
         pass

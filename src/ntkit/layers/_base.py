@@ -26,10 +26,7 @@ Masking (neural-tangents' ``mask_constant``): ``arch.kernel(x1, x2, mask_constan
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple,
                     TypeVar, Union, overload)
@@ -41,164 +38,24 @@ from torch import nn
 from .._system import available_memory  # re-exported: ntkit.layers._base.available_memory
 from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
 from ..kernel import Kernel
+from ._calls import (CallArgsModule, accepted_call_args, apply_kernel_map, call_arg,
+                     check_call_arg_pair, is_masked, prepare_call_args, slice_call_args,
+                     using_call_args)
+from ._feature_ops import SeqOp
+from ._features import features as _features
+from . import _masking   # (keeps_zeros / remask looked up at call time: tests switch them)
+from ._masking import (MASK_ARG, check_mask_constant, check_supported, collapses_channels,
+                       input_masks, mask_post_hook, mask_pre_hook, module_info, refusal)
+from ._tiling import evaluate
 
 __all__ = ["Layer", "BuildContext", "KernelLike", "available_memory", "DEFAULT_DTYPE",
-           "call_arg", "accepted_call_args"]
+           "call_arg", "accepted_call_args", "Serial", "serial"]
 
 DEFAULT_DTYPE = torch.float64
 KernelLike = Union[Kernel, Tuple[Kernel, ...]]
 # several kernel keys (``get`` other than one string): a Kernel record or a dict comes back
 _Keys = Union[Tuple[str, ...], List[str], None]
 Shape = Tuple[int, ...]
-
-
-# ---- call-time arguments ----------------------------------------------------------------
-# name -> (value for the x1 block, value for the x2 block or None when x2 is x1)
-_CALL_ARGS: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar(
-    "ntkit_call_args", default=None)
-
-
-def call_arg(name: str) -> Optional[Tuple[Any, Any]]:
-    """The call-time argument ``name`` of the kernel evaluation or forward pass in progress:
-    ``(a1, a2)`` with ``a1`` the rows for the current ``x1`` block and ``a2`` those for the
-    ``x2`` block (``None`` when the tile is symmetric, ``x2`` is ``x1``, or in a forward pass),
-    or ``None`` when the argument was not given."""
-    args = _CALL_ARGS.get()
-    return None if args is None else args.get(name)
-
-
-@contextlib.contextmanager
-def using_call_args(args: Optional[dict]):
-    """Make ``args`` (``name -> (a1, a2)``) visible to :func:`call_arg` while the block runs."""
-    if not args:
-        yield
-        return
-    token = _CALL_ARGS.set(args)
-    try:
-        yield
-    finally:
-        _CALL_ARGS.reset(token)
-
-
-def accepted_call_args(layer: "Layer") -> Tuple[str, ...]:
-    """Sorted names of the call-time arguments read by ``layer`` or any layer inside it."""
-    return tuple(sorted({name for sub in layer.walk() for name in sub.call_args}))
-
-
-def _per_example(v: Any, name: str, n: int, what: str):
-    """``v`` as a tensor whose leading (batch) axis has ``n`` rows."""
-    if isinstance(v, np.ndarray):
-        v = torch.from_numpy(np.ascontiguousarray(v))
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array with the batch on its "
-                        f"leading axis, got {type(v).__name__}")
-    if v.ndim == 0 or v.shape[0] != n:
-        raise ValueError(f"`{name}` has shape {tuple(v.shape)} but {what} has {n} examples; its "
-                         f"leading axis must be the batch ({n} rows, one per example)")
-    return v
-
-
-def _unexpected(name: str, accepted: Tuple[str, ...], where: str) -> TypeError:
-    return TypeError(f"{where} got an unexpected keyword argument {name!r}; the architecture's "
-                     f"layers read the call-time arguments "
-                     f"{', '.join(repr(a) for a in accepted) if accepted else '(none)'}")
-
-
-def prepare_call_args(layer: "Layer", kwargs: dict, n1: int, n2: Optional[int]) -> dict:
-    """Validate ``arch.kernel(..., **kwargs)``: ``name -> (a1, a2 or None)``. A value is one
-    array (``x2`` must be ``None``) or a pair ``(a1, a2)``; ``a2`` must be ``None`` or equal to
-    ``a1`` when ``x2`` is ``None``."""
-    accepted = accepted_call_args(layer)
-    out = {}
-    for name, v in kwargs.items():
-        if name not in accepted:
-            raise _unexpected(name, accepted, "kernel()")
-        if v is None:
-            raise ValueError(f"`{name}=None`: pass the arrays ({name}=p when x2 is None, "
-                             f"{name}=({name}1, {name}2) otherwise)")
-        if isinstance(v, (tuple, list)):
-            if len(v) != 2:
-                raise ValueError(f"`{name}` must be one array or a pair ({name}1, {name}2) for "
-                                 f"(x1, x2), got a {type(v).__name__} of length {len(v)}")
-            a1, a2 = v
-        elif n2 is None:
-            a1, a2 = v, None
-        else:
-            raise ValueError(f"x2 is given, so `{name}` must be a pair ({name}1, {name}2): one "
-                             f"array for x1 and one for x2")
-        out[name] = check_call_arg_pair(name, a1, a2, n1, n2)
-    return out
-
-
-def check_call_arg_pair(name: str, a1: Any, a2: Any, n1: int, n2: Optional[int]
-                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The per-example arrays ``(a1, a2)`` of call argument ``name`` for ``x1`` (``n1`` rows)
-    and ``x2`` (``n2``; ``None`` when ``x2`` is ``x1``, then ``a2`` must be ``None`` or equal
-    ``a1`` and comes back ``None``). Shared by ``arch.kernel`` and ``ntkit.empirical``."""
-    a1 = _per_example(a1, f"{name}[0]", n1, "x1")
-    if n2 is None:
-        if a2 is not None:
-            a2 = _per_example(a2, f"{name}[1]", n1, "x1 (x2 is None)")
-            if a2 is not a1 and not (a2.shape == a1.shape and torch.equal(a2, a1)):
-                raise ValueError(f"x2 is None (x2 = x1) but `{name}[1]` differs from "
-                                 f"`{name}[0]`; pass x2 explicitly or {name}=({name}1, None)")
-        return a1, None
-    if a2 is None:
-        raise ValueError(f"x2 is given but `{name}[1]` is None; pass the {name} of x2")
-    return a1, _per_example(a2, f"{name}[1]", n2, "x2")
-
-
-def slice_call_args(args: Optional[dict], rows, cols=None) -> Optional[dict]:
-    """The call-time arguments of the tile ``(x1[rows], x2[cols])``; ``cols=None``: the
-    symmetric tile ``(x1[rows], x1[rows])``."""
-    if not args:
-        return None
-    out = {}
-    for name, (a1, a2) in args.items():
-        out[name] = (a1[rows], None if cols is None else (a1 if a2 is None else a2)[cols])
-    return out
-
-
-def is_masked(k: Any) -> bool:
-    """Whether a kernel record (or any branch of a tuple of them) carries masks."""
-    if isinstance(k, tuple):
-        return any(is_masked(ki) for ki in k)
-    return getattr(k, "mask1", None) is not None
-
-
-def apply_kernel_map(layer: "Layer", k: Any) -> Any:
-    """``layer``'s kernel map, through :meth:`Layer.masked_kernel_map` when ``k`` carries
-    masks (combinators call this for their children)."""
-    return layer.masked_kernel_map(k) if is_masked(k) else layer.kernel_map(k)
-
-
-class CallArgsModule(nn.Module):
-    """The finite network of an architecture with call-time arguments: ``net(x, **kwargs)``
-    makes them visible to the layers' modules (:func:`call_arg`) during the forward pass.
-
-    ``net.net`` is the network itself (an ``nn.Sequential`` for ``serial``)."""
-
-    def __init__(self, net: nn.Module, names: Tuple[str, ...]):
-        super().__init__()
-        self.net = net
-        self.call_args = tuple(names)
-
-    def forward(self, x, **kwargs):
-        args = {}
-        from ._masking import Masked
-        xv = x.value if isinstance(x, Masked) else x
-        n = xv.shape[0] if isinstance(xv, torch.Tensor) and xv.ndim else None
-        for name, v in kwargs.items():
-            if name not in self.call_args:
-                raise _unexpected(name, self.call_args, "forward()")
-            if v is None:
-                continue
-            args[name] = (v if n is None else _per_example(v, name, n, "x"), None)
-        with using_call_args(args):
-            return self.net(x)
-
-    def extra_repr(self) -> str:
-        return f"call_args={self.call_args}"
 
 
 @dataclass
@@ -245,6 +102,42 @@ class Layer:
         given whether the layers above need it (``above``). Default: pass through."""
         return above
 
+    # ---- what the shared machinery asks of a layer (answered by the class itself, so that
+    # the tiler, the masking and the feature maps never dispatch on layer types) ----------
+    #: a fully-connected network is made of such layers only (Dense, activations, LayerNorm,
+    #: the combinators): ``arch.kernel`` refuses spatial inputs for an architecture of them
+    fully_connected: bool = False
+    #: the layer collapses the channel axis of input masks when it comes first (Dense, Conv,
+    #: GlobalSelfAttention): partially masked positions are then allowed (as in NT)
+    collapses_mask_channels: bool = False
+    #: ``method='rf'`` features read this layer's call-time arguments exactly (Aggregate)
+    rf_reads_call_args: bool = False
+    #: the layer's random-feature rule wants a Gaussian sample as input (activations): the
+    #: Dense layer before it then samples its output instead of mapping it exactly
+    samples_features: bool = False
+
+    def keeps_masked_zeros(self) -> bool:
+        """Whether the kernel map keeps a kernel that is zero at masked positions zero there,
+        masks unchanged (then no remask is needed; see :func:`ntkit.layers._masking.keeps_zeros`).
+        Default ``False``: always remask."""
+        return False
+
+    def first_layer(self) -> "Layer":
+        """The first leaf layer the inputs meet (``serial`` descends into its first layer)."""
+        return self
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        """``(op, out_shape)``: this layer's step of the random-feature map (``method='rf'``,
+        :mod:`ntkit.layers._feature_ops`), compiled once for inputs of per-example shape
+        ``in_shape``; ``followed_by_act``: whether an activation comes next (a Dense layer then
+        samples its output). Layers without a rule refuse by name."""
+        raise NotImplementedError(
+            f"features: no random-feature rule for {type(self).__name__}; supported: Dense, "
+            f"Conv, ConvTranspose, ConvLocal, activations, AvgPool, SumPool, GlobalAvgPool, "
+            f"GlobalSumPool, Flatten, LayerNorm, ImageResize, Index, DotGeneral, Aggregate, "
+            f"Dropout(mode='test'), Identity, FanOut, parallel, FanInSum, FanInConcat, FanInProd; "
+            f"use method='jacobian' (the sketched Jacobian of a finite network) for the others")
+
     # ---- masking (mask_constant) --------------------------------------------------------
     def mask_map(self, mask: Any, in_shape: Any) -> Any:
         """Output position mask ``(n, *S_out)`` (``(n,)`` when FC) from the input one
@@ -257,7 +150,6 @@ class Layer:
         map (layers that pool / attend read ``k.mask1`` / ``k.mask2`` there), then the output
         masks (:meth:`mask_map`) and the covariances of masked positions set to zero (every
         layer's input is zeroed at masked positions). Refuses layers without mask support."""
-        from ._masking import keeps_zeros, refusal, remask
         if not self.supports_masking:
             raise refusal(self)
         if isinstance(k, tuple):
@@ -267,9 +159,9 @@ class Layer:
         m1 = self.mask_map(k.mask1, k.shape1)
         m2 = None if k.mask2 is None else self.mask_map(k.mask2, k.shape2)
         out = out.replace(mask1=m1, mask2=m2)
-        if m1 is k.mask1 and m2 is k.mask2 and keeps_zeros(self):
+        if m1 is k.mask1 and m2 is k.mask2 and _masking.keeps_zeros(self):
             return out  # k is zero at masked positions and the layer keeps it so: no remask
-        return remask(out, key=(self, tuple(out.shape1)))
+        return _masking.remask(out, key=(self, tuple(out.shape1)))
 
     # ---- architecture API ------------------------------------------------------------
     # The return type follows `get`: one (n1, n2) tensor for a string, a Kernel record for a
@@ -356,8 +248,6 @@ class Layer:
             raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
         masks: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
         if mask_constant is not None:
-            from ._masking import (check_mask_constant, check_supported, collapses_channels,
-                                   input_masks)
             mask_constant = check_mask_constant(mask_constant)
             check_supported(self)
             collapse = collapses_channels(self)
@@ -381,12 +271,10 @@ class Layer:
             call_args = {n: (a.to(x1.device), None if b is None else b.to(x1.device))
                          for n, (a, b) in call_args.items()}
         if mask_constant is not None:
-            from ._masking import MASK_ARG
             ma, mb = masks
             assert ma is not None
             call_args = dict(call_args or {})
             call_args[MASK_ARG] = (ma.to(x1.device), None if mb is None else mb.to(x1.device))
-        from ._tiling import evaluate
         return evaluate(self, x1, x2, keys, single, memory_budget=memory_budget,
                         progress=progress, tile=tile, call_args=call_args)
 
@@ -412,8 +300,7 @@ class Layer:
             >>> phi.shape
             torch.Size([5, 8194])
         """
-        from ._features import features
-        return features(self, x, dim, get, **kwargs)
+        return _features(self, x, dim, get, **kwargs)
 
     def module(self, in_shape: Union[int, Sequence[int]], width: Optional[int] = None,
                seed: Optional[int] = None, dtype: torch.dtype = DEFAULT_DTYPE) -> nn.Module:
@@ -452,8 +339,6 @@ class Layer:
         mod, _ = self.build(in_shape, BuildContext(width, gen, dtype), followed=False)
         names = accepted_call_args(self)
         top = CallArgsModule(mod, names) if names else mod
-        from ._masking import mask_post_hook, mask_pre_hook
-        from ._masking import module_info
         top.__dict__["_ntkit_mask_info"] = module_info(self)  # read by the hooks
         top.register_forward_pre_hook(mask_pre_hook, with_kwargs=True)
         top.register_forward_hook(mask_post_hook, with_kwargs=True)
@@ -500,7 +385,6 @@ class Layer:
 
     # ---- conveniences ----------------------------------------------------------------
     def __rshift__(self, other: "Layer") -> "Layer":
-        from .combinators import serial
         return serial(self, other)
 
 
@@ -517,3 +401,73 @@ _T = TypeVar("_T")
 def frozen_layer(cls: type[_T]) -> type[_T]:
     """Decorator: make a Layer subclass an immutable dataclass with value equality."""
     return dataclass(frozen=True, repr=True, eq=True)(cls)
+
+
+# ---- serial: the composition every architecture is made of (``a >> b``) --------------
+
+def check_layer(layer, where: str):
+    if not isinstance(layer, Layer):
+        raise TypeError(f"{where} expects ntkit layers, got {type(layer).__name__}: {layer!r}")
+    return layer
+
+
+@frozen_layer
+class Serial(Layer):
+    """Layers applied one after another (built with :func:`serial`)."""
+    layers: Tuple[Layer, ...]
+    supports_masking = True
+    fully_connected = True
+
+    def kernel_map(self, k: KernelLike) -> KernelLike:
+        for layer in self.layers:
+            k = apply_kernel_map(layer, k)
+        return k
+
+    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
+        return self.kernel_map(k)  # each child masks (or refuses) itself
+
+    def out_shape(self, in_shape: Any) -> Any:
+        for layer in self.layers:
+            in_shape = layer.out_shape(in_shape)
+        return in_shape
+
+    @property
+    def has_linear(self) -> bool:
+        return any(layer.has_linear for layer in self.layers)
+
+    def needs_full_spatial(self, above: bool) -> bool:
+        for layer in reversed(self.layers):
+            above = layer.needs_full_spatial(above)
+        return above
+
+    def first_layer(self) -> Layer:
+        return self.layers[0].first_layer() if self.layers else self
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        ops = []
+        for i, sub in enumerate(self.layers):
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            act_next = (nxt.first_layer().samples_features if nxt is not None
+                        else followed_by_act)
+            op, in_shape = sub.feature_op(in_shape, ctx, act_next)
+            ops.append(op)
+        return SeqOp(ops), in_shape
+
+    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
+        mods = []
+        for i, layer in enumerate(self.layers):
+            after = followed or any(l.has_linear for l in self.layers[i + 1:])
+            mod, in_shape = layer.build(in_shape, ctx, after)
+            mods.append(mod)
+        return nn.Sequential(*mods), in_shape
+
+
+def serial(*layers: Layer) -> Serial:
+    """Compose layers in sequence: ``serial(Dense(512), Relu(), Dense(1))``."""
+    if not layers:
+        raise ValueError("serial() needs at least one layer")
+    flat: List[Layer] = []
+    for layer in layers:
+        check_layer(layer, "serial()")
+        flat.extend(layer.layers if isinstance(layer, Serial) else (layer,))
+    return Serial(tuple(flat))

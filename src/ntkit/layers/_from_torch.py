@@ -136,6 +136,7 @@ class PerUnitAffine(Layer):
     unit-specific, so this is exact only when a Dense follows (from_torch enforces it). Cost: one
     add per entry.
     """
+    fully_connected = True
     bias: bool = True
 
     def kernel_map(self, k: Kernel) -> Kernel:

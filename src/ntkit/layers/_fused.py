@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .._settings import settings
+from ._numeric import SNAP_ULPS, inv_sqrt, tu as _tu
 
 Tensor = torch.Tensor
 
@@ -220,7 +221,6 @@ def relu(c: Tensor, v1: Tensor, v2: Tensor, f: float, h: float, ntk: Optional[Te
     ``(n1, *S)``, ``(n2, *S)``. Returns ``(nngp', ntk * dot)`` when ``ntk`` is given, else
     ``(nngp', dot or None)``.
     """
-    from ._ops import SNAP_ULPS, inv_sqrt
     k = _kernels()
     tol = SNAP_ULPS * torch.finfo(c.dtype).eps
     consts = _consts(c.dtype, 0.0, 1.0, math.pi, math.pi / 2, f, h, tol)
@@ -273,8 +273,6 @@ def gabor(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], need_dot: bo
     bounded quantities ``t = 2v / (1 + 2v)``, ``u = 1 / (1 + 2v)`` computed per example by the
     same torch code) after the correlation of :func:`relu`. Shapes and returns as :func:`relu`.
     """
-    from ._ops import SNAP_ULPS, inv_sqrt
-    from .activations import _tu
     k = _kernels()
     info = torch.finfo(c.dtype)
     consts = _consts(c.dtype, 0.0, 1.0, SNAP_ULPS * info.eps, info.tiny, 0.25, 0.5, 2.0,
@@ -297,7 +295,6 @@ def exp_normalized(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], nee
     """The ``ExpNormalized(gamma, shift)`` dual map in one pass (``nngp' = sqrt(v1) sqrt(v2)
     exp(gamma (rho + shift))``, ``dot = gamma exp(...)``), the arithmetic of
     ``activations.ExpNormalized.dual``. Shapes and returns as :func:`relu`."""
-    from ._ops import SNAP_ULPS, inv_sqrt
     k = _kernels()
     consts = _consts(c.dtype, 0.0, 1.0, SNAP_ULPS * torch.finfo(c.dtype).eps, shift, gamma)
     s1, r1 = v1.sqrt(), inv_sqrt(v1)

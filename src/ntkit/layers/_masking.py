@@ -38,6 +38,8 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._ops import memo_self
+
 __all__ = ["MASK_ARG", "Masked", "unwrap", "wrap", "check_mask_constant", "input_masks", "remask",
            "refusal", "check_supported", "keeps_zeros", "centre_mask", "all_positions", "mask_pre_hook",
            "mask_post_hook"]
@@ -106,20 +108,10 @@ def _raw(x: Any, name: str) -> Tensor:
     raise TypeError(f"`{name}` must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
-def _first_leaf(layer):
-    from .combinators import Serial
-    for sub in layer.walk():
-        if not isinstance(sub, Serial):
-            return sub
-    return layer  # pragma: no cover
-
-
 def collapses_channels(layer) -> bool:
-    """Whether the first layer the inputs meet collapses the channel axis of masks."""
-    from .attention import GlobalSelfAttention
-    from .conv import Conv
-    from .dense import Dense
-    return isinstance(_first_leaf(layer), (Dense, Conv, GlobalSelfAttention))
+    """Whether the first layer the inputs meet collapses the channel axis of masks (its class
+    sets ``collapses_mask_channels``: Dense, Conv, GlobalSelfAttention)."""
+    return bool(layer.first_layer().collapses_mask_channels)
 
 
 def input_masks(collapse: bool, x: Any, c: float, name: str) -> Tuple[Tensor, Tensor]:
@@ -251,23 +243,17 @@ def keeps_zeros(layer) -> bool:
     (:func:`ntkit.layers._ops.inv_sqrt`) and its output scales with ``sqrt(v1) sqrt(v2)``,
     its NTK term with the input NTK. ``tests/layers/test_masking_skip.py`` checks each one.
     Layers that move positions or read masked ones (attention, pooling, conv, LayerNorm,
-    Aggregate, biased Dense) are not listed and always remask."""
-    from .activations import ABRelu
-    from .combinators import Identity
-    from .dense import Dense
-    cls = type(layer)  # exact types: a subclass may override the kernel map
-    if cls is Identity or cls is ABRelu:
-        return True
-    if cls is Dense:
-        return layer.b_std is None or (layer.b_std == 0 and layer.parameterization == "ntk")
-    return False
+    Aggregate, biased Dense) are not listed and always remask.
+
+    Each listed class answers through :meth:`ntkit.layers.Layer.keeps_masked_zeros` for its
+    exact type only (a subclass may override the kernel map); the rest inherit ``False``."""
+    return bool(layer.keeps_masked_zeros())
 
 
 def remask(k, key=None):
     """The kernel record with covariances involving a masked position set to zero (the next
     layer's input is zeroed there). Self-covariances go through the tile memo under ``key``
     (the same block keeps the same tensors, so later layers still reuse their maps)."""
-    from ._ops import memo_self
     if k.mask1 is None:
         return k
     m1 = k.mask1

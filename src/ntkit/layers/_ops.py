@@ -10,6 +10,8 @@ import torch
 
 from ..kernel import Kernel
 from . import _fused
+from ._numeric import SNAP_ULPS as SNAP_ULPS
+from ._numeric import inv_sqrt as inv_sqrt
 
 Tensor = torch.Tensor
 
@@ -213,12 +215,6 @@ SelfFn = Callable[[Tensor], Tuple[Tensor, Optional[Tensor]]]
 
 # Correlations within SNAP_ULPS units of roundoff of +-1 are taken as exactly +-1 (see
 # :func:`correlation`).
-SNAP_ULPS = 8
-
-
-def inv_sqrt(v: Tensor) -> Tensor:
-    """``1 / sqrt(v)``, and 0 where ``v = 0`` (a zero-variance unit is uncorrelated)."""
-    return torch.where(v > 0, v.rsqrt(), torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def correlation(c: Tensor, v1: Tensor, v2: Tensor, skip=None) -> Tensor:

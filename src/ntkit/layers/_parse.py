@@ -16,39 +16,44 @@ import ast
 import difflib
 import inspect
 import math
-from typing import TYPE_CHECKING
+import sys
 
-if TYPE_CHECKING:
-    from ._base import Layer
+from . import (activations, attention, combinators, conv, conv_variants, dense, graph, misc,
+               normalization, pooling)
+from ._base import Layer, serial
 
 __all__ = ["parse_arch"]
 
 SYNTAX = ("layer calls like Dense(512, W_std=1.5) or Relu(), separated by commas (or nested "
           "in serial(...)/parallel(...)), with numbers, strings, True/False/None and "
           "tuples/lists as arguments")
-# exported by ntkit.layers but not layer constructors
-_NOT_LAYERS = {"Layer", "Activation", "Elementwise", "parse_arch", "from_torch"}
+# the modules whose constructors the text may call (what ntkit.layers re-exports; imported
+# here directly, not through the package, which imports this module)
+_FAMILIES = (activations, attention, combinators, conv, conv_variants, dense, graph, misc,
+             normalization, pooling)
+# exported by the family modules but not constructors a text may call: the classes serial(),
+# parallel() and LayerNorm(axis=...) build, and the activation base classes (Elementwise
+# needs a Python function); tests/test_cli_errors.py checks that what remains is exactly the
+# public layer constructors of ntkit.layers
+_NOT_PUBLIC = {"Serial", "Parallel", "LayerNormAxes", "Activation", "Elementwise"}
 
 
 def _layer_names():
     """``{name: constructor}`` of the layer constructors the text may call: the classes of
-    :mod:`ntkit.layers` that are layers, and its functions annotated to return one."""
-    import sys
-    from . import __all__ as names
-    import ntkit.layers as L
-    from ._base import Layer
+    the layer families that are layers, and their functions annotated to return one."""
     out = {}
-    for n in names:
-        obj = getattr(L, n, None)
-        if n in _NOT_LAYERS or obj is None:
-            continue
-        cls = obj
-        if not isinstance(obj, type) and callable(obj):
-            ret = inspect.signature(obj).return_annotation
-            cls = (getattr(sys.modules.get(obj.__module__), ret, None) if isinstance(ret, str)
-                   else ret)
-        if isinstance(cls, type) and issubclass(cls, Layer):
-            out[n] = obj
+    for mod in _FAMILIES:
+        for n in mod.__all__:
+            obj = getattr(mod, n, None)
+            if n in _NOT_PUBLIC or obj is None:
+                continue
+            cls = obj
+            if not isinstance(obj, type) and callable(obj):
+                ret = inspect.signature(obj).return_annotation
+                cls = (getattr(sys.modules.get(obj.__module__), ret, None)
+                       if isinstance(ret, str) else ret)
+            if isinstance(cls, type) and issubclass(cls, Layer):
+                out[n] = obj
     return out
 
 
@@ -121,15 +126,12 @@ def parse_arch(text: str) -> Layer:
         unsupported(node, "expression")
 
     value = ev(tree.body)
-    from .combinators import serial
     if isinstance(value, tuple):
-        from ._base import Layer
         for v in value:
             if not isinstance(v, Layer):
                 raise ValueError(f"architecture {text!r}: {v!r} is not a layer; the text may "
                                  f"contain only {SYNTAX}")
         return serial(*value)
-    from ._base import Layer
     if not isinstance(value, Layer):
         raise ValueError(f"architecture {text!r} is {value!r}, not a layer; expected {SYNTAX}")
     return value

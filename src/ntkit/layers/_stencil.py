@@ -338,3 +338,15 @@ def pad_input(x: Tensor, pads: Pads, circular: bool) -> Tensor:
 
 def prod(xs) -> int:
     return int(math.prod(xs))
+
+
+def fold(t: torch.Tensor, axis: int, size: int, lo: int) -> torch.Tensor:
+    """Wrap ``axis`` around onto ``size`` entries: ``out[(p - lo) mod size] += t[p]``
+    (how 'CIRCULAR' maps the 'VALID' transposed-conv output onto the 'SAME' shape)."""
+    n = t.shape[axis]
+    if n == size and lo == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = size
+    idx = (torch.arange(n, device=t.device) - lo) % size
+    return t.new_zeros(shape).index_add_(axis, idx, t)

@@ -17,7 +17,8 @@ from .._settings import settings
 from .._system import available_memory
 from .._validation import parse_memory_budget
 from ..kernel import Kernel
-from ._base import apply_kernel_map, slice_call_args, using_call_args
+from ._calls import apply_kernel_map, slice_call_args, using_call_args
+from ._masking import MASK_ARG
 from ._ops import first_occurrence, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
@@ -71,7 +72,6 @@ def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bo
     tile's blocks (:func:`ntkit.layers._base.slice_call_args`)."""
     k = input_kernel(xa, xb, want_ntk, full_spatial, cov_a, cov_b)
     if call_args:
-        from ._masking import MASK_ARG
         masks = call_args.get(MASK_ARG)
         if masks is not None:  # mask_constant: position masks of the two blocks
             k = k.replace(mask1=masks[0], mask2=None if xb is None else masks[1])
@@ -240,23 +240,11 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     return _finish(k, keys, single)
 
 
-_FC_TYPES = None
-
-
 def _is_fully_connected(layer) -> bool:
     """Whether every layer of the architecture is one that acts on the channel axis only
-    (Dense, activations, LayerNorm, combinators of them): no Conv, pooling or Flatten."""
-    global _FC_TYPES
-    if _FC_TYPES is None:
-        from .activations import Activation
-        from .combinators import FanInConcat, FanInSum, FanOut, Identity, Parallel, Serial
-        from .dense import Dense
-        from .combinators import FanInProd
-        from .normalization import LayerNorm, LayerNormAxes
-        from ._from_torch import PerUnitAffine
-        _FC_TYPES = (Activation, Dense, LayerNorm, LayerNormAxes, Identity, FanOut, FanInSum,
-                     FanInConcat, FanInProd, PerUnitAffine, Serial, Parallel)
-    return all(isinstance(sub, _FC_TYPES) for sub in layer.walk())
+    (Dense, activations, LayerNorm, combinators of them: their classes set
+    ``fully_connected``): no Conv, pooling or Flatten."""
+    return all(sub.fully_connected for sub in layer.walk())
 
 
 def check_output_shape(arch, in_shape: Tuple[int, ...]):

@@ -38,7 +38,9 @@ from ..kernel import Kernel
 from . import _fused
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
+from ._numeric import tu as _tu
 from ._ops import apply_elementwise, normalized_cross, safe_sqrt
+from . import _feature_ops as fo
 
 __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
            "Gaussian", "Exp", "Rbf", "Sign", "Monomial", "RectifiedMonomial", "Polynomial",
@@ -91,7 +93,12 @@ class Activation(Layer):
     define ``cross(c, v1, v2, need_dot)`` instead (the covariance form); then it is called with
     ``c = rho sqrt(v1) sqrt(v2)``.
     """
+    fully_connected = True
+    samples_features = True
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.ActOp(self, ctx), self.out_shape(in_shape)
 
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -198,11 +205,6 @@ def _angle(rho: Tensor):
     return s, torch.atan2(s, rho)
 
 
-def _tu(x: Tensor):
-    """``(t, u) = (x / (1 + x), 1 / (1 + x))`` without overflow (``x`` up to inf)."""
-    return (1 + x.reciprocal()).reciprocal_(), (1 + x).reciprocal_()
-
-
 def _one_minus_kappa2(rho: Tensor, t1: Tensor, t2: Tensor, u1: Tensor, u2: Tensor) -> Tensor:
     """``1 - rho^2 t1 t2`` (``t = 1 - u`` in ``[0, 1]``) as ``t1 t2 (1 - rho)(1 + rho) +
     (u1 + t1 u2)``: a sum of non-negative terms, no cancellation (``1 - t1 t2 = u1 + t1 u2``;
@@ -215,6 +217,10 @@ class ABRelu(Activation):
     """``a * min(x, 0) + b * max(x, 0)``."""
     a: float
     b: float
+
+    def keeps_masked_zeros(self) -> bool:
+        # a zero variance gives correlation 0 and an output scaling with sqrt(v1) sqrt(v2)
+        return type(self) is ABRelu
 
     def __post_init__(self):
         _check_params(self, "a", "b")

@@ -311,6 +311,7 @@ class GlobalSelfAttention(Layer):
         >>> arch.kernel(torch.randn(4, 3, 7), get='ntk').shape     # sequences (N, C, L)
         torch.Size([4, 4])
     """
+    collapses_mask_channels = True
     n_chan_out: int
     n_chan_key: int
     n_chan_val: int
@@ -331,6 +332,13 @@ class GlobalSelfAttention(Layer):
     parameterization: str = "ntk"
 
     supports_masking = True  # masked keys get no attention, no positional embedding (NT)
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        raise NotImplementedError(
+            "features(method='rf'): no random-feature rule for GlobalSelfAttention (its "
+            "infinite-width attention weights are a nonlinear function of each example's "
+            "pixel-pair covariance, not a map of the feature columns); use "
+            "method='jacobian' (the sketched Jacobian of a finite network) or arch.kernel")
 
     def __post_init__(self):
         for name in ("n_chan_out", "n_chan_key", "n_chan_val", "n_heads"):

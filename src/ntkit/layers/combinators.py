@@ -21,65 +21,13 @@ from torch import nn
 
 from .._validation import check_int
 from ..kernel import Kernel
-from ._base import BuildContext, KernelLike, Layer, apply_kernel_map, frozen_layer
+from ._base import (BuildContext, KernelLike, Layer, Serial, check_layer, apply_kernel_map,
+                    frozen_layer, serial)
 from ._masking import unwrap, wrap
+from . import _feature_ops as fo
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Identity",
            "repeat", "Serial", "Parallel"]
-
-
-def _check_layer(layer, where: str):
-    if not isinstance(layer, Layer):
-        raise TypeError(f"{where} expects ntkit layers, got {type(layer).__name__}: {layer!r}")
-    return layer
-
-
-@frozen_layer
-class Serial(Layer):
-    """Layers applied one after another (built with :func:`serial`)."""
-    layers: Tuple[Layer, ...]
-    supports_masking = True
-
-    def kernel_map(self, k: KernelLike) -> KernelLike:
-        for layer in self.layers:
-            k = apply_kernel_map(layer, k)
-        return k
-
-    def masked_kernel_map(self, k: KernelLike) -> KernelLike:
-        return self.kernel_map(k)  # each child masks (or refuses) itself
-
-    def out_shape(self, in_shape: Any) -> Any:
-        for layer in self.layers:
-            in_shape = layer.out_shape(in_shape)
-        return in_shape
-
-    @property
-    def has_linear(self) -> bool:
-        return any(layer.has_linear for layer in self.layers)
-
-    def needs_full_spatial(self, above: bool) -> bool:
-        for layer in reversed(self.layers):
-            above = layer.needs_full_spatial(above)
-        return above
-
-    def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
-        mods = []
-        for i, layer in enumerate(self.layers):
-            after = followed or any(l.has_linear for l in self.layers[i + 1:])
-            mod, in_shape = layer.build(in_shape, ctx, after)
-            mods.append(mod)
-        return nn.Sequential(*mods), in_shape
-
-
-def serial(*layers: Layer) -> Serial:
-    """Compose layers in sequence: ``serial(Dense(512), Relu(), Dense(1))``."""
-    if not layers:
-        raise ValueError("serial() needs at least one layer")
-    flat: List[Layer] = []
-    for layer in layers:
-        _check_layer(layer, "serial()")
-        flat.extend(layer.layers if isinstance(layer, Serial) else (layer,))
-    return Serial(tuple(flat))
 
 
 class _ParallelModule(nn.Module):
@@ -96,8 +44,14 @@ class _ParallelModule(nn.Module):
 @frozen_layer
 class Parallel(Layer):
     """Branch ``i`` applied to input ``i`` of a tuple (built with :func:`parallel`)."""
+    fully_connected = True
     layers: Tuple[Layer, ...]
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        built = [layer.feature_op(s, ctx, followed_by_act)
+                 for layer, s in zip(self.layers, in_shape)]
+        return fo.ParallelOp([b[0] for b in built]), tuple(b[1] for b in built)
 
     def _split(self, k):
         if not isinstance(k, tuple) or len(k) != len(self.layers):
@@ -132,7 +86,7 @@ def parallel(*layers: Layer) -> Parallel:
     """Apply layer ``i`` to branch ``i``: ``serial(FanOut(2), parallel(A, B), FanInSum())``."""
     if not layers:
         raise ValueError("parallel() needs at least one layer")
-    return Parallel(tuple(_check_layer(l, "parallel()") for l in layers))
+    return Parallel(tuple(check_layer(l, "parallel()") for l in layers))
 
 
 class _FanOutModule(nn.Module):
@@ -147,8 +101,12 @@ class _FanOutModule(nn.Module):
 @frozen_layer
 class FanOut(Layer):
     """Copy the input into ``n`` branches."""
+    fully_connected = True
     n: int
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.FanOutOp(self.n), self.out_shape(in_shape)
 
     def __post_init__(self):
         check_int(self.n, "n")
@@ -245,7 +203,11 @@ class _FanInSumModule(nn.Module):
 class FanInSum(Layer):
     """Sum the branches (their kernels add; branches must have equal shapes). With
     ``mask_constant`` a position is masked where all branches mask it (neural-tangents)."""
+    fully_connected = True
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.FanInOp(None), self.out_shape(in_shape)
 
     def masked_kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _branch_masks(ks, "FanInSum")
@@ -294,7 +256,12 @@ def _wsum(ts, ws):
 class FanInConcat(Layer):
     """Concatenate the branches along the channel axis (kernels average, weighted by width).
     With ``mask_constant`` the branches must have equal masks."""
+    fully_connected = True
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        c = [s[0] for s in in_shape]
+        return fo.FanInOp([ci / sum(c) for ci in c]), self.out_shape(in_shape)
 
     def masked_kernel_map(self, ks: KernelLike) -> KernelLike:
         ks = _branch_masks(ks, "FanInConcat")
@@ -351,6 +318,10 @@ class FanInProd(Layer):
     Example: ``serial(FanOut(2), parallel(Dense(512), Dense(512)), FanInProd(), Dense(1))``
     (a quadratic network).
     """
+    fully_connected = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.FanInProdOp(ctx), self.out_shape(in_shape)
 
     def kernel_map(self, ks: KernelLike) -> Kernel:
         ks = _equal_branches(ks, "FanInProd")
@@ -384,7 +355,7 @@ def repeat(layer: Layer, n: int) -> Layer:
 
     Example: ``repeat(serial(Dense(512), Relu()), 3)`` is a depth-3 ReLU MLP body.
     """
-    _check_layer(layer, "repeat()")
+    check_layer(layer, "repeat()")
     n = check_int(n, "n")
     return serial(*([layer] * n))
 
@@ -392,7 +363,14 @@ def repeat(layer: Layer, n: int) -> Layer:
 @frozen_layer
 class Identity(Layer):
     """Pass the input through unchanged."""
+    fully_connected = True
     supports_masking = True
+
+    def keeps_masked_zeros(self) -> bool:
+        return type(self) is Identity   # returns its input (exact type: subclasses may not)
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.SeqOp([]), self.out_shape(in_shape)
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
         return k

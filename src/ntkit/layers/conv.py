@@ -49,6 +49,7 @@ from ._masking import centre_mask, unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
 from .dense import check_parameterization
+from . import _feature_ops as fo
 
 __all__ = ["Conv"]
 
@@ -68,6 +69,7 @@ def _spatial_kernel(k, who: str) -> Kernel:
 
 class ConvModule(nn.Module):
     """Finite convolution with the initialization and scaling its kernel assumes."""
+    jacobian_kind = "conv"   # features(method='jacobian'): per-example gradients of a conv
 
     def __init__(self, in_chan: int, out_chan: int, filt: Tuple[int, ...],
                  strides: Tuple[int, ...], pads, circular: bool, W_std: float,
@@ -131,6 +133,7 @@ class Conv(Layer):
       parameterization: ``'ntk'`` or ``'standard'`` (see module docstring).
       padding_mode: ``'zeros'`` or ``'circular'`` (wrap the explicit/SAME padding around).
     """
+    collapses_mask_channels = True
     out_chan: int
     filter_shape: Sizes
     strides: Sizes = 1
@@ -141,6 +144,9 @@ class Conv(Layer):
     padding_mode: str = "zeros"
 
     supports_masking = True  # an output is masked when its filter's centre input is (NT)
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.ConvOp(self, ctx), self.out_shape(in_shape)
 
     def mask_map(self, mask: Any, in_shape: Any) -> Any:
         filt, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))

@@ -49,8 +49,10 @@ from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
+from ._stencil import fold as fold
 from .conv import Conv, Sizes, _spatial_kernel
 from .dense import check_parameterization
+from . import _feature_ops as fo
 
 __all__ = ["ConvTranspose", "ConvLocal", "ImageResize"]
 
@@ -165,18 +167,6 @@ def dilate(t: torch.Tensor, axes_strides) -> torch.Tensor:
     return out
 
 
-def fold(t: torch.Tensor, axis: int, size: int, lo: int) -> torch.Tensor:
-    """Wrap ``axis`` around onto ``size`` entries: ``out[(p - lo) mod size] += t[p]``
-    (how 'CIRCULAR' maps the 'VALID' transposed-conv output onto the 'SAME' shape)."""
-    n = t.shape[axis]
-    if n == size and lo == 0:
-        return t
-    shape = list(t.shape)
-    shape[axis] = size
-    idx = (torch.arange(n, device=t.device) - lo) % size
-    return t.new_zeros(shape).index_add_(axis, idx, t)
-
-
 class ConvTransposeModule(nn.Module):
     """Finite transposed convolution with neural-tangents' geometry and the initialization its
     kernel assumes (weight ``(in_chan, out_chan, *filter)``, as ``torch.nn.ConvTranspose2d``)."""
@@ -256,6 +246,9 @@ class ConvTranspose(Layer):
     W_std: float = 1.0
     b_std: Optional[float] = None
     parameterization: str = "ntk"
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.ConvTransposeOp(self, ctx), self.out_shape(in_shape)
 
     def __post_init__(self):
         _check_common(self)
@@ -413,6 +406,9 @@ class ConvLocal(Layer):
     parameterization: str = "ntk"
     padding_mode: str = "zeros"
 
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.ConvLocalOp(self, ctx), self.out_shape(in_shape)
+
     def __post_init__(self):
         _check_common(self)
         object.__setattr__(self, "padding", st.check_padding(self.padding))
@@ -546,6 +542,10 @@ class ImageResize(Layer):
     method: str = "linear"
     antialias: bool = True
     scale_factor: Optional[Union[float, tuple]] = None
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        mod, _ = self.build(in_shape, cast(Any, None), False)   # parameter-free linear module
+        return fo.ModuleLinearOp(mod, type(self).__name__), self.out_shape(in_shape)
 
     def __post_init__(self):
         if (self.shape is None) == (self.scale_factor is None):

@@ -22,6 +22,7 @@ from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
+from . import _feature_ops as fo
 
 __all__ = ["Dense", "check_parameterization"]
 
@@ -34,6 +35,7 @@ def check_parameterization(p: str) -> str:
 
 class AffineModule(nn.Module):
     """Finite Dense layer over axis 1 with the initialization its kernel assumes."""
+    jacobian_kind = "affine"   # features(method='jacobian'): per-example gradients of a Dense
 
     def __init__(self, in_dim: int, out_dim: int, W_std: float, b_std: Optional[float],
                  parameterization: str, ctx: BuildContext):
@@ -77,12 +79,23 @@ class Dense(Layer):
 
         >>> serial(Dense(512, W_std=1.4, b_std=0.1), Relu(), Dense(1)).kernel(x, get='ntk')
     """
+    fully_connected = True
+    collapses_mask_channels = True
     out_dim: int
     W_std: float = 1.0
     b_std: Optional[float] = None
     parameterization: str = "ntk"
 
     supports_masking = True
+
+    def keeps_masked_zeros(self) -> bool:
+        # no bias term (b_std None, or 0 in the NTK parameterization): W^2 cov position by
+        # position (exact type: a subclass may override the kernel map)
+        return type(self) is Dense and (self.b_std is None or (
+            self.b_std == 0 and self.parameterization == "ntk"))
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.DenseOp(self, ctx, followed_by_act), self.out_shape(in_shape)
 
     def __post_init__(self):
         check_int(self.out_dim, "out_dim")

@@ -42,7 +42,7 @@ Example (a 2-layer GIN-style GNTK, graphs of 8 vertices with 5 features)::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from ..kernel import Kernel
 from ._base import BuildContext, Layer, call_arg, frozen_layer
 from ._masking import unwrap, wrap
 from ._ops import memo_self, set_batch_diag
+from . import _feature_ops as fo
 
 __all__ = ["Aggregate"]
 
@@ -309,6 +310,7 @@ class Aggregate(Layer):
     missing pattern as the identity graph; pass ``torch.eye(V).expand(N, V, V)`` for that).
     See :mod:`ntkit.layers.graph` for the formats and the kernel map.
     """
+    rf_reads_call_args = True   # the rf map aggregates feature columns with the chunk's pattern
     aggregate_axis: Union[None, int, Tuple[int, ...]] = None
     batch_axis: int = 0
     channel_axis: int = 1
@@ -317,6 +319,10 @@ class Aggregate(Layer):
 
     call_args = ("pattern",)
     supports_masking = True  # masked nodes: zero features in, zero covariances out (NT)
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        mod, _ = self.build(in_shape, cast(Any, None), False)   # parameter-free linear module
+        return fo.ModuleLinearOp(mod, type(self).__name__), self.out_shape(in_shape)
 
     def __post_init__(self):
         object.__setattr__(self, "aggregate_axis", _check_axis_arg(self.aggregate_axis))

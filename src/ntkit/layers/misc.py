@@ -36,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from .._validation import check_real
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._ops import batch_diag, memo_self, set_batch_diag
+from . import _feature_ops as fo
 
 __all__ = ["Dropout", "Index", "Slice", "DotGeneral"]
 
@@ -111,6 +112,15 @@ class Dropout(Layer):
     """
     rate: float
     mode: str = "train"
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        if not self.per_pass_noise:      # mode='test' or rate=1: the identity
+            return fo.SeqOp([]), self.out_shape(in_shape)
+        raise NotImplementedError(
+            f"features: no random-feature rule for Dropout(rate={self.rate}, mode='train'): its "
+            f"kernel is that of one forward pass with random masks (the batch diagonal scaled "
+            f"by 1/rate), which no fixed feature map reproduces; use Dropout(rate, mode='test') "
+            f"(the identity) for features, or arch.kernel / method='jacobian'")
 
     def __post_init__(self):
         r = check_real(self.rate, "rate")
@@ -299,6 +309,10 @@ class Index(Layer):
     """
     idx: Any
 
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        mod, _ = self.build(in_shape, cast(Any, None), False)   # parameter-free linear module
+        return fo.ModuleLinearOp(mod, type(self).__name__), self.out_shape(in_shape)
+
     def __post_init__(self):
         object.__setattr__(self, "idx", _freeze_idx(self.idx))
 
@@ -428,6 +442,10 @@ class DotGeneral(Layer):
     precision: Any = None
     batch_axis: int = 0
     channel_axis: int = 1
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        mod = DotGeneralModule(self, self._plan(tuple(in_shape)), torch.float64)
+        return fo.ModuleLinearOp(mod, type(self).__name__), self.out_shape(in_shape)
 
     def __post_init__(self):
         if self.lhs is not None and self.rhs is not None:

@@ -23,6 +23,7 @@ from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
 from ._ops import outer_vars, self_outer_vars, variances
+from . import _feature_ops as fo
 
 __all__ = ["LayerNorm", "LayerNormAxes"]
 
@@ -87,11 +88,16 @@ class _LayerNormBase(Layer):
 
     With ``mask_constant``, normalizing over spatial axes averages the variances over the
     unmasked positions only (neural-tangents' masked ``mean_and_var``)."""
+    fully_connected = True
 
     supports_masking = True
     # the subclasses' dataclass fields (annotations only: no class attribute, no field here)
     eps: float
     axis: Union[int, Tuple[int, ...]]
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return (fo.LayerNormOp(self.eps, self._spatial_axes(len(in_shape))),
+                self.out_shape(in_shape))
 
     def __post_init__(self):
         check_positive(self.eps, "eps", allow_zero=True)

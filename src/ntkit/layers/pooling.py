@@ -24,7 +24,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from ._masking import all_positions, centre_mask, unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from . import _stencil as st
 from .conv import Sizes, _spatial_kernel
+from . import _feature_ops as fo
 
 __all__ = ["AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool", "Flatten"]
 
@@ -86,6 +87,10 @@ class _Pool(Layer):
 
     _sum = False
     supports_masking = True  # masked positions count as zeros; centre-of-window output mask
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        mod, _ = self.build(in_shape, cast(Any, None), False)   # pooling needs no context
+        return fo.LinearSpatialOp(mod), self.out_shape(in_shape)
 
     def mask_map(self, mask: Any, in_shape: Any) -> Any:
         win, strides, pads, circ, out_sp = self.geometry(tuple(in_shape[1:]))
@@ -178,6 +183,9 @@ class _GlobalPool(Layer):
     _sum = False
     supports_masking = True  # GlobalAvgPool: mean over the unmasked positions only
 
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.GlobalPoolOp(self._sum), self.out_shape(in_shape)
+
     def mask_map(self, mask: Any, in_shape: Any) -> Any:
         return all_positions(mask)
 
@@ -246,6 +254,9 @@ class Flatten(Layer):
     ``torch.flatten(x, 1)``). Kernel: mean over pixels of the per-pixel covariance (with
     ``mask_constant``: masked pixels count as zeros, as in neural-tangents)."""
     supports_masking = True
+
+    def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
+        return fo.FlattenOp(), self.out_shape(in_shape)
 
     def mask_map(self, mask: Any, in_shape: Any) -> Any:
         return all_positions(mask)

@@ -28,6 +28,10 @@ from .._typing import as_kernel_fn
 from .._validation import as_tensor, parse_get, parse_memory_budget
 from ._store import (KernelStore, StoreLock, check_store_path, create_store, hint, n_tiles,
                      refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
+from .. import __version__
+from ..layers import (LIVE_ARRAYS, Layer, check_mask_constant, check_supported, collapses_channels,
+                      input_masks, masked_input, prepare_call_args)
+from ._fingerprint import UnfingerprintableError, fingerprint
 
 __all__ = ["compute_kernel"]
 
@@ -64,7 +68,6 @@ class _one_thread:
 
 
 def _is_layer(obj) -> bool:
-    from ..layers import Layer
     return isinstance(obj, Layer)
 
 
@@ -148,7 +151,6 @@ def _tile_from_blocks(fn, keys, blocks_a, blocks_b, i, j, diag, dtype_name, sing
 def _describe_fn(fn) -> str:
     """What determines the numbers: a content hash of the architecture / function (its code,
     constants, closure values and parameters; see ``_fingerprint``), with a readable label."""
-    from ._fingerprint import fingerprint
     if _is_layer(fn) or _has_kernel(fn):
         label = repr(fn)
         label = "architecture " + (label if len(label) <= 160 else label[:157] + "...")
@@ -205,7 +207,6 @@ def _describe_mask_constant(c: float) -> str:
 def _fingerprint(fn, x1, x2, dtype, tile, keys, fn_desc=None,
                  call_args: Optional[Dict[str, Tuple[Any, Any]]] = None,
                  mask_constant: Optional[float] = None) -> Dict[str, str]:
-    from .. import __version__
     fp = {"function": _describe_fn(fn) if fn_desc is None else fn_desc,
           "x1": _describe_x(x1), "x2": _describe_x(x2),
           "dtype": str(dtype).replace("torch.", ""), "tile": str(tile),
@@ -244,7 +245,6 @@ def _default_workers() -> int:
 
 # ---- tiling ---------------------------------------------------------------------------
 def _auto_tile(fn, x1, n1, n2, n_keys, budget, in_flight) -> int:
-    from ..layers import LIVE_ARRAYS     # live tile-sized arrays per entry
     itemsize = x1.element_size()
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
@@ -381,7 +381,6 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
         x2 = None if x2_in is None else x2_in.to(dtype).contiguous()
     else:
         mask_constant = _check_masking(arch_or_fn, mask_constant, x1, x2)
-        from ..layers import masked_input
         # the padding as arch.kernel finds it (in the inputs' own dtype), kept through the
         # conversion to the working dtype; NaN/inf padding passes the finiteness check
         x1_in = masked_input(x1, "x1", None, mask_constant).detach().cpu()
@@ -468,8 +467,6 @@ def _check_masking(fn, mask_constant: Any, x1: Any, x2: Any) -> float:
                         "architectures take (arch.kernel(..., mask_constant=c)); a kernel "
                         "function or other kernel source receives input blocks only: apply "
                         "the masking inside it instead")
-    from ..layers import (check_mask_constant, check_supported, collapses_channels,
-                          input_masks)
     c = check_mask_constant(mask_constant)
     check_supported(fn)
     collapse = collapses_channels(fn)
@@ -490,7 +487,6 @@ def _prepare_call_args(fn, call_args: Dict[str, Any], n1: int,
                         f"only ntkit.layers architectures take (arch.kernel(..., name=...)); a "
                         f"kernel function or other kernel source receives input blocks only: "
                         f"close over its extra data instead")
-    from ..layers import prepare_call_args
     args = prepare_call_args(fn, call_args, n1, n2)
     return {name: (a1.detach().cpu(), None if a2 is None else a2.detach().cpu())
             for name, (a1, a2) in args.items()}
@@ -509,7 +505,6 @@ def _block_args(args: Dict[str, Tuple[Any, Any]], side: int, rows: slice
 def _fn_description(fn, need: bool) -> str:
     """The function part of the fingerprint; if it cannot be computed, a never-matching
     description when ``need`` is False (overwrite / in-memory), else a clear error."""
-    from ._fingerprint import UnfingerprintableError
     try:
         return _describe_fn(fn)
     except UnfingerprintableError as e:

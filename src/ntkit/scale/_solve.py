@@ -40,7 +40,7 @@ import torch
 from .._linalg import Factorization, as_square_matrix, factorize
 from .._system import available_memory
 from .._validation import parse_memory_budget
-from ._store import hint
+from ._store import KernelStore, TiledMatrix, hint
 
 __all__ = ["solve", "SolveInfo"]
 
@@ -116,7 +116,6 @@ class _StoreOp:
 
 
 def _as_operator(K, key: Optional[str], progress: bool):
-    from ._store import KernelStore, TiledMatrix, hint
     if isinstance(K, KernelStore):
         if key is None:
             key = "ntk" if "ntk" in K.keys else (K.keys[0] if len(K.keys) == 1 else None)
