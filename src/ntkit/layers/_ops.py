@@ -464,20 +464,23 @@ class SelfMemo:
         input blocks). Otherwise an entry is stored only when its input is itself held by the
         memo (a root or a stored output), so entries never pin uncounted tensors.
         """
-        k = key if not keep_input else (key, id(cov))
+        ins = cov if isinstance(cov, tuple) else (cov,)   # several inputs: the fan-ins
+        k = key if not keep_input else (key, tuple(id(c) for c in ins))
         try:
             hit = self._d.get(k)
         except TypeError:  # a layer with unhashable fields: no memo
             return fn(cov)
-        if hit is not None and (not keep_input or hit[0] is cov):
+        if hit is not None and (not keep_input or all(
+                a is b for a, b in zip(hit[0], ins))):
             self.hits += 1
             return hit[1]
         self.misses += 1
         out = fn(cov)
         outs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t)]
         size = sum(t.numel() * t.element_size() for t in outs)
-        if (not keep_input or id(cov) in self._held) and self.bytes + size <= self.max_bytes:
-            self._d[k] = (cov if keep_input else None, out)
+        held = all(id(c) in self._held for c in ins)
+        if (not keep_input or held) and self.bytes + size <= self.max_bytes:
+            self._d[k] = (ins if keep_input else None, out)
             self.bytes += size
             self._held.update(id(t) for t in outs)
         return out
@@ -494,9 +497,10 @@ def self_memo(max_bytes: int):
         _MEMO.reset(token)
 
 
-def memo_self(key, cov: Optional[Tensor], fn):
+def memo_self(key, cov: Any, fn):
     """``fn(cov)``, reused from the active memo when the same tensor was mapped by the same
-    layer (``key``: hashable layer identity, or ``None`` to skip the memo)."""
+    layer (``key``: hashable layer identity, or ``None`` to skip the memo). ``cov`` may be a
+    tuple of tensors (a fan-in's branches): reused when it is the same tensors again."""
     if cov is None:
         return None
     memo = _MEMO.get()

@@ -454,12 +454,10 @@ class GlobalSelfAttention(Layer):
             out = self._linear_map(k, pairs, interp, key, m1, m2)
         else:
             out = self._identity_sqrt_map(k, pairs, interp, key, m1, m2)
-        nngp, ntk, cov1, cov2 = out
-        tail = sp + sp
+        nngp, ntk, cov1, cov2 = out   # (the self-maps return cov1 / cov2 shaped already:
+        tail = sp + sp                 # the memo's tensors, which later layers key on)
         nngp = nngp.reshape(nngp.shape[:2] + tail)
         ntk = None if ntk is None else ntk.reshape(ntk.shape[:2] + tail)
-        cov1 = cov1.reshape(cov1.shape[:1] + tail)
-        cov2 = None if cov2 is None else cov2.reshape(cov2.shape[:1] + tail)
         if k.cov2 is None:  # exact batch diagonal
             set_batch_diag(nngp, cov1)
         shape = (self.n_chan_out,) + sp
@@ -479,7 +477,9 @@ class GlobalSelfAttention(Layer):
                                None if m is None else m[:, None, :])
                 cv = ci if val_pe else c
                 out = (a @ cv @ a.transpose(-1, -2)).mul_(ov2)
-                return a, out.add_(b2) if b2 else out
+                if b2:
+                    out.add_(b2)
+                return a, out.reshape(cov.shape)
             return self_map
 
         a1, cov1 = memo_self(key, k.cov1, self_map_for(m1))
@@ -521,7 +521,9 @@ class GlobalSelfAttention(Layer):
             def self_map(cov):
                 ci, cv = both(pairs(cov, 1), m)
                 out = (dot(ci, cv) * ci).mul_(std2)
-                return out.add_(b2) if b2 else out
+                if b2:
+                    out.add_(b2)
+                return out.reshape(cov.shape)
             return self_map
 
         cov1 = memo_self(key, k.cov1, self_map_for(m1))

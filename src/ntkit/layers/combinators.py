@@ -24,6 +24,7 @@ from ..kernel import Kernel
 from ._base import (BuildContext, KernelLike, Layer, Serial, check_layer, apply_kernel_map,
                     frozen_layer, serial)
 from ._masking import unwrap, wrap
+from ._ops import memo_self
 from . import _feature_ops as fo
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Identity",
@@ -219,11 +220,13 @@ class FanInSum(Layer):
     def kernel_map(self, ks: KernelLike) -> Kernel:
         ks = _equal_branches(ks, "FanInSum")
         k0 = ks[0]
+        key = ("faninsum", len(ks))   # (self-covariances through the tile memo)
         return k0.replace(
             nngp=_sum_opt([k.nngp for k in ks]),
             ntk=_sum_opt([k.ntk for k in ks]),
-            cov1=_sum_opt([k.cov1 for k in ks]),
-            cov2=None if k0.cov2 is None else _sum_opt([k.cov2 for k in ks]),
+            cov1=memo_self(key, tuple(k.cov1 for k in ks), lambda cs: _sum_opt(list(cs))),
+            cov2=None if k0.cov2 is None else memo_self(
+                key, tuple(k.cov2 for k in ks), lambda cs: _sum_opt(list(cs))),
             is_gaussian=all(k.is_gaussian for k in ks))
 
     def out_shape(self, in_shape: Any) -> Any:
@@ -278,10 +281,12 @@ class FanInConcat(Layer):
         k0 = ks[0]
         shape1 = (sum(c),) + tuple(k0.shape1[1:])
         shape2 = (sum(k.shape2[0] for k in ks),) + tuple(k0.shape2[1:])
+        key = ("faninconcat", tuple(c))   # (self-covariances through the tile memo)
         return k0.replace(
             nngp=_wsum([k.nngp for k in ks], w), ntk=_wsum([k.ntk for k in ks], w),
-            cov1=_wsum([k.cov1 for k in ks], w),
-            cov2=None if k0.cov2 is None else _wsum([k.cov2 for k in ks], w),
+            cov1=memo_self(key, tuple(k.cov1 for k in ks), lambda cs: _wsum(list(cs), w)),
+            cov2=None if k0.cov2 is None else memo_self(
+                key, tuple(k.cov2 for k in ks), lambda cs: _wsum(list(cs), w)),
             shape1=shape1, shape2=shape2, is_gaussian=all(k.is_gaussian for k in ks))
 
     def out_shape(self, in_shape: Any) -> Any:
@@ -333,8 +338,10 @@ class FanInProd(Layer):
                 continue
             term = _prod_opt([ki.ntk, *(k.nngp for j, k in enumerate(ks) if j != i)])
             ntk = term if ntk is None else ntk + term
-        cov1 = _prod_opt([k.cov1 for k in ks])
-        cov2 = None if k0.cov2 is None else _prod_opt([k.cov2 for k in ks])
+        key = ("faninprod", len(ks))   # (self-covariances through the tile memo)
+        cov1 = memo_self(key, tuple(k.cov1 for k in ks), lambda cs: _prod_opt(list(cs)))
+        cov2 = None if k0.cov2 is None else memo_self(
+            key, tuple(k.cov2 for k in ks), lambda cs: _prod_opt(list(cs)))
         if k0.cov2 is None:  # keep the batch diagonal exactly the self-covariance
             nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
         return k0.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)

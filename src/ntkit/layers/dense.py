@@ -22,6 +22,7 @@ from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
+from ._ops import memo_self
 from . import _feature_ops as fo
 
 __all__ = ["Dense", "check_parameterization"]
@@ -139,9 +140,12 @@ class Dense(Layer):
                     ntk.add_(1.0)
         shape1 = (self.out_dim,) + tuple(k.shape1[1:])
         shape2 = (self.out_dim,) + tuple(k.shape2[1:])
-        return k.replace(nngp=nngp, ntk=ntk, cov1=self._affine(k.cov1),
-                         cov2=self._affine(k.cov2), shape1=shape1, shape2=shape2,
-                         is_gaussian=True)
+        # self-covariances through the tile memo: cheap here, but a fresh tensor per tile
+        # would keep every later layer's self-map from being reused across a block's tiles
+        key = ("dense", self)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=memo_self(key, k.cov1, self._affine),
+                         cov2=memo_self(key, k.cov2, self._affine), shape1=shape1,
+                         shape2=shape2, is_gaussian=True)
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         out = self.out_dim if (ctx.width is None or not followed) else ctx.width

@@ -22,7 +22,7 @@ from .._validation import check_positive
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
-from ._ops import outer_vars, self_outer_vars, variances
+from ._ops import memo_self, outer_vars, self_outer_vars, variances
 from . import _feature_ops as fo
 
 __all__ = ["LayerNorm", "LayerNormAxes"]
@@ -139,8 +139,10 @@ class _LayerNormBase(Layer):
             a, b = self_outer_vars(cov, k)
             return cov * ((a + eps).rsqrt() * (b + eps).rsqrt())
 
-        cov1 = norm_self(k.cov1)
-        cov2 = None if k.cov2 is None else norm_self(k.cov2)
+        # through the tile memo, so that later layers' self-maps are reused across tiles
+        key = ("layernorm", self, k.n_spatial, k.diagonal_spatial)
+        cov1 = memo_self(key, k.cov1, norm_self)
+        cov2 = memo_self(key, k.cov2, norm_self)
         if k.cov2 is None:
             nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
@@ -161,9 +163,24 @@ class _LayerNormBase(Layer):
                 m = v.sum(dim=dims, keepdim=True) / cnt
             return (m + eps).rsqrt().expand(v.shape)
 
-        r1 = inv_norm(k.cov1, k.mask1)
-        r2 = r1 if k.cov2 is None else inv_norm(k.cov2, k.mask2)
         one = (1,) * ns
+
+        def norm_self(cov, r):
+            if full:
+                return cov * r.reshape(r.shape + one) * r.reshape(r.shape[:1] + one + r.shape[1:])
+            return cov * r * r
+
+        def self_map(mask):  # -> (1 / sqrt(m + eps), normalized self-covariance)
+            def f(cov):
+                r = inv_norm(cov, mask)
+                return r, norm_self(cov, r)
+            return f
+
+        # through the tile memo (later layers key on the result) unless masks are in play:
+        # each tile slices its own mask tensors, which the memo cannot key on
+        key = None if k.mask1 is not None else ("layernorm", self, ns, k.diagonal_spatial)
+        r1, cov1 = memo_self(key, k.cov1, self_map(k.mask1))
+        r2, cov2 = (r1, None) if k.cov2 is None else memo_self(key, k.cov2, self_map(k.mask2))
         if full:
             a = r1.reshape(r1.shape[:1] + (1,) + r1.shape[1:] + one)
             b = r2.reshape((1,) + r2.shape[:1] + one + r2.shape[1:])
@@ -171,14 +188,6 @@ class _LayerNormBase(Layer):
             a, b = r1.unsqueeze(1), r2.unsqueeze(0)
         nngp = k.nngp * a * b
         ntk = None if k.ntk is None else k.ntk * a * b
-
-        def norm_self(cov, r):
-            if full:
-                return cov * r.reshape(r.shape + one) * r.reshape(r.shape[:1] + one + r.shape[1:])
-            return cov * r * r
-
-        cov1 = norm_self(k.cov1, r1)
-        cov2 = None if k.cov2 is None else norm_self(k.cov2, r2)
         if k.cov2 is None:
             nngp.diagonal(dim1=0, dim2=1).copy_(cov1.movedim(0, -1))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
