@@ -11,9 +11,9 @@ Vocabulary follows neural-tangents' stax::
 """
 from ._base import Layer
 # engine seams for monte_carlo / scale (not in __all__): the call-time argument plumbing
-from ._base import CallArgsModule as CallArgsModule
-from ._base import check_call_arg_pair as check_call_arg_pair
-from ._base import prepare_call_args as prepare_call_args
+from ._calls import CallArgsModule as CallArgsModule
+from ._calls import check_call_arg_pair as check_call_arg_pair
+from ._calls import prepare_call_args as prepare_call_args
 # ... and the masking plumbing (mask_constant) for the same callers
 from ._mask_inputs import finite_stand_in as finite_stand_in
 from ._mask_inputs import masked_input as masked_input
