@@ -220,3 +220,37 @@ def test_fused_and_torch_paths_agree_at_extreme_scales():
                     out[flag] = arch.kernel(x * scale, dtype=dtype)
             for key in ("nngp", "ntk"):
                 assert _rel(getattr(out[True], key), getattr(out[False], key)) < tol
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_identical_inputs_stay_identical_across_tiles(dtype, monkeypatch):
+    """The same guarantee when the duplicates sit in different tiles (tile=2), and the
+    search for them: one over all rows first; per tile only when that one found some."""
+    from ntkit.layers import _ops
+    calls = []
+    real = _ops.duplicate_pairs
+
+    def counting(x1, x2):
+        calls.append(1)
+        return real(x1, x2)
+
+    monkeypatch.setattr(_ops, "duplicate_pairs", counting)
+    arch = _deep(nl.Erf(), 30, 5.0, 0.1)
+    base = randn64(4, 5)
+    x = torch.cat([base, base[:2], base[:1] * 1.0])
+    k = arch.kernel(x, dtype=dtype, tile=2)       # 4 x 4 blocks: 10 tiles
+    assert len(calls) == 10
+    for key in ("nngp", "ntk"):
+        t = getattr(k, key)
+        for i, j in ((0, 4), (0, 6), (1, 5), (4, 6)):
+            assert torch.equal(t[i], t[j]) and torch.equal(t[:, i], t[:, j])
+            assert t[i, j] == t[i, i] == t[j, j]
+    cross = arch.kernel(base, x[4:], dtype=dtype, tile=2)   # duplicates across x1 and x2
+    for key in ("nngp", "ntk"):
+        c, t = getattr(cross, key), getattr(k, key)
+        assert torch.equal(c[:, 0], c[:, 2])        # x2's rows 0 and 2 are equal (two tiles)
+        assert _rel(c, t[:4, 4:]) < (1e-5 if dtype == F32 else 1e-12)
+    calls.clear()
+    k2 = arch.kernel(base, dtype=dtype, tile=2)   # no duplicates: no per-tile search
+    assert calls == []
+    torch.testing.assert_close(k2.nngp, k.nngp[:4, :4], rtol=0, atol=0)

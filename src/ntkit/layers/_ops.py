@@ -97,7 +97,8 @@ def duplicate_pairs(x1: Tensor, x2: Optional[Tensor]):
 
 
 def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial: bool,
-                 cov1: Optional[Tensor] = None, cov2: Optional[Tensor] = None) -> Kernel:
+                 cov1: Optional[Tensor] = None, cov2: Optional[Tensor] = None,
+                 duplicates: bool = True) -> Kernel:
     """Kernel of the raw inputs: ``nngp = <x1, x2> / C`` (mean over the channel axis 1).
 
     FC ``(n, d)``: ``(n1, n2)``; spatial ``(n, C, *S)``: ``(n1, n2, *S)`` (diagonal) or
@@ -111,6 +112,9 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     are representable (``|x| ~ 1e20`` in float32). Pairs of bitwise-identical examples get
     ``nngp = cov`` exactly (a matrix product and a sum of squares round differently, and deep
     chaotic networks amplify any such difference: identical inputs must stay identical).
+    ``duplicates=False``: the caller knows that no row of ``x1`` equals a row of ``x2`` (or
+    another row of ``x1``) and the per-call search is skipped (the tiled evaluator checks all
+    inputs once instead of once per tile).
     """
     given1, given2 = cov1, cov2
     c = x1.shape[1]
@@ -150,7 +154,7 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
         cov1 = given1
     if given2 is not None and x2 is not None:
         cov2 = given2
-    dup = duplicate_pairs(x1, x2)
+    dup = duplicate_pairs(x1, x2) if duplicates else None
     if dup is not None:
         ii, jj = dup
         nngp[ii, jj] = cov1[ii]
