@@ -44,6 +44,7 @@ from ._from_torch import from_torch
 from ._features import feature_dim as feature_dim
 from ._features import features as features
 from ._tiling import LIVE_ARRAYS as LIVE_ARRAYS
+from ._tiling import max_pixels as max_pixels
 
 __all__ = [
     "Layer", "serial", "parallel", "repeat", "FanOut", "FanInSum", "FanInConcat", "FanInProd",

@@ -122,6 +122,12 @@ class Layer:
         Default ``False``: always remask."""
         return False
 
+    def inner_shapes(self, in_shape: Any) -> List[Any]:
+        """Per-example shapes of the values inside this layer, its output last (``serial``
+        and ``parallel`` list their layers' own): the tiler sizes a tile's working set by the
+        largest (an upsampling layer makes later arrays larger than the inputs)."""
+        return [self.out_shape(in_shape)]
+
     def first_layer(self) -> "Layer":
         """The first leaf layer the inputs meet (``serial`` descends into its first layer)."""
         return self
@@ -442,6 +448,13 @@ class Serial(Layer):
 
     def first_layer(self) -> Layer:
         return self.layers[0].first_layer() if self.layers else self
+
+    def inner_shapes(self, in_shape: Any) -> List[Any]:
+        out: List[Any] = []
+        for layer in self.layers:
+            out += layer.inner_shapes(in_shape)
+            in_shape = layer.out_shape(in_shape)
+        return out
 
     def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
         ops = []

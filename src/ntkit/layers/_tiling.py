@@ -41,7 +41,15 @@ FC_TILE_CAP = 768
 # With the fused numba kernels (one pass per map) the same caps were re-checked for GAP float32:
 # tiles 2/4/8 gave 0.68-0.81 / 0.76-0.79 / 0.66-0.72 ms per entry (within run-to-run noise),
 # tile 1 1.9 and tile 20 2.6 (per-call overhead / out of cache), so the caps stay.
-SPATIAL_TILE_BYTES = {"full": 1 << 20, "diag": 2 << 20}
+# Re-measured on this project's current 2-core AMD EPYC (2 MiB L2 per core, 32 MiB L3), after
+# the tiles were sized by the largest array inside the network (max_pixels: ConvTranspose /
+# ImageResize upsample) and the tile memo covered every layer; 1 vs 3 (vs 4) MiB per full
+# array, alternating in one process, medians: GAP 4 x Conv 16x16 (n=40) f32 1.08-1.21 ->
+# 0.90-0.91 s, f64 2.91 -> 2.14 s; Flatten (n=200) f64 0.25-0.28 -> 0.23 s; the new-layer bench
+# cases (`bench/bench_layers_vs_nt.py`) ConvTranspose 2x, Index / ConvLocal / ImageResize
+# 1.5-2.4x, LayerNorm(C,H,W) 1.3x, attention 1.0-1.25x faster, none slower. 3 MiB keeps a
+# 32x32 float32 pixel-pair entry (4 MiB) above the target (uncapped, as before).
+SPATIAL_TILE_BYTES = {"full": 3 << 20, "diag": 6 << 20}
 # Share of the budget left after the output that the self-covariance memo may use (the rest
 # is the tile's working set).
 MEMO_SHARE = 0.25
@@ -85,6 +93,28 @@ def kernel_tile(arch, xa: torch.Tensor, xb: Optional[torch.Tensor], want_ntk: bo
     if want_ntk and k.ntk is None:
         k = k.replace(ntk=torch.zeros_like(k.nngp))
     return k
+
+
+def _pixels(shape) -> int:
+    """Positions of one per-example shape ``(C, *S)`` (the largest of several branches)."""
+    if isinstance(shape, tuple) and shape and all(isinstance(v, int) for v in shape):
+        return math.prod(shape[1:]) if len(shape) > 1 else 1
+    if isinstance(shape, (tuple, list)) and shape:
+        return max(_pixels(s) for s in shape)
+    return 1
+
+
+def max_pixels(arch, in_shape: Tuple[int, ...]) -> int:
+    """The largest number of positions of any value inside ``arch`` for inputs of per-example
+    shape ``in_shape`` (``Layer.inner_shapes``): a ConvTranspose or an upsampling ImageResize
+    makes the arrays after it larger than the inputs', and tiles sized by the inputs overran
+    both the caches and ``memory_budget`` there."""
+    best = _pixels(in_shape)
+    try:
+        shapes = arch.inner_shapes(in_shape)
+    except Exception:  # let the kernel map report what does not fit, with its own message
+        return best
+    return max([best] + [_pixels(s) for s in shapes])
 
 
 def per_entry_bytes(pix: int, full: bool, itemsize: int) -> int:
@@ -223,7 +253,7 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
         return _empty(arch, x1, x2, keys, single, want_ntk, full, out_shape, call_args)
 
     ns = x1.ndim - 2
-    pix = math.prod(x1.shape[2:]) if ns else 1
+    pix = max_pixels(arch, tuple(x1.shape[1:])) if ns else 1
     # A budget that cannot hold even a 1 x 1 tile fails here, before any work; then a 1 x 1
     # probe gives the output layout and the tiles are sized.
     per_entry = per_entry_bytes(pix, full, itemsize)
@@ -237,7 +267,7 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     dups = first_occurrence(x1 if x2 is None else torch.cat([x1, x2])) is not None
     with _direct_mmap(big_arrays):
         k = _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
-                      self_bytes, call_args, dups)
+                      self_bytes, call_args, dups, pix)
     # Equal inputs with different call-time arguments (graphs) may differ, and under per-pass
     # noise (train-mode Dropout) two copies of an input in one batch are different examples.
     if dups and not call_args and not _per_pass_noise(arch):
@@ -367,12 +397,14 @@ def check_representable(k: Kernel, keys, x: torch.Tensor) -> None:
 
 
 def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
-              self_bytes, call_args=None, dups: bool = True) -> Kernel:
+              self_bytes, call_args=None, dups: bool = True,
+              pix: Optional[int] = None) -> Kernel:
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
     ns = x1.ndim - 2
-    pix = math.prod(x1.shape[2:]) if ns else 1
+    if pix is None:
+        pix = max_pixels(arch, tuple(x1.shape[1:])) if ns else 1
     probe = kernel_tile(arch, x1[:1], None, want_ntk, full,
                         call_args=slice_call_args(call_args, slice(0, 1)), duplicates=False)
     # a tile always carries the NNGP and the x1 self-covariance (only _finish drops them)

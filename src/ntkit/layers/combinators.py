@@ -49,6 +49,12 @@ class Parallel(Layer):
     layers: Tuple[Layer, ...]
     supports_masking = True
 
+    def inner_shapes(self, in_shape: Any) -> List[Any]:
+        out: List[Any] = []
+        for layer, s in zip(self.layers, in_shape):
+            out += layer.inner_shapes(s)
+        return out + [self.out_shape(in_shape)]
+
     def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
         built = [layer.feature_op(s, ctx, followed_by_act)
                  for layer, s in zip(self.layers, in_shape)]

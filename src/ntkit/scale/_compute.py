@@ -30,7 +30,7 @@ from ._store import (KernelStore, StoreLock, check_store_path, create_store, hin
                      refuse_foreign, remove_store_contents, store_state, RESERVED, _NAME)
 from .. import __version__
 from ..layers import (LIVE_ARRAYS, Layer, check_mask_constant, check_supported, collapses_channels,
-                      input_masks, masked_input, prepare_call_args)
+                      input_masks, masked_input, max_pixels, prepare_call_args)
 from ._fingerprint import UnfingerprintableError, fingerprint
 
 __all__ = ["compute_kernel"]
@@ -249,7 +249,10 @@ def _auto_tile(fn, x1, n1, n2, n_keys, budget, in_flight) -> int:
     ns = x1.ndim - 2
     pix = math.prod(x1.shape[2:]) if ns else 1
     full = bool(ns and _is_layer(fn) and fn.needs_full_spatial(False))
-    per_entry = LIVE_ARRAYS * itemsize * (pix * pix if full else pix) + n_keys * itemsize * pix
+    # the working set follows the largest array inside the network (upsampling layers)
+    inner = max_pixels(fn, tuple(x1.shape[1:])) if ns and _is_layer(fn) else pix
+    per_entry = LIVE_ARRAYS * itemsize * (inner * inner if full else inner) + \
+        n_keys * itemsize * pix
     # working sets of the tiles in flight plus their results waiting to be written
     b = int(math.sqrt(max(budget, 1) / (2 * in_flight * per_entry)))
     if b < 1:
