@@ -123,9 +123,17 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     y1 = x1 / s if s != 1.0 else x1
     y2 = None if x2 is None else (x2 / s if s != 1.0 else x2)
 
-    def fin(t):  # (G / C) * s * s: the scaling by s is exact
-        t = t / c
-        return t.mul_(s).mul_(s) if s != 1.0 else t
+    # (G / C) * s * s, in place on the fresh product (no second array per tile). The scaling by
+    # s is exact; for s > 1 one multiplication by s^2 gives the same bits as two by s (no
+    # product can underflow and t s^2 overflows exactly when (t s) s does), for s < 1 two keep
+    # the rounding of results in the subnormal range unchanged.
+    one_step = s > 1.0 and s * s <= torch.finfo(x1.dtype).max
+
+    def fin(t):
+        t = t.div_(c)
+        if s == 1.0:
+            return t
+        return t.mul_(s * s) if one_step else t.mul_(s).mul_(s)
 
     if x1.ndim == 2:
         nngp = fin(y1 @ (y1 if y2 is None else y2).T)
