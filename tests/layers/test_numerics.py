@@ -254,3 +254,22 @@ def test_identical_inputs_stay_identical_across_tiles(dtype, monkeypatch):
     k2 = arch.kernel(base, dtype=dtype, tile=2)   # no duplicates: no per-tile search
     assert calls == []
     torch.testing.assert_close(k2.nngp, k.nngp[:4, :4], rtol=0, atol=0)
+    # duplicates only across x1 and x2 (each alone has none): found, searched per tile
+    k3 = arch.kernel(base, base[2:].flip(0).clone(), dtype=dtype, tile=2)
+    assert len(calls) == 2 * 1
+    for key in ("nngp", "ntk"):
+        c, t = getattr(k3, key), getattr(k2, key)
+        assert _rel(c, t[:, [3, 2]]) < (1e-5 if dtype == F32 else 1e-12)
+
+
+def test_has_duplicate_rows():
+    from ntkit.layers._ops import has_duplicate_rows
+    a = randn64(5, 3, 2)
+    assert not has_duplicate_rows(a) and not has_duplicate_rows(a, a[:0])
+    assert has_duplicate_rows(torch.cat([a, a[3:4]]))
+    assert has_duplicate_rows(a[:3], a[2:4].clone())          # across the two only
+    assert not has_duplicate_rows(a[:3], a[3:])
+    b = a.clone()
+    b[4] = a[1]
+    b[4, 0, 1] = torch.nextafter(b[4, 0, 1], torch.tensor(9.0, dtype=b.dtype))  # one ulp off
+    assert not has_duplicate_rows(b)

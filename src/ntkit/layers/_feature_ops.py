@@ -47,7 +47,8 @@ import torch
 
 from . import _stencil as st
 
-__all__ = ["Feats", "FeatureContext", "FeatureOp", "SeqOp", "DenseOp", "ConvOp", "ActOp",
+__all__ = ["Feats", "FeatureContext", "FeatureOp", "SeqOp", "DenseOp", "SpatialSampleOp",
+           "ConvOp", "ActOp",
            "LinearSpatialOp", "GlobalPoolOp", "FlattenOp", "LayerNormOp", "ModuleLinearOp",
            "ConvTransposeOp", "ConvLocalOp", "FanInProdOp", "FanOutOp", "ParallelOp", "FanInOp",
            "count_sketch", "generator", "randn", "chan_mix"]
@@ -179,19 +180,33 @@ class DenseOp(FeatureOp):
         return Feats(z, t, True)
 
 
-class ConvOp(DenseOp):
-    """A random convolution of width ``dim`` (always sampled: an exact patch concatenation
-    would multiply the feature count by the filter size at every layer)."""
+class SpatialSampleOp(DenseOp):
+    """Base of the random spatial layers (Conv, ConvTranspose, ConvLocal): always sampled, with
+    the layer's own geometry; :meth:`inputs` checks the feature map's spatial rank."""
 
     def __init__(self, layer: Any, ctx: FeatureContext):
         super().__init__(layer, ctx, True)
         self.layer = layer
 
-    def __call__(self, f: Feats) -> Feats:
+    def inputs(self, f: Feats, name: str, max_spatial: Optional[int] = None
+               ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(phi, psi)`` of ``f`` as per-channel features, refused unless ``(N, C, *spatial)``
+        with 1 to ``max_spatial`` spatial axes."""
         f = f.normed()
-        phi, psi = f.phi, f.psi
-        if phi.ndim < 3:
-            raise ValueError("Conv needs spatial inputs (N, C, *spatial) in the feature map")
+        ns = f.phi.ndim - 2
+        if ns < 1 or (max_spatial is not None and ns > max_spatial):
+            most = "" if max_spatial is None else f" with 1-{max_spatial} spatial dimensions"
+            raise ValueError(f"features: {name} needs inputs (N, C, *spatial){most}, got "
+                             f"features of shape {tuple(f.phi.shape)}")
+        return f.phi, f.psi
+
+
+class ConvOp(SpatialSampleOp):
+    """A random convolution of width ``dim`` (always sampled: an exact patch concatenation
+    would multiply the feature count by the filter size at every layer)."""
+
+    def __call__(self, f: Feats) -> Feats:
+        phi, psi = self.inputs(f, "Conv")
         ns = phi.ndim - 2
         if ns > 3:
             raise NotImplementedError("features: Conv supports 1-3 spatial dimensions")
@@ -305,16 +320,12 @@ class ModuleLinearOp(FeatureOp):
         return Feats(self.module(f.phi), None if f.psi is None else self.module(f.psi), f.fresh)
 
 
-class ConvTransposeOp(DenseOp):
+class ConvTransposeOp(SpatialSampleOp):
     """A random transposed convolution of width ``dim`` with ConvTranspose's geometry: for
     ``z = W / sqrt(|F|) G^T* phi + b g`` (``G`` standard normal, ``(c, dim, *F)``),
     ``E z(P) z(Q) = W^2 / |F| sum_t K(src(P, t), src(Q, t)) + b^2`` -- the layer's covariance
     map -- and the tangent ``t`` from ``[phi, psi]`` with an independent ``G'`` adds
     ``W^2 / |F| sum_t T``: the NTK recursion (as :class:`ConvOp`)."""
-
-    def __init__(self, layer, ctx: FeatureContext):
-        super().__init__(layer, ctx, True)
-        self.layer = layer
 
     def _apply(self, x: Tensor, w: Tensor, geo) -> Tensor:
         """``ConvTransposeModule.forward`` without its parameters (same crop / fold)."""
@@ -333,11 +344,7 @@ class ConvTransposeOp(DenseOp):
         return y
 
     def __call__(self, f: Feats) -> Feats:
-        f = f.normed()
-        phi, psi = f.phi, f.psi
-        if phi.ndim < 3 or phi.ndim > 5:
-            raise ValueError("features: ConvTranspose needs inputs (N, C, *spatial) with 1-3 "
-                             "spatial dimensions")
+        phi, psi = self.inputs(f, "ConvTranspose", 3)
         geo = self.layer.geometry(tuple(phi.shape[2:]))
         scale = self.w / math.sqrt(st.prod(geo[0]))
         m = self.ctx.dim
@@ -349,22 +356,15 @@ class ConvTransposeOp(DenseOp):
         return self._sample(phi, psi, rconv)
 
 
-class ConvLocalOp(DenseOp):
+class ConvLocalOp(SpatialSampleOp):
     """A random locally connected layer of width ``dim``: Conv's patches, but an independent
     Gaussian filter and bias at every output pixel (weights ``(dim, c, pixels, |F|)``, as many
     as the finite ConvLocal layer of that width). Different pixels are then uncorrelated,
     ``E z(P) z(Q) = 0`` for ``P != Q``, and the pixel diagonal is Conv's: the layer's kernel
     map; the tangent as :class:`ConvOp`."""
 
-    def __init__(self, layer, ctx: FeatureContext):
-        super().__init__(layer, ctx, True)
-        self.layer = layer
-
     def __call__(self, f: Feats) -> Feats:
-        f = f.normed()
-        phi, psi = f.phi, f.psi
-        if phi.ndim < 3:
-            raise ValueError("features: ConvLocal needs spatial inputs (N, C, *spatial)")
+        phi, psi = self.inputs(f, "ConvLocal")
         filt, strides, pads, circ, out_sp = self.layer.geometry(tuple(phi.shape[2:]))
         p, a = st.prod(out_sp), st.prod(filt)
         scale = self.w / math.sqrt(a)

@@ -34,7 +34,7 @@ def row_keys(x: Tensor) -> Tensor:
     fixed odd weights, summed with wrap-around (integer arithmetic is exact and associative,
     so the key does not depend on the row's position). ``O(n d)``; distinct rows collide with
     probability ~2^-64, and callers confirm equality before relying on it."""
-    flat = x.reshape(x.shape[0], -1).contiguous()
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()   # (also 0 rows)
     bits = flat.view(torch.int64) if flat.dtype == torch.float64 else \
         flat.view(torch.int32).to(torch.int64)
     d = bits.shape[1]
@@ -78,6 +78,23 @@ def first_occurrence(x: Tensor) -> Optional[Tensor]:
     rep = torch.arange(n, device=x.device)
     rep[idx] = first[inv]
     return rep
+
+
+def has_duplicate_rows(x1: Tensor, x2: Optional[Tensor] = None) -> bool:
+    """Whether two rows of ``x1`` (and ``x2``) are equal, as :func:`first_occurrence` decides,
+    without concatenating the inputs: one pass over each for the keys, and only the rows whose
+    keys collide are compared."""
+    keys = row_keys(x1) if x2 is None else torch.cat([row_keys(x1), row_keys(x2)])
+    cand = _candidates(keys)
+    if cand is None:
+        return False
+    idx = cand.nonzero().flatten()
+    n1 = x1.shape[0]
+    rows = x1[idx[idx < n1]]
+    if x2 is not None:
+        rows = torch.cat([rows, x2[idx[idx >= n1] - n1]])
+    flat = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
+    return int(torch.unique(flat, dim=0).shape[0]) < flat.shape[0]
 
 
 def duplicate_pairs(x1: Tensor, x2: Optional[Tensor]):

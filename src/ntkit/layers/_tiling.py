@@ -19,7 +19,7 @@ from .._validation import parse_memory_budget
 from ..kernel import Kernel
 from ._calls import apply_kernel_map, slice_call_args, using_call_args
 from ._masking import MASK_ARG
-from ._ops import first_occurrence, input_kernel, self_memo, variances
+from ._ops import first_occurrence, has_duplicate_rows, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
 # temporaries of a stencil pass or of an activation's dual map (product, sqrt, angle, dot):
@@ -264,7 +264,7 @@ def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str
     # Bitwise-equal input rows get bitwise-equal kernel entries (see input_kernel); one search
     # over all rows here instead of one per tile: usually there are none, and every tile and
     # the final pass skip the search (40 ms of 600 for a 4000-row FC kernel in 22 tiles).
-    dups = first_occurrence(x1 if x2 is None else torch.cat([x1, x2])) is not None
+    dups = has_duplicate_rows(x1, x2)
     with _direct_mmap(big_arrays):
         k = _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
                       self_bytes, call_args, dups, pix)
@@ -397,14 +397,11 @@ def check_representable(k: Kernel, keys, x: torch.Tensor) -> None:
 
 
 def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_entry,
-              self_bytes, call_args=None, dups: bool = True,
-              pix: Optional[int] = None) -> Kernel:
+              self_bytes, call_args, dups: bool, pix: int) -> Kernel:
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
     ns = x1.ndim - 2
-    if pix is None:
-        pix = max_pixels(arch, tuple(x1.shape[1:])) if ns else 1
     probe = kernel_tile(arch, x1[:1], None, want_ntk, full,
                         call_args=slice_call_args(call_args, slice(0, 1)), duplicates=False)
     # a tile always carries the NNGP and the x1 self-covariance (only _finish drops them)
