@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ._validation import all_finite
+
 __all__ = ["Factorization", "factorize", "clear_cache", "as_square_matrix", "sym_eigh",
            "matmul_lower"]
 
@@ -195,7 +197,7 @@ def as_square_matrix(k: Any, name: str) -> torch.Tensor:
                          f"{tuple(k.shape)}")
     if not k.is_floating_point():
         k = k.to(torch.float64)
-    if k.numel() and not torch.isfinite(k).all():
+    if k.numel() and not all_finite(k):
         raise ValueError(f"`{name}` contains NaN/Inf values; recompute the kernel (in float64) "
                          f"before predicting")
     return k
@@ -265,7 +267,7 @@ class Factorization:
         with self._lock:
             if self._eigh is None:
                 evals, evecs = sym_eigh(self.matrix)
-                if self.n and not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+                if self.n and not (all_finite(evals) and all_finite(evecs)):
                     raise ValueError(
                         f"`{self.name}`: the eigendecomposition overflowed (entries up to "
                         f"{float(self.matrix.abs().max()):.3g}); rescale the kernel (predictions "
@@ -329,7 +331,7 @@ class Factorization:
         if self.input_dtype != torch.float32 or not self.n or self._eigh is not None:
             return None
         evals, evecs = sym_eigh(self.matrix.to(torch.float32), overwrite=True)
-        if not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+        if not (all_finite(evals) and all_finite(evecs)):
             return None
         top, low = float(evals[-1]), float(evals[0])
         if not top > 0 or low < max(F32_MIN_RATIO, 2.0 * self.n * _EPS32) * top:
@@ -356,7 +358,7 @@ class Factorization:
                     self._chol_failed = True
                 else:
                     L, info = torch.linalg.cholesky_ex(self.matrix)
-                    if int(info) == 0 and bool(torch.isfinite(L).all()):
+                    if int(info) == 0 and all_finite(L):
                         d = torch.diagonal(L)
                         # pivots tiny relative to the largest mean the matrix is singular to
                         # working precision: the pseudo-inverse is the meaningful solve then.

@@ -52,6 +52,7 @@ from . import layers as nl
 from .features import RidgeFit, features
 from .layers import Layer, parse_arch
 from .predict import gradient_descent_mse_ensemble
+from ._validation import all_finite
 
 try:  # scikit-learn is an optional extra; the module imports without it
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -674,7 +675,7 @@ class _NTKBase(BaseEstimator):
         self.arch_, self.diag_reg_ = arch, reg
         self.X_fit_ = Xt
         if kernels is not None and set(kernels) == {"nngp", "ntk"} and all(
-                bool(torch.isfinite(k).all()) for k in kernels.values()):
+                all_finite(k) for k in kernels.values()):
             self.k_train_train_ = kernels          # stage 2's pass computed them already
         else:
             self.k_train_train_ = _kernels(arch, Xt, None, ("nngp", "ntk"))

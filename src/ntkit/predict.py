@@ -57,6 +57,7 @@ import torch
 from ._linalg import factorize, matmul_lower, null_eps
 from ._typing import (GPPredictFn, ODEPredictFn, PredictFn, StepsPredictFn, TimePredictFn,
                       as_kernel_fn)
+from ._validation import all_finite as _all_finite
 from ._validation import as_array as _as_array
 from ._validation import check_int as _check_int
 from ._validation import check_momentum as _check_momentum
@@ -211,7 +212,7 @@ def _finite(z: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]: ...
 
 def _finite(z: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
     """Raise instead of returning NaN/Inf (overflow in a product of huge kernels/targets)."""
-    if z is not None and z.numel() and not bool(torch.isfinite(z).all()):
+    if z is not None and z.numel() and not _all_finite(z):
         raise ValueError(f"the predicted {what} are not finite (overflow): the kernel, targets "
                          f"or initial outputs are too large to represent the result in the "
                          f"output dtype; rescale them (e.g. divide the kernel by its mean "
@@ -864,7 +865,7 @@ def _certified_cholesky(f) -> Optional[torch.Tensor]:
         c = 1.5 * f.n * null_eps(f.input_dtype) * float(f.matrix.abs().sum(1).max())
         shifted = f.matrix - c * torch.eye(f.n, dtype=f.matrix.dtype, device=f.matrix.device)
         Ls, info = torch.linalg.cholesky_ex(shifted)
-        if int(info) != 0 or not bool(torch.isfinite(Ls).all()):
+        if int(info) != 0 or not _all_finite(Ls):
             L = None
     try:
         _CERT_CACHE[f] = (L,)
@@ -975,7 +976,7 @@ def _basis_factor(cache: Dict[Any, Any], V: torch.Tensor, nngp_dd: Any, nngp_td:
         K = _as_array(nngp_dd, "nngp").to(device=dev, dtype=_F64)
         L, info = torch.linalg.cholesky_ex(0.5 * (K + K.T))
         val = None
-        if int(info) == 0 and bool(torch.isfinite(L).all()) and K.shape[0]:
+        if int(info) == 0 and _all_finite(L) and K.shape[0]:
             d = torch.diagonal(L)
             if float(d.min()) > 0 and float(d.min() / d.max()) ** 2 > 1e-8:
                 val = (L, matmul_lower(V.T, L.to(wd)))

@@ -189,3 +189,20 @@ def test_fused_fully_connected(monkeypatch):
         assert _rel(got.nngp, ref.nngp) < 1e-14 and _rel(got.ntk, ref.ntk) < 1e-14
     k = arch.kernel(x1, tile=4)
     assert torch.equal(k.ntk, k.ntk.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_keys_fused_equal_the_torch_formula(monkeypatch, dtype):
+    """The one-pass numba row keys are the torch formula's keys bit for bit (negative numbers,
+    zeros of both signs, subnormals, wrap-around), and equal rows get equal keys."""
+    from ntkit.layers import _ops
+    x = torch.randn(257, 67, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[3] = -0.0
+    x[4, :5] = torch.tensor([1e-310, -1e-310, 1e300, -1e300, 0.0])
+    x[10] = x[200]
+    x = x.to(dtype)
+    got = _ops.row_keys(x)
+    monkeypatch.setenv("NTKIT_FUSED", "0")
+    ref = _ops.row_keys(x)
+    assert torch.equal(got, ref)
+    assert got[10] == got[200] and len(set(got.tolist())) == 256

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import nn
 
-from .._validation import check_int, check_model
+from .._validation import all_finite, check_int, check_model
 from ..empirical import empirical_ntk
 
 _F64 = torch.float64
@@ -37,7 +37,7 @@ def _as_x(x: Any, name: str = "x") -> torch.Tensor:
     if x.is_complex():
         raise TypeError(f"`{name}` must be real, got {x.dtype}")
     x = x.detach().to(_F64)
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"`{name}` contains NaN/Inf values")
     return x
 
@@ -51,7 +51,7 @@ def _as_y(y: Any, out_shape: torch.Size, name: str = "y") -> torch.Tensor:
             raise ValueError(f"`{name}` has shape {tuple(y.shape)} but the model outputs "
                              f"{tuple(out_shape)} on x; pass targets of the output's shape "
                              f"(for one output: y[:, None])")
-    if not torch.isfinite(y).all():
+    if not all_finite(y):
         raise ValueError(f"`{name}` contains NaN/Inf values")
     return y
 

@@ -6,6 +6,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
+from .._validation import all_finite
+
 __all__ = ["Slope", "fit_slope"]
 
 _F64 = torch.float64
@@ -59,7 +61,7 @@ def fit_slope(x: Sequence[float], values: Sequence[float],
     vs = torch.as_tensor(list(values), dtype=_F64)
     if xs.shape != vs.shape or xs.numel() < 2:
         raise ValueError("`x` and `values` need the same length, at least 2 points")
-    if (xs <= 0).any() or (vs <= 0).any() or not torch.isfinite(vs).all():
+    if (xs <= 0).any() or (vs <= 0).any() or not all_finite(vs):
         raise ValueError("log-log slopes need positive, finite `x` and `values`")
     lx, lv = xs.log(), vs.log()
     n = xs.numel()

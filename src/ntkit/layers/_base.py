@@ -43,6 +43,7 @@ from ._calls import (CallArgsModule, accepted_call_args, apply_kernel_map, call_
                      using_call_args)
 from ._feature_ops import SeqOp
 from ._features import features as _features
+from . import _fc_chain
 from . import _masking   # (keeps_zeros / remask looked up at call time: tests switch them)
 from ._masking import (MASK_ARG, check_mask_constant, check_supported, collapses_channels,
                        input_masks, mask_post_hook, mask_pre_hook, module_info, refusal)
@@ -121,6 +122,21 @@ class Layer:
         masks unchanged (then no remask is needed; see :func:`ntkit.layers._masking.keeps_zeros`).
         Default ``False``: always remask."""
         return False
+
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        """This layer as one stage of a fused fully-connected run
+        (:mod:`ntkit.layers._fc_chain`: Dense and dual maps entry by entry, one pass per tile):
+        ``(code, numbers)`` as :func:`ntkit.layers._fused.fc_chain` reads them (code ``-1``: an
+        exact identity, skipped), for inputs of
+        per-example shape ``in_shape`` computed in ``dtype`` (raising what the kernel map would
+        raise for that dtype). Default ``None``: the layer runs its own kernel map."""
+        return None
+
+    def chain_self(self, cov: torch.Tensor, k: Kernel) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(self-covariance after this layer, dot or None)`` for a fused run's per-example
+        chain, through the tile memo under the key this layer's kernel map uses (so both paths
+        share it). Only called for layers whose :meth:`chain_stage` is not ``None``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a fused-run stage")
 
     def inner_shapes(self, in_shape: Any) -> List[Any]:
         """Per-example shapes of the values inside this layer, its output last (``serial``
@@ -425,8 +441,16 @@ class Serial(Layer):
     fully_connected = True
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
-        for layer in self.layers:
-            k = apply_kernel_map(layer, k)
+        layers, i = self.layers, 0
+        while i < len(layers):
+            run = _fc_chain.run_length(layers, i, k)
+            if run:  # fully-connected Dense/activation layers: one fused pass per tile
+                assert isinstance(k, Kernel)  # (run_length admits single records only)
+                k = _fc_chain.apply_run(layers[i:i + run], k)
+                i += run
+                continue
+            k = apply_kernel_map(layers[i], k)
+            i += 1
         return k
 
     def masked_kernel_map(self, k: KernelLike) -> KernelLike:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 
 from .._system import available_memory
-from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
+from .._validation import all_finite, as_tensor, check_int, parse_get, parse_memory_budget
 from ._calls import prepare_call_args, using_call_args
 from ._feature_ops import FeatureContext, Feats, count_sketch
 from ._mask_inputs import masked_input
@@ -197,7 +197,7 @@ def _refuse_standard(layer: Layer) -> None:
 
 
 def _check_finite(t: Tensor, key: str, xb: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(
             f"the {key} features overflow {xb.dtype} (non-finite values): the kernel grows too "
             f"fast with the input scale or depth; rescale `x`, lower W_std, or use "

@@ -304,3 +304,74 @@ def exp_normalized(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], nee
     px = _consts(c.dtype, *(k.EXP_R_F32 if f32 else k.EXP_R_F64))
     return _dual_pass(k.expn_serial, k.expn_parallel, c, v1, v2, (r1, r2, s1, s2),
                       (consts, kx, px), ntk, need_dot, full, self_pairs)
+
+
+def fc_chain(c: Tensor, ntk: Optional[Tensor], want_ntk: bool,
+             stages: Sequence[Tuple[int, Tuple[float, ...]]],
+             per1: Sequence[Tuple[Tensor, Tensor]], per2: Sequence[Tuple[Tensor, Tensor]]
+             ) -> Tuple[Tensor, Optional[Tensor]]:
+    """A run of fully-connected layers in one pass over the ``(n1, n2)`` tile ``c`` (input
+    NNGP; ``ntk``: input NTK, ``None`` for zero): see ``_chain_row`` in ``_fused_kernels``.
+
+    ``stages``: ``(code, numbers)`` per layer (0 Dense ``(w2, b2, standard, width, bias)``,
+    1 arc-cosine ``(f, h)``, 2 ExpNormalized ``(shift, gamma)``); each Dense is folded into the
+    dual map that follows it. ``per1`` / ``per2``: for each activation in order,
+    ``(1/sqrt(v), sqrt(v))`` of its input variances for x1's / x2's examples. Returns
+    ``(nngp, ntk or None)`` after the run."""
+    k = _kernels()
+    n1, n2 = c.shape
+    dt = c.dtype
+    f32 = dt == torch.float32
+    ty = np.float32 if f32 else np.float64
+    ops = []      # (code, (w2, b2, p, r, a0, a1))
+    pre = None    # a Dense waiting for the activation after it
+    for code, nums in stages:
+        if code == 0:
+            if pre is not None:
+                ops.append((0, pre + (0.0, 0.0)))
+            w2, b2, standard, width, bias = nums
+            pre = (w2, b2, width, bias) if standard else (w2, b2, w2, b2)
+        else:
+            ops.append((code, (pre if pre is not None else (1.0, 0.0, 0.0, 0.0)) + tuple(nums)))
+            pre = None
+    if pre is not None:
+        ops.append((0, pre + (0.0, 0.0)))
+    codes = np.array([o[0] for o in ops], dtype=np.int64)
+    P = np.array([x for o in ops for x in o[1]], dtype=ty)
+    aidx = np.zeros(len(ops), dtype=np.int64)
+    a = 0
+    for i, (code, _) in enumerate(ops):
+        if code:
+            aidx[i] = a
+            a += 1
+
+    def flat(pairs, which):
+        if not pairs:
+            return np.zeros(1, dtype=ty)
+        return np.concatenate([_np(p[which]) for p in pairs]) if len(pairs) > 1 \
+            else _np(pairs[0][which])
+    out = torch.empty((n1, n2), dtype=dt, device="cpu")  # (CPU-only kernels)
+    d = torch.empty_like(out) if want_ntk else out
+    has_t = want_ntk and ntk is not None
+    nt = _np(ntk) if has_t and ntk is not None else d.numpy().reshape(-1)
+    consts = _consts(dt, 0.0, 1.0, math.pi, math.pi / 2, SNAP_ULPS * torch.finfo(dt).eps)
+    coef = _consts(dt, *(k.ATAN_F32 if f32 else k.ATAN_F64))
+    kx = _consts(dt, *(k.EXP_KX_F32 if f32 else k.EXP_KX_F64))
+    px = _consts(dt, *(k.EXP_R_F32 if f32 else k.EXP_R_F64))
+    _call(k.chain_serial, k.chain_parallel, _np(c), nt, out.numpy().reshape(-1),
+          d.numpy().reshape(-1), n1, n2, codes, P, aidx, flat(per1, 0), flat(per1, 1),
+          flat(per2, 0), flat(per2, 1), has_t, bool(want_ntk), consts, coef, kx, px, rows=n1)
+    return out, (d if want_ntk else None)
+
+
+def row_keys(flat: Tensor, w: Tensor) -> Tensor:
+    """:func:`ntkit.layers._ops.row_keys` of a contiguous CPU float32/float64 ``(n, d)`` tensor in
+    one pass (no int64 copy of the data, no product array): ``sum_j bits[i, j] * w[j]`` with
+    wrap-around, ``bits`` sign-extended, ``w`` the ``(d,)`` int64 weights: the torch formula's
+    keys, bit for bit."""
+    k = _kernels()
+    bits = flat.numpy().view(np.int32 if flat.dtype == torch.float32 else np.int64)
+    out = np.empty(bits.shape[0], dtype=np.int64)
+    _call(k.row_keys_serial, k.row_keys_parallel, bits, w.numpy(), out,
+          rows=bits.shape[0] // 64)
+    return torch.from_numpy(out)

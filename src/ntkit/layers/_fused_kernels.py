@@ -535,3 +535,130 @@ def expn_serial(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX,
 def expn_parallel(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX):
     for row in prange(ia.shape[0] * R):
         _expn_row(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, KX, PX, row)
+
+
+# ---- fully-connected chains: a run of Dense and dual maps, entry by entry ---------------------
+# An FC kernel's recursion is elementwise given per-example variances, so a run of layers
+# [Dense | arc-cosine (ABRelu family) | ExpNormalized] is one pass over the tile: each row is
+# loaded once, taken through every layer while it sits in L1 (the output row is the working
+# buffer) and stored once, instead of ~3 passes and fresh tile-sized arrays per layer.
+# C, NT: the input nngp / ntk tile (flat n1 * n2); OUT, D: the outputs (D = NT * dot products:
+# the NTK; with HAS_T False the run starts from a zero NTK; with WT False no NTK is carried).
+# Op s: CODES[s] 0 = Dense alone, 1 = [Dense] + arc-cosine, 2 = [Dense] + ExpNormalized; its
+# numbers P[6 s .. 6 s + 5] = (w2, b2, p, r, a0, a1): the Dense step first,
+#   c' = c w2 + b2,  t' = (c p + r) + w2 t
+# (NTK parameterization: p = w2, r = b2, so t' = c' + w2 t; standard: p = width, r = 1 with a
+# bias, else 0; an activation without a Dense before it in the run: w2 = 1, b2 = p = r = 0,
+# which is exact), then the dual map with (f, h) = (a0, a1) or (shift, gamma) = (a0, a1):
+# (c'', dot) = _relu_one / _expn_one(c', ...), t'' = t' dot.
+# An activation reads its per-example numbers at column AIDX[s]: RA, SA (flat na * n1: 1/sqrt(v),
+# sqrt(v) of x1's examples), RB, SB (na * n2, x2's). K = (0, 1, pi, pi/2, tol); A: atan
+# coefficients; KX, PX: fexp's.
+
+@njit(**_INLINE)
+def _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX, PX,
+               row):
+    n = uint64(n2)
+    base = uint64(row * n2)
+    # the output row is the working buffer: copied in once, then every op works in place (an
+    # op reading C and writing OUT would need a runtime overlap check on every later op, which
+    # LLVM answers with the scalar loop)
+    for q in range(n):
+        OUT[base + q] = C[base + q]
+    if WT:
+        if HAS_T:
+            for q in range(n):
+                D[base + q] = NT[base + q]
+        else:
+            for q in range(n):
+                D[base + q] = K[0]
+    X = OUT
+    Y = D
+    for s in range(CODES.shape[0]):
+        code = CODES[s]
+        w2 = P[6 * s]
+        b2 = P[6 * s + 1]
+        pp = P[6 * s + 2]
+        rr = P[6 * s + 3]
+        a0 = P[6 * s + 4]
+        a1 = P[6 * s + 5]
+        if code == 0:
+            if WT:
+                for q in range(n):
+                    c = X[base + q]
+                    D[base + q] = (c * pp + rr) + w2 * Y[base + q]
+                    OUT[base + q] = c * w2 + b2
+            else:
+                for q in range(n):
+                    OUT[base + q] = X[base + q] * w2 + b2
+            continue
+        ia = uint64(AIDX[s] * n1 + row)
+        ib = uint64(AIDX[s] * n2)
+        ra = RA[ia]
+        sa = SA[ia]
+        if code == 1:
+            KR = (K[0], K[1], K[2], K[3], a0, a1, K[4])
+            if WT:
+                for q in range(n):
+                    c = X[base + q]
+                    t = (c * pp + rr) + w2 * Y[base + q]
+                    o, dot = _relu_one(c * w2 + b2, ra, RB[ib + q], sa, SB[ib + q], KR, A)
+                    OUT[base + q] = o
+                    D[base + q] = t * dot
+            else:
+                for q in range(n):
+                    o, dot = _relu_one(X[base + q] * w2 + b2, ra, RB[ib + q], sa, SB[ib + q],
+                                       KR, A)
+                    OUT[base + q] = o
+        else:
+            KE = (K[0], K[1], K[4], a0, a1)
+            if WT:
+                for q in range(n):
+                    c = X[base + q]
+                    t = (c * pp + rr) + w2 * Y[base + q]
+                    o, dot = _expn_one(c * w2 + b2, ra, RB[ib + q], sa, SB[ib + q], KE, KX, PX)
+                    OUT[base + q] = o
+                    D[base + q] = t * dot
+            else:
+                for q in range(n):
+                    o, dot = _expn_one(X[base + q] * w2 + b2, ra, RB[ib + q], sa, SB[ib + q],
+                                       KE, KX, PX)
+                    OUT[base + q] = o
+
+
+@njit(**_JIT)
+def chain_serial(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX, PX):
+    for row in range(n1):
+        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
+                   PX, row)
+
+
+@njit(parallel=True, **_JIT)
+def chain_parallel(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
+                   PX):
+    for row in prange(n1):
+        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
+                   PX, row)
+
+
+# ---- row keys for the duplicate-row search ---------------------------------------------------
+# ntkit.layers._ops.row_keys in one pass: the rows' bit patterns (B: (n, d) int32 or int64 view,
+# sign-extended as the torch formula does) times fixed odd weights W (int64), summed with
+# wrap-around (LLVM's plain integer add/mul wrap: exact, order-free).
+
+@njit(**_JIT)
+def row_keys_serial(B, W, OUT):
+    for i in range(B.shape[0]):
+        acc = np.int64(0)
+        for j in range(B.shape[1]):
+            acc += np.int64(B[i, j]) * W[j]
+        OUT[i] = acc
+
+
+@njit(parallel=True, **_JIT)
+def row_keys_parallel(B, W, OUT):
+    for i in prange(B.shape[0]):
+        acc = np.int64(0)
+        for j in range(B.shape[1]):
+            acc += np.int64(B[i, j]) * W[j]
+        OUT[i] = acc

@@ -35,15 +35,17 @@ def row_keys(x: Tensor) -> Tensor:
     so the key does not depend on the row's position). ``O(n d)``; distinct rows collide with
     probability ~2^-64, and callers confirm equality before relying on it."""
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()   # (also 0 rows)
-    bits = flat.view(torch.int64) if flat.dtype == torch.float64 else \
-        flat.view(torch.int32).to(torch.int64)
-    d = bits.shape[1]
-    w = _HASH_W.get((d, bits.device))
+    d = flat.shape[1]
+    w = _HASH_W.get((d, flat.device))
     if w is None:  # drawn on the CPU (the same weights everywhere), kept per device
         g = torch.Generator().manual_seed(0x5EED)
         w = torch.randint(-2**62, 2**62, (d,), generator=g, dtype=torch.int64,
                           device="cpu") | 1
-        w = _HASH_W.setdefault((d, bits.device), w.to(bits.device))
+        w = _HASH_W.setdefault((d, flat.device), w.to(flat.device))
+    if flat.shape[0] and d and _fused.usable(flat):  # one pass, no int64 copy (numba)
+        return _fused.row_keys(flat, w)
+    bits = flat.view(torch.int64) if flat.dtype == torch.float64 else \
+        flat.view(torch.int32).to(torch.int64)
     return (bits * w).sum(1)
 
 
@@ -283,6 +285,18 @@ def normalized_cross(dual: DualFn, c: Tensor, v1: Tensor, v2: Tensor, need_dot: 
     return dual(correlation(c, v1, v2, skip), v1, v2, need_dot)
 
 
+def act_memo_key(dual: DualFn, self_fn: SelfFn, k: Kernel, use_fused: bool):
+    """The tile memo's key for an activation's self-covariance map (``None``: unhashable, no
+    memo); shared by :func:`apply_elementwise` and the fused FC runs
+    (:mod:`ntkit.layers._fc_chain`), so either path reuses the other's maps."""
+    key = ("act", dual, self_fn, k.n_spatial, k.diagonal_spatial, use_fused)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
                       fused: Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]] = None
                       ) -> Kernel:
@@ -341,11 +355,7 @@ def apply_elementwise(k: Kernel, dual: DualFn, self_fn: SelfFn,
             _set_pixel_diag(d, ed, k.n_spatial)
         return out, d
 
-    try:
-        key = ("act", dual, self_fn, k.n_spatial, k.diagonal_spatial, use_fused)
-        hash(key)
-    except TypeError:
-        key = None
+    key = act_memo_key(dual, self_fn, k, use_fused)
     cov1, dot1 = memo_self(key, k.cov1, self_map)
     cov2 = None if k.cov2 is None else memo_self(key, k.cov2, self_map)[0]
     if k.cov2 is None:  # exact batch diagonal

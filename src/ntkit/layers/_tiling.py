@@ -472,10 +472,13 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
                         cov2[J] = cast(torch.Tensor, kt.cov2)
             for key in keys:
                 t = getattr(kt, key)
-                if x2 is None and i == j:
-                    t = _symmetric(t, out_ns, diag_sp)
+                if x2 is None and i == j:  # _symmetric, written straight into the output
+                    o = out[key][I, J]
+                    torch.mul(_mirror(t, out_ns, diag_sp), 0.5, out=o)
+                    o.add_(t, alpha=0.5)
+                    continue
                 out[key][I, J] = t
-                if x2 is None and i != j:
+                if x2 is None:
                     out[key][J, I] = _mirror(t, out_ns, diag_sp)
             del kt
     return probe.replace(nngp=out.get("nngp"), ntk=out.get("ntk"), cov1=cov1, cov2=cov2,

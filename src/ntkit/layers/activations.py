@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_int, check_positive, check_real
+from .._validation import all_finite, check_int, check_positive, check_real
 from ..kernel import Kernel
 from . import _fused
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
 from ._numeric import tu as _tu
-from ._ops import apply_elementwise, normalized_cross, safe_sqrt
+from ._ops import act_memo_key, apply_elementwise, memo_self, normalized_cross, safe_sqrt
 from . import _feature_ops as fo
 
 __all__ = ["Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Sigmoid_like", "Gelu", "Sin", "Cos",
@@ -136,6 +136,16 @@ class Activation(Layer):
         def pair(c, v1, v2, ntk, need_dot, full, self_pairs=False):
             return _fused.relu(c, v1, v2, f, h, ntk, need_dot, full, self_pairs=self_pairs)
         return pair
+
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        fp = self.fused_params()
+        if fp is None:
+            return None
+        self._check_constants(dtype)
+        return 1, tuple(fp)
+
+    def chain_self(self, cov: Tensor, k: Kernel) -> Tuple[Tensor, Optional[Tensor]]:
+        return memo_self(act_memo_key(self.dual, self.self_map, k, True), cov, self.self_map)
 
     def constants(self) -> Dict[str, float]:
         """``{name: value}`` of the constants the dual maps multiply by (none by default)."""
@@ -523,6 +533,10 @@ class ExpNormalized(Activation):
     def fused_map(self) -> Callable[..., Tuple[Tensor, Optional[Tensor]]]:
         return functools.partial(_fused.exp_normalized, gamma=self.gamma, shift=self.shift)
 
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        self._check_constants(dtype)
+        return 2, (float(self.shift), float(self.gamma))
+
     def build(self, in_shape: Any, ctx: BuildContext,
               followed: bool) -> Tuple[nn.Module, Any]:
         return ActivationModule(lambda x: self._apply(x, False), repr(self)), in_shape
@@ -755,7 +769,7 @@ def _trap_plan(g, s: float, tol: float, what: str):
                           device="cpu")      # the plan is host work, once per variance bucket
         gz = g(s * zs).to(f64)
         a = gz * gz * _gauss_density(zs)
-        if not bool(torch.isfinite(a).all()):
+        if not all_finite(a):
             bad = float(zs[~torch.isfinite(a)].abs().min()) * s
             raise ValueError(f"Elementwise: {what}(x)^2 times the Gaussian density is not finite "
                              f"at |x| = {bad:.3g} (pre-activation variance {s * s:.3g}): the "

@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._validation import check_int, check_positive, check_std
+from .._validation import all_finite, check_int, check_positive, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import unwrap, wrap
@@ -125,7 +125,7 @@ def _pos_emb_cov_uncached(fn, p: float, spatial: Tuple[int, ...]) -> torch.Tenso
                         f"distances elementwise (e.g. lambda d: torch.exp(-d / 4)); calling it "
                         f"failed with {type(e).__name__}: {e}") from None
     r = torch.as_tensor(r, dtype=torch.float64, device="cpu")
-    if r.shape != d.shape or not bool(torch.isfinite(r).all()):
+    if r.shape != d.shape or not all_finite(r):
         raise ValueError(f"{_NAME}: `pos_emb_decay_fn` must return finite values of the shape "
                          f"of its input {tuple(d.shape)}, got shape {tuple(r.shape)}")
     if not torch.allclose(r, r.T, rtol=1e-12, atol=0):

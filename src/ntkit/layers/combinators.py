@@ -14,7 +14,7 @@ independence condition.
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple, cast
+from typing import Any, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -387,6 +387,9 @@ class Identity(Layer):
 
     def kernel_map(self, k: KernelLike) -> KernelLike:
         return k
+
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        return (-1, ()) if type(self) is Identity else None
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         return nn.Identity(), in_shape

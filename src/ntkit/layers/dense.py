@@ -95,6 +95,16 @@ class Dense(Layer):
         return type(self) is Dense and (self.b_std is None or (
             self.b_std == 0 and self.parameterization == "ntk"))
 
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        if type(self) is not Dense:  # (a subclass may override the kernel map)
+            return None
+        b2 = 0.0 if self.b_std is None else self.b_std ** 2
+        return 0, (self.W_std ** 2, b2, float(self.parameterization != "ntk"),
+                   float(in_shape[0]), 0.0 if self.b_std is None else 1.0)
+
+    def chain_self(self, cov: torch.Tensor, k: Kernel) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return memo_self(("dense", self), cov, self._affine), None
+
     def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
         return fo.DenseOp(self, ctx, followed_by_act), self.out_shape(in_shape)
 

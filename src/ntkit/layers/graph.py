@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._validation import all_finite
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, call_arg, frozen_layer
 from ._masking import unwrap, wrap
@@ -138,7 +139,7 @@ def _dense_pattern(layer: "Aggregate", p: Any, geo: _Geometry, n: int, dtype, de
     if p.is_complex():
         raise TypeError(f"`{name}` must be real, got {p.dtype}")
     p = p.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(p).all()):
+    if not all_finite(p):
         raise ValueError(f"`{name}` has NaN/Inf weights (or weights beyond {dtype})")
     return p.reshape(n, geo.g, geo.g)
 

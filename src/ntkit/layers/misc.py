@@ -137,6 +137,9 @@ class Dropout(Layer):
         repeated rows of a batch must then not be merged."""
         return self.mode == "train" and self.rate != 1.0
 
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        return (-1, ()) if not self.per_pass_noise and type(self) is Dropout else None
+
     def kernel_map(self, k: Kernel) -> Kernel:
         k = _single(k, "Dropout")
         if not self.per_pass_noise:

@@ -39,7 +39,7 @@ import torch
 
 from .._linalg import Factorization, as_square_matrix, factorize
 from .._system import available_memory
-from .._validation import parse_memory_budget
+from .._validation import all_finite, parse_memory_budget
 from ._store import KernelStore, TiledMatrix, hint
 
 __all__ = ["solve", "SolveInfo"]
@@ -262,7 +262,7 @@ def _cg(op, y: torch.Tensor, ridge: float, tol: float, maxiter: int, prec, progr
             r -= alpha * Ap
             res = torch.linalg.norm(r, dim=0) / bnorm
             bar.set_postfix(residual=f"{float(res[active].max()) if active.any() else 0:.2e}")
-            if not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 break                                   # diverged: reported by the caller
             newly = active & (res <= tol)
             if newly.any() or it == maxiter or not active.any():
@@ -307,7 +307,7 @@ def _dense(op, y: torch.Tensor, diag_reg: float):
     ridge = diag_reg * float(torch.diagonal(A).mean())
     A.diagonal().add_(ridge)
     L, err = torch.linalg.cholesky_ex(A)
-    if int(err) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
+    if int(err) == 0 and all_finite(torch.diagonal(L)):
         dL = torch.diagonal(L)
         if float(dL.min() / dL.max()) ** 2 > n * float(torch.finfo(torch.float64).eps):
             del A
@@ -388,7 +388,7 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
     if yt.ndim != 2 or yt.shape[0] != n:
         raise ValueError(f"`y` must be (n,) or (n, k) with n = {n} (the kernel's size), got "
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else np.shape(y)}")
-    if not torch.isfinite(yt).all():
+    if not all_finite(yt):
         raise ValueError("`y` contains NaN/Inf values")
     budget = parse_memory_budget(memory_budget)
     budget = available_memory(op.device) // 2 if budget is None else budget
@@ -417,7 +417,7 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
             prec, used = _nystrom(op, r, ridge, gen)
         alpha, its, res, broke = _cg(op, yt, ridge, tol, int(maxiter), prec, progress,
                                      anorm=float(d.abs().max()) if n else 0.0)
-        finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(res).all())
+        finite = all_finite(alpha) and all_finite(res)
         conv = finite and bool((res <= tol).all())
         info = SolveInfo("cg", ridge, its, res, conv, preconditioner, used)
         if not conv:
@@ -439,7 +439,7 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
                 raise ValueError(msg + ("" if not finite else hint(
                     "; or pass on_nonconvergence='warn' to get the best iterate", "")))
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    if not bool(torch.isfinite(alpha).all()):
+    if not all_finite(alpha):
         raise ValueError(f"the {info.method} solve produced NaN/Inf coefficients (K is too "
                          f"ill-conditioned in float64); " + hint(
                              "add a ridge with diag_reg (e.g. 1e-6)", "add a ridge with "
