@@ -57,6 +57,25 @@ def run_length(layers: Sequence[Any], i: int, k: Any) -> int:
     return j - i if acts and j - i >= 2 else 0
 
 
+def covers(arch: Any, x: Tensor) -> bool:
+    """Whether ``arch`` on inputs like ``x`` (CPU float32/float64, fused kernels enabled) is a
+    ``serial`` of stages only, i.e. one fused run per tile: its tiles then need no cache-sized
+    cap (the run keeps one row in L1 whatever the tile; a bigger tile is one larger GEMM and
+    no copy into the output)."""
+    layers = getattr(arch, "layers", None)
+    if not layers or x.ndim != 2 or not _fused.usable(x):
+        return False
+    shape: Any = tuple(x.shape[1:])
+    try:
+        for layer in layers:
+            if layer.chain_stage(shape, x.dtype) is None:
+                return False
+            shape = layer.out_shape(shape)
+    except (ValueError, TypeError):  # (the layer's own map will raise it)
+        return False
+    return True
+
+
 def apply_run(layers: Sequence[Any], k: Kernel) -> Kernel:
     """``k`` through ``layers`` (a run accepted by :func:`run_length`) in one fused pass."""
     assert k.nngp is not None and k.cov1 is not None  # (run_length admits only such records)

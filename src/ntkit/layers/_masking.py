@@ -228,6 +228,34 @@ def _cached_pair_mask(ma: Tensor, mb: Tensor, batch_ndim: int, ns: int, full: bo
     return out
 
 
+def add_unmasked(t: Tensor, value: float, k, which: str) -> Tensor:
+    """In place: ``t += value`` at the entries of ``t`` that involve no masked position (zero
+    elsewhere stays zero), ``t`` laid out as ``k``'s cross covariance (``which='cross'``) or
+    its x1 / x2 self-covariance (``'self1'`` / ``'self2'``). One broadcast ``addcmul`` (a pass
+    like ``t += value``) instead of adding everywhere and :func:`remask` after: a biased layer
+    then keeps masked covariances zero (Dense). ``k.mask1`` must be set."""
+    ns = k.n_spatial
+    full = bool(ns) and not k.diagonal_spatial
+    one = (1,) * ns
+    m1 = k.mask1
+    m2 = m1 if k.mask2 is None else k.mask2
+    if which == "cross":
+        a, b = ~m1, ~m2
+        if ns == 0 or not full:
+            ka = a.reshape(a.shape[:1] + (1,) + a.shape[1:])
+            kb = b.reshape((1,) + b.shape)
+        else:
+            ka = a.reshape(a.shape[:1] + (1,) + a.shape[1:] + one)
+            kb = b.reshape((1,) + b.shape[:1] + one + b.shape[1:])
+    else:
+        a = ~(m1 if which == "self1" else m2)
+        ka = kb = a
+        if full:
+            ka = a.reshape(a.shape + one)
+            kb = a.reshape(a.shape[:1] + one + a.shape[1:])
+    return t.addcmul_(ka.to(t.dtype), kb.to(t.dtype), value=value)
+
+
 def keeps_zeros(layer) -> bool:
     """Whether ``layer``'s kernel map sends a kernel that is zero at every covariance involving
     a masked position to one that is zero there again, masks unchanged; then
@@ -236,14 +264,15 @@ def keeps_zeros(layer) -> bool:
 
     Why this holds for the layers listed (every record passed between masked layers is
     already zero there: the zeroed inputs, each layer's remasked output, and FanInSum /
-    FanInConcat of such records): ``Identity`` returns its input; ``Dense`` without bias
-    (``b_std`` None, or 0 in the NTK parameterization; the standard one adds 1 to the NTK
-    when there is a bias) is ``W^2 * cov`` (+ ``width * nngp``) position by position;
+    FanInConcat of such records): ``Identity`` returns its input; ``Dense`` is
+    ``W^2 * cov`` (+ ``width * nngp``) position by position and adds its bias terms (``b^2``,
+    the standard parameterization's 1 in the NTK) only where no position is masked
+    (:func:`add_unmasked`);
     ``ABRelu`` (Relu, LeakyRelu, Abs) maps a zero variance to correlation 0
     (:func:`ntkit.layers._ops.inv_sqrt`) and its output scales with ``sqrt(v1) sqrt(v2)``,
     its NTK term with the input NTK. ``tests/layers/test_masking_skip.py`` checks each one.
     Layers that move positions or read masked ones (attention, pooling, conv, LayerNorm,
-    Aggregate, biased Dense) are not listed and always remask.
+    Aggregate) are not listed and always remask.
 
     Each listed class answers through :meth:`ntkit.layers.Layer.keeps_masked_zeros` for its
     exact type only (a subclass may override the kernel map); the rest inherit ``False``."""

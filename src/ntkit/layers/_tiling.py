@@ -19,6 +19,7 @@ from .._validation import parse_memory_budget
 from ..kernel import Kernel
 from ._calls import apply_kernel_map, slice_call_args, using_call_args
 from ._masking import MASK_ARG
+from . import _fc_chain
 from ._ops import first_occurrence, has_duplicate_rows, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
@@ -412,7 +413,10 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
     # its memory budget allows (more parallel work per op, fewer launches).
     cpu = x1.device.type == "cpu"
     cap = cache_cap(pix, full, itemsize) if ns and cpu else None
-    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=(ns == 0 and cpu), tile=tile,
+    # A cross kernel that is one fused FC run per tile needs no cache cap (a symmetric one keeps
+    # it: its tiles below the diagonal are mirrored, not computed)
+    fc_cap = ns == 0 and cpu and not (x2 is not None and _fc_chain.covers(arch, x1))
+    b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=fc_cap, tile=tile,
                   cap=cap, self_bytes=self_bytes)
 
     if b >= n1 and b >= n2:

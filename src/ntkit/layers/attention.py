@@ -61,7 +61,7 @@ from torch import nn
 from .._validation import all_finite, check_int, check_positive, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
-from ._masking import unwrap, wrap
+from ._masking import add_unmasked, unwrap, wrap
 from ._ops import memo_self, set_batch_diag
 from .conv import _spatial_kernel
 from .dense import check_parameterization
@@ -333,6 +333,11 @@ class GlobalSelfAttention(Layer):
 
     supports_masking = True  # masked keys get no attention, no positional embedding (NT)
 
+    def keeps_masked_zeros(self) -> bool:
+        # the closed form with linear scaling zeroes masked queries' weights and adds the bias
+        # only where no position is masked (_linear_map); exact type only
+        return type(self) is GlobalSelfAttention and self.linear_scaling
+
     def feature_op(self, in_shape: Any, ctx: Any, followed_by_act: bool) -> Tuple[Any, Any]:
         raise NotImplementedError(
             "features(method='rf'): no random-feature rule for GlobalSelfAttention (its "
@@ -469,28 +474,44 @@ class GlobalSelfAttention(Layer):
         b2 = (self.b_std or 0.0) ** 2
         val_pe = self.val_pos_emb
 
-        def self_map_for(m):
+        # With masks, the rows of masked queries get zero weights and the bias goes only where
+        # no position is masked: the outputs are then zero at every covariance involving a
+        # masked position, which the remask after the layer would otherwise write (a pass and
+        # a fresh array per tile; see keeps_masked_zeros).
+        def self_map_for(m, which):
             def self_map(cov):  # -> (attention weights (n, P, P), output self-covariance)
                 c = pairs(cov, 1)
                 ci = interp(c, m)
                 a = _mechanism(self.attention_mechanism, ci * qk,
                                None if m is None else m[:, None, :])
+                if m is not None:
+                    a = a.masked_fill(m[:, :, None], 0)
                 cv = ci if val_pe else c
-                out = (a @ cv @ a.transpose(-1, -2)).mul_(ov2)
+                out = (a @ cv @ a.transpose(-1, -2)).mul_(ov2).reshape(cov.shape)
                 if b2:
-                    out.add_(b2)
-                return a, out.reshape(cov.shape)
+                    if m is None:
+                        out.add_(b2)
+                    else:
+                        add_unmasked(out, b2, k, which)
+                return a, out
             return self_map
 
-        a1, cov1 = memo_self(key, k.cov1, self_map_for(m1))
-        a2, cov2 = (a1, None) if k.cov2 is None else memo_self(key, k.cov2, self_map_for(m2))
+        a1, cov1 = memo_self(key, k.cov1, self_map_for(m1, "self1"))
+        a2, cov2 = (a1, None) if k.cov2 is None else \
+            memo_self(key, k.cov2, self_map_for(m2, "self2"))
 
         def weigh(m):  # ov2 * A_i m_ij A_j^T + b2
             # einsum contracts pairwise as two large batched GEMMs (A_i against all of row i,
             # then each A_j): 1.2-1.7x faster than the broadcast `A_i @ m @ A_j^T`, whose
             # (n1, n2) batch of 24 x 24 products runs one small GEMM per pair
             out = torch.einsum("iab,ijbc,jdc->ijad", a1, m, a2).mul_(ov2)
-            return out.add_(b2) if b2 else out
+            if not b2:
+                return out
+            if m1 is None:
+                return out.add_(b2)
+            tail = tuple(k.nngp.shape[2:])  # (the kernel's own pixel-pair layout)
+            return add_unmasked(out.reshape(out.shape[:2] + tail), b2, k, "cross").reshape(
+                out.shape)
 
         kv = pairs(k.nngp, 2)
         if val_pe:

@@ -21,7 +21,7 @@ from torch import nn
 from .._validation import check_int, check_std
 from ..kernel import Kernel
 from ._base import BuildContext, Layer, frozen_layer
-from ._masking import unwrap, wrap
+from ._masking import add_unmasked, unwrap, wrap
 from ._ops import memo_self
 from . import _feature_ops as fo
 
@@ -90,10 +90,9 @@ class Dense(Layer):
     supports_masking = True
 
     def keeps_masked_zeros(self) -> bool:
-        # no bias term (b_std None, or 0 in the NTK parameterization): W^2 cov position by
-        # position (exact type: a subclass may override the kernel map)
-        return type(self) is Dense and (self.b_std is None or (
-            self.b_std == 0 and self.parameterization == "ntk"))
+        # W^2 cov position by position, bias terms added only where no position is masked
+        # (exact type: a subclass may override the kernel map)
+        return type(self) is Dense
 
     def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
         if type(self) is not Dense:  # (a subclass may override the kernel map)
@@ -122,12 +121,16 @@ class Dense(Layer):
     def out_shape(self, in_shape: Any) -> Any:
         return (self.out_dim,) + tuple(in_shape[1:])
 
-    def _affine(self, t):
+    def _affine(self, t, k: Optional[Kernel] = None, which: str = "cross"):
+        """``W^2 t + b^2``; with masks (``k.mask1`` set) the bias only where no position is
+        masked (``which``: the layout of ``t`` in ``k``, see ``_masking.add_unmasked``)."""
         w2 = self.W_std ** 2
         if t is None:
             return None
         if self.b_std is None or self.b_std == 0:
             return t * w2
+        if k is not None and k.mask1 is not None:
+            return add_unmasked(t * w2, self.b_std ** 2, k, which)
         return (t * w2).add_(self.b_std ** 2)
 
     def kernel_map(self, k: Kernel) -> Kernel:
@@ -135,7 +138,8 @@ class Dense(Layer):
             raise ValueError("Dense received several branches; merge them with FanInSum() or "
                              "FanInConcat() first")
         w2 = self.W_std ** 2
-        nngp = self._affine(k.nngp)
+        masked = k.mask1 is not None
+        nngp = self._affine(k.nngp, k)
         ntk = None
         if k.want_ntk:
             if self.parameterization == "ntk":
@@ -147,14 +151,23 @@ class Dense(Layer):
                 if k.ntk is not None:
                     ntk.add_(k.ntk, alpha=w2)
                 if self.b_std is not None:
-                    ntk.add_(1.0)
+                    if masked:
+                        add_unmasked(ntk, 1.0, k, "cross")
+                    else:
+                        ntk.add_(1.0)
         shape1 = (self.out_dim,) + tuple(k.shape1[1:])
         shape2 = (self.out_dim,) + tuple(k.shape2[1:])
         # self-covariances through the tile memo: cheap here, but a fresh tensor per tile
         # would keep every later layer's self-map from being reused across a block's tiles
-        key = ("dense", self)
-        return k.replace(nngp=nngp, ntk=ntk, cov1=memo_self(key, k.cov1, self._affine),
-                         cov2=memo_self(key, k.cov2, self._affine), shape1=shape1,
+        if not masked:
+            key: Tuple[Any, ...] = ("dense", self)
+            cov1 = memo_self(key, k.cov1, self._affine)
+            cov2 = memo_self(key, k.cov2, self._affine)
+        else:
+            key = ("dense", self, "masked")
+            cov1 = memo_self(key + ("self1",), k.cov1, lambda c: self._affine(c, k, "self1"))
+            cov2 = memo_self(key + ("self2",), k.cov2, lambda c: self._affine(c, k, "self2"))
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape1=shape1,
                          shape2=shape2, is_gaussian=True)
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
