@@ -149,7 +149,10 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     one_step = s > 1.0 and s * s <= torch.finfo(x1.dtype).max
 
     def fin(t):
-        t = t.div_(c)
+        # (einsum hands back permuted views: the division writes them contiguously, else the
+        # next layer's map copies them first)
+        t = t.div_(c) if t.is_contiguous() else torch.div(
+            t, c, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
         if s == 1.0:
             return t
         return t.mul_(s * s) if one_step else t.mul_(s).mul_(s)
