@@ -646,19 +646,21 @@ def chain_parallel(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T,
 # sign-extended as the torch formula does) times fixed odd weights W (int64), summed with
 # wrap-around (LLVM's plain integer add/mul wrap: exact, order-free).
 
+@njit(**_INLINE)
+def _row_key(B, W, i):
+    acc = np.int64(0)
+    for j in range(B.shape[1]):
+        acc += np.int64(B[i, j]) * W[j]
+    return acc
+
+
 @njit(**_JIT)
 def row_keys_serial(B, W, OUT):
     for i in range(B.shape[0]):
-        acc = np.int64(0)
-        for j in range(B.shape[1]):
-            acc += np.int64(B[i, j]) * W[j]
-        OUT[i] = acc
+        OUT[i] = _row_key(B, W, i)
 
 
 @njit(parallel=True, **_JIT)
 def row_keys_parallel(B, W, OUT):
     for i in prange(B.shape[0]):
-        acc = np.int64(0)
-        for j in range(B.shape[1]):
-            acc += np.int64(B[i, j]) * W[j]
-        OUT[i] = acc
+        OUT[i] = _row_key(B, W, i)

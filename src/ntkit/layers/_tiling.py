@@ -216,15 +216,19 @@ def _mirror(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
     return t
 
 
-def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool) -> torch.Tensor:
+def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A symmetric tile made exactly symmetric: a matrix product need not be (BLAS rounds
     ``x_i . x_j`` and ``x_j . x_i`` differently), vectorized elementwise maps round the same
     input differently in the vector body and the scalar tail, and pooling sums the (p, q) and
     (q, p) halves of the pixel-pair covariance in different orders, so ``K(x, x')`` and
     ``K(x', x)`` can differ in the last bit. ``0.5 a + 0.5 b`` (not ``0.5 (a + b)``, which
-    overflows near the largest float) leaves equal entries bitwise unchanged."""
-    m = _mirror(t, ns, diagonal_spatial).clone(memory_format=torch.contiguous_format)
-    return m.mul_(0.5).add_(t, alpha=0.5)
+    overflows near the largest float) leaves equal entries bitwise unchanged. ``out``: write
+    the result there (a slice of the assembled output) instead of a fresh tensor."""
+    m = _mirror(t, ns, diagonal_spatial)
+    m = torch.mul(m, 0.5, out=out) if out is not None else \
+        m.clone(memory_format=torch.contiguous_format).mul_(0.5)
+    return m.add_(t, alpha=0.5)
 
 
 def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str, ...],
@@ -476,10 +480,8 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
                         cov2[J] = cast(torch.Tensor, kt.cov2)
             for key in keys:
                 t = getattr(kt, key)
-                if x2 is None and i == j:  # _symmetric, written straight into the output
-                    o = out[key][I, J]
-                    torch.mul(_mirror(t, out_ns, diag_sp), 0.5, out=o)
-                    o.add_(t, alpha=0.5)
+                if x2 is None and i == j:
+                    _symmetric(t, out_ns, diag_sp, out=out[key][I, J])
                     continue
                 out[key][I, J] = t
                 if x2 is None:
