@@ -54,7 +54,6 @@ def as_tensor(x: Any, name: str, dtype: Optional[torch.dtype] = None,
     return t
 
 
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite (no NaN, no +-Inf); ``True`` when empty or not
     floating point.

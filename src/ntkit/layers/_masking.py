@@ -176,21 +176,27 @@ def module_info(arch) -> Tuple[Optional[str], bool]:
 
 # ---- kernel side -------------------------------------------------------------------------
 
+def _pair_factors(ma: Tensor, mb: Tensor, batch_ndim: int, ns: int, full: bool):
+    """Two tensors that broadcast to the layout of a covariance between blocks with position
+    masks ``ma``, ``mb`` (``batch_ndim=2``: cross ``(n1, n2, ...)``; ``1``: self ``(n, ...)``,
+    ``mb is ma``), one per side: the entry involves a masked position where either is set."""
+    if batch_ndim == 2:
+        if ns == 0 or not full:
+            return ma[:, None], mb[None, :]
+        one = (1,) * ns
+        return (ma.reshape(ma.shape[:1] + (1,) + ma.shape[1:] + one),
+                mb.reshape((1,) + mb.shape[:1] + one + mb.shape[1:]))
+    if ns == 0 or not full:
+        return ma, ma
+    one = (1,) * ns
+    return ma.reshape(ma.shape + one), ma.reshape(ma.shape[:1] + one + ma.shape[1:])
+
+
 def _pair_mask(ma: Tensor, mb: Tensor, batch_ndim: int, ns: int, full: bool) -> Tensor:
     """Mask of the entries of a covariance between blocks with position masks ``ma``, ``mb``:
     ``batch_ndim=2``: cross ``(n1, n2, ...)``; ``1``: self ``(n, ...)`` (``mb is ma``)."""
-    if ns == 0:
-        return (ma[:, None] | mb[None, :]) if batch_ndim == 2 else ma
-    one = (1,) * ns
-    if batch_ndim == 2:
-        if not full:
-            return ma[:, None] | mb[None, :]
-        a = ma.reshape(ma.shape[:1] + (1,) + ma.shape[1:] + one)
-        b = mb.reshape((1,) + mb.shape[:1] + one + mb.shape[1:])
-        return a | b
-    if not full:
-        return ma
-    return ma.reshape(ma.shape + one) | ma.reshape(ma.shape[:1] + one + ma.shape[1:])
+    a, b = _pair_factors(ma, mb, batch_ndim, ns, full)
+    return a if a is b else a | b
 
 
 def _fill(t: Optional[Tensor], m: Tensor) -> Optional[Tensor]:
@@ -236,24 +242,14 @@ def add_unmasked(t: Tensor, value: float, k, which: str) -> Tensor:
     then keeps masked covariances zero (Dense). ``k.mask1`` must be set."""
     ns = k.n_spatial
     full = bool(ns) and not k.diagonal_spatial
-    one = (1,) * ns
     m1 = k.mask1
     m2 = m1 if k.mask2 is None else k.mask2
     if which == "cross":
-        a, b = ~m1, ~m2
-        if ns == 0 or not full:
-            ka = a.reshape(a.shape[:1] + (1,) + a.shape[1:])
-            kb = b.reshape((1,) + b.shape)
-        else:
-            ka = a.reshape(a.shape[:1] + (1,) + a.shape[1:] + one)
-            kb = b.reshape((1,) + b.shape[:1] + one + b.shape[1:])
+        a, b = _pair_factors(m1, m2, 2, ns, full)
     else:
-        a = ~(m1 if which == "self1" else m2)
-        ka = kb = a
-        if full:
-            ka = a.reshape(a.shape + one)
-            kb = a.reshape(a.shape[:1] + one + a.shape[1:])
-    return t.addcmul_(ka.to(t.dtype), kb.to(t.dtype), value=value)
+        m = m1 if which == "self1" else m2
+        a, b = _pair_factors(m, m, 1, ns, full)
+    return t.addcmul_((~a).to(t.dtype), (~b).to(t.dtype), value=value)
 
 
 def keeps_zeros(layer) -> bool:
