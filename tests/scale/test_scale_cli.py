@@ -106,7 +106,13 @@ def test_solve_errors(files, capsys, one_error_line):
              (["--y", "y5.npy"], "--y must be (n,)"),
              (["--y", "k.zarr"], "--y k.zarr is a folder"),
              (["--y", "y.npy", "--one-hot"], "non-integer"),
-             (["--y", "y.npy", "--store", "y.npy"], "is a file, not a kernel store")]
+             (["--y", "y.npy", "--store", "y.npy"], "is a file, not a kernel store"),
+             (["--y", "y.npy", "--method", "cholesky", "--scheduler", "local"],
+              "--method cholesky factorizes in this process"),
+             (["--y", "y.npy", "--method", "cg", "--scheduler", "local", "--workers", "0"],
+              "--workers must be >= 1"),
+             (["--y", "y.npy", "--method", "cg", "--scheduler", "host:1"],
+              "--scheduler must be 'local' or an address")]
     np.save("neg.npy", np.array([0, 1, -1, 1, 0, 1, 0, 1, 0]))
     np.save("y5.npy", np.ones(5))
     cases.append((["--y", "neg.npy", "--one-hot"], "negative label -1"))

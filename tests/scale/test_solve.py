@@ -189,3 +189,39 @@ def test_cg_on_singular_store_is_an_error_naming_diag_reg(tmp_path, prec):
     np.testing.assert_allclose(a.numpy(), ref, rtol=1e-3)
     with pytest.raises(ValueError, match="`key` 'ntk' is not in kernel store"):
         solve(h, y, key="ntk", progress=False)
+
+
+def test_cg_on_dask_workers_matches_in_process(tmp_path):
+    """executor=: each of 2 workers holds a row range of the stored kernel; the solution is the
+    in-process CG's (same preconditioner) to the tolerance (the products round differently:
+    row-range GEMMs against tile by tile), for an on-disk store (workers read their rows) and
+    an in-memory one (rows sent to them)."""
+    distributed = pytest.importorskip("distributed")
+    from ntkit.scale._dist import _split_rows
+    assert _split_rows(90, 16, 2) == [(0, 48), (48, 90)]
+    assert _split_rows(90, 16, 10) == [(16 * k, min(16 * k + 16, 90)) for k in range(6)]
+    x = data(90, 6, seed=7)
+    disk = ntkit.compute_kernel(ARCH, x, get="ntk", store=str(tmp_path / "k.zarr"), tile=32,
+                                progress=False)
+    mem = ntkit.compute_kernel(ARCH, x, get="ntk", store=None, tile=32, progress=False)
+    K = disk.load("ntk")
+    y = torch.from_numpy(np.random.default_rng(2).normal(size=(90, 3)))
+    yn = torch.linalg.norm(y, dim=0)
+    kw = dict(method="cg", diag_reg=1e-6, tol=1e-10, rank=40, progress=False, return_info=True)
+    with ntkit.scale.local_cluster(2) as cluster, distributed.Client(cluster) as client:
+        for h, prec in ((disk, "pivoted_cholesky"), (mem, "nystrom")):
+            a, info = solve(h, y, executor=client, **dict(kw, preconditioner=prec))
+            r, ri = solve(h, y, **dict(kw, preconditioner=prec))
+            assert info.converged and info.method == "cg" and info.ridge == ri.ridge
+            Kr = K + ri.ridge * torch.eye(90, dtype=torch.float64)
+            assert (torch.linalg.norm(y - Kr @ a, dim=0) / yn <= 1e-10).all()
+            assert (torch.linalg.norm(Kr @ (a - r), dim=0) / yn <= 2e-10).all()
+            assert abs(info.iterations - ri.iterations) <= 2 + ri.iterations // 5
+        assert solve(disk, y[:, 0], executor=client, diag_reg=1e-3, tol=1e-4, progress=False,
+                     return_info=True)[1].method == "cg"          # 'auto' picks CG
+        with pytest.raises(ValueError, match="method='cholesky'"):
+            solve(disk, y, executor=client, method="cholesky", progress=False)
+        with pytest.raises(ValueError, match="in-memory tensor"):
+            solve(K, y, executor=client, method="cg", progress=False)
+    with pytest.raises(TypeError, match="executor"):
+        solve(disk, y, executor=object(), method="cg", progress=False)

@@ -5,6 +5,7 @@ Example::
 
     ntkit solve --store k.zarr --y y.npy --diag-reg 1e-4 --out alpha.npy \\
         --predict-store kt.zarr --predict-out predictions.npy
+    ntkit solve --store k.zarr --y y.npy --diag-reg 1e-4 --method cg --scheduler local
 """
 from __future__ import annotations
 
@@ -78,11 +79,22 @@ def run_solve(args: argparse.Namespace) -> int:
     if y.ndim not in (1, 2) or y.shape[0] != h.n1:
         raise ValueError(f"--y must be (n,) or (n, k) with n = {h.n1} (the kernel's size), got "
                          f"shape {y.shape}")
-    alpha, info = solve(h, y, key=args.key, method=args.method, diag_reg=args.diag_reg,
-                        tol=args.tol, maxiter=args.maxiter,
-                        preconditioner=None if args.preconditioner == "none"
-                        else args.preconditioner, rank=args.rank,
-                        progress=not args.no_progress, return_info=True)
+    if args.scheduler is not None and args.method == "cholesky":
+        raise ValueError("--scheduler runs CG's products on a cluster; --method cholesky "
+                         "factorizes in this process (use --method cg, or drop --scheduler)")
+    from .kernel import _executor
+    client, cluster = _executor(args)
+    try:
+        alpha, info = solve(h, y, key=args.key, method=args.method, diag_reg=args.diag_reg,
+                            tol=args.tol, maxiter=args.maxiter,
+                            preconditioner=None if args.preconditioner == "none"
+                            else args.preconditioner, rank=args.rank,
+                            progress=not args.no_progress, return_info=True, executor=client)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     np.save(args.out, alpha.numpy())
     extra = (f", {info.iterations} CG passes, residual {float(info.residual.max()):.2e}"
              if info.method == "cg" and info.residual is not None else "")
@@ -118,6 +130,11 @@ def register(sub) -> None:
     s.add_argument("--preconditioner", choices=("pivoted_cholesky", "nystrom", "none"),
                    default="pivoted_cholesky")
     s.add_argument("--rank", type=int, default=None, help="preconditioner rank (default 200)")
+    s.add_argument("--scheduler", default=None, metavar="ADDR", help="run CG's products K @ V "
+                   "on a Dask cluster, each worker holding a range of the kernel's rows: "
+                   "'local' (--workers processes) or a scheduler address tcp://host:8786")
+    s.add_argument("--workers", type=int, default=2, help="workers of --scheduler local "
+                   "(default 2)")
     s.add_argument("--out", default="alpha.npy", help="output .npy (default alpha.npy)")
     s.add_argument("--predict-store", metavar="ZARR", help="test-train kernel store (m, n)")
     s.add_argument("--predict-out", metavar="NPY", help="predictions .npy (default "

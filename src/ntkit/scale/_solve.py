@@ -323,7 +323,7 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
           diag_reg: float = 0.0, tol: float = 1e-6, maxiter: Optional[int] = None,
           preconditioner: Optional[str] = "pivoted_cholesky", rank: Optional[int] = None,
           memory_budget: Union[int, float, str, None] = None, progress: bool = True, seed: int = 0,
-          return_info: bool = False, on_nonconvergence: str = "raise"
+          return_info: bool = False, on_nonconvergence: str = "raise", executor: Any = None
           ) -> Union[torch.Tensor, Tuple[torch.Tensor, SolveInfo]]:
     """Solve the kernel regression system ``(K + ridge I) alpha = y`` in float64.
 
@@ -351,6 +351,14 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         ``maxiter``, or breaks down because ``K + ridge`` is singular/indefinite, raises
         ``ValueError`` naming the fix (usually a ridge, ``diag_reg``); ``'warn'``: return the
         best iterate with a ``RuntimeWarning`` and ``info.converged = False``.
+      executor: where CG's products ``K @ V`` run for a store. ``None`` (default): streamed
+        tile by tile in this process. A ``dask.distributed.Client`` (e.g. the one that computed
+        the store), a ``'tcp://...'`` scheduler address, or ``'local'`` (one single-threaded
+        worker per core): each worker holds a contiguous range of the kernel's rows in memory
+        (read once from the store; ``n^2 / W`` float64 numbers per worker) and every product
+        sends ``V`` to all workers and gathers their rows, so the ``n^2`` work per iteration
+        is split over the workers. With a store ``K`` and ``method='cg'`` (``'auto'`` picks
+        it); the preconditioner and the CG vectors stay in this process.
 
     Returns:
       ``alpha`` with the shape of ``y`` (float64; on ``K``'s device for a tensor ``K``, e.g. a
@@ -379,6 +387,9 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         raise ValueError(f"`tol` must be in (0, 1) (a relative residual), got {tol!r}")
     op = _as_operator(K, key, progress)
     n = op.n
+    if executor is not None and not isinstance(op, _StoreOp):
+        raise ValueError("`executor` distributes a kernel store's rows; K is an in-memory "
+                         "tensor here (solve it without executor=, or pass the KernelStore)")
     # (a tensor stays where it is: torch.as_tensor would move it to torch's default device)
     yt = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y), device="cpu")
     vec = yt.ndim == 1
@@ -393,9 +404,13 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
     budget = parse_memory_budget(memory_budget)
     budget = available_memory(op.device) // 2 if budget is None else budget
     if method == "auto":
-        method = "cholesky" if (isinstance(op, _DenseOp) or DENSE_BYTES * n * n <= budget) \
-            else "cg"
+        method = "cg" if executor is not None else "cholesky" if (
+            isinstance(op, _DenseOp) or DENSE_BYTES * n * n <= budget) else "cg"
     if method == "cholesky":
+        if executor is not None:
+            raise ValueError("`executor` runs CG's products on a cluster; method='cholesky' "
+                             "factorizes in this process (use method='cg' with executor=, or "
+                             "drop executor=)")
         alpha, info = _dense(op, yt, diag_reg)
     else:
         if maxiter is None:
@@ -408,15 +423,29 @@ def solve(K: Any, y: Any, *, key: Optional[str] = None, method: str = "auto",
         if r < 1 and preconditioner is not None:
             raise ValueError(f"`rank` must be a positive integer, got {rank!r}")
         gen = torch.Generator().manual_seed(int(seed))
-        prec, used = None, 0
-        if preconditioner == "pivoted_cholesky":
-            pool = None if isinstance(op, _DenseOp) else int(min(
-                n, max(4 * r, r + 1), max(r, budget // (4 * 8 * max(n, 1)))))
-            prec, used = _pivoted_cholesky(op, r, ridge, pool, gen)
-        elif preconditioner == "nystrom":
-            prec, used = _nystrom(op, r, ridge, gen)
-        alpha, its, res, broke = _cg(op, yt, ridge, tol, int(maxiter), prec, progress,
-                                     anorm=float(d.abs().max()) if n else 0.0)
+        mop: Any = op
+        owned: Tuple[Any, ...] = ()
+        if executor is not None:   # the workers start reading their rows now
+            from ._dist import DaskRowsOp, resolve_client
+            client, *rest = resolve_client(executor)
+            owned = tuple(rest)
+            mop = DaskRowsOp(op.tm, client)
+        try:
+            prec, used = None, 0
+            if preconditioner == "pivoted_cholesky":
+                pool = None if isinstance(op, _DenseOp) else int(min(
+                    n, max(4 * r, r + 1), max(r, budget // (4 * 8 * max(n, 1)))))
+                prec, used = _pivoted_cholesky(op, r, ridge, pool, gen)
+            elif preconditioner == "nystrom":
+                prec, used = _nystrom(mop, r, ridge, gen)
+            alpha, its, res, broke = _cg(mop, yt, ridge, tol, int(maxiter), prec, progress,
+                                         anorm=float(d.abs().max()) if n else 0.0)
+        finally:
+            if mop is not op:
+                mop.close()
+            for h in owned:
+                if h is not None:
+                    h.close()
         finite = all_finite(alpha) and all_finite(res)
         conv = finite and bool((res <= tol).all())
         info = SolveInfo("cg", ridge, its, res, conv, preconditioner, used)
