@@ -15,9 +15,10 @@ Public names are imported lazily, so ``import ntkit`` stays cheap and optional d
 """
 from __future__ import annotations
 
-from . import _threads
+from . import _malloc, _threads
 
 _threads.configure()   # before anything imports torch: OpenMP threads sleep instead of spinning
+_malloc.configure()    # freed kernel-sized arrays are reused, not page-faulted afresh
 
 import importlib  # noqa: E402
 from typing import Any  # noqa: E402

@@ -33,6 +33,38 @@ import torch
 __all__ = ["Kernel"]
 
 
+def _token(t: Optional[torch.Tensor]) -> Optional[Tuple[int, int]]:
+    return None if t is None else (id(t), t._version)
+
+
+@dataclass(frozen=True, eq=False)
+class GramFactors:
+    """A low-rank description of a full pixel-pair kernel that layers may use as a shortcut:
+    ``nngp[i, j, p, q] = a * <f1[i, :, p], f2[j, :, q]> + b`` and the same for ``ntk`` with its
+    own ``(a, b)`` (``None``: the NTK is zero), ``f1`` ``(n1, C, P)`` / ``f2`` ``(n2, C, P)``
+    (``None``: ``x2`` is ``x1``). Set by the input kernel and carried through ``Dense``; valid
+    only while ``nngp`` and ``ntk`` are the very tensors it was made for, unmodified (their
+    identity and torch's in-place version counter are recorded), and dropped by
+    :meth:`Kernel.replace` unless passed again, so no other layer can carry a stale one."""
+
+    f1: torch.Tensor
+    f2: Optional[torch.Tensor]
+    nngp_ab: Tuple[float, float]
+    ntk_ab: Optional[Tuple[float, float]]
+    tokens: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]
+
+    @staticmethod
+    def make(f1: torch.Tensor, f2: Optional[torch.Tensor], nngp_ab: Tuple[float, float],
+             ntk_ab: Optional[Tuple[float, float]], nngp: torch.Tensor,
+             ntk: Optional[torch.Tensor]) -> "GramFactors":
+        return GramFactors(f1, f2, nngp_ab, ntk_ab, (_token(nngp), _token(ntk)))
+
+    def valid_for(self, k: "Kernel") -> bool:
+        """Whether this still describes ``k.nngp`` / ``k.ntk`` exactly."""
+        return self.tokens == (_token(k.nngp), _token(k.ntk)) and \
+            (self.ntk_ab is None) == (k.ntk is None)
+
+
 @dataclass(frozen=True, eq=False)
 class Kernel:
     """Kernel state between batches ``x1`` and ``x2`` (see module docstring for layouts).
@@ -63,10 +95,19 @@ class Kernel:
     diagonal_spatial: bool = True
     mask1: Optional[torch.Tensor] = None
     mask2: Optional[torch.Tensor] = None
+    #: optional low-rank shortcut (:class:`GramFactors`); internal, dropped by :meth:`replace`
+    gram: Optional[GramFactors] = None
 
     def replace(self, **changes: Any) -> "Kernel":
-        """A copy with some fields changed (the record itself is never mutated)."""
+        """A copy with some fields changed (the record itself is never mutated). The
+        :class:`GramFactors` shortcut is dropped unless ``gram=`` is passed again."""
+        changes.setdefault("gram", None)
         return dataclasses.replace(self, **changes)
+
+    def valid_gram(self) -> Optional[GramFactors]:
+        """The :class:`GramFactors` shortcut if it still describes this kernel, else ``None``."""
+        g = self.gram
+        return g if g is not None and self.mask1 is None and g.valid_for(self) else None
 
     @property
     def symmetric(self) -> bool:

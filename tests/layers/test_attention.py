@@ -343,3 +343,53 @@ def test_shape_errors():
     with pytest.raises(ValueError, match=r"width=None.*n_chan_pos_emb=None"):
         nl.serial(nl.Dense(4), A(4, 4, 4, 1, pos_emb_type="CONCAT", n_chan_pos_emb=2),
                   nl.GlobalAvgPool(), nl.Dense(1)).module((3, 4), width=8)
+
+
+@pytest.mark.parametrize("mech, pe, b_std, n_dense, self_", [
+    ("SOFTMAX", "NONE", 0.2, 1, False), ("IDENTITY", "SUM", None, 2, False),
+    ("RELU", "NONE", 0.3, 0, True), ("ABS", "SUM", 0.1, 1, True)])
+def test_feature_shortcut_equals_the_pixel_pair_map(mech, pe, b_std, n_dense, self_,
+                                                     monkeypatch):
+    """Attention after Dense layers on the inputs works on the inputs' features
+    (``Kernel.gram``, ``_weigh_features``); the result equals the general ``A M A^T`` map
+    (the shortcut switched off) to rounding, NNGP and NTK, for cross and symmetric kernels,
+    and the shortcut is really taken."""
+    from ntkit.kernel import Kernel
+    from ntkit.layers import attention as att
+    kw = dict(attention_mechanism=mech, pos_emb_type=pe, b_std=b_std, W_key_std=1.2,
+              W_query_std=0.8, W_value_std=1.1, W_out_std=0.9)
+    if pe != "NONE":
+        kw["W_pos_emb_std"] = 0.6
+    arch = nl.serial(*[nl.Dense(8, W_std=1.3, b_std=0.2) for _ in range(n_dense)],
+                     nl.GlobalSelfAttention(8, 8, 8, 2, **kw), nl.Relu(), nl.GlobalAvgPool(),
+                     nl.Dense(1))
+    x1, x2 = randn64(5, 3, 7, seed=1), None if self_ else randn64(4, 3, 7, seed=2)
+    calls = [0]
+    orig = att._weigh_features
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+    monkeypatch.setattr(att, "_weigh_features", counting)
+    fast = arch.kernel(x1, x2, get=("nngp", "ntk"))
+    assert calls[0] > 0
+    monkeypatch.setattr(Kernel, "valid_gram", lambda self: None)
+    slow = arch.kernel(x1, x2, get=("nngp", "ntk"))
+    for a, b in ((fast.nngp, slow.nngp), (fast.ntk, slow.ntk)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_feature_shortcut_is_dropped_by_other_layers_and_in_place_changes():
+    """Only the input kernel and Dense hand the features on; any other layer's output, and a
+    tensor changed in place after the record was made, no longer counts as described."""
+    from ntkit.layers._ops import input_kernel
+    x = randn64(4, 3, 5, seed=3)
+    k = input_kernel(x, randn64(3, 3, 5, seed=4), True, True)
+    assert k.valid_gram() is not None
+    k2 = nl.Dense(4, W_std=1.2, b_std=0.1).kernel_map(k)
+    assert k2.valid_gram() is not None and k2.valid_gram().ntk_ab is not None
+    assert nl.Relu().kernel_map(k2).gram is None                     # replace() drops it
+    assert k2.replace(cov1=k2.cov1).gram is None
+    k2.nngp.mul_(1.0)                                                 # in place: version bump
+    assert k2.valid_gram() is None
+    assert nl.Dense(4, parameterization="standard").kernel_map(k).gram is None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int, check_std
-from ..kernel import Kernel
+from ..kernel import GramFactors, Kernel
 from ._base import BuildContext, Layer, frozen_layer
 from ._masking import add_unmasked, unwrap, wrap
 from ._ops import memo_self
@@ -168,7 +168,22 @@ class Dense(Layer):
             cov1 = memo_self(key + ("self1",), k.cov1, lambda c: self._affine(c, k, "self1"))
             cov2 = memo_self(key + ("self2",), k.cov2, lambda c: self._affine(c, k, "self2"))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape1=shape1,
-                         shape2=shape2, is_gaussian=True)
+                         shape2=shape2, is_gaussian=True, gram=self._gram(k, nngp, ntk))
+
+    def _gram(self, k: Kernel, nngp, ntk) -> Optional[GramFactors]:
+        """The input's :class:`~ntkit.kernel.GramFactors` carried through this affine map
+        (NTK parameterization, no masks), else ``None``."""
+        g = k.valid_gram()
+        if g is None or self.parameterization != "ntk" or nngp is None:
+            return None
+        w2, b2 = self.W_std ** 2, (self.b_std or 0.0) ** 2
+        a, b = g.nngp_ab
+        na, nb = w2 * a, w2 * b + b2
+        ntk_ab = None
+        if ntk is not None:
+            ta, tb = g.ntk_ab if g.ntk_ab is not None else (0.0, 0.0)
+            ntk_ab = (na + w2 * ta, nb + w2 * tb)
+        return GramFactors.make(g.f1, g.f2, (na, nb), ntk_ab, nngp, ntk)
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         out = self.out_dim if (ctx.width is None or not followed) else ctx.width

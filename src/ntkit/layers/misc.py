@@ -282,7 +282,12 @@ def _apply_index(t: Tensor, start: int, specs: List[Spec]) -> Tensor:
         elif kind == "narrow":
             t = t.narrow(d, val[0], val[1])
         elif kind == "take":
-            t = t.index_select(d, torch.tensor(val, dtype=torch.long, device=t.device))
+            step = val[1] - val[0] if len(val) > 1 else 1
+            if len(val) and step > 0 and all(b - a == step for a, b in zip(val, val[1:])):
+                # an arithmetic progression (``::2``, ``1:7:3``): a strided view, not a copy
+                t = t[(slice(None),) * d + (slice(val[0], val[-1] + 1, step),)]
+            else:
+                t = t.index_select(d, torch.tensor(val, dtype=torch.long, device=t.device))
     return t
 
 
@@ -339,17 +344,19 @@ class Index(Layer):
         ns = k.n_spatial
         full = ns > 0 and not k.diagonal_spatial
 
-        def apply(t, lead):
+        def apply(t, lead):  # a fresh contiguous tensor (never a view of ``t``)
             if t is None:
                 return None
-            if full:
-                t = _apply_index(t, lead + ns, specs)
-            return _apply_index(t, lead, specs).contiguous()
+            r = _apply_index(t, lead + ns, specs) if full else t
+            r = _apply_index(r, lead, specs)
+            if r.is_contiguous() and r.untyped_storage().data_ptr() == \
+                    t.untyped_storage().data_ptr():
+                return r.clone()
+            return r.contiguous()
 
         key = ("index", self, tuple(k.shape1), k.diagonal_spatial)
         fc = len(out) == 1
-        return k.replace(nngp=apply(k.nngp, 2).clone() if k.nngp is not None else None,
-                         ntk=None if k.ntk is None else apply(k.ntk, 2).clone(),
+        return k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2),
                          cov1=memo_self(key, k.cov1, lambda c: apply(c, 1)),
                          cov2=memo_self(key, k.cov2, lambda c: apply(c, 1)),
                          shape1=out, shape2=(k.shape2[0],) + out[1:],
