@@ -50,7 +50,18 @@ FC_TILE_CAP = 768
 # cases (`bench/bench_layers_vs_nt.py`) ConvTranspose 2x, Index / ConvLocal / ImageResize
 # 1.5-2.4x, LayerNorm(C,H,W) 1.3x, attention 1.0-1.25x faster, none slower. 3 MiB keeps a
 # 32x32 float32 pixel-pair entry (4 MiB) above the target (uncapped, as before).
-SPATIAL_TILE_BYTES = {"full": 3 << 20, "diag": 6 << 20}
+# Re-measured 2026-12-03 on the 2-core Intel Xeon VM with ntkit's defaults in effect (OpenMP
+# threads sleeping, OMP_WAIT_POLICY=PASSIVE, and ntkit._malloc's allocator thresholds): every
+# op of a tile wakes the sleeping thread, so small tiles pay per-op wake-ups, not cache misses.
+# Pixel-pair arrays of ~32 MiB won everywhere: GAP 4 x Conv 16x16 (n=40) float64 tile 2 (the
+# 3 MiB cap) / 4 / 8 / 12 / 16: 10.6 / 5.7 / 3.9 s in one run and 4.0 / - / 2.5 / 2.7 / 3.0 s
+# in another (the VM's speed drifts), float32 7.3 / 3.4 / 2.5 s; with spinning threads
+# (NTKIT_OMP_PASSIVE=0) tile 8 still beat the old cap (2.3 vs 2.9 s); the attention case of
+# bench/bench_layers_vs_nt.py (P = 24) float64 tile 26 (old cap) 213-316 ms, 96 (whole) 103 ms.
+# An entry above SPATIAL_UNCAPPED_ABOVE (a 32x32 float32 pixel-pair entry is 4 MiB) stays
+# uncapped, as measured before.
+SPATIAL_TILE_BYTES = {"full": 32 << 20, "diag": 6 << 20}
+SPATIAL_UNCAPPED_ABOVE = 3 << 20
 # Share of the budget left after the output that the self-covariance memo may use (the rest
 # is the tile's working set).
 MEMO_SHARE = 0.25
@@ -130,7 +141,7 @@ def cache_cap(pix: int, full: bool, itemsize: int) -> Optional[int]:
     whatever the tile, and bigger tiles amortize the blocks' self-covariances better."""
     one = itemsize * (pix * pix if full else pix)
     target = SPATIAL_TILE_BYTES["full" if full else "diag"]
-    if one > target:
+    if one > min(target, SPATIAL_UNCAPPED_ABOVE):
         return None
     return max(1, int(math.sqrt(target / one)))
 
