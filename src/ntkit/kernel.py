@@ -33,35 +33,43 @@ import torch
 __all__ = ["Kernel"]
 
 
-def _token(t: Optional[torch.Tensor]) -> Optional[Tuple[int, int]]:
-    return None if t is None else (id(t), t._version)
+def _token(t: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, int]]:
+    return None if t is None else (t, t._version)
+
+
+def _same(a: Optional[Tuple[torch.Tensor, int]], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a[0] is b and a[1] == b._version
 
 
 @dataclass(frozen=True, eq=False)
 class GramFactors:
     """A low-rank description of a full pixel-pair kernel that layers may use as a shortcut:
-    ``nngp[i, j, p, q] = a * <f1[i, :, p], f2[j, :, q]> + b`` and the same for ``ntk`` with its
-    own ``(a, b)`` (``None``: the NTK is zero), ``f1`` ``(n1, C, P)`` / ``f2`` ``(n2, C, P)``
-    (``None``: ``x2`` is ``x1``). Set by the input kernel and carried through ``Dense``; valid
-    only while ``nngp`` and ``ntk`` are the very tensors it was made for, unmodified (their
-    identity and torch's in-place version counter are recorded), and dropped by
-    :meth:`Kernel.replace` unless passed again, so no other layer can carry a stale one."""
+    ``nngp[i, j, p, q] = a s^2 <f1[i, :, p], f2[j, :, q]> + b`` and the same for ``ntk`` with
+    its own ``(a, b)`` (``None``: the NTK is zero), ``f1`` ``(n1, C, P)`` / ``f2`` ``(n2, C, P)``
+    (``None``: ``x2`` is ``x1``), ``s = fscale`` (the features stay near unit scale, as the
+    input kernel's own products). Set by the input kernel and carried through ``Dense``; valid
+    only while ``nngp`` and ``ntk`` are the very tensors it was made for, unmodified (they are
+    held with torch's in-place version counter), and dropped by :meth:`Kernel.replace` unless
+    passed again, so no other layer can carry a stale one."""
 
     f1: torch.Tensor
     f2: Optional[torch.Tensor]
+    fscale: float
     nngp_ab: Tuple[float, float]
     ntk_ab: Optional[Tuple[float, float]]
-    tokens: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]
+    tokens: Tuple[Any, Any]
 
     @staticmethod
-    def make(f1: torch.Tensor, f2: Optional[torch.Tensor], nngp_ab: Tuple[float, float],
-             ntk_ab: Optional[Tuple[float, float]], nngp: torch.Tensor,
-             ntk: Optional[torch.Tensor]) -> "GramFactors":
-        return GramFactors(f1, f2, nngp_ab, ntk_ab, (_token(nngp), _token(ntk)))
+    def make(f1: torch.Tensor, f2: Optional[torch.Tensor], fscale: float,
+             nngp_ab: Tuple[float, float], ntk_ab: Optional[Tuple[float, float]],
+             nngp: torch.Tensor, ntk: Optional[torch.Tensor]) -> "GramFactors":
+        return GramFactors(f1, f2, fscale, nngp_ab, ntk_ab, (_token(nngp), _token(ntk)))
 
     def valid_for(self, k: "Kernel") -> bool:
         """Whether this still describes ``k.nngp`` / ``k.ntk`` exactly."""
-        return self.tokens == (_token(k.nngp), _token(k.ntk)) and \
+        return _same(self.tokens[0], k.nngp) and _same(self.tokens[1], k.ntk) and \
             (self.ntk_ab is None) == (k.ntk is None)
 
 

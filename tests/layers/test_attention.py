@@ -390,6 +390,13 @@ def test_feature_shortcut_is_dropped_by_other_layers_and_in_place_changes():
     assert k2.valid_gram() is not None and k2.valid_gram().ntk_ab is not None
     assert nl.Relu().kernel_map(k2).gram is None                     # replace() drops it
     assert k2.replace(cov1=k2.cov1).gram is None
+    import dataclasses
+    twin = k2.nngp.clone()                        # equal values and version, another tensor
+    while twin._version < k2.nngp._version:
+        twin.add_(0.0)
+    assert twin._version == k2.nngp._version
+    other = dataclasses.replace(k2, nngp=twin)
+    assert other.gram is not None and other.valid_gram() is None
     k2.nngp.mul_(1.0)                                                 # in place: version bump
     assert k2.valid_gram() is None
     assert nl.Dense(4, parameterization="standard").kernel_map(k).gram is None

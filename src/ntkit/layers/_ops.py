@@ -195,12 +195,10 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
         set_batch_diag(nngp, cov1)
     gram = None
     if full_spatial and x1.ndim > 2 and dup is None:
-        # nngp = <f1_p, f2_q> with f = y s / sqrt(C): layers that can work on the features
-        # (attention right after Dense layers) use them instead of the pixel-pair array
-        sc = s / math.sqrt(c)
-        f1 = y1.flatten(2) * sc
-        f2 = None if y2 is None else y2.flatten(2) * sc
-        gram = GramFactors.make(f1, f2, (1.0, 0.0), None, nngp, None)
+        # nngp = (s^2 / C) <y1_p, y2_q>: layers that can work on the features (attention right
+        # after Dense layers) use them instead of the pixel-pair array (views: no cost here)
+        gram = GramFactors.make(y1.flatten(2), None if y2 is None else y2.flatten(2),
+                                s / math.sqrt(c), (1.0, 0.0), None, nngp, None)
     return Kernel(nngp=nngp, ntk=None, cov1=cov1, cov2=cov2, shape1=shape,
                   shape2=shape if x2 is None else tuple(x2.shape[1:]), want_ntk=want_ntk,
                   is_gaussian=False, diagonal_spatial=diag, gram=gram)

@@ -108,7 +108,7 @@ def _mechanism(name: str, g: torch.Tensor, key_mask: Optional[torch.Tensor] = No
 def _weigh_features(g, a1: torch.Tensor, a2: torch.Tensor, ov2: float, b2: float,
                     want_ntk: bool):
     """``ov2 A_i M_ij A_j^T + b2`` for the NNGP and the NTK when ``M`` is affine in a Gram
-    matrix of features (:class:`~ntkit.kernel.GramFactors`: ``M_ij = a X_i^T X_j + b``,
+    matrix of features (:class:`~ntkit.kernel.GramFactors`: ``M_ij = a s^2 X_i^T X_j + b``,
     ``X_i`` ``(C, P)``, as after Dense layers on the inputs). Then ``A_i M_ij A_j^T = a Z_i^T
     Z_j + b r_i r_j^T`` with ``Z_i = X_i A_i^T`` and ``r_i = A_i 1``, and with the bias the
     whole map is one Gram matrix of ``C + 2`` channels per position: ``O(n1 n2 P^2 (C + 2))``
@@ -118,7 +118,7 @@ def _weigh_features(g, a1: torch.Tensor, a2: torch.Tensor, ov2: float, b2: float
         z = torch.bmm(f.to(a.dtype), a.transpose(1, 2))                   # (n, C, P)
         r = a.sum(2)[:, None, :]                                          # (n, 1, P)
         ca, cb = coef
-        parts = [z * math.sqrt(ov2 * ca), r * math.sqrt(ov2 * cb)]
+        parts = [z * (g.fscale * math.sqrt(ov2 * ca)), r * math.sqrt(ov2 * cb)]
         if b2:
             parts.append(torch.full_like(r, math.sqrt(b2)))
         return torch.cat(parts, 1)

@@ -183,7 +183,7 @@ class Dense(Layer):
         if ntk is not None:
             ta, tb = g.ntk_ab if g.ntk_ab is not None else (0.0, 0.0)
             ntk_ab = (na + w2 * ta, nb + w2 * tb)
-        return GramFactors.make(g.f1, g.f2, (na, nb), ntk_ab, nngp, ntk)
+        return GramFactors.make(g.f1, g.f2, g.fscale, (na, nb), ntk_ab, nngp, ntk)
 
     def build(self, in_shape: Any, ctx: BuildContext, followed: bool) -> Tuple[nn.Module, Any]:
         out = self.out_dim if (ctx.width is None or not followed) else ctx.width

@@ -1,12 +1,12 @@
 """A local Dask cluster tuned for kernel tiles."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 if TYPE_CHECKING:
     from distributed import LocalCluster
 
-__all__ = ["local_cluster"]
+__all__ = ["local_cluster", "connect"]
 
 
 def local_cluster(n_workers: int) -> LocalCluster:
@@ -21,3 +21,14 @@ def local_cluster(n_workers: int) -> LocalCluster:
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                             dashboard_address=None)
+
+
+def connect(address: str, n_workers: int) -> Tuple[Any, Optional[Any]]:
+    """``(client, own_cluster)`` for an executor given as a string: ``'local'`` starts
+    :func:`local_cluster` of ``n_workers`` (returned, for the caller to close after the
+    client), anything else is a scheduler address (``'tcp://host:8786'``)."""
+    from distributed import Client
+    if address == "local":
+        cluster = local_cluster(n_workers)
+        return Client(cluster), cluster
+    return Client(address), None

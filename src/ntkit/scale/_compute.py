@@ -31,6 +31,7 @@ from ._store import (KernelStore, StoreLock, check_store_path, create_store, hin
 from .. import __version__
 from ..layers import (LIVE_ARRAYS, Layer, check_mask_constant, check_supported, collapses_channels,
                       input_masks, masked_input, max_pixels, prepare_call_args)
+from ._cluster import connect
 from ._fingerprint import UnfingerprintableError, fingerprint
 
 __all__ = ["compute_kernel"]
@@ -417,13 +418,8 @@ def compute_kernel(arch_or_fn: Union[Any, Callable], x1: Any, x2: Any = None, *,
     own_client = own_cluster = None
     handle = None
     if isinstance(executor, str):
-        from distributed import Client
-        if executor == "local":
-            from ._cluster import local_cluster
-            own_cluster = local_cluster(_default_workers())
-            own_client = executor = Client(own_cluster)
-        else:
-            own_client = executor = Client(executor)
+        own_client, own_cluster = connect(executor, _default_workers())
+        executor = own_client
     elif executor is not None and not hasattr(executor, "submit"):
         raise TypeError(f"`executor` must be None, a concurrent.futures-style executor (with "
                         f".submit), a dask.distributed.Client or a 'tcp://...' address, got "

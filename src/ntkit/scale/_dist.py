@@ -23,7 +23,8 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._system import available_cores
+from ._cluster import connect
+from ._compute import _default_workers, _is_dask_client, _one_thread
 from ._store import KernelStore, TiledMatrix, n_tiles, open_store
 
 __all__: List[str] = []
@@ -36,7 +37,6 @@ def _worker_rows(path: str, key: str, r0: int, r1: int) -> np.ndarray:
 
 def _rows_matmul(block: np.ndarray, v: np.ndarray) -> np.ndarray:
     """(On a worker) ``block @ v`` on one torch thread (a worker is one core)."""
-    from ._compute import _one_thread
     with _one_thread():
         return (torch.from_numpy(block) @ torch.from_numpy(v)).numpy()
 
@@ -102,18 +102,12 @@ class DaskRowsOp:
 
 def resolve_client(executor: Any) -> Tuple[Any, Optional[Any], Optional[Any]]:
     """``(client, own_client, own_cluster)`` for ``executor``: a ``dask.distributed.Client``,
-    a scheduler address ``'tcp://...'`` or ``'local'`` (a local cluster of one single-threaded
-    worker per core, closed by the caller through the ``own_*`` handles)."""
+    a scheduler address ``'tcp://...'`` or ``'local'`` (:func:`~ntkit.scale._cluster.connect`,
+    as ``compute_kernel`` takes them; the ``own_*`` handles are for the caller to close)."""
     if isinstance(executor, str):
-        from distributed import Client
-        if executor == "local":
-            from ._cluster import local_cluster
-            cluster = local_cluster(max(1, available_cores()))
-            c = Client(cluster)
-            return c, c, cluster
-        c = Client(executor)
-        return c, c, None
-    if type(executor).__module__.split(".")[0] == "distributed" and hasattr(executor, "scatter"):
+        client, cluster = connect(executor, _default_workers())
+        return client, client, cluster
+    if _is_dask_client(executor):
         return executor, None, None
     raise TypeError(f"`executor` for solve must be None, a dask.distributed.Client, a "
                     f"'tcp://...' scheduler address or 'local', got {type(executor).__name__}")
