@@ -1,4 +1,6 @@
 """ntkit._validation: the shared input checks."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +46,27 @@ def test_as_tensor_rejects_non_finite_and_overflow():
         as_tensor(y, "x2", torch.float32)
     t = torch.ones(4, 3, dtype=torch.float32)
     assert as_tensor(t, "x", torch.float32) is t             # no copy, no second check needed
+
+
+def test_extremes_are_remembered_only_inside_one_call(monkeypatch):
+    """``kernel()`` checks its inputs and then scales them for the input Gram matrix: inside
+    ``remembering_extremes`` the second look at an unmodified tensor reads no data; a write
+    (torch's version counter) or leaving the block forgets it, so a caller's changes between
+    calls -- also through NumPy views, which torch does not count -- are always seen."""
+    import ntkit._validation as V
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    x = torch.tensor([[1.0, -3.0], [2.0, 0.5]])
+    with V.remembering_extremes():
+        assert V.extremes(x) == (-3.0, 2.0) and len(reads) == 1
+        assert V.extremes(x) == (-3.0, 2.0) and len(reads) == 1      # remembered
+        x[0, 0] = 7.0                                                  # version bump
+        assert V.extremes(x) == (-3.0, 7.0) and len(reads) == 2
+        assert V.extremes(x.clone()) == (-3.0, 7.0) and len(reads) == 3
+    x.numpy()[1, 1] = float("nan")                                     # invisible to torch
+    assert math.isnan(V.extremes(x)[0] + V.extremes(x)[1]) and len(reads) == 5
+    assert not V.all_finite(x)
+    from ntkit import layers as nl
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        nl.serial(nl.Dense(4), nl.Relu(), nl.Dense(1)).kernel(x)

@@ -1,10 +1,12 @@
 """Input checks shared by the public entry points: clear errors naming the argument and the fix."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import re
-from typing import Any, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -66,10 +68,39 @@ def all_finite(t: torch.Tensor) -> bool:
     """
     if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
         return True
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    lo, hi = torch.aminmax(t.detach())
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    lo, hi = extremes(t)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+_EXTREMES: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar("ntkit_extremes",
+                                                                            default=None)
+
+
+@contextlib.contextmanager
+def remembering_extremes() -> Iterator[None]:
+    """Within the block, :func:`extremes` of a tensor it has seen and that torch has not written
+    since (version counter) comes from memory: one public call checks its inputs and later
+    scales them without a second pass. Scoped to one call, so a caller's writes between calls
+    (also through NumPy views, which torch does not count) are never missed."""
+    token = _EXTREMES.set({})
+    try:
+        yield
+    finally:
+        _EXTREMES.reset(token)
+
+
+def extremes(t: torch.Tensor) -> Tuple[float, float]:
+    """``(min, max)`` of a non-empty floating (or complex: of its real and imaginary parts)
+    tensor; see :func:`remembering_extremes`."""
+    memo = _EXTREMES.get()
+    hit = memo.get(id(t)) if memo is not None else None
+    if hit is not None and hit[0] is t and hit[1] == t._version:
+        return hit[2], hit[3]
+    r = torch.view_as_real(t) if t.is_complex() else t
+    lo, hi = (float(v) for v in torch.aminmax(r.detach()))
+    if memo is not None:   # (holds t: its id is not reused while the block runs)
+        memo[id(t)] = (t, t._version, lo, hi)
+    return lo, hi
 
 
 def parse_get(get: Union[str, Sequence[str], None], allowed: Optional[Sequence[str]] = None

@@ -1,5 +1,5 @@
 """Fused fully-connected runs (ntkit.layers._fc_chain, ntkit.layers._fused.fc_chain): a run of
-Dense and arc-cosine / ExpNormalized layers in one pass per tile must give the kernel of the
+Dense and arc-cosine / ExpNormalized / Gabor layers in one pass per tile must give the kernel of the
 layers' own maps (the torch path, ``settings(fused=False)``, itself checked against closed
 forms, Monte Carlo and neural-tangents elsewhere) to float64 roundoff, keep exact symmetry and
 the exact batch diagonal, and leave everything it does not cover to the layers."""
@@ -23,6 +23,11 @@ ARCHS = {
         D(3, 0.9, 0.3, parameterization="standard")),
     "expnorm_no_bias": lambda: nl.serial(D(64, 1.5), nl.ExpNormalized(2.0, -1.0), D(64),
                                          nl.ExpNormalized(0.5, 0.3), D(2, 1.1)),
+    "gabor": lambda: nl.serial(D(64, 1.5, 0.1), nl.Gabor(), D(64, 1.3, 0.05), nl.Gabor(),
+                               D(2, 1.1, 0.1)),
+    "gabor_between_others": lambda: nl.serial(D(64, 1.5), nl.Relu(), D(64, 2.0, 0.2), nl.Gabor(),
+                                              D(64, 1.2), nl.ExpNormalized(1.5, -0.5),
+                                              D(1, 1.3)),
     "ends_on_activation": lambda: nl.serial(D(64, 1.5, 0.1), nl.Relu(), D(64, 1.2, 0.2),
                                             nl.ABRelu(-0.3, 0.8)),
     "identities_inside": lambda: nl.serial(D(64, 1.5, 0.1), nl.Identity(), nl.Relu(),
@@ -122,3 +127,33 @@ def test_errors_are_the_layers_own():
         nl.serial(D(4), nl.Relu(), nl.Relu(), D(1)).kernel(x)
     with pytest.raises(ValueError, match="not representable in float32"):
         nl.serial(D(4), nl.ABRelu(0.0, 1e-36), D(1)).kernel(x, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("act", [nl.Relu(), nl.ExpNormalized(1.0, -1.0), nl.Gabor()])
+@pytest.mark.parametrize("sym", [False, True])
+def test_overflow_inside_a_run_still_raises(monkeypatch, act, sym):
+    """The run flags the rows it wrote non-finite entries to and only then lets the final
+    check skip its pass over the tile: a float32 kernel that overflows inside a fused run
+    must still raise (with the mark set unconditionally it came back full of inf). A finite
+    result is marked, and any later in-place write drops the mark."""
+    calls = _spy(monkeypatch)
+    arch = nl.serial(D(16, 1e15, 0.1), act, D(16, 1e15), nl.Relu(), D(1, 1e15))
+    x1, x2 = randn64(9, 5).float(), None if sym else randn64(6, 5, seed=2).float()
+    with pytest.raises(ValueError, match="overflows float32"):
+        arch.kernel(x1, x2, dtype=torch.float32)
+    assert calls
+    ok = nl.serial(D(16, 1.5, 0.1), act, D(1, 1.2)).kernel(x1, x2, dtype=torch.float32)
+    assert torch.isfinite(ok.nngp).all() and torch.isfinite(ok.ntk).all()
+
+
+def test_finite_mark_follows_writes():
+    from ntkit.layers._numeric import known_finite, mark_finite
+    t = torch.ones(4, 3)
+    assert not known_finite(t)
+    mark_finite(t)
+    assert known_finite(t)
+    t[1:, 0].fill_(float("inf"))          # a write through a view bumps the shared version
+    assert not known_finite(t)
+    u = mark_finite(torch.ones(2))
+    u.add_(1.0)
+    assert not known_finite(u)

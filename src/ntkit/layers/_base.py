@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .._system import available_memory  # re-exported: ntkit.layers._base.available_memory
-from .._validation import as_tensor, check_int, parse_get, parse_memory_budget
+from .._validation import (as_tensor, check_int, parse_get, parse_memory_budget,
+                           remembering_extremes)
 from ..kernel import Kernel
 from ._calls import (CallArgsModule, accepted_call_args, apply_kernel_map, call_arg,
                      check_call_arg_pair, is_masked, prepare_call_args, slice_call_args,
@@ -278,6 +279,12 @@ class Layer:
             if x2 is not None:
                 x2, m2 = input_masks(collapse, x2, mask_constant, "x2")
             masks = (m1, m2)
+        with remembering_extremes():   # (the input Gram's scaling reuses the input check's)
+            return self._kernel(x1, x2, keys, single, dtype, memory_budget, progress, tile,
+                                mask_constant, masks, kwargs)
+
+    def _kernel(self, x1, x2, keys, single, dtype, memory_budget, progress, tile, mask_constant,
+                masks, kwargs):
         x1 = as_tensor(x1, "x1", dtype)
         x2 = None if x2 is None else as_tensor(x2, "x2", dtype)
         if 0 in x1.shape[1:]:

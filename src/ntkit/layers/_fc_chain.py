@@ -9,7 +9,7 @@ layers' own kernel maps, which are also the reference this path is tested agains
 (``tests/layers/test_fc_chain.py``).
 
 A layer joins a run through :meth:`ntkit.layers.Layer.chain_stage` (Dense, the arc-cosine
-family, ExpNormalized; Identity and noise-free Dropout as identities) and supplies its per-example self-covariance step through
+family, ExpNormalized, Gabor; Identity and noise-free Dropout as identities) and supplies its per-example self-covariance step through
 :meth:`ntkit.layers.Layer.chain_self` (the tile memo's key of its own kernel map). The batch
 diagonal of a symmetric tile is set afterwards from the one-point maps, as the layers do.
 """
@@ -21,7 +21,7 @@ import torch
 
 from ..kernel import Kernel
 from . import _fused
-from ._numeric import inv_sqrt
+from ._numeric import inv_sqrt, known_finite, mark_finite
 from ._ops import batch_diag, set_batch_diag
 
 Tensor = torch.Tensor
@@ -76,6 +76,18 @@ def covers(arch: Any, x: Tensor) -> bool:
     return True
 
 
+def _set_diag(t: Tensor, values: Tensor) -> None:
+    """:func:`set_batch_diag`, keeping a fused run's finiteness mark when ``values`` are finite."""
+    was = known_finite(t)
+    set_batch_diag(t, values)
+    if was and bool(torch.isfinite(values).all()):
+        mark_finite(t)
+
+
+def _root_pair(v: Tensor) -> Tuple[Tensor, Tensor]:
+    return inv_sqrt(v), v.sqrt()
+
+
 def apply_run(layers: Sequence[Any], k: Kernel) -> Kernel:
     """``k`` through ``layers`` (a run accepted by :func:`run_length`) in one fused pass."""
     assert k.nngp is not None and k.cov1 is not None  # (run_length admits only such records)
@@ -83,8 +95,8 @@ def apply_run(layers: Sequence[Any], k: Kernel) -> Kernel:
     sym = k.cov2 is None
     want = k.want_ntk
     stages: List[Tuple[int, Tuple[float, ...]]] = []
-    per1: List[Tuple[Tensor, Tensor]] = []
-    per2: List[Tuple[Tensor, Tensor]] = []
+    per1: List[Tuple[Tensor, ...]] = []
+    per2: List[Tuple[Tensor, ...]] = []
     c1: Tensor = k.cov1
     c2: Optional[Tensor] = k.cov2
     # the exact batch diagonal of the NTK of a symmetric tile, through the same vector
@@ -114,9 +126,10 @@ def apply_run(layers: Sequence[Any], k: Kernel) -> Kernel:
             c1, c2 = n1, n2
         else:
             v1, v2 = c1, (c1 if c2 is None else c2)
-            a = (inv_sqrt(v1), v1.sqrt())
+            per = _fused.gabor_per_example if code == 3 else _root_pair
+            a = per(v1)
             per1.append(a)
-            per2.append(a if v2 is v1 else (inv_sqrt(v2), v2.sqrt()))
+            per2.append(a if v2 is v1 else per(v2))
             n1, dot1 = layer.chain_self(c1, rec)
             n2 = None if c2 is None else layer.chain_self(c2, rec)[0]
             if td is not None:
@@ -126,9 +139,9 @@ def apply_run(layers: Sequence[Any], k: Kernel) -> Kernel:
         rec = rec.replace(cov1=c1, cov2=c2, shape1=shape1, shape2=shape2)
     nngp, ntk = _fused.fc_chain(k.nngp, k.ntk, want, stages, per1, per2)
     if sym:
-        set_batch_diag(nngp, c1)
+        _set_diag(nngp, c1)
         if ntk is not None and td is not None:
-            set_batch_diag(ntk, td)
+            _set_diag(ntk, td)
     is_gaussian = stages[-1][0] == 0
     return k.replace(nngp=nngp, ntk=ntk, cov1=c1, cov2=c2, shape1=shape1, shape2=shape2,
                      is_gaussian=is_gaussian)

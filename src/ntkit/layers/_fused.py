@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._settings import settings
-from ._numeric import SNAP_ULPS, inv_sqrt, tu as _tu
+from ._numeric import SNAP_ULPS, inv_sqrt, mark_finite, tu as _tu
 
 Tensor = torch.Tensor
 
@@ -267,6 +267,23 @@ def _dual_pass(serial, parallel, c: Tensor, v1: Tensor, v2: Tensor, per_example,
     return out, d
 
 
+def gabor_per_example(v: Tensor) -> Tuple[Tensor, ...]:
+    """``(1/sqrt(v), t, u, sqrt(t), sqrt(u))`` with ``t = 2v / (1 + 2v)``, ``u = 1 / (1 + 2v)``:
+    the per-example numbers of the fused Gabor map (``_gabor_one``), by ``Gabor.dual``'s torch
+    code."""
+    t, u = _tu(v * 2)
+    return inv_sqrt(v), t, u, t.sqrt(), u.sqrt()
+
+
+def _gabor_consts(dt: torch.dtype):
+    k = _kernels()
+    info = torch.finfo(dt)
+    consts = _consts(dt, 0.0, 1.0, SNAP_ULPS * info.eps, info.tiny, 0.25, 0.5, 2.0,
+                     math.exp(-0.5))
+    polys = tuple(_consts(dt, *p) for p in (k.EXP_TAYLOR, k.SINH_TAYLOR, k.COSH_TAYLOR))
+    return consts, polys
+
+
 def gabor(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], need_dot: bool,
           full: bool, self_pairs: bool = False):
     """The ``Gabor`` dual map in one pass, the arithmetic of ``activations.Gabor.dual`` (the
@@ -274,17 +291,9 @@ def gabor(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], need_dot: bo
     same torch code) after the correlation of :func:`relu`. Shapes and returns as :func:`relu`.
     """
     k = _kernels()
-    info = torch.finfo(c.dtype)
-    consts = _consts(c.dtype, 0.0, 1.0, SNAP_ULPS * info.eps, info.tiny, 0.25, 0.5, 2.0,
-                     math.exp(-0.5))
-    polys = tuple(_consts(c.dtype, *p) for p in (k.EXP_TAYLOR, k.SINH_TAYLOR, k.COSH_TAYLOR))
-
-    def per(v):
-        t, u = _tu(v * 2)
-        return inv_sqrt(v), t, u, t.sqrt(), u.sqrt()
-
-    a = per(v1)
-    b = a if v2 is v1 else per(v2)
+    consts, polys = _gabor_consts(c.dtype)
+    a = gabor_per_example(v1)
+    b = a if v2 is v1 else gabor_per_example(v2)
     arrs = tuple(x for pair in zip(a, b) for x in pair)  # (R1, R2, T1, T2, U1, U2, ST1, ...)
     return _dual_pass(k.gabor_serial, k.gabor_parallel, c, v1, v2, arrs, (consts,) + polys,
                       ntk, need_dot, full, self_pairs)
@@ -308,16 +317,18 @@ def exp_normalized(c: Tensor, v1: Tensor, v2: Tensor, ntk: Optional[Tensor], nee
 
 def fc_chain(c: Tensor, ntk: Optional[Tensor], want_ntk: bool,
              stages: Sequence[Tuple[int, Tuple[float, ...]]],
-             per1: Sequence[Tuple[Tensor, Tensor]], per2: Sequence[Tuple[Tensor, Tensor]]
+             per1: Sequence[Tuple[Tensor, ...]], per2: Sequence[Tuple[Tensor, ...]]
              ) -> Tuple[Tensor, Optional[Tensor]]:
     """A run of fully-connected layers in one pass over the ``(n1, n2)`` tile ``c`` (input
     NNGP; ``ntk``: input NTK, ``None`` for zero): see ``_chain_row`` in ``_fused_kernels``.
 
     ``stages``: ``(code, numbers)`` per layer (0 Dense ``(w2, b2, standard, width, bias)``,
-    1 arc-cosine ``(f, h)``, 2 ExpNormalized ``(shift, gamma)``); each Dense is folded into the
-    dual map that follows it. ``per1`` / ``per2``: for each activation in order,
-    ``(1/sqrt(v), sqrt(v))`` of its input variances for x1's / x2's examples. Returns
-    ``(nngp, ntk or None)`` after the run."""
+    1 arc-cosine ``(f, h)``, 2 ExpNormalized ``(shift, gamma)``, 3 Gabor ``()``); each Dense is
+    folded into the dual map that follows it. ``per1`` / ``per2``: for each activation in
+    order, the per-example numbers of its input variances for x1's / x2's examples:
+    ``(1/sqrt(v), sqrt(v))``, or :func:`gabor_per_example` for Gabor. Returns
+    ``(nngp, ntk or None)`` after the run, marked :func:`~ntkit.layers._ops.mark_finite` when
+    every entry is finite."""
     k = _kernels()
     n1, n2 = c.shape
     dt = c.dtype
@@ -332,7 +343,8 @@ def fc_chain(c: Tensor, ntk: Optional[Tensor], want_ntk: bool,
             w2, b2, standard, width, bias = nums
             pre = (w2, b2, width, bias) if standard else (w2, b2, w2, b2)
         else:
-            ops.append((code, (pre if pre is not None else (1.0, 0.0, 0.0, 0.0)) + tuple(nums)))
+            nums = tuple(nums) + (0.0,) * (2 - len(nums))
+            ops.append((code, (pre if pre is not None else (1.0, 0.0, 0.0, 0.0)) + nums))
             pre = None
     if pre is not None:
         ops.append((0, pre + (0.0, 0.0)))
@@ -350,6 +362,13 @@ def fc_chain(c: Tensor, ntk: Optional[Tensor], want_ntk: bool,
             return np.zeros(1, dtype=ty)
         return np.concatenate([_np(p[which]) for p in pairs]) if len(pairs) > 1 \
             else _np(pairs[0][which])
+
+    def extra(per):  # Gabor's (u, sqrt(t), sqrt(u)) rows; unread (zeros) for other activations
+        if not any(len(p) > 2 for p in per):
+            return np.zeros((3, 1), dtype=ty)
+        return np.stack([np.concatenate([_np(p[i]) if len(p) > i else
+                                         np.zeros(p[0].numel(), dtype=ty) for p in per])
+                         for i in (2, 3, 4)])
     out = torch.empty((n1, n2), dtype=dt, device="cpu")  # (CPU-only kernels)
     d = torch.empty_like(out) if want_ntk else out
     has_t = want_ntk and ntk is not None
@@ -358,9 +377,16 @@ def fc_chain(c: Tensor, ntk: Optional[Tensor], want_ntk: bool,
     coef = _consts(dt, *(k.ATAN_F32 if f32 else k.ATAN_F64))
     kx = _consts(dt, *(k.EXP_KX_F32 if f32 else k.EXP_KX_F64))
     px = _consts(dt, *(k.EXP_R_F32 if f32 else k.EXP_R_F64))
+    kg, (pe, ps, pc) = _gabor_consts(dt)
+    bad = np.zeros(n1, dtype=np.int64)
     _call(k.chain_serial, k.chain_parallel, _np(c), nt, out.numpy().reshape(-1),
           d.numpy().reshape(-1), n1, n2, codes, P, aidx, flat(per1, 0), flat(per1, 1),
-          flat(per2, 0), flat(per2, 1), has_t, bool(want_ntk), consts, coef, kx, px, rows=n1)
+          flat(per2, 0), flat(per2, 1), extra(per1), extra(per2), has_t, bool(want_ntk),
+          consts, coef, kx, px, kg, pe, ps, pc, bad, rows=n1)
+    if not bad.any():  # (the kernel looked at every output it wrote)
+        mark_finite(out)
+        if want_ntk:
+            mark_finite(d)
     return out, (d if want_ntk else None)
 
 

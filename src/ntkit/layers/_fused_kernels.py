@@ -539,12 +539,13 @@ def expn_parallel(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, K
 
 # ---- fully-connected chains: a run of Dense and dual maps, entry by entry ---------------------
 # An FC kernel's recursion is elementwise given per-example variances, so a run of layers
-# [Dense | arc-cosine (ABRelu family) | ExpNormalized] is one pass over the tile: each row is
+# [Dense | arc-cosine (ABRelu family) | ExpNormalized | Gabor] is one pass over the tile: each row is
 # loaded once, taken through every layer while it sits in L1 (the output row is the working
 # buffer) and stored once, instead of ~3 passes and fresh tile-sized arrays per layer.
 # C, NT: the input nngp / ntk tile (flat n1 * n2); OUT, D: the outputs (D = NT * dot products:
 # the NTK; with HAS_T False the run starts from a zero NTK; with WT False no NTK is carried).
-# Op s: CODES[s] 0 = Dense alone, 1 = [Dense] + arc-cosine, 2 = [Dense] + ExpNormalized; its
+# Op s: CODES[s] 0 = Dense alone, 1 = [Dense] + arc-cosine, 2 = [Dense] + ExpNormalized,
+# 3 = [Dense] + Gabor; its
 # numbers P[6 s .. 6 s + 5] = (w2, b2, p, r, a0, a1): the Dense step first,
 #   c' = c w2 + b2,  t' = (c p + r) + w2 t
 # (NTK parameterization: p = w2, r = b2, so t' = c' + w2 t; standard: p = width, r = 1 with a
@@ -552,12 +553,14 @@ def expn_parallel(C, R1, R2, S1, S2, ia, ib, NTK, OUT, D, R, Q, mode, full, K, K
 # which is exact), then the dual map with (f, h) = (a0, a1) or (shift, gamma) = (a0, a1):
 # (c'', dot) = _relu_one / _expn_one(c', ...), t'' = t' dot.
 # An activation reads its per-example numbers at column AIDX[s]: RA, SA (flat na * n1: 1/sqrt(v),
-# sqrt(v) of x1's examples), RB, SB (na * n2, x2's). K = (0, 1, pi, pi/2, tol); A: atan
-# coefficients; KX, PX: fexp's.
+# sqrt(v) of x1's examples), RB, SB (na * n2, x2's); a Gabor op reads (1/sqrt(v), t) there and
+# (u, sqrt(t), sqrt(u)) in the rows of GA (3, na * n1) / GB (3, na * n2) (see _gabor_one; other
+# ops leave them unread). K = (0, 1, pi, pi/2, tol); A: atan coefficients; KX, PX: fexp's;
+# KG, PE, PS, PC: _gabor_one's. BAD (n1, int64): per row, 1 if an output is not finite.
 
 @njit(**_INLINE)
-def _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX, PX,
-               row):
+def _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, GA, GB, HAS_T, WT, K, A,
+               KX, PX, KG, PE, PS, PC, BAD, row):
     n = uint64(n2)
     base = uint64(row * n2)
     # the output row is the working buffer: copied in once, then every op works in place (an
@@ -610,6 +613,23 @@ def _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT,
                     o, dot = _relu_one(X[base + q] * w2 + b2, ra, RB[ib + q], sa, SB[ib + q],
                                        KR, A)
                     OUT[base + q] = o
+        elif code == 3:
+            ua, sta, sua = GA[0, ia], GA[1, ia], GA[2, ia]
+            if WT:
+                for q in range(n):
+                    c = X[base + q]
+                    t = (c * pp + rr) + w2 * Y[base + q]
+                    j = ib + q
+                    o, dot = _gabor_one(c * w2 + b2, ra, RB[j], sa, SB[j], ua, GB[0, j], sta,
+                                        GB[1, j], sua, GB[2, j], True, KG, PE, PS, PC)
+                    OUT[base + q] = o
+                    D[base + q] = t * dot
+            else:
+                for q in range(n):
+                    j = ib + q
+                    o, dot = _gabor_one(X[base + q] * w2 + b2, ra, RB[j], sa, SB[j], ua, GB[0, j],
+                                        sta, GB[1, j], sua, GB[2, j], False, KG, PE, PS, PC)
+                    OUT[base + q] = o
         else:
             KE = (K[0], K[1], K[4], a0, a1)
             if WT:
@@ -624,21 +644,34 @@ def _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT,
                     o, dot = _expn_one(X[base + q] * w2 + b2, ra, RB[ib + q], sa, SB[ib + q],
                                        KE, KX, PX)
                     OUT[base + q] = o
+    # BAD[row] = 1 when the row's outputs hold an inf or NaN (x - x != 0 exactly then): the row
+    # is still in L1, so the caller's overflow check need not read the tile again
+    z = K[0]
+    bad = 0
+    for q in range(n):
+        o = OUT[base + q]
+        bad |= (o - o) != z
+    if WT:
+        for q in range(n):
+            o = D[base + q]
+            bad |= (o - o) != z
+    BAD[row] = bad
 
 
 @njit(**_JIT)
-def chain_serial(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX, PX):
+def chain_serial(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, GA, GB, HAS_T, WT, K, A,
+                 KX, PX, KG, PE, PS, PC, BAD):
     for row in range(n1):
-        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
-                   PX, row)
+        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, GA, GB, HAS_T, WT, K,
+                   A, KX, PX, KG, PE, PS, PC, BAD, row)
 
 
 @njit(parallel=True, **_JIT)
-def chain_parallel(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
-                   PX):
+def chain_parallel(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, GA, GB, HAS_T, WT, K,
+                   A, KX, PX, KG, PE, PS, PC, BAD):
     for row in prange(n1):
-        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, HAS_T, WT, K, A, KX,
-                   PX, row)
+        _chain_row(C, NT, OUT, D, n1, n2, CODES, P, AIDX, RA, SA, RB, SB, GA, GB, HAS_T, WT, K,
+                   A, KX, PX, KG, PE, PS, PC, BAD, row)
 
 
 # ---- row keys for the duplicate-row search ---------------------------------------------------

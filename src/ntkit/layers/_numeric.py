@@ -25,3 +25,20 @@ def inv_sqrt(v: Tensor) -> Tensor:
 def tu(x: Tensor) -> Tuple[Tensor, Tensor]:
     """``(t, u) = (x / (1 + x), 1 / (1 + x))`` without overflow (``x`` up to inf)."""
     return (1 + x.reciprocal()).reciprocal_(), (1 + x).reciprocal_()
+
+
+# A tensor whose every entry a fused kernel found finite as it wrote them carries the torch
+# version counter it had then (in-place torch ops, also through views, bump it): the final
+# overflow check (``_tiling.check_representable``) skips the pass over a tensor so marked.
+_FINITE_ATTR = "_ntkit_finite_at"
+
+
+def mark_finite(t: torch.Tensor) -> torch.Tensor:
+    """Record that all of ``t``'s entries are finite now (the caller has checked them)."""
+    setattr(t, _FINITE_ATTR, t._version)
+    return t
+
+
+def known_finite(t: torch.Tensor) -> bool:
+    """Whether :func:`mark_finite` vouched for ``t`` and it has not been written since."""
+    return getattr(t, _FINITE_ATTR, None) == t._version

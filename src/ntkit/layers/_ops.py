@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import torch
 
+from .._validation import extremes
 from ..kernel import GramFactors, Kernel
 from . import _fused
 from ._numeric import SNAP_ULPS as SNAP_ULPS
@@ -16,14 +17,25 @@ from ._numeric import inv_sqrt as inv_sqrt
 Tensor = torch.Tensor
 
 
-def _pow2_scale(*xs: Optional[Tensor]) -> float:
+def _pow2_scale(*xs: Optional[Tensor], terms: int = 1) -> float:
     """A power of two near ``max |x|`` (1.0 for all-zero inputs): dividing by it is exact, so
     Gram matrices of the scaled inputs are bitwise those of the inputs times ``1/s^2`` wherever
-    the latter do not over/underflow, and are representable wherever the result is."""
-    m = max(float(x.abs().max()) for x in xs if x is not None and x.numel())
+    the latter do not over/underflow, and are representable wherever the result is.
+
+    Scaling down only guards against overflow (smaller factors underflow sooner), so 1.0 is
+    returned instead of an ``s > 1`` when no sum of ``terms`` products ``<= max|x|^2`` can
+    overflow: the same bits without the copies."""
+    m = 0.0
+    for x in xs:
+        if x is not None and x.numel():
+            lo, hi = extremes(x)   # one pass (none after the input check), no |x| temporary
+            m = max(m, -lo, hi)
     if not (m > 0) or not math.isfinite(m):
         return 1.0
-    return math.ldexp(1.0, math.frexp(m)[1])
+    s = math.ldexp(1.0, math.frexp(m)[1])
+    if s > 1.0 and m * m * max(terms, 1) <= torch.finfo(xs[0].dtype).max / 4:  # type: ignore[union-attr]
+        return 1.0
+    return s
 
 
 _HASH_W: Dict[Any, Tensor] = {}
@@ -138,7 +150,7 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     given1, given2 = cov1, cov2
     c = x1.shape[1]
     shape = tuple(x1.shape[1:])
-    s = _pow2_scale(x1, x2)
+    s = _pow2_scale(x1, x2, terms=c)
     y1 = x1 / s if s != 1.0 else x1
     y2 = None if x2 is None else (x2 / s if s != 1.0 else x2)
 
@@ -158,7 +170,14 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
         return t.mul_(s * s) if one_step else t.mul_(s).mul_(s)
 
     if x1.ndim == 2:
-        nngp = fin(y1 @ (y1 if y2 is None else y2).T)
+        yb = y1 if y2 is None else y2
+        if c & (c - 1) == 0 and s == 1.0 and y1.device.type == "cpu":
+            # 1/C is exact for a power of two: the GEMM scales as it stores (the same bits as
+            # dividing afterwards, one pass over the (n1, n2) tile fewer)
+            nngp = torch.addmm(torch.empty((), dtype=y1.dtype), y1, yb.T, beta=0.0,
+                               alpha=1.0 / c)
+        else:
+            nngp = fin(y1 @ yb.T)
         cov1 = fin(y1.pow(2).sum(1)) if given1 is None else given1
         cov2 = None if y2 is None or given2 is not None else fin(y2.pow(2).sum(1))
         diag = True

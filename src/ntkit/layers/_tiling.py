@@ -20,6 +20,7 @@ from ..kernel import Kernel
 from ._calls import apply_kernel_map, slice_call_args, using_call_args
 from ._masking import MASK_ARG
 from . import _fc_chain
+from ._numeric import known_finite, mark_finite
 from ._ops import first_occurrence, has_duplicate_rows, input_kernel, self_memo, variances
 
 # Working-set model. A layer's kernel map holds its input nngp/ntk, its outputs and the
@@ -236,10 +237,12 @@ def _symmetric(t: torch.Tensor, ns: int, diagonal_spatial: bool,
     ``K(x', x)`` can differ in the last bit. ``0.5 a + 0.5 b`` (not ``0.5 (a + b)``, which
     overflows near the largest float) leaves equal entries bitwise unchanged. ``out``: write
     the result there (a slice of the assembled output) instead of a fresh tensor."""
+    finite = out is None and known_finite(t)
     m = _mirror(t, ns, diagonal_spatial)
     m = torch.mul(m, 0.5, out=out) if out is not None else \
         m.clone(memory_format=torch.contiguous_format).mul_(0.5)
-    return m.add_(t, alpha=0.5)
+    m = m.add_(t, alpha=0.5)
+    return mark_finite(m) if finite else m   # (averages of finite numbers cannot overflow)
 
 
 def evaluate(arch, x1: torch.Tensor, x2: Optional[torch.Tensor], keys: Tuple[str, ...],
@@ -394,8 +397,8 @@ def check_representable(k: Kernel, keys, x: torch.Tensor) -> None:
     hint64 = " or compute in float64 (dtype=torch.float64)" if x.dtype == torch.float32 else ""
     for key in keys:
         t = getattr(k, key)
-        if t is not None and t.numel() and not all(math.isfinite(float(m))
-                                                   for m in torch.aminmax(t)):
+        if t is not None and t.numel() and not known_finite(t) and \
+                not all(math.isfinite(float(m)) for m in torch.aminmax(t)):
             raise ValueError(
                 f"the {key.upper()} overflows {name} (entries beyond {info.max:.3g}); the "
                 f"kernel scales with the input norm (largest |x| = {float(x.abs().max()):.3g}) "

@@ -469,6 +469,9 @@ class Gabor(Activation):
         # one pass per kernel entry (same arithmetic) instead of ~40 elementwise torch passes
         return _fused.gabor
 
+    def chain_stage(self, in_shape: Any, dtype: torch.dtype) -> Optional[Tuple[int, Tuple[float, ...]]]:
+        return 3, ()
+
 
 @frozen_layer
 class ExpNormalized(Activation):
