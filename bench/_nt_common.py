@@ -48,7 +48,7 @@ def time_call(fn: Callable[[], Any], repeats: int, budget_s: float) -> Tuple[Any
         times.append(time.perf_counter() - t0)
         if sum(times) > budget_s:
             break
-    s = sorted(times)
+    s = sorted(times) or [float("nan")]   # (repeats=0: the warm-up only)
     return out, dict(time_s=round(s[len(s) // 2], 4), min_s=round(s[0], 4),
                      times_s=[round(t, 4) for t in times], warmup_s=round(warm, 4))
 

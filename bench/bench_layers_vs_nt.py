@@ -6,11 +6,15 @@ activation and a pooling/readout after it) and each dtype, this script
 
 1. times ntkit's ``arch.kernel(x1, x2, get=('nngp', 'ntk'), dtype=...)`` in this process (one
    untimed warm-up, then the median of ``--repeats`` timed calls);
-2. right after, times NT's ``jax.jit(kernel_fn)`` on the same case and the same inputs in a
-   worker subprocess (``--nt-python`` running ``bench/_nt_layers.py``; one worker per dtype,
-   kept alive across cases so that JAX's import is paid once; NT is channels last, the worker
+2. times NT's ``jax.jit(kernel_fn)`` on the same case and the same inputs in a worker
+   subprocess (``--nt-python`` running ``bench/_nt_layers.py``; one worker per dtype, kept
+   alive across cases so that JAX's import is paid once; NT is channels last, the worker
    transposes; ``JAX_ENABLE_X64=1`` for float64; compilation is the untimed warm-up;
-   ``block_until_ready``). ntkit and NT thus alternate case by case under the same load;
+   ``block_until_ready``). The timed calls alternate, one ntkit call then one NT call
+   (``--no-interleave``: all of ntkit's, then all of NT's): this VM's speed drifts by 2-3x
+   over seconds to minutes, and sub-0.1 s calls timed in two separate blocks measured that
+   drift as often as the code. ``ratio`` is NT's median over ntkit's; ``ratio_paired`` the
+   median of the per-pair ratios;
 3. checks that the two kernels agree: ``rel_err = max(|K_ntkit - K_NT|) / max(|K_NT|)`` over
    NNGP and NTK (float64 must agree to ~1e-9; a larger value means the case definitions
    differ, and is flagged ``MISMATCH``);
@@ -60,6 +64,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ntkit import _threads
@@ -245,9 +250,34 @@ def run_ntkit(name, spec, data, dtype, repeats, budget_s):
         kw["pattern"] = p1 if c.get("self") else (p1, torch.from_numpy(data["p2"]).to(tdt))
     if c.get("mask"):
         kw["mask_constant"] = MASK_C
-    out, t = time_call(lambda: arch.kernel(x1, x2, get=("nngp", "ntk"), dtype=tdt, **kw),
-                       repeats, budget_s)
-    return dict(nngp=out.nngp.double().numpy(), ntk=out.ntk.double().numpy()), t
+    def one():
+        return arch.kernel(x1, x2, get=("nngp", "ntk"), dtype=tdt, **kw)
+    out, t = time_call(one, repeats, budget_s)
+    return dict(nngp=out.nngp.double().numpy(), ntk=out.ntk.double().numpy()), t, one
+
+
+def interleave(one, worker, name, repeats, budget_s, t_ours, res):
+    """``repeats`` rounds of one timed ntkit call then one timed NT call (the worker's kept
+    case); stops early once ntkit's timed calls pass ``budget_s``. Returns the two timing
+    records with the medians and per-call times of the rounds."""
+    ours, theirs = [], []
+    while len(ours) < repeats:
+        t0 = time.perf_counter()
+        one()
+        ours.append(time.perf_counter() - t0)
+        r = worker.run(dict(case=name, again=True))
+        if "error" in r:
+            print(f"# NT failed on {name}: {r['error']}", flush=True)
+            return t_ours, None
+        theirs.append(r["times_s"][0])
+        if sum(ours) > budget_s:
+            break
+
+    def rec(times, warm):
+        s = sorted(times)
+        return dict(time_s=round(s[len(s) // 2], 4), min_s=round(s[0], 4),
+                    times_s=[round(t, 4) for t in times], warmup_s=warm)
+    return rec(ours, t_ours["warmup_s"]), dict(res, **rec(theirs, res["warmup_s"]))
 
 
 class NTWorker:
@@ -337,6 +367,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes (harness check)")
     ap.add_argument("--nt-python", default=DEFAULT_NT_PYTHON)
     ap.add_argument("--no-nt", action="store_true", help="time ntkit only")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="time all of ntkit's calls, then all of NT's (default: alternate)")
     ap.add_argument("--out", default=str(RESULTS), help="JSON-lines file to append to")
     args = ap.parse_args()
     cases = select_cases(args.cases)
@@ -368,21 +400,27 @@ def main():
                     data = make_inputs(name, args.quick, inp)
                     spec = resolve_spec(c["spec"], case_geometry(name, args.quick)[1])
                     load0 = os.getloadavg()
-                    ours, t_ours = run_ntkit(name, spec, data, dtype, args.repeats,
-                                             args.budget_s)
+                    inter = worker is not None and not args.no_interleave
+                    ours, t_ours, one = run_ntkit(name, spec, data, dtype,
+                                                  0 if inter else args.repeats, args.budget_s)
                     load1 = os.getloadavg()
                     res, err, err_off = None, None, None
                     if worker is not None:
                         out_npz = os.path.join(tmp, f"{name}_{dtype}_nt.npz")
                         res = worker.run(dict(case=name, spec=spec, inputs=inp, out=out_npz,
-                                              repeats=args.repeats, budget_s=args.budget_s,
+                                              repeats=0 if inter else args.repeats,
+                                              budget_s=args.budget_s, keep=inter,
                                               self=bool(c.get("self")),
                                               call=dict(mask_constant=MASK_C)
                                               if c.get("mask") else {}))
                         if "error" in res:
                             print(f"# NT failed on {name} {dtype}: {res['error']}", flush=True)
                             res = None
-                        else:
+                        elif inter:
+                            t_ours, res = interleave(one, worker, name, args.repeats,
+                                                     args.budget_s, t_ours, res)
+                            load1 = os.getloadavg()
+                        if res is not None:
                             ref = np.load(out_npz)
                             err = rel_err(ours, ref)
                             if c.get("self"):    # x2=None: diagonal (correlation 1) apart
@@ -398,7 +436,12 @@ def main():
                     if res is not None:
                         line.update(nt_s=res["time_s"], nt_times_s=res["times_s"],
                                     nt_warmup_s=res["warmup_s"], jax=res.get("jax"),
-                                    ratio=round(res["time_s"] / t_ours["time_s"], 3))
+                                    ratio=round(res["time_s"] / t_ours["time_s"], 3),
+                                    interleaved=inter)
+                        if inter:
+                            pr = sorted(b / a for a, b in zip(t_ours["times_s"],
+                                                              res["times_s"]))
+                            line.update(ratio_paired=round(pr[len(pr) // 2], 3))
                     if err is not None:
                         line.update(rel_err_nngp=float(f"{err['nngp']:.3e}"),
                                     rel_err_ntk=float(f"{err['ntk']:.3e}"),

@@ -421,11 +421,17 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
     n2 = n1 if x2 is None else x2.shape[0]
     itemsize = x1.element_size()
     ns = x1.ndim - 2
-    probe = kernel_tile(arch, x1[:1], None, want_ntk, full,
+
+    def run_probe():
+        p = kernel_tile(arch, x1[:1], None, want_ntk, full,
                         call_args=slice_call_args(call_args, slice(0, 1)), duplicates=False)
-    # a tile always carries the NNGP and the x1 self-covariance (only _finish drops them)
-    assert probe.nngp is not None and probe.cov1 is not None
-    out_tail = tuple(probe.nngp.shape[2:])
+        # a tile always carries the NNGP and the x1 self-covariance (only _finish drops them)
+        assert p.nngp is not None and p.cov1 is not None
+        return p
+    # Fully-connected inputs (n, d) give (n1, n2) kernels: the 1 x 1 probe (which finds the
+    # output layout) is only needed once there are tiles to assemble
+    probe = run_probe() if ns else None
+    out_tail = tuple(probe.nngp.shape[2:]) if probe is not None else ()
     out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
     # The caps keep a tile's arrays in a CPU's caches; an accelerator wants the largest tiles
     # its memory budget allows (more parallel work per op, fewer launches).
@@ -445,6 +451,13 @@ def _evaluate(arch, x1, x2, keys, want_ntk, budget, progress, tile, full, per_en
                                              k.diagonal_spatial) for key in keys})
         return k
 
+    if probe is None:
+        probe = run_probe()
+        if tuple(probe.nngp.shape[2:]) != out_tail:   # (a layer made FC inputs spatial)
+            out_tail = tuple(probe.nngp.shape[2:])
+            out_entry = itemsize * max(1, math.prod(out_tail)) * len(keys)
+            b = plan_tile(n1, n2, per_entry, out_entry, budget, fc=fc_cap, tile=tile,
+                          cap=cap, self_bytes=self_bytes)
     room = budget - n1 * n2 * out_entry - b * b * per_entry - 2 * b * self_bytes
     like = dict(dtype=x1.dtype, device=x1.device)
     out = {key: torch.empty((n1, n2) + out_tail, **like) for key in keys}
