@@ -273,3 +273,19 @@ def test_has_duplicate_rows():
     b[4] = a[1]
     b[4, 0, 1] = torch.nextafter(b[4, 0, 1], torch.tensor(9.0, dtype=b.dtype))  # one ulp off
     assert not has_duplicate_rows(b)
+
+
+def test_input_gram_scaled_where_its_sum_would_overflow():
+    """``|x| ~ 1.5e19`` in float32 with 4 channels: each square (2.3e38) is representable but
+    their sum is not, while the input kernel (the mean over channels) is. The input Gram must
+    still scale such inputs down (ntkit skips the scaling only when no sum can overflow):
+    without it the kernel came back as a float32 overflow error."""
+    x = torch.tensor([[1.0, -0.9, 0.8, 1.0], [0.7, 1.0, -1.0, 0.9], [1.0, 0.95, 0.9, -0.85]],
+                     dtype=torch.float64) * 1.5e19
+    arch = nl.serial(nl.Dense(3, W_std=0.5), nl.Relu(), nl.Dense(1, W_std=0.5))
+    ref = arch.kernel(x, dtype=torch.float64)
+    got = arch.kernel(x.float(), dtype=torch.float32)
+    for key in ("nngp", "ntk"):
+        r, g = getattr(ref, key), getattr(got, key).double()
+        assert torch.isfinite(g).all()
+        assert float((g - r).abs().max() / r.abs().max()) < 1e-5, key

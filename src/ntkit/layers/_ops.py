@@ -138,9 +138,10 @@ def input_kernel(x1: Tensor, x2: Optional[Tensor], want_ntk: bool, full_spatial:
     passes the same tensor objects to every tile of a block row, so :func:`memo_self` can reuse
     the layers' self-covariance maps across tiles).
 
-    Numerics: the inputs are divided by a power of two near their largest entry before the
-    products (exact), so the Gram matrix neither overflows nor underflows where its entries
-    are representable (``|x| ~ 1e20`` in float32). Pairs of bitwise-identical examples get
+    Numerics: where a sum of ``C`` products could overflow, the inputs are divided by a power of
+    two near their largest entry before the products (exact; :func:`_pow2_scale`), so the Gram
+    matrix neither overflows nor underflows where its entries are representable (``|x| ~ 1e20``
+    in float32); small inputs are scaled up the same way. Pairs of bitwise-identical examples get
     ``nngp = cov`` exactly (a matrix product and a sum of squares round differently, and deep
     chaotic networks amplify any such difference: identical inputs must stay identical).
     ``duplicates=False``: the caller knows that no row of ``x1`` equals a row of ``x2`` (or
