@@ -140,7 +140,8 @@ def loaded_features(args, ytr, yte):
     return phi
 
 
-def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()):
+def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=(),
+                  readout="gaussian"):
     """``(phi(x) + phi(flip(x))) / sqrt(2)``, ``flip`` the horizontal mirror: inner products are
     ``K(x, x') + K(x, flip(x'))`` for a mirror-equivariant architecture (SAME padding), the
     kernel of the net averaged over horizontal flips -- what training on flipped copies tends
@@ -150,9 +151,9 @@ def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()
     for i in tqdm(range(0, len(x), block), desc="flip-averaged features"):
         xb = x[i:i + block]
         fb = nf.features(a, xb, dim, get="ntk", seed=seed, out_dim=out_dim, chunk=chunk,
-                         method=method, frozen=frozen)
+                         method=method, frozen=frozen, readout=readout)
         fb += nf.features(a, xb.flip(-1), dim, get="ntk", seed=seed, out_dim=out_dim,
-                          chunk=chunk, method=method, frozen=frozen)
+                          chunk=chunk, method=method, frozen=frozen, readout=readout)
         if phi is None:
             phi = fb.new_empty((len(x), fb.shape[1]))
         phi[i:i + block] = fb.mul_(0.5 ** 0.5)
@@ -160,7 +161,7 @@ def flip_features(a, x, dim, out_dim, seed, chunk, method, block=4096, frozen=()
 
 
 def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
-                      frozen=()):
+                      frozen=(), readout="gaussian"):
     """Features of ``nets`` independent width-``dim`` networks (seeds ``seed .. seed+nets-1``),
     ``out_dim // nets`` columns each, concatenated and scaled by ``nets^-1/2``: inner products
     are the average of the nets' (sketched) kernels, whose finite-width fluctuations average
@@ -169,16 +170,18 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
     finite width is not what limits (``bench/results/cifar_ablation.jsonl``)."""
     if nets == 1:
         if flip:
-            return flip_features(a, x, dim, out_dim, seed, chunk, method, frozen=frozen)
+            return flip_features(a, x, dim, out_dim, seed, chunk, method, frozen=frozen,
+                                 readout=readout)
         return nf.features(a, x, dim, get="ntk", seed=seed, out_dim=out_dim, progress=True,
-                           chunk=chunk, method=method, frozen=frozen)
+                           chunk=chunk, method=method, frozen=frozen, readout=readout)
     if method != "jacobian" or out_dim is None or out_dim % nets:
         raise SystemExit(f"--nets {nets} needs --method jacobian and --out-dim divisible by it")
     per, phi = out_dim // nets, None
     for k in range(nets):
-        fk = (flip_features(a, x, dim, per, seed + k, chunk, method, frozen=frozen) if flip else
+        fk = (flip_features(a, x, dim, per, seed + k, chunk, method, frozen=frozen,
+                            readout=readout) if flip else
               nf.features(a, x, dim, get="ntk", seed=seed + k, out_dim=per, progress=True,
-                          chunk=chunk, method=method, frozen=frozen))
+                          chunk=chunk, method=method, frozen=frozen, readout=readout))
         if phi is None:
             phi = fk.new_empty((len(x), out_dim))
         phi[:, k * per:(k + 1) * per] = fk.mul_(nets ** -0.5)
@@ -187,7 +190,7 @@ def ensemble_features(a, x, dim, out_dim, seed, chunk, method, nets, flip=False,
 
 
 def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", save=None,
-                 flip=False, nets=1, frozen=(), ridges=None, phi=None):
+                 flip=False, nets=1, frozen=(), ridges=None, phi=None, readout="gaussian"):
     """Features of train+test (``flip``: averaged over horizontal flips), then primal ridge:
     the ridge is chosen on a held-out tenth of the training set (one eigendecomposition of its
     normal equations for every value) and the final model solves the full normal equations
@@ -195,7 +198,7 @@ def features_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, method="rf", 
     t0 = time.time()
     if phi is None:                     # (given: features loaded by --from-features)
         phi = ensemble_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, method,
-                                nets, flip, frozen)
+                                nets, flip, frozen, readout)
     t_feat = time.time() - t0
     if save:
         save_features(save, phi, ytr, yte)
@@ -286,6 +289,170 @@ def cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat, info,
     return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
                 feature_dim=w.shape[0], ridge_rel=rel, val_accuracy=scores[rel],
                 solver="cholesky-grid", **info)
+
+
+class ColumnBlocks:
+    """Features of ``n`` rows in a new file under a new folder of ``work_dir`` (float32, stored
+    as column blocks of ``width``: block ``b`` is an ``(n, width)`` C-ordered array, so a block
+    is read in one sequential pass). The folder and file are created here (``mkdtemp``, then
+    ``open(..., 'xb')``) and ``close()`` deletes only them."""
+
+    def __init__(self, work_dir, n, dim, width=8192):
+        import tempfile
+        if dim % width:
+            raise SystemExit(f"--out-dim {dim} must be a multiple of {width} for --solver gram")
+        self.n, self.dim, self.width = n, dim, width
+        self.folder = tempfile.mkdtemp(prefix="ntkit-cifar-gram-", dir=work_dir)
+        self.path = os.path.join(self.folder, "features.f32")
+        with open(self.path, "xb") as fh:                    # new file, never a user's
+            fh.truncate(4 * n * dim)
+        self.mm = np.memmap(self.path, np.float32, "r+", shape=(dim // width, n, width))
+
+    def write(self, rows, c0, block):
+        """``block`` (``len(rows)`` x ``k``) into columns ``c0 .. c0 + k`` of rows ``rows``."""
+        block, j = block.numpy(), 0
+        while j < block.shape[1]:
+            b, off = divmod(c0 + j, self.width)
+            k = min(self.width - off, block.shape[1] - j)
+            self.mm[b, rows, off:off + k] = block[:, j:j + k]
+            j += k
+
+    def block(self, b, rows=slice(None)):
+        """Rows ``rows`` of column block ``b`` as a tensor of its own (a copy: writing to it
+        leaves the file alone)."""
+        return torch.from_numpy(np.array(self.mm[b, rows], copy=True))
+
+    def close(self):
+        del self.mm
+        os.remove(self.path)
+        os.rmdir(self.folder)
+
+
+def gram_features(a, x, dim, out_dim, seed, chunk, frozen, nets, work_dir, rows_per_call=4096,
+                  width=8192, readout="gaussian"):
+    """The features of ``x`` (``nets`` networks, ``out_dim / nets`` sketch columns each,
+    scaled by ``nets^-1/2``) written to a :class:`ColumnBlocks` file, ``rows_per_call`` images
+    at a time (the same seed gives the same network and sketch for every call)."""
+    from tqdm.auto import tqdm
+    if out_dim % nets:
+        raise SystemExit(f"--out-dim {out_dim} must be divisible by --nets {nets}")
+    store, per = ColumnBlocks(work_dir, len(x), out_dim, width), out_dim // nets
+    try:
+        with tqdm(total=len(x) * nets, desc="features to disk", unit="img") as bar:
+            for k in range(nets):
+                for i in range(0, len(x), rows_per_call):
+                    xb = x[i:i + rows_per_call]
+                    fb = nf.features(a, xb, dim, get="ntk", seed=seed + k, out_dim=per,
+                                     chunk=chunk, method="jacobian", frozen=frozen,
+                                     readout=readout)
+                    if fb.shape[1] != per:
+                        raise SystemExit(f"--out-dim: the network has {fb.shape[1]} trained "
+                                         f"parameters, fewer than {per} sketch columns")
+                    store.write(slice(i, i + len(xb)), k * per, fb.mul_(nets ** -0.5))
+                    bar.update(len(xb))
+        store.mm.flush()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def lower_gram(store, n, row_block=8192):
+    """``G = phi_c phi_c^T`` (float32) of the first ``n`` rows centered by their column means
+    (``phi_c = phi - mean``), only the lower triangle filled (half the flops; the Cholesky
+    below reads no other entry): one pass over the column blocks. Returns ``(G, means)``.
+    Centering takes the constant direction out of the Gram (its largest eigenvalue, ~n times
+    the mean entry), which float32 factorizations could not resolve beside small ridges."""
+    from tqdm.auto import tqdm
+    g = torch.zeros((n, n), dtype=torch.float32)
+    means = []
+    for b in tqdm(range(store.dim // store.width), desc="Gram (column blocks)"):
+        blk = store.block(b, slice(0, n))
+        mu = blk.double().mean(0).float()
+        blk -= mu
+        means.append(mu)
+        for i in range(0, n, row_block):
+            j = min(i + row_block, n)
+            g[i:j, :j].addmm_(blk[i:j], blk[:j].T)
+        del blk
+    return g, means
+
+
+def gram_ridge(store, n, ytr, grid, log=True):
+    """Kernel ridge regression of one-hot ``ytr`` on the Gram of the first ``n`` rows of
+    ``store`` (float32, lower triangle), with an unpenalized intercept (features centered by
+    the training rows' means, targets by the fit rows'); predictions for the remaining rows.
+    The ridge
+    (relative to the mean diagonal) is chosen on the last tenth of the ``n`` rows: one in-place
+    float32 Cholesky of the fit block per value (LAPACK factors the Fortran view of the
+    C-ordered lower triangle, so nothing is symmetrized or copied twice), then one in-place
+    Cholesky of the whole Gram with the same ridge per training row. The primal weights
+    ``phi^T alpha`` come from a second pass over the file. Returns ``(pred, info)``."""
+    import scipy.linalg as sla
+    t0 = time.time()
+    nv = max(n // 10, 1)
+    nfit = n - nv
+    g, means = lower_gram(store, n)
+    info = dict(gram_seconds=time.time() - t0)
+    gn = g.numpy()
+    y = onehot(ytr).double().numpy()
+    y_fit_mean, y_mean = y[:nfit].mean(0), y.mean(0)
+    y_fit, y = (y[:nfit] - y_fit_mean).astype(np.float32), (y - y_mean).astype(np.float32)
+    scale = float(np.diagonal(gn)[:nfit].mean())
+    scores, work = {}, np.empty((nfit, nfit), np.float32)
+    for r in grid:
+        np.copyto(work, gn[:nfit, :nfit])
+        work.flat[::nfit + 1] += r * scale
+        try:         # work.T: column-major; its upper triangle is gn's lower one
+            c = sla.cho_factor(work.T, lower=False, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            scores[r] = -1.0                      # not positive definite in float32
+            continue
+        if not np.shares_memory(c[0], work):
+            raise RuntimeError("cho_factor copied the Gram block (memory doubles)")
+        alpha = sla.cho_solve(c, y_fit, check_finite=False)
+        scores[r] = acc(torch.from_numpy(gn[nfit:, :nfit] @ alpha + y_fit_mean), ytr[nfit:])
+        if log:
+            print(json.dumps({"ridge_rel": r, "val_accuracy": scores[r],
+                              "seconds": round(time.time() - t0, 1)}), flush=True)
+    del work
+    rel = max(scores, key=lambda r: (scores[r], r))
+    if scores[rel] < 0:
+        raise SystemExit(f"--solver gram: no ridge in {list(grid)} left the float32 Gram "
+                         f"positive definite; pass larger --ridges")
+    gn.flat[::n + 1] += rel * scale * n / nfit                # same ridge per training row
+    c = sla.cho_factor(gn.T, lower=False, overwrite_a=True, check_finite=False)
+    alpha = torch.from_numpy(sla.cho_solve(c, y, check_finite=False)).double()
+    del c, gn, g
+    pred = torch.from_numpy(y_mean).expand(store.n - n, -1).clone()
+    for b in range(store.dim // store.width):     # w = phi_train^T alpha, block by block
+        blk = store.block(b)
+        blk -= means[b]
+        pred += blk[n:].double() @ (blk[:n].double().T @ alpha)
+        del blk
+    return pred, dict(info, ridge_rel=rel, val_accuracy=scores[rel], scores=scores,
+                      alpha=alpha)
+
+
+def gram_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, frozen, nets, work_dir,
+             ridges=None, readout="gaussian"):
+    """CNTK-GAP features of ``out_dim`` sketch columns -- beyond what the primal normal
+    equations hold (``D^2`` float64) -- by kernel ridge on their exact ``n x n`` Gram
+    (:func:`gram_ridge`): features on disk, Gram in float32 (4 n^2 bytes, plus 3.2 n^2 for
+    the fit block's copy while the ridge is chosen)."""
+    t0 = time.time()
+    store = gram_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, frozen, nets,
+                          work_dir, readout=readout)
+    try:
+        t_feat = time.time() - t0
+        pred, info = gram_ridge(store, len(xtr), ytr,
+                                ridges or (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3))
+        info.pop("alpha")
+        return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
+                    feature_dim=out_dim, solver="gram", nets=nets, frozen=list(frozen),
+                    method="jacobian", readout=readout, **info)
+    finally:
+        store.close()
 
 
 def exact_row(a, xtr, ytr, xte, yte):
@@ -383,6 +550,10 @@ def main(argv=None):
                    help="feature rows (--method jacobian): leave the first conv layer and the "
                         "readout out of the NTK (untrained), as Arora et al.'s code does by "
                         "default (--fix yes)")
+    p.add_argument("--readout", default="gaussian", choices=["gaussian", "sign"],
+                   help="--method jacobian: the random network's readout weights, Gaussian or "
+                        "their signs (a Rademacher readout: the same mean NTK, less variance; "
+                        "features(..., readout='sign'))")
     p.add_argument("--ridges", default=None, metavar="R1,R2,...",
                    help="relative ridge values tried by the wide (> 16,384 columns) solver "
                         "(default 3e-5,1e-4,3e-4,1e-3,3e-3; one Cholesky factorization each)")
@@ -390,6 +561,14 @@ def main(argv=None):
                    help="gap-features row: solve on features saved by --save-features (train "
                         "rows then test rows, labels checked against the data) instead of "
                         "computing them; the other options must describe the same run")
+    p.add_argument("--solver", default="primal", choices=["primal", "gram"],
+                   help="gap-features row: primal ridge on the D x D normal equations (D up to "
+                        "~24,576 here), or kernel ridge on the n x n Gram of the sketch "
+                        "columns (features on disk under --work-dir; any --out-dim that is a "
+                        "multiple of 8192; memory ~7.3 n^2 bytes)")
+    p.add_argument("--work-dir", default=None,
+                   help="--solver gram: folder for the temporary feature file (a new "
+                        "subfolder is created and removed; default: the system temp folder)")
     p.add_argument("--quick", action="store_true", help="small sizes, every row (minutes)")
     args = p.parse_args(argv)
     if args.quick:
@@ -449,9 +628,19 @@ def main(argv=None):
         raise SystemExit(f"--ridges must be positive numbers, got {args.ridges!r}")
     tag = (("+flip" if args.flip else "") + ("+zca" if args.zca is not None else "")
            + ("+fix" if args.fix else ""))
-    gtag = tag + (f"+{args.nets}nets" if args.nets > 1 else "")
+    gtag = (tag + (f"+{args.nets}nets" if args.nets > 1 else "")
+            + ("+sign" if args.readout == "sign" else ""))
+    if args.solver == "gram" and (args.flip or args.save_features or args.from_features
+                                  or args.method != "jacobian"):
+        raise SystemExit("--solver gram works with --method jacobian and without --flip, "
+                         "--save-features, --from-features")
     for d in depths:
-        if "gap-features" in rows:
+        if "gap-features" in rows and args.solver == "gram":
+            emit("gap-features" + gtag + "+gram", "CNTK-GAP", d, len(xtr), len(xte),
+                 gram_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
+                          args.seed, args.chunk, frozen, args.nets, args.work_dir, ridges,
+                          args.readout))
+        elif "gap-features" in rows:
             emit("gap-features" + gtag, "CNTK-GAP", d, len(xtr), len(xte),
                  features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
                               args.seed, args.chunk, args.method,
@@ -459,7 +648,8 @@ def main(argv=None):
                                   args.save_features,
                                   f"gap_d{d}_w{args.dim}_D{args.out_dim}_{args.method}.npz"),
                               flip=args.flip, nets=args.nets, frozen=frozen,
-                              ridges=ridges, phi=loaded_features(args, ytr, yte)))
+                              ridges=ridges, phi=loaded_features(args, ytr, yte),
+                              readout=args.readout))
         if "v-features" in rows:
             emit("v-features" + tag, "CNTK-V", d, len(xtr), len(xte),
                  features_row(arch(d, "flatten"), xtr, ytr, xte, yte, args.v_dim or args.dim,

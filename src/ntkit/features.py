@@ -46,7 +46,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
-                 frozen: Sequence[int] = ...,
+                 frozen: Sequence[int] = ..., readout: str = ...,
                  **call_args: Any) -> Tensor: ...
 
     @overload
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
-                 frozen: Sequence[int] = ...,
+                 frozen: Sequence[int] = ..., readout: str = ...,
                  **call_args: Any) -> Dict[str, Tensor]: ...
 
     @overload
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
-                 frozen: Sequence[int] = ...,
+                 frozen: Sequence[int] = ..., readout: str = ...,
                  **call_args: Any) -> Dict[str, Tensor]: ...
 
     @overload   # `get` of a type known only as str-or-sequence: either
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
                  method: str = ..., out_dim: Optional[int] = ..., dtype: torch.dtype = ...,
                  memory_budget: MemoryBudget = ..., chunk: Optional[int] = ...,
                  progress: bool = ..., mask_constant: Optional[float] = ...,
-                 frozen: Sequence[int] = ...,
+                 frozen: Sequence[int] = ..., readout: str = ...,
                  **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
 
     def features(arch: Layer, x: Any, dim: int = 1024,
@@ -80,6 +80,7 @@ if TYPE_CHECKING:
                  dtype: torch.dtype = torch.float32, memory_budget: MemoryBudget = None,
                  chunk: Optional[int] = None, progress: bool = False,
                  mask_constant: Optional[float] = None, frozen: Sequence[int] = (),
+                 readout: str = "gaussian",
                  **call_args: Any) -> Union[Tensor, Dict[str, Tensor]]: ...
 else:
     from .layers import features

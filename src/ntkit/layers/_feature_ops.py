@@ -468,12 +468,14 @@ class FanInOp(FeatureOp):
         return Feats(phi, torch.cat(psis, 1) if psis else None, False)
 
 
-def count_sketch(v: Tensor, out_dim: int, seed: int) -> Tensor:
-    """Unbiased ``(n, D) -> (n, out_dim)`` compression: ``E <S a, S b> = <a, b>``."""
+def count_sketch(v: Tensor, out_dim: int, seed: int, out: Optional[Tensor] = None) -> Tensor:
+    """Unbiased ``(n, D) -> (n, out_dim)`` compression: ``E <S a, S b> = <a, b>``; ``out``:
+    add the sketch into this ``(n, out_dim)`` tensor instead of a new one."""
     g = generator(seed, 0, 7)
     d = v.shape[1]
     idx = torch.randint(0, out_dim, (d,), generator=g, device="cpu").to(v.device)
     sign = (torch.randint(0, 2, (d,), generator=g, device="cpu") * 2 - 1).to(
         device=v.device, dtype=v.dtype)
-    out = torch.zeros((v.shape[0], out_dim), dtype=v.dtype, device=v.device)
+    if out is None:
+        out = torch.zeros((v.shape[0], out_dim), dtype=v.dtype, device=v.device)
     return out.index_add_(1, idx, v * sign)

@@ -65,12 +65,19 @@ class _JacobianMap:
     and ``b_std``), exact given the hidden layers."""
 
     def __init__(self, arch: "Layer", in_shape, dim: int, seed: int, dtype, device,
-                 frozen: Sequence[int] = ()):
+                 frozen: Sequence[int] = (), readout: str = "gaussian"):
         self.net = arch.module(tuple(in_shape), width=dim, seed=seed, dtype=dtype).to(device)
         self.net.requires_grad_(True)
         # Dense and Conv modules say what their Jacobian is (``jacobian_kind``)
         self.mods: List[Any] = [m for m in self.net.modules()
                                 if getattr(m, "jacobian_kind", None) in ("conv", "affine")]
+        if readout == "sign":
+            # the signs of the readout's Gaussian weights: a Rademacher readout. The tangent
+            # kernel is quadratic in the readout weights v and its mean sees only E[v_k v_l] =
+            # delta_kl (the same for both), while each hidden unit's weight v_k^2 is now 1
+            # rather than chi-square (E v^4 = 1 instead of 3): the same mean, less variance
+            with torch.no_grad():
+                self.mods[-1].weight.sign_()
         own = {id(p) for m in self.mods for p in m.parameters(recurse=False)}
         other = [n for n, p in self.net.named_parameters() if id(p) not in own]
         if other:
@@ -93,6 +100,26 @@ class _JacobianMap:
             out_sp = tuple(delta.shape[2:])
             d = delta.reshape(n, delta.shape[1], -1)
             gw = x.new_empty((n, delta.shape[1], x.shape[1]) + tuple(m.filt))
+            if len(out_sp) == 2 and tuple(m.strides) == (1, 1):
+                # 2-D, stride 1: on the padded image flattened row by row, the patches at
+                # offset (i, j) are the contiguous run starting at i Wp + j when the output
+                # grid is widened to Wp columns (delta zero in the extra ones): every product
+                # reads strided views, no copies (~6% more multiply-adds at 32 x 32)
+                x = x.contiguous()
+                (hh, ww), wp = out_sp, x.shape[3]
+                run = (hh - 1) * wp + ww
+                dx = delta.new_zeros((n, delta.shape[1], hh, wp))
+                dx[..., :ww] = delta
+                dx = dx.reshape(n, delta.shape[1], -1)[:, :, :run]
+                xf = x.reshape(n, x.shape[1], -1)
+                for i, j in itertools.product(range(m.filt[0]), range(m.filt[1])):
+                    st0 = i * wp + j
+                    gw[:, :, :, i, j] = torch.bmm(dx, xf[:, :, st0:st0 + run].transpose(1, 2))
+                gw = gw.reshape(n, -1).mul_(m.w_scale)
+                out = [gw]
+                if m.bias is not None:
+                    out.append(d.sum(2).mul_(m.b_scale))
+                return out
             for off in itertools.product(*(range(f) for f in m.filt)):
                 sl = tuple(slice(o, o + s_ * (k - 1) + 1, s_)
                            for o, s_, k in zip(off, m.strides, out_sp))
@@ -138,8 +165,17 @@ class _JacobianMap:
                     raise NotImplementedError(
                         "features(method='jacobian') needs every Dense/Conv layer to run once "
                         "per forward pass (no shared or skipped layers)")
-                deltas = torch.autograd.grad(y.reshape(y.shape[0], -1)[:, 0].sum(), outs,
-                                             allow_unused=True)
+                # only the layers whose parameters count (and the readout for 'nngp'): a
+                # frozen first layer's output needs no backward pass through the layer above
+                want = [i for i, r in enumerate(recs)
+                        if self.mods.index(r[0]) not in self.frozen
+                        or ("nngp" in keys and i == len(recs) - 1)]
+                got = torch.autograd.grad(y.reshape(y.shape[0], -1)[:, 0].sum(),
+                                          [outs[i] for i in want], allow_unused=True
+                                          ) if want else ()
+                deltas: List[Optional[Tensor]] = [None] * len(recs)
+                for i, g in zip(want, got):
+                    deltas[i] = g
         finally:
             for h in handles:
                 h.remove()
@@ -150,8 +186,10 @@ class _JacobianMap:
                     (last_out == y).all()):
                 raise ValueError("features(method='jacobian', get='nngp') needs an architecture "
                                  "ending in a Dense readout; use method='rf'")
-            res["nngp"] = self._sketch(torch.cat(self._grads(last, recs[-1][1],
-                                                             deltas[-1]), 1), out_dim, 10 ** 6)
+            d_last = deltas[-1]
+            assert d_last is not None     # the readout's output is y: requested, never unused
+            res["nngp"] = self._sketch(torch.cat(self._grads(last, recs[-1][1], d_last), 1),
+                                       out_dim, 10 ** 6)
         if "ntk" in keys:
             total = self.trained_size()
             n = xb.shape[0]
@@ -169,7 +207,7 @@ class _JacobianMap:
                     if d is None or self.mods.index(m) in self.frozen:
                         continue
                     for j, g in enumerate(self._grads(m, inp, d)):
-                        acc += count_sketch(g, out_dim, self.seed * 7919 + 2 * i + j)
+                        count_sketch(g, out_dim, self.seed * 7919 + 2 * i + j, out=acc)
                 res["ntk"] = acc
         return res
 
@@ -216,6 +254,7 @@ def features(arch: "Layer", x: Any, dim: int = 1024, get: Union[str, Sequence[st
              dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
              chunk: Optional[int] = None, progress: bool = False,
              mask_constant: Optional[float] = None, frozen: Sequence[int] = (),
+             readout: str = "gaussian",
              **call_args: Any) -> Any:   # a Tensor, or a dict for a tuple `get`
     """Random features whose inner products approximate the exact kernel of ``arch``.
 
@@ -252,6 +291,13 @@ def features(arch: "Layer", x: Any, dim: int = 1024, get: Union[str, Sequence[st
         of a network in which those layers are not trained. ``frozen=(0, -1)`` is Arora et
         al.'s (2019) CNTK protocol (``--fix``: first layer and readout fixed); freezing
         everything but the readout gives the NNGP. The NNGP features do not depend on it.
+      readout: ``method='jacobian'`` only: ``'gaussian'`` (default: the network as
+        ``arch.module(width=dim, seed=seed)`` builds it) or ``'sign'`` (its readout weights
+        replaced by their signs, a Rademacher readout). The NTK estimate keeps its mean (the
+        readout weights enter it through ``E[v_k v_l] = delta_kl`` only) and loses the
+        chi-square weighting ``v_k^2`` of the hidden units, so its variance drops (for one
+        trained hidden layer by ``(E v^4 - 1)``: 2 -> 0 in the readout's share). On 20,000
+        CIFAR-10 images (width 128, ``frozen=(0, -1)``): +0.5 test / +1.4 validation points.
       **call_args: call-time arguments of the architecture, as in ``arch.kernel`` (e.g. the
         graph ``pattern=p`` of :class:`~ntkit.layers.Aggregate`, one per example of ``x``).
         Both methods use each chunk's rows (``net(x[i:j], pattern=p[i:j])`` for
@@ -272,6 +318,12 @@ def features(arch: "Layer", x: Any, dim: int = 1024, get: Union[str, Sequence[st
         raise ValueError(f"`method` must be 'rf' (random features of the network and its "
                          f"tangent) or 'jacobian' (sketched Jacobian of a random finite "
                          f"network), got {method!r}")
+    if readout not in ("gaussian", "sign"):
+        raise ValueError(f"`readout` must be 'gaussian' or 'sign' (a Rademacher readout), got "
+                         f"{readout!r}")
+    if readout != "gaussian" and method != "jacobian":
+        raise ValueError(f"readout={readout!r} changes the network whose Jacobian "
+                         f"method='jacobian' takes; method={method!r} has no readout weights")
     check_int(dim, "dim")
     if out_dim is not None:
         check_int(out_dim, "out_dim")
@@ -321,7 +373,7 @@ def features(arch: "Layer", x: Any, dim: int = 1024, get: Union[str, Sequence[st
         op, out_shape = arch.feature_op(tuple(x.shape[1:]), ctx, False)
     else:
         out_shape = arch.out_shape(tuple(x.shape[1:]))
-        jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device, frozen)
+        jac = _JacobianMap(arch, x.shape[1:], dim, seed, dtype, x.device, frozen, readout)
         if out_dim is None and "ntk" in keys and jac.trained_size() > 1 << 20:
             raise ValueError(f"features(method='jacobian') has {jac.trained_size()} raw columns "
                              f"(one per parameter of the width-{dim} network): pass `out_dim` "

@@ -1,0 +1,87 @@
+"""The CIFAR bench's out-of-core kernel ridge (``bench/bench_cifar.py --solver gram``) against
+a float64 kernel ridge computed directly, and its temporary file handling."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bc():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_cifar
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench_cifar
+
+
+def _data(n, m, d, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(n + m, d, generator=g) + 3.0     # a large mean, as kernels have
+    teacher = torch.randn(d, classes, generator=g)
+    y = (phi @ teacher + 2.0 * torch.randn(n + m, classes, generator=g)).argmax(1)
+    return phi, y
+
+
+def test_column_blocks_round_trip_and_cleanup(bc, tmp_path):
+    keep = tmp_path / "user_file.txt"
+    keep.write_text("not ntkit's")
+    phi, _ = _data(30, 0, 48)
+    store = bc.ColumnBlocks(str(tmp_path), 30, 48, width=16)
+    # rows in two calls, columns starting inside a block (what --nets > 1 writes)
+    store.write(slice(0, 30), 0, phi[:, :24].clone())
+    store.write(slice(0, 11), 24, phi[:11, 24:].clone())
+    store.write(slice(11, 30), 24, phi[11:, 24:].clone())
+    back = torch.cat([store.block(b) for b in range(3)], 1)
+    assert torch.equal(back, phi)
+    folder = store.folder
+    assert Path(folder).parent == tmp_path
+    store.close()
+    assert not os.path.exists(folder)
+    assert keep.read_text() == "not ntkit's"          # nothing of the user's touched
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        bc.ColumnBlocks(str(tmp_path), 30, 40, width=16)
+
+
+def test_gram_ridge_is_float64_kernel_ridge(bc, tmp_path):
+    n, m, d = 300, 80, 64
+    phi, y = _data(n, m, d)
+    store = bc.ColumnBlocks(str(tmp_path), n + m, d, width=16)
+    store.write(slice(0, n + m), 0, phi.clone())
+    grid = (1e-3, 1e-2, 1e-1, 1.0)
+    try:
+        pred, info = bc.gram_ridge(store, n, y[:n], grid, log=False)
+        # the solve reads the file and never writes it (it centers copies)
+        assert torch.equal(torch.cat([store.block(b) for b in range(d // 16)], 1), phi)
+    finally:
+        store.close()
+    # the same estimator in float64, written out: features centered by the training rows'
+    # means, targets by the fit rows' (an unpenalized intercept), ridge relative to the fit
+    # block's mean diagonal, chosen on the last tenth of the training rows, refit on all rows
+    p = phi.double()
+    p = p - p[:n].mean(0)
+    k = p[:n] @ p[:n].T
+    nv = n // 10
+    nfit = n - nv
+    scale = float(k.diagonal()[:nfit].mean())
+    yy = torch.nn.functional.one_hot(y[:n], 10).double() - 0.1     # bench targets
+    scores = {}
+    for r in grid:
+        mu = yy[:nfit].mean(0)
+        a = torch.linalg.solve(k[:nfit, :nfit] + r * scale * torch.eye(nfit, dtype=p.dtype),
+                               yy[:nfit] - mu)
+        scores[r] = float(((k[nfit:, :nfit] @ a + mu).argmax(1) == y[nfit:n]).double().mean()
+                          ) * 100
+    assert info["scores"] == pytest.approx(scores)
+    rel = max(scores, key=lambda r: (scores[r], r))
+    assert info["ridge_rel"] == rel
+    alpha = torch.linalg.solve(k + rel * scale * n / nfit * torch.eye(n, dtype=p.dtype),
+                               yy - yy.mean(0))
+    ref = p[n:] @ (p[:n].T @ alpha) + yy.mean(0)
+    assert torch.allclose(info["alpha"], alpha, rtol=1e-3, atol=1e-4 * float(alpha.abs().max()))
+    assert torch.allclose(pred, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
