@@ -378,17 +378,59 @@ def lower_gram(store, n, row_block=8192):
     return g, means
 
 
-def gram_ridge(store, n, ytr, grid, log=True):
+def cholesky_lower_(g, block=8192):
+    """In-place blocked Cholesky of the symmetric positive definite matrix whose lower
+    triangle ``g`` (C-ordered ``n x n`` tensor) holds: afterwards its lower triangle is ``L``
+    with ``L L^T = g``. Right-looking, one ``block``-wide panel at a time: a small Cholesky,
+    a triangular solve, a rank-``block`` update of the trailing lower triangle (torch's own
+    LAPACK/BLAS, never more than a panel of extra memory). Written because scipy's OpenBLAS
+    ``spotrf`` segfaulted on a 45,000 x 45,000 block (in this bench, session 14) and torch's
+    factorizations copy the whole matrix. Returns ``False`` if it is not positive definite."""
+    n = g.shape[0]
+    for k0 in range(0, n, block):
+        k1 = min(k0 + block, n)
+        low, info = torch.linalg.cholesky_ex(g[k0:k1, k0:k1])
+        if int(info):
+            return False
+        g[k0:k1, k0:k1] = low
+        if k1 == n:
+            break
+        panel = g[k1:, k0:k1]                           # X L^T = panel
+        panel.copy_(torch.linalg.solve_triangular(low.T, panel, upper=True, left=False))
+        for i0 in range(k1, n, block):                  # trailing lower triangle -= X X^T
+            i1 = min(i0 + block, n)
+            g[i0:i1, k1:i1].addmm_(panel[i0 - k1:i1 - k1], panel[:i1 - k1].T, alpha=-1)
+    return True
+
+
+def cholesky_solve_lower(g, y, block=8192):
+    """``(L L^T)^-1 y`` for the factor left in ``g``'s lower triangle by
+    :func:`cholesky_lower_`, by blocked forward and back substitution (no copy of ``g``)."""
+    n = g.shape[0]
+    z = y.clone()
+    starts = list(range(0, n, block))
+    for k0 in starts:
+        k1 = min(k0 + block, n)
+        z[k0:k1] = torch.linalg.solve_triangular(g[k0:k1, k0:k1], z[k0:k1], upper=False)
+        if k1 < n:
+            z[k1:].addmm_(g[k1:, k0:k1], z[k0:k1], alpha=-1)
+    for k0 in reversed(starts):
+        k1 = min(k0 + block, n)
+        if k1 < n:
+            z[k0:k1].addmm_(g[k1:, k0:k1].T, z[k1:], alpha=-1)
+        z[k0:k1] = torch.linalg.solve_triangular(g[k0:k1, k0:k1].T, z[k0:k1], upper=True)
+    return z
+
+
+def gram_ridge(store, n, ytr, grid, log=True, block=8192):
     """Kernel ridge regression of one-hot ``ytr`` on the Gram of the first ``n`` rows of
     ``store`` (float32, lower triangle), with an unpenalized intercept (features centered by
     the training rows' means, targets by the fit rows'); predictions for the remaining rows.
-    The ridge
-    (relative to the mean diagonal) is chosen on the last tenth of the ``n`` rows: one in-place
-    float32 Cholesky of the fit block per value (LAPACK factors the Fortran view of the
-    C-ordered lower triangle, so nothing is symmetrized or copied twice), then one in-place
-    Cholesky of the whole Gram with the same ridge per training row. The primal weights
+    The ridge (relative to the mean diagonal) is chosen on the last tenth of the ``n`` rows:
+    one in-place blocked float32 Cholesky (:func:`cholesky_lower_`) of a copy of the fit
+    block per value, then one in place on the whole Gram with the same ridge per training
+    row. The primal weights
     ``phi^T alpha`` come from a second pass over the file. Returns ``(pred, info)``."""
-    import scipy.linalg as sla
     t0 = time.time()
     nv = max(n // 10, 1)
     nfit = n - nv
@@ -399,31 +441,30 @@ def gram_ridge(store, n, ytr, grid, log=True):
     y_fit_mean, y_mean = y[:nfit].mean(0), y.mean(0)
     y_fit, y = (y[:nfit] - y_fit_mean).astype(np.float32), (y - y_mean).astype(np.float32)
     scale = float(np.diagonal(gn)[:nfit].mean())
-    scores, work = {}, np.empty((nfit, nfit), np.float32)
+    scores, work = {}, torch.empty((nfit, nfit), dtype=torch.float32)
+    y_fit_t, gv = torch.from_numpy(y_fit), g[nfit:, :nfit]
     for r in grid:
-        np.copyto(work, gn[:nfit, :nfit])
-        work.flat[::nfit + 1] += r * scale
-        try:         # work.T: column-major; its upper triangle is gn's lower one
-            c = sla.cho_factor(work.T, lower=False, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError:
+        work.copy_(g[:nfit, :nfit])
+        work.diagonal().add_(r * scale)
+        if not cholesky_lower_(work, block):
             scores[r] = -1.0                      # not positive definite in float32
             continue
-        if not np.shares_memory(c[0], work):
-            raise RuntimeError("cho_factor copied the Gram block (memory doubles)")
-        alpha = sla.cho_solve(c, y_fit, check_finite=False)
-        scores[r] = acc(torch.from_numpy(gn[nfit:, :nfit] @ alpha + y_fit_mean), ytr[nfit:])
+        alpha = cholesky_solve_lower(work, y_fit_t, block)
+        scores[r] = acc((gv @ alpha).double() + torch.from_numpy(y_fit_mean), ytr[nfit:])
         if log:
             print(json.dumps({"ridge_rel": r, "val_accuracy": scores[r],
                               "seconds": round(time.time() - t0, 1)}), flush=True)
-    del work
+    del work, gv
     rel = max(scores, key=lambda r: (scores[r], r))
     if scores[rel] < 0:
         raise SystemExit(f"--solver gram: no ridge in {list(grid)} left the float32 Gram "
                          f"positive definite; pass larger --ridges")
-    gn.flat[::n + 1] += rel * scale * n / nfit                # same ridge per training row
-    c = sla.cho_factor(gn.T, lower=False, overwrite_a=True, check_finite=False)
-    alpha = torch.from_numpy(sla.cho_solve(c, y, check_finite=False)).double()
-    del c, gn, g
+    g.diagonal().add_(rel * scale * n / nfit)                 # same ridge per training row
+    if not cholesky_lower_(g, block):
+        raise SystemExit(f"--solver gram: the float32 Gram with ridge {rel} (chosen on the "
+                         f"fit rows) is not positive definite on all rows; pass larger --ridges")
+    alpha = cholesky_solve_lower(g, torch.from_numpy(y), block).double()
+    del gn, g
     pred = torch.from_numpy(y_mean).expand(store.n - n, -1).clone()
     for b in range(store.dim // store.width):     # w = phi_train^T alpha, block by block
         blk = store.block(b)

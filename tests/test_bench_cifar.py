@@ -48,6 +48,24 @@ def test_column_blocks_round_trip_and_cleanup(bc, tmp_path):
         bc.ColumnBlocks(str(tmp_path), 30, 40, width=16)
 
 
+def test_blocked_cholesky_in_place(bc):
+    """The panel-by-panel factorization and solves against torch's dense ones (float64),
+    with a block that does not divide n; the upper triangle is never read."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(203, 230, generator=g, dtype=torch.float64)
+    k = a @ a.T + 0.1 * torch.eye(203, dtype=torch.float64)
+    y = torch.randn(203, 3, generator=g, dtype=torch.float64)
+    work = torch.tril(k) + torch.triu(torch.full_like(k, float("nan")), 1)  # junk above
+    assert bc.cholesky_lower_(work, block=48)
+    torch.testing.assert_close(torch.tril(work), torch.linalg.cholesky(k), rtol=1e-10,
+                               atol=1e-10)
+    torch.testing.assert_close(bc.cholesky_solve_lower(work, y, block=48),
+                               torch.linalg.solve(k, y), rtol=1e-8, atol=1e-10)
+    bad = torch.tril(k.clone())
+    bad[150, 150] = -1.0
+    assert not bc.cholesky_lower_(bad, block=48)
+
+
 def test_gram_ridge_is_float64_kernel_ridge(bc, tmp_path):
     n, m, d = 300, 80, 64
     phi, y = _data(n, m, d)
@@ -55,7 +73,7 @@ def test_gram_ridge_is_float64_kernel_ridge(bc, tmp_path):
     store.write(slice(0, n + m), 0, phi.clone())
     grid = (1e-3, 1e-2, 1e-1, 1.0)
     try:
-        pred, info = bc.gram_ridge(store, n, y[:n], grid, log=False)
+        pred, info = bc.gram_ridge(store, n, y[:n], grid, log=False, block=64)
         # the solve reads the file and never writes it (it centers copies)
         assert torch.equal(torch.cat([store.block(b) for b in range(d // 16)], 1), phi)
     finally:
