@@ -251,7 +251,6 @@ def cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat, info,
     matrices), the ridge with the best validation accuracy, then the validation rows added and
     one more factorization. Only the validation and test rows of ``phi`` are kept once the
     normal equations are formed."""
-    import scipy.linalg as sla
     a_fit, b_fit, _, _ = nf.normal_equations(ptr[nv:], y[nv:])
     pv, pt = ptr[:nv].clone(), pte.clone()
     del ptr, pte
@@ -260,14 +259,13 @@ def cholesky_grid(phi, ptr, pte, y, ytr, yte, nv, t0, t_feat, info,
     # (not resizable once shared with numpy: --save-features / --from-features; kept then)
     scale = float(torch.diagonal(a_fit).mean())
     def solve(a, b):
-        """``a^-1 b`` for symmetric positive definite ``a``, factored in place: LAPACK wants
-        column-major storage, and ``a.T`` (the same matrix) is the column-major view of the
-        row-major ``a``, so scipy needs no copy (it would make one of ``a`` otherwise)."""
-        at = a.numpy().T
-        c, low = sla.cho_factor(at, lower=True, overwrite_a=True, check_finite=False)
-        if not np.shares_memory(c, at):
-            raise RuntimeError("cho_factor copied the normal equations (memory doubles)")
-        return torch.from_numpy(sla.cho_solve((c, low), b.numpy(), check_finite=False))
+        """``a^-1 b`` for symmetric positive definite ``a``, factored in place by
+        :func:`cholesky_lower_` (scipy's OpenBLAS ``dpotrf`` segfaulted here at 24,576
+        columns in session 14, after working in earlier runs)."""
+        if not cholesky_lower_(a):
+            raise SystemExit("the normal equations are not positive definite at this ridge; "
+                             "pass larger --ridges")
+        return cholesky_solve_lower(a, b)
 
     scores, work = {}, torch.empty_like(a_fit)
     for r in grid:

@@ -103,3 +103,28 @@ def test_gram_ridge_is_float64_kernel_ridge(bc, tmp_path):
     ref = p[n:] @ (p[:n].T @ alpha) + yy.mean(0)
     assert torch.allclose(info["alpha"], alpha, rtol=1e-3, atol=1e-4 * float(alpha.abs().max()))
     assert torch.allclose(pred, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_primal_cholesky_grid_is_float64_ridge(bc):
+    """The wide primal solver (normal equations, a Cholesky per ridge value) against the same
+    ridge written out with torch.linalg.solve: validation scores, chosen ridge, test accuracy."""
+    n, m, d = 400, 150, 40
+    phi, y = _data(n, m, d, seed=2)
+    ytr, yte = y[:n], y[n:]
+    yy = bc.onehot(ytr).double()
+    nv, grid = n // 10, (1e-3, 1e-2, 1e-1, 1.0)
+    res = bc.cholesky_grid(phi.clone(), phi[:n], phi[n:], yy, ytr, yte, nv, 0.0, 0.0, {},
+                           grid=grid)
+    p = phi.double()
+    fit, val = p[nv:n], p[:nv]
+    a = fit.T @ fit
+    scale = float(a.diagonal().mean())
+    eye = torch.eye(d, dtype=p.dtype)
+    scores = {r: float(((val @ torch.linalg.solve(a + r * scale * eye, fit.T @ yy[nv:]))
+                        .argmax(1) == ytr[:nv]).double().mean()) * 100 for r in grid}
+    rel = max(scores, key=lambda r: (scores[r], r))
+    w = torch.linalg.solve(p[:n].T @ p[:n] + rel * scale * n / (n - nv) * eye, p[:n].T @ yy)
+    assert res["ridge_rel"] == rel
+    assert res["val_accuracy"] == pytest.approx(scores[rel])
+    assert res["accuracy"] == pytest.approx(
+        float(((p[n:] @ w).argmax(1) == yte).double().mean()) * 100)
