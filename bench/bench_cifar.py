@@ -327,22 +327,29 @@ class ColumnBlocks:
 
 
 def gram_features(a, x, dim, out_dim, seed, chunk, frozen, nets, work_dir, rows_per_call=4096,
-                  width=8192, readout="gaussian"):
+                  width=8192, readout="gaussian", flip=False):
     """The features of ``x`` (``nets`` networks, ``out_dim / nets`` sketch columns each,
     scaled by ``nets^-1/2``) written to a :class:`ColumnBlocks` file, ``rows_per_call`` images
-    at a time (the same seed gives the same network and sketch for every call)."""
+    at a time (the same seed gives the same network and sketch for every call). ``flip``:
+    each row is ``(phi(x) + phi(flip(x))) / sqrt(2)`` (as :func:`flip_features`)."""
     from tqdm.auto import tqdm
     if out_dim % nets:
         raise SystemExit(f"--out-dim {out_dim} must be divisible by --nets {nets}")
     store, per = ColumnBlocks(work_dir, len(x), out_dim, width), out_dim // nets
     try:
-        with tqdm(total=len(x) * nets, desc="features to disk", unit="img") as bar:
+        with tqdm(total=len(x) * nets, desc="features to disk" + (" (flip-averaged)" if flip
+                                                                   else ""), unit="img") as bar:
             for k in range(nets):
                 for i in range(0, len(x), rows_per_call):
                     xb = x[i:i + rows_per_call]
                     fb = nf.features(a, xb, dim, get="ntk", seed=seed + k, out_dim=per,
                                      chunk=chunk, method="jacobian", frozen=frozen,
                                      readout=readout)
+                    if flip:
+                        fb += nf.features(a, xb.flip(-1), dim, get="ntk", seed=seed + k,
+                                          out_dim=per, chunk=chunk, method="jacobian",
+                                          frozen=frozen, readout=readout)
+                        fb.mul_(0.5 ** 0.5)
                     if fb.shape[1] != per:
                         raise SystemExit(f"--out-dim: the network has {fb.shape[1]} trained "
                                          f"parameters, fewer than {per} sketch columns")
@@ -474,14 +481,14 @@ def gram_ridge(store, n, ytr, grid, log=True, block=8192):
 
 
 def gram_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, frozen, nets, work_dir,
-             ridges=None, readout="gaussian"):
+             ridges=None, readout="gaussian", flip=False):
     """CNTK-GAP features of ``out_dim`` sketch columns -- beyond what the primal normal
     equations hold (``D^2`` float64) -- by kernel ridge on their exact ``n x n`` Gram
     (:func:`gram_ridge`): features on disk, Gram in float32 (4 n^2 bytes, plus 3.2 n^2 for
     the fit block's copy while the ridge is chosen)."""
     t0 = time.time()
     store = gram_features(a, torch.cat([xtr, xte]), dim, out_dim, seed, chunk, frozen, nets,
-                          work_dir, readout=readout)
+                          work_dir, readout=readout, flip=flip)
     try:
         t_feat = time.time() - t0
         pred, info = gram_ridge(store, len(xtr), ytr,
@@ -489,7 +496,7 @@ def gram_row(a, xtr, ytr, xte, yte, dim, out_dim, seed, chunk, frozen, nets, wor
         info.pop("alpha")
         return dict(accuracy=acc(pred, yte), seconds=time.time() - t0, feature_seconds=t_feat,
                     feature_dim=out_dim, solver="gram", nets=nets, frozen=list(frozen),
-                    method="jacobian", readout=readout, **info)
+                    method="jacobian", readout=readout, flip=flip, **info)
     finally:
         store.close()
 
@@ -669,16 +676,16 @@ def main(argv=None):
            + ("+fix" if args.fix else ""))
     gtag = (tag + (f"+{args.nets}nets" if args.nets > 1 else "")
             + ("+sign" if args.readout == "sign" else ""))
-    if args.solver == "gram" and (args.flip or args.save_features or args.from_features
+    if args.solver == "gram" and (args.save_features or args.from_features
                                   or args.method != "jacobian"):
-        raise SystemExit("--solver gram works with --method jacobian and without --flip, "
+        raise SystemExit("--solver gram works with --method jacobian and without "
                          "--save-features, --from-features")
     for d in depths:
         if "gap-features" in rows and args.solver == "gram":
             emit("gap-features" + gtag + "+gram", "CNTK-GAP", d, len(xtr), len(xte),
                  gram_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,
                           args.seed, args.chunk, frozen, args.nets, args.work_dir, ridges,
-                          args.readout))
+                          args.readout, args.flip))
         elif "gap-features" in rows:
             emit("gap-features" + gtag, "CNTK-GAP", d, len(xtr), len(xte),
                  features_row(arch(d, "gap"), xtr, ytr, xte, yte, args.dim, args.out_dim,

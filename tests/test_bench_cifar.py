@@ -128,3 +128,31 @@ def test_primal_cholesky_grid_is_float64_ridge(bc):
     assert res["val_accuracy"] == pytest.approx(scores[rel])
     assert res["accuracy"] == pytest.approx(
         float(((p[n:] @ w).argmax(1) == yte).double().mean()) * 100)
+
+
+def test_gram_features_flip_and_nets(bc, tmp_path):
+    """What ``--solver gram`` writes to its file: per network ``k`` (seed ``seed + k``) the
+    sketched Jacobian features of the images, plus those of their horizontal mirrors with
+    ``flip``, times ``(2 nets)^-1/2``; row blocks of any size give the same rows."""
+    from ntkit import features as nf
+    a = bc.arch(2, "gap", width=8)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 3, 6, 6, generator=g)
+    kw = dict(get="ntk", out_dim=32, chunk=4, method="jacobian", frozen=(0, -1),
+              readout="sign")
+    store = bc.gram_features(a, x, 8, 64, 5, 4, (0, -1), 2, str(tmp_path), rows_per_call=3,
+                             width=16, readout="sign", flip=True)
+    try:
+        got = torch.cat([store.block(b) for b in range(4)], 1)
+    finally:
+        store.close()
+    want = torch.cat([(nf.features(a, x, 8, seed=s, **kw)
+                       + nf.features(a, x.flip(-1), 8, seed=s, **kw)) * 0.5
+                      for s in (5, 6)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the flip-averaged Gram is K(x, x') + K(x, flip x') of the features' kernel
+    phi = nf.features(a, x, 8, seed=5, **kw).double()
+    phif = nf.features(a, x.flip(-1), 8, seed=5, **kw).double()
+    g2 = got[:, :32].double() @ got[:, :32].double().T * 2
+    torch.testing.assert_close(g2, (phi @ phi.T + phi @ phif.T + phif @ phi.T + phif @ phif.T)
+                               / 2, rtol=1e-4, atol=1e-4)
