@@ -434,8 +434,8 @@ def gram_ridge(store, n, ytr, grid, log=True, block=8192):
     The ridge (relative to the mean diagonal) is chosen on the last tenth of the ``n`` rows:
     one in-place blocked float32 Cholesky (:func:`cholesky_lower_`) of a copy of the fit
     block per value, then one in place on the whole Gram with the same ridge per training
-    row. The primal weights
-    ``phi^T alpha`` come from a second pass over the file. Returns ``(pred, info)``."""
+    row. The primal weights ``phi^T alpha`` come from a second pass over the file. Returns
+    ``(pred, info)``."""
     t0 = time.time()
     nv = max(n // 10, 1)
     nfit = n - nv

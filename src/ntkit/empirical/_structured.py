@@ -154,8 +154,7 @@ def _acts(lay: _Layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if lay.kind == "affine":
         if x.ndim > 2:
             x = x.movedim(1, -1)
-        a = x.reshape(x.shape[0], 1, -1, x.shape[-1])
-        return a * lay.wscale if lay.wscale != 1.0 else a
+        return x.reshape(x.shape[0], 1, -1, x.shape[-1])    # wscale: applied by the caller
     return _patches(x, lay)
 
 
@@ -385,11 +384,10 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor,
         for h in handles:
             h.remove()
     k = setup.k
-    grads: List[List[torch.Tensor]] = [[torch.zeros_like(o)] * k for o in outs]
-    live = [i for i, o in enumerate(outs) if o.requires_grad]
-    if out.requires_grad and live:
-        for i in live:
-            grads[i] = []
+    live = [i for i, o in enumerate(outs) if o.requires_grad] if out.requires_grad else []
+    grads: List[List[torch.Tensor]] = [[] if i in live else [torch.zeros_like(o)] * k
+                                       for i, o in enumerate(outs)]
+    if live:
         for a in range(k):
             g = torch.autograd.grad(out[:, a].sum(), [outs[i] for i in live],
                                     retain_graph=a < k - 1, allow_unused=True)
@@ -407,7 +405,9 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor,
                     "control flow); use implementation='jacobian' for this model")
             for (inp, _o) in lay.calls:
                 acts.append(_acts(lay, inp))
-                dels.append(_deltas(lay, torch.stack(grads[pos], 0).detach()))
+                gs = grads[pos]
+                dels.append(_deltas(lay, (gs[0].unsqueeze(0) if len(gs) == 1
+                                          else torch.stack(gs, 0)).detach()))
                 pos += 1
             A = None if acts[0] is None else (acts[0] if len(acts) == 1
                                               else torch.cat(acts, dim=2))  # (b, g, L, c)
@@ -416,32 +416,39 @@ def _features(setup: Setup, plan: Plan, x: torch.Tensor,
                 parts = []
                 if A is not None:
                     J = torch.einsum("bglc,bkglo->bkgoc", A, D)
+                    if lay.wscale != 1.0:
+                        J.mul_(lay.wscale)
                     parts.append(J.reshape(J.shape[0], k, -1))
                 if lay.bname is not None:
                     db = D.sum(3).reshape(D.shape[0], k, -1)
                     parts.append(db * lay.bscale if lay.bscale != 1.0 else db)
                 feats.append(parts[0] if len(parts) == 1 else torch.cat(parts, 2))
             else:
-                feats.append((A, D, lay.bscale ** 2 if lay.bname is not None else 0.0))
+                feats.append((A, D, lay.bscale ** 2 if lay.bname is not None else 0.0,
+                              lay.wscale ** 2))
             lay.calls = []
     return feats
 
 
-def _gram_block(A1, D1, A2, D2, bias: float, output: str) -> torch.Tensor:
-    """Contribution of one B-layer: sum_{g,l,m} (a.a' + bias)(delta.delta') for all row pairs
-    (``bias`` = squared bias scale, 0 without a selected bias)."""
+def _gram_block(A1, D1, A2, D2, bias: float, output: str, ascale: float = 1.0) -> torch.Tensor:
+    """Contribution of one B-layer: sum_{g,l,m} (ascale a.a' + bias)(delta.delta') for all row
+    pairs (``bias`` = squared bias scale, 0 without a selected bias; ``ascale`` = squared
+    weight scale of an ntkit ``Dense``, applied to the ``b1 x b2`` Gram instead of the
+    activations)."""
     b1, k, g, L, o = D1.shape
     b2, M = D2.shape[0], D2.shape[3]
     if L == 1 and M == 1 and g == 1:
         if A1 is not None:
             Ga = A1[:, 0, 0] @ A2[:, 0, 0].T                               # (b1, b2)
+            if ascale != 1.0:
+                Ga *= ascale
             if bias:
                 Ga += bias
         d1, d2 = D1[:, :, 0, 0], D2[:, :, 0, 0]                            # (b, k, o)
         if output == "trace":
             Gd = (d1.reshape(b1, k * o) @ d2.reshape(b2, k * o).T)
             Gd /= k
-            return Gd * Ga if A1 is not None else Gd * bias
+            return Gd.mul_(Ga) if A1 is not None else Gd.mul_(bias)
         if output == "diagonal":
             Gd = torch.bmm(d1.transpose(0, 1), d2.permute(1, 2, 0)).permute(1, 2, 0)
             return Gd * Ga[:, :, None] if A1 is not None else Gd * bias
@@ -453,6 +460,8 @@ def _gram_block(A1, D1, A2, D2, bias: float, output: str) -> torch.Tensor:
         a1 = A1.permute(1, 0, 2, 3).reshape(g, b1 * L, c)
         a2 = A2.permute(1, 0, 2, 3).reshape(g, b2 * M, c)
         Ga = torch.bmm(a1, a2.transpose(1, 2)).reshape(g, b1, L, b2, M)
+        if ascale != 1.0:
+            Ga *= ascale
         if bias:
             Ga += bias
     else:
@@ -506,22 +515,27 @@ def structured_kernel(setup: Setup, plan: Plan, x1: torch.Tensor, x2: Optional[t
         total = None
         a_feats1 = [f for f, lay in zip(f1, plan.layers) if lay.method == "A"]
         if a_feats1:
-            a_feats2 = [f for f, lay in zip(f2, plan.layers) if lay.method == "A"]
-            total = contract(torch.cat(a_feats1, 2), torch.cat(a_feats2, 2), output)
+            j1 = a_feats1[0] if len(a_feats1) == 1 else torch.cat(a_feats1, 2)
+            if f2 is f1:                                # a diagonal block: symmetric
+                j2 = j1
+            else:
+                a_feats2 = [f for f, lay in zip(f2, plan.layers) if lay.method == "A"]
+                j2 = a_feats2[0] if len(a_feats2) == 1 else torch.cat(a_feats2, 2)
+            total = contract(j1, j2, output)
         for fa, fb, lay in zip(f1, f2, plan.layers):
             if lay.method != "B":
                 continue
-            (A1, D1, bias), (A2, D2, _) = fa, fb
+            (A1, D1, bias, ascale), (A2, D2, _, _) = fa, fb
             # sub-block rows so the (b1, b2, g, L, L, kp) Gram stays within the budget
             pair = lay.groups * lay.L * lay.L * (1 + kp) * setup.itemsize * 2
             r = max(1, int((budget / max(pair, 1)) ** 0.5))
             if r >= D1.shape[0] and r >= D2.shape[0]:
-                blk = _gram_block(A1, D1, A2, D2, bias, output)
+                blk = _gram_block(A1, D1, A2, D2, bias, output, ascale)
             else:
                 rows = []
                 for i0 in range(0, D1.shape[0], r):
                     cols = [_gram_block(_rows(A1, i0, r), D1[i0:i0 + r], _rows(A2, j0, r),
-                                        D2[j0:j0 + r], bias, output)
+                                        D2[j0:j0 + r], bias, output, ascale)
                             for j0 in range(0, D2.shape[0], r)]
                     rows.append(torch.cat(cols, 1))
                 blk = torch.cat(rows, 0)

@@ -236,8 +236,8 @@ class ABRelu(Activation):
         _check_params(self, "a", "b")
 
     def fn(self, x: Tensor) -> Tensor:
-        if self.a == 0:       # ReLU: one op forward and backward instead of five
-            y = torch.clamp(x, min=0)     # (the same derivative at 0: clamp passes it)
+        if self.a == 0:       # ReLU: one op forward and one backward (threshold_backward)
+            y = torch.relu(x)             # derivative 0 at 0, as torch.relu and jax.nn.relu
             return y if self.b == 1 else self.b * y
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 

@@ -59,9 +59,12 @@ class AffineModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, m = unwrap(x)
-        w = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
         b = None if self.bias is None else (
             self.bias * self.b_scale if self.b_scale != 1.0 else self.bias)
+        if x.ndim == 2 and b is not None:
+            # the weight scale rides in the GEMM (no scaled copy of W forward and backward)
+            return wrap(torch.addmm(b, x, self.weight.T, alpha=self.w_scale), m)
+        w = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
         if x.ndim == 2:
             return wrap(nn.functional.linear(x, w, b), m)
         y = nn.functional.linear(x.movedim(1, -1), w, b)
